@@ -1,0 +1,352 @@
+// Package abi defines the wire format between the ISM virtio device and its
+// driver: the config space, the request and response of the request queue,
+// the event of the event queue, the signalling block (SBA) and the status
+// codes. Host (ismvirtio) and guest (guestdriver) both use it, so the two
+// sides cannot drift apart. docs/device-abi.md is the prose version.
+//
+// Every multi-byte field is little-endian, as in the rest of virtio.
+package abi
+
+import (
+	"encoding/binary"
+	"fmt"
+)
+
+// Magic opens the config space: "ISMv" read as a little-endian u32. A driver
+// must see it, and a known Version, before it drives the device: the virtio-id
+// is a setting and may be shared with a foreign device.
+const Magic uint32 = 0x764D5349
+
+// Version is the ABI version this package speaks.
+const Version uint16 = 1
+
+// DefaultVirtioID is the virtio device id offered by default. QEMU 11.1
+// accepts it for vhost-user-test-device-pci and no Linux driver claims it.
+const DefaultVirtioID = 38
+
+// DefaultCHID is the channel id of the fabric. 0xFF00..0xFFFE are reserved
+// for emulated ISM devices; 0xFFFF is Linux's loopback-ism.
+const DefaultCHID uint16 = 0xFF00
+
+// Queue layout: one request queue and one event queue.
+const (
+	RequestQueue = 0
+	EventQueue   = 1
+	NumQueues    = 2
+)
+
+// Modes offered in Config.Modes.
+const (
+	ModeCopy   uint16 = 1 << 0 // DMB in the owner's guest RAM; MOVE copies into it
+	ModeAttach uint16 = 1 << 1 // DMB in host memory mapped into the shared-memory BAR
+)
+
+// Limits of this ABI version.
+const (
+	MaxDMBs    = 1920    // DMB indices 0..1919 in the SBA
+	MaxDMBSize = 1 << 20 // largest DMB, as on s390 ISM
+	MaxDMBEs   = 32      // DMBE indices 0..31 in a DMB's mask word
+)
+
+// Config space layout (ConfigSize bytes).
+const (
+	ConfigSize = 64
+
+	cfgMagic       = 0  // u32
+	cfgVersion     = 4  // u16
+	cfgModes       = 6  // u16
+	cfgGID         = 8  // u64
+	cfgCHID        = 16 // u16
+	cfgReserved    = 18 // u16
+	cfgMaxDMBs     = 20 // u32
+	cfgMaxDMBSize  = 24 // u32
+	cfgMaxMoveLen  = 28 // u32
+	cfgShmSize     = 32 // u64
+	cfgQueueSize   = 40 // u16: largest ring size the device accepts
+	cfgConfigBytes = 48 // first reserved byte; 48..63 are zero
+)
+
+// Config is the decoded config space.
+type Config struct {
+	Magic      uint32
+	Version    uint16
+	Modes      uint16
+	GID        uint64
+	CHID       uint16
+	MaxDMBs    uint32
+	MaxDMBSize uint32
+	MaxMoveLen uint32 // largest MOVE data length in one request
+	ShmSize    uint64 // size of the shared-memory region (attach mode), 0 if none
+	QueueSize  uint16
+}
+
+// Encode writes c into b, which must be ConfigSize bytes.
+func (c *Config) Encode(b []byte) {
+	_ = b[ConfigSize-1]
+	clear(b[:ConfigSize])
+	le := binary.LittleEndian
+	le.PutUint32(b[cfgMagic:], c.Magic)
+	le.PutUint16(b[cfgVersion:], c.Version)
+	le.PutUint16(b[cfgModes:], c.Modes)
+	le.PutUint64(b[cfgGID:], c.GID)
+	le.PutUint16(b[cfgCHID:], c.CHID)
+	le.PutUint32(b[cfgMaxDMBs:], c.MaxDMBs)
+	le.PutUint32(b[cfgMaxDMBSize:], c.MaxDMBSize)
+	le.PutUint32(b[cfgMaxMoveLen:], c.MaxMoveLen)
+	le.PutUint64(b[cfgShmSize:], c.ShmSize)
+	le.PutUint16(b[cfgQueueSize:], c.QueueSize)
+}
+
+// DecodeConfig parses a config space and checks magic and version.
+func DecodeConfig(b []byte) (Config, error) {
+	if len(b) < ConfigSize {
+		return Config{}, fmt.Errorf("abi: config space is %d bytes, want %d", len(b), ConfigSize)
+	}
+	le := binary.LittleEndian
+	c := Config{
+		Magic:      le.Uint32(b[cfgMagic:]),
+		Version:    le.Uint16(b[cfgVersion:]),
+		Modes:      le.Uint16(b[cfgModes:]),
+		GID:        le.Uint64(b[cfgGID:]),
+		CHID:       le.Uint16(b[cfgCHID:]),
+		MaxDMBs:    le.Uint32(b[cfgMaxDMBs:]),
+		MaxDMBSize: le.Uint32(b[cfgMaxDMBSize:]),
+		MaxMoveLen: le.Uint32(b[cfgMaxMoveLen:]),
+		ShmSize:    le.Uint64(b[cfgShmSize:]),
+		QueueSize:  le.Uint16(b[cfgQueueSize:]),
+	}
+	if c.Magic != Magic {
+		return c, fmt.Errorf("abi: config magic %#x, want %#x: not an ISM device", c.Magic, Magic)
+	}
+	if c.Version != Version {
+		return c, fmt.Errorf("abi: device speaks ABI version %d, driver speaks %d", c.Version, Version)
+	}
+	return c, nil
+}
+
+// Op is a request-queue operation.
+type Op uint16
+
+const (
+	OpRegisterDMB   Op = 1 // Addr=GPA (copy mode), Len, GID=rgid, Index=DMB index -> Value=token
+	OpUnregisterDMB Op = 2 // Token
+	OpMove          Op = 3 // Token, Index=DMBE, Offset, Len, Flags&FlagSignal; data follows the header
+	OpSignal        Op = 4 // GID=rgid, Index=event code, Offset=info: a software event for rgid
+	OpQueryRGID     Op = 5 // GID=rgid: OK if reachable through this device
+	OpSetSBA        Op = 6 // Addr=GPA of the SBA (SBASize bytes), Flags&FlagInterrupts
+	OpAttachDMB     Op = 7 // Token of a peer DMB -> Value=offset in the shared-memory region (attach mode)
+	OpDetachDMB     Op = 8 // Token
+)
+
+func (o Op) String() string {
+	switch o {
+	case OpRegisterDMB:
+		return "REGISTER_DMB"
+	case OpUnregisterDMB:
+		return "UNREGISTER_DMB"
+	case OpMove:
+		return "MOVE"
+	case OpSignal:
+		return "SIGNAL"
+	case OpQueryRGID:
+		return "QUERY_RGID"
+	case OpSetSBA:
+		return "SET_SBA"
+	case OpAttachDMB:
+		return "ATTACH_DMB"
+	case OpDetachDMB:
+		return "DETACH_DMB"
+	}
+	return fmt.Sprintf("OP(%d)", uint16(o))
+}
+
+// Request flags.
+const (
+	FlagSignal     uint16 = 1 << 0 // MOVE: set the DMBE bit and interrupt the owner
+	FlagInterrupts uint16 = 1 << 0 // SET_SBA: raise the event-queue interrupt on signals
+)
+
+// RequestSize is the size of the request header at the start of every chain.
+const RequestSize = 48
+
+// Request is the header of a request chain: the first RequestSize
+// device-readable bytes. MOVE data follows it in the readable bytes; the
+// chain ends in at least ResponseSize device-writable bytes.
+type Request struct {
+	Op     Op
+	Flags  uint16
+	Index  uint32 // REGISTER: DMB index; MOVE: DMBE index; SIGNAL: event code
+	Token  uint64
+	Offset uint64 // MOVE: byte offset in the DMB; SIGNAL: info
+	Len    uint64 // REGISTER: DMB length; MOVE: data length
+	GID    uint64 // REGISTER, QUERY_RGID, SIGNAL: the remote GID
+	Addr   uint64 // REGISTER: GPA of the DMB; SET_SBA: GPA of the SBA
+}
+
+// Encode writes r into b[:RequestSize].
+func (r *Request) Encode(b []byte) {
+	_ = b[RequestSize-1]
+	le := binary.LittleEndian
+	le.PutUint16(b[0:], uint16(r.Op))
+	le.PutUint16(b[2:], r.Flags)
+	le.PutUint32(b[4:], r.Index)
+	le.PutUint64(b[8:], r.Token)
+	le.PutUint64(b[16:], r.Offset)
+	le.PutUint64(b[24:], r.Len)
+	le.PutUint64(b[32:], r.GID)
+	le.PutUint64(b[40:], r.Addr)
+}
+
+// DecodeRequest parses a request header. It checks only the size: what the
+// fields mean, and whether they are in range, is the device's to check.
+func DecodeRequest(b []byte) (Request, error) {
+	if len(b) < RequestSize {
+		return Request{}, StatusInvalid
+	}
+	le := binary.LittleEndian
+	return Request{
+		Op:     Op(le.Uint16(b[0:])),
+		Flags:  le.Uint16(b[2:]),
+		Index:  le.Uint32(b[4:]),
+		Token:  le.Uint64(b[8:]),
+		Offset: le.Uint64(b[16:]),
+		Len:    le.Uint64(b[24:]),
+		GID:    le.Uint64(b[32:]),
+		Addr:   le.Uint64(b[40:]),
+	}, nil
+}
+
+// ResponseSize is the size of the response the device writes.
+const ResponseSize = 16
+
+// Response is written into the device-writable part of a request chain.
+type Response struct {
+	Status Status
+	Index  uint32 // REGISTER: the DMB index, echoed
+	Value  uint64 // REGISTER: token; ATTACH: shared-memory offset
+}
+
+// Encode writes r into b[:ResponseSize].
+func (r *Response) Encode(b []byte) {
+	_ = b[ResponseSize-1]
+	le := binary.LittleEndian
+	le.PutUint32(b[0:], uint32(r.Status))
+	le.PutUint32(b[4:], r.Index)
+	le.PutUint64(b[8:], r.Value)
+}
+
+// DecodeResponse parses a response.
+func DecodeResponse(b []byte) (Response, error) {
+	if len(b) < ResponseSize {
+		return Response{}, fmt.Errorf("abi: response is %d bytes, want %d", len(b), ResponseSize)
+	}
+	le := binary.LittleEndian
+	return Response{
+		Status: Status(le.Uint32(b[0:])),
+		Index:  le.Uint32(b[4:]),
+		Value:  le.Uint64(b[8:]),
+	}, nil
+}
+
+// Status is a request's outcome. It is an error so that the device model can
+// return it directly; StatusOK is never returned as an error.
+type Status uint32
+
+const (
+	StatusOK          Status = 0
+	StatusInvalid     Status = 1  // malformed request: sizes, flags, alignment
+	StatusUnsupported Status = 2  // unknown op, or a mode the device does not offer
+	StatusNoEntry     Status = 3  // unknown token, or rgid not reachable
+	StatusPermission  Status = 4  // not the DMB's rgid, or not its owner
+	StatusRange       Status = 5  // offset/length outside the DMB, or over a limit
+	StatusFault       Status = 6  // a guest-physical address outside guest RAM
+	StatusNoSpace     Status = 7  // DMB limit reached
+	StatusBusy        Status = 8  // DMB index already in use
+	StatusNotReady    Status = 9  // SBA not set, or device not started
+	StatusInternal    Status = 10 // the backend failed; logged on the host
+)
+
+var statusText = [...]string{
+	StatusOK:          "ok",
+	StatusInvalid:     "invalid request",
+	StatusUnsupported: "unsupported",
+	StatusNoEntry:     "no such token or GID",
+	StatusPermission:  "permission denied",
+	StatusRange:       "out of range",
+	StatusFault:       "bad guest address",
+	StatusNoSpace:     "no space",
+	StatusBusy:        "busy",
+	StatusNotReady:    "not ready",
+	StatusInternal:    "internal error",
+}
+
+func (s Status) Error() string {
+	if int(s) < len(statusText) {
+		return "ism: " + statusText[s]
+	}
+	return fmt.Sprintf("ism: status %d", uint32(s))
+}
+
+// EventType says what an event reports.
+type EventType uint16
+
+const (
+	EventDMB EventType = 0 // a DMB the driver attached or wrote to is gone: Token
+	EventGID EventType = 1 // a peer device is gone: GID
+	EventSWR EventType = 2 // a software event from SIGNAL: GID (sender), Code, Info
+)
+
+// EventSize is the size of an event the device writes into an event buffer.
+const EventSize = 32
+
+// Event is written by the device into a driver-posted buffer of the event queue.
+type Event struct {
+	Type  EventType
+	Code  uint16
+	Token uint64
+	GID   uint64
+	Info  uint64
+}
+
+// Encode writes e into b[:EventSize].
+func (e *Event) Encode(b []byte) {
+	_ = b[EventSize-1]
+	le := binary.LittleEndian
+	le.PutUint16(b[0:], uint16(e.Type))
+	le.PutUint16(b[2:], e.Code)
+	le.PutUint32(b[4:], 0)
+	le.PutUint64(b[8:], e.Token)
+	le.PutUint64(b[16:], e.GID)
+	le.PutUint64(b[24:], e.Info)
+}
+
+// DecodeEvent parses an event.
+func DecodeEvent(b []byte) (Event, error) {
+	if len(b) < EventSize {
+		return Event{}, fmt.Errorf("abi: event is %d bytes, want %d", len(b), EventSize)
+	}
+	le := binary.LittleEndian
+	return Event{
+		Type:  EventType(le.Uint16(b[0:])),
+		Code:  le.Uint16(b[2:]),
+		Token: le.Uint64(b[8:]),
+		GID:   le.Uint64(b[16:]),
+		Info:  le.Uint64(b[24:]),
+	}, nil
+}
+
+// The signalling block (SBA) lives in guest RAM at the GPA given by SET_SBA,
+// SBASize bytes, 8-byte aligned, contiguous. A signalled MOVE into DMB index i
+// with DMBE index e does, in this order, atomically:
+//
+//	mask[i] |= 1 << e                     (u32 at SBAMaskOffset + 4*i)
+//	bits[i/64] |= 1 << (i%64)             (u64 at SBABitsOffset + 8*(i/64))
+//
+// A driver claims signals by swapping a bits word with 0, then swapping each
+// set index's mask with 0.
+const (
+	SBABitsOffset = 0
+	SBABitsWords  = 32 // 2048 bits; indices below MaxDMBs are used
+	SBAMaskOffset = SBABitsOffset + 8*SBABitsWords
+	SBASize       = SBAMaskOffset + 4*MaxDMBs // 7936
+)

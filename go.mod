@@ -1,0 +1,3 @@
+module github.com/ism-backend/ism-backend
+
+go 1.26

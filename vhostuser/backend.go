@@ -1,0 +1,41 @@
+package vhostuser
+
+// Backend is the device half of a vhost-user back-end: what a device such as
+// ISM implements. The library speaks the protocol; a Backend supplies the
+// device's features, config space and queue handling. One Backend value
+// serves one connection (one VM); a Server makes a new one per connection.
+type Backend interface {
+	// Features returns the virtio device feature bits offered to the driver.
+	// The library adds VIRTIO_F_VERSION_1 and the transport bits it
+	// implements (EVENT_IDX, INDIRECT_DESC, VHOST_USER_F_PROTOCOL_FEATURES).
+	Features() uint64
+	// NumQueues is the number of virtqueues the device has.
+	NumQueues() int
+	// ReadConfig fills buf with config space from offset (GET_CONFIG).
+	ReadConfig(offset uint32, buf []byte) error
+	// WriteConfig handles SET_CONFIG.
+	WriteConfig(offset uint32, data []byte) error
+	// ShmemSizes returns the sizes of the VIRTIO shared-memory regions, or
+	// nil for none (then SHMEM is not offered).
+	ShmemSizes() []uint64
+	// Start is called when the device starts (driver OK: memory table set,
+	// rings ready). The Device gives access to memory, queues and the
+	// back-end request channel until Stop.
+	Start(dev *Device) error
+	// HandleQueue is called when queue q was kicked (or needs a look after
+	// start). It is called with the memory read lock held, from the queue's
+	// own goroutine: it must not call Device.ShmemMap/ShmemUnmap.
+	HandleQueue(dev *Device, q *Queue)
+	// Stop is called on reset, stop or disconnect: every mapping and every
+	// buffer of the previous start is gone.
+	Stop(dev *Device)
+	// Close is called once, when the connection is over.
+	Close()
+}
+
+// Device is the started device as a Backend sees it: guest memory, queues and
+// the back-end request channel. The protocol helper fills it in.
+type Device struct{}
+
+// Queue is one device-side split virtqueue.
+type Queue struct{}
