@@ -1,0 +1,574 @@
+package ism
+
+import (
+	"encoding/binary"
+	"math/bits"
+	"sync"
+	"sync/atomic"
+	"unsafe"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/ism-backend/ism-backend/abi"
+	"github.com/ism-backend/ism-backend/dmb"
+)
+
+// Device is one guest's ISM device on a fabric. Its methods may be called
+// concurrently from any goroutine.
+type Device struct {
+	f    *Fabric
+	name string
+	gid  uint64
+	n    Notifier
+	log  *logrus.Entry
+
+	closed         atomic.Bool // set at the start of Disconnect
+	disconnectOnce sync.Once
+
+	mu         sync.RWMutex
+	gone       bool // Disconnect has taken the device off: mem is nil
+	mem        Memory
+	sbaSet     bool
+	sbaGPA     uint64
+	interrupts bool
+	dmbs       map[uint64]*dmbEntry // own live DMBs by token
+	indices    dmb.IndexSet
+
+	stats counters
+	lim   limiter
+}
+
+// GID is the device's GID.
+func (d *Device) GID() uint64 { return d.gid }
+
+// Name is the guest's name given to Connect.
+func (d *Device) Name() string { return d.name }
+
+// Fabric is the fabric the device is (or was) connected to.
+func (d *Device) Fabric() *Fabric { return d.f }
+
+// Stats returns the device's counters.
+func (d *Device) Stats() Stats {
+	s := d.stats.snapshot()
+	d.mu.RLock()
+	s.DMBs = uint64(len(d.dmbs))
+	d.mu.RUnlock()
+	return s
+}
+
+// Handle carries out one request from the device's driver. data are the MOVE
+// data segments, in order; their total length must equal req.Len, and other
+// ops must carry none. Refusals are counted and logged (rate-limited).
+func (d *Device) Handle(req abi.Request, data [][]byte) abi.Response {
+	var resp abi.Response
+	var err error
+	if req.Op != abi.OpMove && totalLen(data) != 0 {
+		resp.Status = statusOf(d.refuse(req, abi.StatusInvalid, "data on a request that takes none"))
+		return resp
+	}
+	switch req.Op {
+	case abi.OpRegisterDMB:
+		resp.Index = req.Index
+		if req.Flags != 0 {
+			err = d.refuse(req, abi.StatusInvalid, "unknown flags")
+			break
+		}
+		resp.Value, err = d.RegisterDMB(req.Addr, req.Len, req.GID, req.Index)
+	case abi.OpUnregisterDMB:
+		if req.Flags != 0 {
+			err = d.refuse(req, abi.StatusInvalid, "unknown flags")
+			break
+		}
+		err = d.UnregisterDMB(req.Token)
+	case abi.OpMove:
+		if req.Flags&^abi.FlagSignal != 0 {
+			err = d.refuse(req, abi.StatusInvalid, "unknown flags")
+			break
+		}
+		if totalLen(data) != req.Len {
+			err = d.refuse(req, abi.StatusInvalid, "data length differs from len")
+			break
+		}
+		err = d.Move(req.Token, req.Index, req.Offset, req.Flags&abi.FlagSignal != 0, data)
+	case abi.OpSignal:
+		if req.Flags != 0 {
+			err = d.refuse(req, abi.StatusInvalid, "unknown flags")
+			break
+		}
+		if req.Index > 0xFFFF {
+			err = d.refuse(req, abi.StatusRange, "event code over 16 bits")
+			break
+		}
+		err = d.Signal(req.GID, uint16(req.Index), req.Offset)
+	case abi.OpQueryRGID:
+		if req.Flags != 0 {
+			err = d.refuse(req, abi.StatusInvalid, "unknown flags")
+			break
+		}
+		err = d.QueryRGID(req.GID)
+	case abi.OpSetSBA:
+		if req.Flags&^abi.FlagInterrupts != 0 {
+			err = d.refuse(req, abi.StatusInvalid, "unknown flags")
+			break
+		}
+		err = d.SetSBA(req.Addr, req.Flags&abi.FlagInterrupts != 0)
+	case abi.OpAttachDMB:
+		resp.Value, err = d.Attach(req.Token)
+	case abi.OpDetachDMB:
+		err = d.Detach(req.Token)
+	default:
+		err = d.refuse(req, abi.StatusUnsupported, "unknown op")
+	}
+	resp.Status = statusOf(err)
+	if resp.Status != abi.StatusOK && req.Op == abi.OpRegisterDMB {
+		resp.Value = 0
+	}
+	return resp
+}
+
+func totalLen(data [][]byte) uint64 {
+	var n uint64
+	for _, s := range data {
+		n += uint64(len(s))
+	}
+	return n
+}
+
+// statusOf maps an error of this package to the status a driver sees.
+func statusOf(err error) abi.Status {
+	if err == nil {
+		return abi.StatusOK
+	}
+	if st, ok := err.(abi.Status); ok {
+		return st
+	}
+	return abi.StatusInternal
+}
+
+// SetSBA sets where the device's signalling block lives in guest RAM
+// (abi.SBASize bytes, 8-byte aligned) and whether signals raise interrupts.
+// The device does not clear the block: it is the driver's memory.
+func (d *Device) SetSBA(gpa uint64, interrupts bool) error {
+	var flags uint16
+	if interrupts {
+		flags = abi.FlagInterrupts
+	}
+	req := abi.Request{Op: abi.OpSetSBA, Addr: gpa, Flags: flags}
+	if d.closed.Load() {
+		return d.refuse(req, abi.StatusNotReady, "device disconnected")
+	}
+	if gpa%8 != 0 {
+		return d.refuse(req, abi.StatusInvalid, "SBA not 8-byte aligned")
+	}
+	if dmb.AddOverflows(gpa, abi.SBASize) {
+		return d.refuse(req, abi.StatusFault, "SBA wraps the address space")
+	}
+	st, why := func() (abi.Status, string) {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		if d.gone {
+			return abi.StatusNotReady, "device disconnected"
+		}
+		sba, err := d.mem.Bytes(gpa, abi.SBASize)
+		if err != nil || len(sba) < abi.SBASize {
+			return abi.StatusFault, "SBA outside guest RAM"
+		}
+		// The atomics of a signal need the host view aligned too; a
+		// mapping is page-aligned, so this fails only on a broken Memory.
+		if uintptr(unsafe.Pointer(&sba[0]))%8 != 0 {
+			return abi.StatusInternal, "host view of the SBA is misaligned"
+		}
+		d.sbaGPA, d.sbaSet, d.interrupts = gpa, true, interrupts
+		return abi.StatusOK, ""
+	}()
+	if st != abi.StatusOK {
+		return d.refuse(req, st, why)
+	}
+	return nil
+}
+
+// RegisterDMB registers a copy-mode DMB: length bytes of this device's guest
+// RAM at gpa, which only the device with GID rgid may MOVE into (rgid may be
+// this device's own GID: both ends of an SMC-D connection in one guest), and
+// whose signals set bit index of the SBA. It returns the DMB's token.
+func (d *Device) RegisterDMB(gpa, length, rgid uint64, index uint32) (uint64, error) {
+	req := abi.Request{Op: abi.OpRegisterDMB, Addr: gpa, Len: length, GID: rgid, Index: index}
+	if d.closed.Load() {
+		return 0, d.refuse(req, abi.StatusNotReady, "device disconnected")
+	}
+	if rgid == 0 {
+		return 0, d.refuse(req, abi.StatusInvalid, "rgid 0")
+	}
+	if length == 0 || length > abi.MaxDMBSize {
+		return 0, d.refuse(req, abi.StatusRange, "DMB length out of range")
+	}
+	if index >= abi.MaxDMBs {
+		return 0, d.refuse(req, abi.StatusRange, "DMB index out of range")
+	}
+	if dmb.AddOverflows(gpa, length) {
+		return 0, d.refuse(req, abi.StatusFault, "DMB wraps the address space")
+	}
+	tok, st, why := d.register(gpa, length, rgid, index)
+	if st != abi.StatusOK {
+		return 0, d.refuse(req, st, why)
+	}
+	d.stats.registered.Add(1)
+	return tok, nil
+}
+
+func (d *Device) register(gpa, length, rgid uint64, index uint32) (uint64, abi.Status, string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.gone {
+		return 0, abi.StatusNotReady, "device disconnected"
+	}
+	if _, err := d.mem.Bytes(gpa, length); err != nil {
+		return 0, abi.StatusFault, "DMB outside guest RAM"
+	}
+	if d.indices.Has(index) {
+		return 0, abi.StatusBusy, "DMB index in use"
+	}
+	if len(d.dmbs) >= int(d.f.deviceLimit.Load()) {
+		return 0, abi.StatusNoSpace, "device DMB limit"
+	}
+	e := &dmbEntry{owner: d, rgid: rgid, gpa: gpa, size: length, index: index, live: true}
+	// The entry is visible to MOVEs from here, but they wait for d.mu.
+	tok, err := d.f.dmbs.Add(e, int(d.f.fabricLimit.Load()))
+	if err != nil {
+		if st, ok := err.(abi.Status); ok {
+			return 0, st, "fabric DMB limit"
+		}
+		d.log.WithError(err).Error("ism: cannot allocate a DMB token")
+		return 0, abi.StatusInternal, "token allocation failed"
+	}
+	_ = d.indices.Claim(index) // checked free above, under the same lock
+	d.dmbs[tok] = e
+	return tok, abi.StatusOK, ""
+}
+
+// UnregisterDMB removes one of this device's DMBs. When it returns, no MOVE
+// writes into the DMB any more: the driver may reuse the memory.
+func (d *Device) UnregisterDMB(token uint64) error {
+	req := abi.Request{Op: abi.OpUnregisterDMB, Token: token}
+	if d.closed.Load() {
+		return d.refuse(req, abi.StatusNotReady, "device disconnected")
+	}
+	e, ok := d.f.dmbs.Get(token)
+	if !ok {
+		return d.refuse(req, abi.StatusNoEntry, "unknown token")
+	}
+	if e.owner != d {
+		return d.refuse(req, abi.StatusPermission, "not the DMB's owner")
+	}
+	d.mu.Lock()
+	live := e.live
+	if live {
+		e.live = false
+		d.indices.Release(e.index)
+		delete(d.dmbs, token)
+		d.f.dmbs.Delete(token)
+	}
+	d.mu.Unlock()
+	if !live {
+		return d.refuse(req, abi.StatusNoEntry, "DMB already gone")
+	}
+	return nil
+}
+
+// Move copies data (its segments in order, len = their total) into the DMB
+// with that token at offset, on behalf of this device, which must be the
+// DMB's rgid. With signal it then sets DMBE bit dmbe in the owner's SBA mask
+// and the DMB's bit, and interrupts the owner if it asked for interrupts and
+// the DMB bit was clear (signals coalesce until the driver claims the bit).
+//
+// A refused MOVE changes nothing: every check, including the translation of
+// the owner's DMB and SBA, happens before the first byte is copied. In
+// particular a signalled MOVE to an owner without an SBA copies no data.
+// Move does not allocate.
+func (d *Device) Move(token uint64, dmbe uint32, offset uint64, signal bool, data [][]byte) error {
+	n := totalLen(data)
+	if d.closed.Load() {
+		return d.refuse(moveReq(token, dmbe, offset, n, signal), abi.StatusNotReady, "device disconnected")
+	}
+	if dmbe >= abi.MaxDMBEs {
+		return d.refuse(moveReq(token, dmbe, offset, n, signal), abi.StatusRange, "DMBE index out of range")
+	}
+	e, ok := d.f.dmbs.Get(token)
+	if !ok {
+		return d.refuse(moveReq(token, dmbe, offset, n, signal), abi.StatusNoEntry, "unknown token")
+	}
+	if e.rgid != d.gid {
+		return d.refuse(moveReq(token, dmbe, offset, n, signal), abi.StatusPermission, "sender is not the DMB's rgid")
+	}
+	if dmb.CheckRange(offset, n, e.size) != nil {
+		return d.refuse(moveReq(token, dmbe, offset, n, signal), abi.StatusRange, "offset+len past the DMB")
+	}
+	o := e.owner
+	o.mu.RLock()
+	st, raised := o.moveLocked(e, dmbe, offset, n, signal, data)
+	o.mu.RUnlock()
+	if st != abi.StatusOK {
+		return d.refuse(moveReq(token, dmbe, offset, n, signal), st, moveWhy(st))
+	}
+	d.stats.moves.Add(1)
+	d.stats.moveBytes.Add(n)
+	if signal {
+		d.stats.signals.Add(1)
+	}
+	if raised {
+		o.stats.interrupts.Add(1)
+	}
+	return nil
+}
+
+func moveReq(token uint64, dmbe uint32, offset, n uint64, signal bool) abi.Request {
+	r := abi.Request{Op: abi.OpMove, Token: token, Index: dmbe, Offset: offset, Len: n}
+	if signal {
+		r.Flags = abi.FlagSignal
+	}
+	return r
+}
+
+func moveWhy(st abi.Status) string {
+	switch st {
+	case abi.StatusNoEntry:
+		return "DMB gone"
+	case abi.StatusNotReady:
+		return "signalled MOVE but the owner set no SBA"
+	case abi.StatusFault:
+		return "owner's DMB or SBA no longer in guest RAM"
+	}
+	return "owner's memory view is broken"
+}
+
+// moveLocked does the part of a MOVE that touches the owner's RAM; o.mu is
+// held shared, so the DMB, the SBA and o.mem stay as checked.
+func (o *Device) moveLocked(e *dmbEntry, dmbe uint32, offset, n uint64, signal bool, data [][]byte) (abi.Status, bool) {
+	if !e.live {
+		return abi.StatusNoEntry, false
+	}
+	var mask *uint32
+	var word *uint64
+	if signal {
+		if !o.sbaSet {
+			return abi.StatusNotReady, false
+		}
+		// Translated per MOVE: the memory table may have changed since
+		// SET_SBA (SetMemory), and a stale view must never be written.
+		sba, err := o.mem.Bytes(o.sbaGPA, abi.SBASize)
+		if err != nil {
+			return abi.StatusFault, false
+		}
+		var ok bool
+		if mask, word, ok = sbaWords(sba, e.index); !ok {
+			return abi.StatusInternal, false
+		}
+	}
+	if n > 0 {
+		// e.gpa+e.size did not wrap at register time and offset+n <= e.size.
+		dst, err := o.mem.Bytes(e.gpa+offset, n)
+		if err != nil {
+			return abi.StatusFault, false
+		}
+		if uint64(len(dst)) < n {
+			return abi.StatusInternal, false
+		}
+		for _, s := range data {
+			dst = dst[copy(dst, s):]
+		}
+	}
+	if !signal {
+		return abi.StatusOK, false
+	}
+	// Mask before bit: a driver that sees the bit finds the mask set.
+	atomic.OrUint32(mask, le32(1<<dmbe))
+	bit := le64(1 << (e.index % 64))
+	old := atomic.OrUint64(word, bit)
+	if old&bit != 0 || !o.interrupts {
+		return abi.StatusOK, false
+	}
+	o.n.Interrupt()
+	return abi.StatusOK, true
+}
+
+// sbaWords returns the DMBE mask word and the bits word of DMB index i in a
+// host view of an SBA, or false if they are out of bounds or misaligned
+// (atomics on a misaligned address fault on some hosts).
+func sbaWords(sba []byte, i uint32) (*uint32, *uint64, bool) {
+	mo := abi.SBAMaskOffset + 4*uint64(i)
+	bo := abi.SBABitsOffset + 8*uint64(i/64)
+	if i >= abi.MaxDMBs || mo+4 > uint64(len(sba)) || bo+8 > uint64(len(sba)) {
+		return nil, nil, false
+	}
+	mp := unsafe.Pointer(&sba[mo])
+	bp := unsafe.Pointer(&sba[bo])
+	if uintptr(mp)%4 != 0 || uintptr(bp)%8 != 0 {
+		return nil, nil, false
+	}
+	return (*uint32)(mp), (*uint64)(bp), true
+}
+
+// The SBA is little-endian. ORing a byte-swapped mask into a native word sets
+// the same bits a little-endian OR would, so big-endian hosts swap the mask.
+var bigEndianHost = binary.NativeEndian.Uint16([]byte{0, 1}) == 1
+
+func le32(v uint32) uint32 {
+	if bigEndianHost {
+		return bits.ReverseBytes32(v)
+	}
+	return v
+}
+
+func le64(v uint64) uint64 {
+	if bigEndianHost {
+		return bits.ReverseBytes64(v)
+	}
+	return v
+}
+
+// Signal posts a software event (abi.EventSWR with this device's GID, code
+// and info) to the device with GID rgid, which may be this device.
+func (d *Device) Signal(rgid uint64, code uint16, info uint64) error {
+	req := abi.Request{Op: abi.OpSignal, GID: rgid, Index: uint32(code), Offset: info}
+	if d.closed.Load() {
+		return d.refuse(req, abi.StatusNotReady, "device disconnected")
+	}
+	t := d.f.device(rgid)
+	if t == nil || !t.post(abi.Event{Type: abi.EventSWR, Code: code, GID: d.gid, Info: info}) {
+		return d.refuse(req, abi.StatusNoEntry, "rgid not connected")
+	}
+	d.stats.swEvents.Add(1)
+	return nil
+}
+
+// post queues ev for the device's driver unless the device is gone.
+func (d *Device) post(ev abi.Event) bool {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	if d.gone {
+		return false
+	}
+	d.n.PostEvent(ev)
+	d.stats.events.Add(1)
+	return true
+}
+
+// QueryRGID reports (nil) whether a device with GID rgid is on the fabric.
+func (d *Device) QueryRGID(rgid uint64) error {
+	req := abi.Request{Op: abi.OpQueryRGID, GID: rgid}
+	if d.closed.Load() {
+		return d.refuse(req, abi.StatusNotReady, "device disconnected")
+	}
+	if rgid == 0 || d.f.device(rgid) == nil {
+		return d.refuse(req, abi.StatusNoEntry, "rgid not connected")
+	}
+	return nil
+}
+
+// Attach is attach mode's ATTACH_DMB; not offered yet.
+func (d *Device) Attach(token uint64) (uint64, error) {
+	return 0, d.refuse(abi.Request{Op: abi.OpAttachDMB, Token: token}, abi.StatusUnsupported, "attach mode not offered")
+}
+
+// Detach is attach mode's DETACH_DMB; not offered yet.
+func (d *Device) Detach(token uint64) error {
+	return d.refuse(abi.Request{Op: abi.OpDetachDMB, Token: token}, abi.StatusUnsupported, "attach mode not offered")
+}
+
+// SetMemory replaces the device's view of its guest RAM (a new memory table).
+// When it returns, no call of this package uses the old Memory any more.
+// DMBs and the SBA keep their guest-physical addresses and are translated
+// through mem from the next MOVE on.
+func (d *Device) SetMemory(mem Memory) {
+	d.mu.Lock()
+	if !d.gone && mem != nil {
+		d.mem = mem
+	}
+	d.mu.Unlock()
+}
+
+// dropDMBs kills all of the device's DMBs and forgets its SBA; d.mu is held.
+// It returns the dead DMBs by token.
+func (d *Device) dropDMBsLocked() map[uint64]*dmbEntry {
+	old := d.dmbs
+	for tok, e := range old {
+		e.live = false
+		d.f.dmbs.Delete(tok)
+	}
+	d.dmbs = make(map[uint64]*dmbEntry)
+	d.indices.Clear()
+	d.sbaSet, d.sbaGPA, d.interrupts = false, 0, false
+	return old
+}
+
+// Reset is a device reset by the driver (or the transport): all DMBs go away
+// (their rgid peers get an abi.EventDMB each) and the SBA is forgotten; the
+// device stays connected with its GID.
+func (d *Device) Reset() {
+	d.mu.Lock()
+	if d.gone {
+		d.mu.Unlock()
+		return
+	}
+	old := d.dropDMBsLocked()
+	d.mu.Unlock()
+	for tok, e := range old {
+		if e.rgid == d.gid {
+			continue
+		}
+		if p := d.f.device(e.rgid); p != nil {
+			p.post(abi.Event{Type: abi.EventDMB, Token: tok, GID: d.gid})
+		}
+	}
+}
+
+// Disconnect takes the device off the fabric: its GID becomes free, its DMBs
+// go away (their tokens are dead), and every other device that could write
+// one of its DMBs, or owns a DMB this device could write, gets one
+// abi.EventGID with this device's GID. When Disconnect returns, no MOVE
+// touches this device's RAM and its Notifier is not called again; later calls
+// of its methods get abi.StatusNotReady.
+func (d *Device) Disconnect() {
+	d.disconnectOnce.Do(d.disconnect)
+}
+
+func (d *Device) disconnect() {
+	d.closed.Store(true)
+	f := d.f
+	f.mu.Lock()
+	if f.devices[d.gid] == d {
+		delete(f.devices, d.gid)
+	}
+	f.mu.Unlock()
+
+	d.mu.Lock()
+	old := d.dropDMBsLocked()
+	d.gone = true
+	d.mem = nil
+	d.mu.Unlock()
+
+	peers := make(map[*Device]struct{})
+	for _, e := range old {
+		if e.rgid == d.gid {
+			continue
+		}
+		if p := f.device(e.rgid); p != nil {
+			peers[p] = struct{}{}
+		}
+	}
+	f.dmbs.Range(func(_ uint64, e *dmbEntry) bool {
+		if e.rgid == d.gid && e.owner != d {
+			peers[e.owner] = struct{}{}
+		}
+		return true
+	})
+	for p := range peers {
+		p.post(abi.Event{Type: abi.EventGID, GID: d.gid})
+	}
+
+	s := d.stats.snapshot()
+	f.mu.Lock()
+	f.retired.addStats(s)
+	f.mu.Unlock()
+	d.log.WithField("peers", len(peers)).Debug("ism: device disconnected")
+}

@@ -1,0 +1,244 @@
+// Package ism is the transport-free model of an ISM-like device (the device
+// under SMC-D): a Fabric is all devices of one backend (one CHID, unique
+// GIDs); a Device is one guest's ISM function with its DMBs, SBA and
+// counters. It knows nothing of virtqueues: a transport decodes requests,
+// hands them to Device.Handle and delivers Notifier calls to the guest.
+//
+// Copy mode only for now: a DMB is owner guest RAM and MOVE copies the
+// sender's data into it. docs/device-abi.md is the normative description.
+//
+// Locking: the token table and the GID map have their own RWMutexes; each
+// Device has a RWMutex that guards its DMBs, SBA and Memory. A MOVE holds the
+// owner's lock shared while it copies, so UNREGISTER, SetMemory, Reset and
+// Disconnect (which take it exclusively) wait for in-flight MOVEs and none
+// touches the owner's RAM after they return. A device lock may be taken
+// before the fabric's or the table's lock, never after, and no code holds two
+// device locks at once.
+package ism
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/ism-backend/ism-backend/abi"
+	"github.com/ism-backend/ism-backend/dmb"
+)
+
+// DefaultFabricDMBs bounds the DMBs of all devices of a fabric together. A
+// copy-mode DMB costs the host only its bookkeeping, but a bound keeps a
+// hostile guest set from growing the token table without limit.
+const DefaultFabricDMBs = 64 * 1024
+
+// Limits are the DMB limits of a fabric; REGISTER_DMB past them gets
+// abi.StatusNoSpace.
+type Limits struct {
+	FabricDMBs int // live DMBs on the fabric; 0 means DefaultFabricDMBs
+	DeviceDMBs int // live DMBs per device; 0 (or more than abi.MaxDMBs) means abi.MaxDMBs
+}
+
+// Errors of Connect.
+var (
+	ErrGIDZero  = errors.New("ism: GID 0 is not a valid GID")
+	ErrGIDInUse = errors.New("ism: GID already connected to the fabric")
+)
+
+// Fabric is all ISM devices of one backend: they share a CHID and reach each
+// other by GID.
+type Fabric struct {
+	chid uint16
+	log  *logrus.Entry
+
+	fabricLimit atomic.Int64
+	deviceLimit atomic.Int64
+
+	dmbs dmb.Table[*dmbEntry] // every live DMB, by token
+
+	mu      sync.RWMutex
+	devices map[uint64]*Device // connected devices by GID
+	retired counters           // counters of disconnected devices
+}
+
+// dmbEntry is one registered copy-mode DMB. All fields but live are fixed
+// once the entry is in the token table.
+type dmbEntry struct {
+	owner *Device
+	rgid  uint64 // the only GID that may MOVE into it
+	gpa   uint64 // in the owner's guest RAM
+	size  uint64
+	index uint32 // DMB index: the owner's SBA bit
+	live  bool   // guarded by owner.mu: false once unregistered
+}
+
+// NewFabric returns an empty fabric with channel id chid. log may be nil.
+func NewFabric(chid uint16, log *logrus.Entry) *Fabric {
+	if log == nil {
+		log = logrus.NewEntry(logrus.StandardLogger())
+	}
+	f := &Fabric{
+		chid:    chid,
+		log:     log.WithField("chid", fmt.Sprintf("%#04x", chid)),
+		devices: make(map[uint64]*Device),
+	}
+	f.SetLimits(Limits{})
+	return f
+}
+
+// CHID is the fabric's channel id.
+func (f *Fabric) CHID() uint16 { return f.chid }
+
+// SetLimits changes the DMB limits. DMBs already registered stay.
+func (f *Fabric) SetLimits(l Limits) {
+	if l.FabricDMBs <= 0 {
+		l.FabricDMBs = DefaultFabricDMBs
+	}
+	if l.DeviceDMBs <= 0 || l.DeviceDMBs > abi.MaxDMBs {
+		l.DeviceDMBs = abi.MaxDMBs
+	}
+	f.fabricLimit.Store(int64(l.FabricDMBs))
+	f.deviceLimit.Store(int64(l.DeviceDMBs))
+}
+
+// Limits returns the DMB limits in force.
+func (f *Fabric) Limits() Limits {
+	return Limits{FabricDMBs: int(f.fabricLimit.Load()), DeviceDMBs: int(f.deviceLimit.Load())}
+}
+
+// Connect adds a device for the guest called name with the given GID. mem is
+// the guest's RAM and n reaches its driver. The GID must be non-zero and not
+// connected already.
+func (f *Fabric) Connect(name string, gid uint64, mem Memory, n Notifier) (*Device, error) {
+	if gid == 0 {
+		return nil, ErrGIDZero
+	}
+	if mem == nil || n == nil {
+		return nil, errors.New("ism: Connect needs a Memory and a Notifier")
+	}
+	d := &Device{
+		f:    f,
+		name: name,
+		gid:  gid,
+		n:    n,
+		mem:  mem,
+		dmbs: make(map[uint64]*dmbEntry),
+		log:  f.log.WithFields(logrus.Fields{"vm": name, "gid": fmt.Sprintf("%#016x", gid)}),
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.devices[gid]; ok {
+		return nil, fmt.Errorf("%w: %#x (vm %q)", ErrGIDInUse, gid, name)
+	}
+	f.devices[gid] = d
+	return d, nil
+}
+
+// device returns the connected device with that GID, or nil.
+func (f *Fabric) device(gid uint64) *Device {
+	f.mu.RLock()
+	d := f.devices[gid]
+	f.mu.RUnlock()
+	return d
+}
+
+// Stats returns the fabric's counters: those of the connected devices plus
+// those of devices that have disconnected.
+func (f *Fabric) Stats() Stats {
+	f.mu.RLock()
+	devs := make([]*Device, 0, len(f.devices))
+	for _, d := range f.devices {
+		devs = append(devs, d)
+	}
+	s := f.retired.snapshot()
+	f.mu.RUnlock()
+	for _, d := range devs {
+		s.add(d.stats.snapshot())
+	}
+	s.Devices = len(devs)
+	s.DMBs = uint64(f.dmbs.Len())
+	return s
+}
+
+// NumStatus is the number of status codes Stats.Refused counts, indexed by
+// abi.Status.
+const NumStatus = int(abi.StatusInternal) + 1
+
+// Stats are counters of a device or of a whole fabric.
+type Stats struct {
+	Devices    int    // Fabric.Stats only: connected devices
+	DMBs       uint64 // live DMBs
+	Registered uint64 // successful REGISTER_DMB
+	Moves      uint64 // successful MOVEs sent
+	MoveBytes  uint64 // bytes those MOVEs copied
+	Signals    uint64 // successful signalled MOVEs sent
+	SWEvents   uint64 // successful SIGNAL requests sent
+	Interrupts uint64 // interrupts raised to this device's driver
+	Events     uint64 // events posted to this device's driver
+	Refused    [NumStatus]uint64
+}
+
+// RefusedTotal is the number of refused requests, whatever the status.
+func (s *Stats) RefusedTotal() uint64 {
+	var t uint64
+	for _, n := range s.Refused {
+		t += n
+	}
+	return t
+}
+
+func (s *Stats) add(o Stats) {
+	s.Registered += o.Registered
+	s.Moves += o.Moves
+	s.MoveBytes += o.MoveBytes
+	s.Signals += o.Signals
+	s.SWEvents += o.SWEvents
+	s.Interrupts += o.Interrupts
+	s.Events += o.Events
+	for i := range s.Refused {
+		s.Refused[i] += o.Refused[i]
+	}
+}
+
+// counters are a device's live counters; each is written by atomic adds so
+// that the MOVE path takes no lock for them.
+type counters struct {
+	registered atomic.Uint64
+	moves      atomic.Uint64
+	moveBytes  atomic.Uint64
+	signals    atomic.Uint64
+	swEvents   atomic.Uint64
+	interrupts atomic.Uint64
+	events     atomic.Uint64
+	refused    [NumStatus]atomic.Uint64
+}
+
+func (c *counters) snapshot() Stats {
+	s := Stats{
+		Registered: c.registered.Load(),
+		Moves:      c.moves.Load(),
+		MoveBytes:  c.moveBytes.Load(),
+		Signals:    c.signals.Load(),
+		SWEvents:   c.swEvents.Load(),
+		Interrupts: c.interrupts.Load(),
+		Events:     c.events.Load(),
+	}
+	for i := range c.refused {
+		s.Refused[i] = c.refused[i].Load()
+	}
+	return s
+}
+
+func (c *counters) addStats(s Stats) {
+	c.registered.Add(s.Registered)
+	c.moves.Add(s.Moves)
+	c.moveBytes.Add(s.MoveBytes)
+	c.signals.Add(s.Signals)
+	c.swEvents.Add(s.SWEvents)
+	c.interrupts.Add(s.Interrupts)
+	c.events.Add(s.Events)
+	for i := range c.refused {
+		c.refused[i].Add(s.Refused[i])
+	}
+}
