@@ -1,0 +1,178 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// setupGuest prepares what scenarios rely on: hugetlbfs at /dev/hugepages (DMA
+// memory), extra modules (ism.modules) and eth0 (ism.ip).
+func setupGuest(e *Env) error {
+	if err := mountHugetlbfs(); err != nil {
+		// Not fatal: only DMA scenarios need it, and they will say so.
+		e.Logf("hugetlbfs: %v", err)
+	}
+	if m := e.Arg("modules", ""); m != "" {
+		for _, name := range strings.Split(m, ",") {
+			if err := loadModule(name); err != nil {
+				return err
+			}
+		}
+	}
+	if ip := e.Arg("ip", ""); ip != "" {
+		if err := setupNet(e, e.Arg("dev", "eth0"), ip); err != nil {
+			return fmt.Errorf("network: %w", err)
+		}
+	}
+	return nil
+}
+
+// HugetlbfsDir is where setupGuest mounts hugetlbfs (when the kernel has it).
+const HugetlbfsDir = "/dev/hugepages"
+
+func mountHugetlbfs() error {
+	fs, err := os.ReadFile("/proc/filesystems")
+	if err != nil {
+		return err
+	}
+	if !strings.Contains(string(fs), "hugetlbfs") {
+		return errors.New("kernel has no hugetlbfs")
+	}
+	mounts, _ := os.ReadFile("/proc/mounts")
+	if strings.Contains(string(mounts), " "+HugetlbfsDir+" hugetlbfs ") {
+		return nil
+	}
+	if err := os.MkdirAll(HugetlbfsDir, 0o755); err != nil {
+		return err
+	}
+	return unix.Mount("hugetlbfs", HugetlbfsDir, "hugetlbfs", 0, "")
+}
+
+// loadModule loads a module and its dependencies from /lib/modules/<release>
+// (modules.dep, written by scripts/provision-kernel.sh); one already loaded
+// is fine. Only uncompressed .ko files: that is what Debian 6.1 ships.
+func loadModule(name string) error {
+	name = strings.ReplaceAll(strings.TrimSpace(name), "-", "_")
+	if name == "" || moduleLoaded(name) {
+		return nil
+	}
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		return err
+	}
+	dir := "/lib/modules/" + unix.ByteSliceToString(u.Release[:])
+	dep, err := os.ReadFile(dir + "/modules.dep")
+	if err != nil {
+		return fmt.Errorf("load module %s: %w", name, err)
+	}
+	deps := map[string][]string{} // module name -> [its path, dep paths...]
+	for _, l := range strings.Split(string(dep), "\n") {
+		p, rest, ok := strings.Cut(l, ":")
+		if !ok {
+			continue
+		}
+		deps[modName(p)] = append([]string{p}, strings.Fields(rest)...)
+	}
+	d, ok := deps[name]
+	if !ok {
+		return fmt.Errorf("load module %s: not in %s/modules.dep", name, dir)
+	}
+	// modules.dep lists dependencies so that the last must load first.
+	for i := len(d) - 1; i >= 1; i-- {
+		if err := loadModule(modName(d[i])); err != nil {
+			return err
+		}
+	}
+	f, err := os.Open(dir + "/" + d[0])
+	if err != nil {
+		return fmt.Errorf("load module %s: %w", name, err)
+	}
+	defer f.Close()
+	if err := unix.FinitModule(int(f.Fd()), "", 0); err != nil && !errors.Is(err, unix.EEXIST) {
+		return fmt.Errorf("load module %s: %w", name, err)
+	}
+	return nil
+}
+
+func modName(path string) string {
+	b := path[strings.LastIndex(path, "/")+1:]
+	if i := strings.Index(b, ".ko"); i >= 0 {
+		b = b[:i]
+	}
+	return strings.ReplaceAll(b, "-", "_")
+}
+
+func moduleLoaded(name string) bool {
+	b, err := os.ReadFile("/proc/modules")
+	if err != nil {
+		return false
+	}
+	n := strings.ReplaceAll(name, "-", "_")
+	for _, l := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(l); len(f) > 0 && f[0] == n {
+			return true
+		}
+	}
+	return false
+}
+
+// setupNet gives dev the address cidr and brings it up, loading e1000 (the
+// NIC the harness gives guests) when the interface does not exist yet.
+func setupNet(e *Env, dev, cidr string) error {
+	if _, err := os.Stat("/sys/class/net/" + dev); err != nil {
+		if err := loadModule("e1000"); err != nil {
+			return err
+		}
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			if _, err := os.Stat("/sys/class/net/" + dev); err == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				return fmt.Errorf("%s did not appear after loading e1000", dev)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	if err := runCmd("ip", "addr", "add", cidr, "dev", dev); err != nil {
+		return err
+	}
+	if err := runCmd("ip", "link", "set", dev, "up"); err != nil {
+		return err
+	}
+	e.Logf("%s: %s up", dev, cidr)
+	return nil
+}
+
+// runCmd runs a u-root command (they live in /bbin) and returns its output
+// in the error when it fails.
+func runCmd(name string, args ...string) error {
+	path, err := exec.LookPath(name)
+	if err != nil {
+		path = "/bbin/" + name
+	}
+	out, err := exec.Command(path, args...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("%s %s: %v: %s", name, strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+// drainConsole waits until the serial console has sent what we wrote, so the
+// END marker is not lost to the power-off.
+func drainConsole() {
+	for _, f := range []*os.File{os.Stdout, os.Stderr} {
+		// TCSBRK with a non-zero argument is tcdrain(3); it fails
+		// harmlessly on a non-tty.
+		_ = unix.IoctlSetInt(int(f.Fd()), unix.TCSBRK, 1)
+	}
+	syscall.Sync()
+	time.Sleep(50 * time.Millisecond)
+}
