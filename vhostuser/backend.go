@@ -20,22 +20,18 @@ type Backend interface {
 	ShmemSizes() []uint64
 	// Start is called when the device starts (driver OK: memory table set,
 	// rings ready). The Device gives access to memory, queues and the
-	// back-end request channel until Stop.
+	// back-end request channel until Stop. Start runs under the memory
+	// write lock on the connection's goroutine: it must not call
+	// ShmemMap/ShmemUnmap itself (start a goroutine for that).
 	Start(dev *Device) error
 	// HandleQueue is called when queue q was kicked (or needs a look after
 	// start). It is called with the memory read lock held, from the queue's
 	// own goroutine: it must not call Device.ShmemMap/ShmemUnmap.
 	HandleQueue(dev *Device, q *Queue)
 	// Stop is called on reset, stop or disconnect: every mapping and every
-	// buffer of the previous start is gone.
+	// buffer of the previous start is gone. It runs under the memory write
+	// lock and must not wait for a ShmemMap/ShmemUnmap in flight.
 	Stop(dev *Device)
 	// Close is called once, when the connection is over.
 	Close()
 }
-
-// Device is the started device as a Backend sees it: guest memory, queues and
-// the back-end request channel. The protocol helper fills it in.
-type Device struct{}
-
-// Queue is one device-side split virtqueue.
-type Queue struct{}

@@ -1,0 +1,275 @@
+package vhostuser
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/sirupsen/logrus"
+)
+
+// MaxMemSlots is what GET_MAX_MEM_SLOTS answers: the most regions a memory
+// table may have with ADD_MEM_REG.
+const MaxMemSlots = 32
+
+// maxQueues bounds Backend.NumQueues (vring fd messages carry an 8-bit index).
+const maxQueues = 256
+
+// Virtio device status bits.
+const (
+	StatusAcknowledge = 1
+	StatusDriver      = 2
+	StatusDriverOK    = 4
+	StatusFeaturesOK  = 8
+	StatusFailed      = 0x80
+)
+
+// ErrNotStarted refuses back-end requests while the device is not started:
+// QEMU 11.1.3 segfaults on a SHMEM_MAP before DRIVER_OK.
+var ErrNotStarted = errors.New("vhost-user: device not started")
+
+// Stats are the counters of one connection.
+type Stats struct {
+	Messages    uint64 // front-end messages received
+	BadMessages uint64 // refused (malformed, unknown or failed) messages
+	BadChains   uint64 // malformed descriptor chains and broken-queue events
+}
+
+type stats struct {
+	messages, badMessages, badChains atomic.Uint64
+}
+
+// Device is one connection's device as a Backend sees it: guest memory,
+// queues and the back-end request channel. It is created per connection by
+// the Server.
+type Device struct {
+	name    string
+	srv     *Server
+	log     *logrus.Entry
+	backend Backend
+	conn    *net.UnixConn
+	stats   stats
+
+	// ReplyTimeout bounds the wait for a back-end request's reply.
+	replyTimeout time.Duration
+
+	// Negotiation state, owned by the connection goroutine. ackedProto is
+	// also read by ShmemMap from other goroutines.
+	offeredFeatures uint64
+	ackedFeatures   uint64
+	featuresSet     bool
+	offeredProto    uint64
+	ackedProto      atomic.Uint64
+	shmemSizes      []uint64
+	status          uint8
+
+	// Guarded by srv.mem (write lock to change, read lock to use).
+	mem    *Memory
+	queues []*Queue
+
+	started atomic.Bool
+
+	runMu   sync.Mutex
+	runners []*runner
+
+	// Back-end request channel: bcPtrMu guards the pointer, bcMu
+	// serialises whole request/reply exchanges.
+	bcPtrMu sync.Mutex
+	bc      *net.UnixConn
+	bcMu    sync.Mutex
+
+	closeOnce sync.Once
+}
+
+// Name is the VM name the Server was given for this socket.
+func (d *Device) Name() string { return d.name }
+
+// Memory is the current memory table (nil before SET_MEM_TABLE). Valid only
+// with the memory read lock held (inside HandleQueue).
+func (d *Device) Memory() *Memory { return d.mem }
+
+// Queue returns queue i, or nil when i is out of range.
+func (d *Device) Queue(i int) *Queue {
+	if i < 0 || i >= len(d.queues) {
+		return nil
+	}
+	return d.queues[i]
+}
+
+// NumQueues is the number of queues.
+func (d *Device) NumQueues() int { return len(d.queues) }
+
+// Started reports whether the device is started (between Start and Stop).
+func (d *Device) Started() bool { return d.started.Load() }
+
+// AckedFeatures returns the virtio features the driver acknowledged.
+func (d *Device) AckedFeatures() uint64 { return d.ackedFeatures }
+
+// AckedProtocolFeatures returns the protocol features the front-end acked.
+func (d *Device) AckedProtocolFeatures() uint64 { return d.ackedProto.Load() }
+
+// Stats returns the connection's counters.
+func (d *Device) Stats() Stats {
+	return Stats{
+		Messages:    d.stats.messages.Load(),
+		BadMessages: d.stats.badMessages.Load(),
+		BadChains:   d.stats.badChains.Load(),
+	}
+}
+
+// WithMemoryLock runs fn with the Server's memory read lock held, for work
+// on guest memory or queues outside HandleQueue (for example completing a
+// request from another goroutine). Never call it from HandleQueue or while
+// holding the lock: RWMutex read locks do not nest safely.
+func (d *Device) WithMemoryLock(fn func()) {
+	d.srv.mem.RLock()
+	defer d.srv.mem.RUnlock()
+	fn()
+}
+
+// Close ends the connection (the Server then tears the device down).
+func (d *Device) Close() {
+	d.closeOnce.Do(func() { d.conn.Close() })
+}
+
+func (d *Device) protoAcked(bit uint) bool { return d.ackedProto.Load()&(1<<bit) != 0 }
+
+// --- back-end request channel -----------------------------------------------
+
+// ShmemMap asks the front-end to map length bytes of fd from fdOffset into
+// VIRTIO shared-memory region shmid at shmOffset (VHOST_USER_BACKEND_SHMEM_MAP).
+// It waits for the front-end's reply when REPLY_ACK was acked. It fails with
+// ErrNotStarted while the device is not started. Never call it with the
+// memory lock held (not from HandleQueue, Start or Stop): the front-end
+// sends a SET_MEM_TABLE before it answers, which needs the write lock.
+func (d *Device) ShmemMap(shmid uint8, fd int, fdOffset, shmOffset, length uint64, writable bool) error {
+	if err := d.checkShmem(shmid, shmOffset, length); err != nil {
+		return err
+	}
+	if !d.protoAcked(ProtocolBackendSendFD) {
+		return errors.New("vhost-user: BACKEND_SEND_FD not acked: cannot pass the fd")
+	}
+	if fd < 0 {
+		return errors.New("vhost-user: ShmemMap without fd")
+	}
+	if fdOffset+length < fdOffset {
+		return fmt.Errorf("vhost-user: fd range %#x+%#x wraps", fdOffset, length)
+	}
+	var flags uint64
+	if writable {
+		flags = 1
+	}
+	return d.backendRequest(BackendReqShmemMap, shmemPayload(shmid, fdOffset, shmOffset, length, flags), []int{fd})
+}
+
+// ShmemUnmap asks the front-end to unmap [shmOffset, shmOffset+length) of
+// region shmid (VHOST_USER_BACKEND_SHMEM_UNMAP). Same rules as ShmemMap.
+func (d *Device) ShmemUnmap(shmid uint8, shmOffset, length uint64) error {
+	if err := d.checkShmem(shmid, shmOffset, length); err != nil {
+		return err
+	}
+	return d.backendRequest(BackendReqShmemUnmap, shmemPayload(shmid, 0, shmOffset, length, 0), nil)
+}
+
+func (d *Device) checkShmem(shmid uint8, off, length uint64) error {
+	if !d.started.Load() {
+		return ErrNotStarted
+	}
+	if !d.protoAcked(ProtocolShmem) || !d.protoAcked(ProtocolBackendReq) {
+		return errors.New("vhost-user: SHMEM or BACKEND_REQ not acked")
+	}
+	if int(shmid) >= len(d.shmemSizes) {
+		return fmt.Errorf("vhost-user: no shared-memory region %d", shmid)
+	}
+	size := d.shmemSizes[shmid]
+	if length == 0 || off > size || length > size-off {
+		return fmt.Errorf("vhost-user: shared-memory range %#x+%#x outside region of %#x bytes", off, length, size)
+	}
+	return nil
+}
+
+func shmemPayload(shmid uint8, fdOffset, shmOffset, length, flags uint64) []byte {
+	p := make([]byte, shmemMsgSize)
+	p[0] = shmid
+	binary.LittleEndian.PutUint64(p[8:], fdOffset)
+	binary.LittleEndian.PutUint64(p[16:], shmOffset)
+	binary.LittleEndian.PutUint64(p[24:], length)
+	binary.LittleEndian.PutUint64(p[32:], flags)
+	return p
+}
+
+func (d *Device) backendRequest(req uint32, payload []byte, fds []int) error {
+	d.bcMu.Lock()
+	defer d.bcMu.Unlock()
+	d.bcPtrMu.Lock()
+	c := d.bc
+	d.bcPtrMu.Unlock()
+	if c == nil {
+		return errors.New("vhost-user: no back-end request channel")
+	}
+	// The front-end channel goroutine keeps serving while we wait here:
+	// QEMU sends SET_MEM_TABLE (NEED_REPLY) before answering SHMEM_MAP.
+	needReply := d.protoAcked(ProtocolReplyAck)
+	flags := uint32(flagVersion)
+	if needReply {
+		flags |= flagNeedReply
+	}
+	if err := WriteMessage(c, req, flags, payload, fds); err != nil {
+		return fmt.Errorf("vhost-user: back-end request %d: %w", req, err)
+	}
+	if !needReply {
+		return nil
+	}
+	c.SetReadDeadline(time.Now().Add(d.replyTimeout))
+	defer c.SetReadDeadline(time.Time{})
+	m, err := ReadMessage(c)
+	if err != nil {
+		return fmt.Errorf("vhost-user: back-end request %d reply: %w", req, err)
+	}
+	m.CloseFDs()
+	if m.Request != req || m.Flags&flagReply == 0 || len(m.Payload) != 8 {
+		return fmt.Errorf("vhost-user: back-end request %d: bad reply (request %d flags %#x size %d)",
+			req, m.Request, m.Flags, len(m.Payload))
+	}
+	if st := binary.LittleEndian.Uint64(m.Payload); st != 0 {
+		return fmt.Errorf("vhost-user: back-end request %d failed: status %d", req, st)
+	}
+	return nil
+}
+
+func (d *Device) setBackendChannel(fd int) error {
+	f := os.NewFile(uintptr(fd), "vhost-user-backend-req")
+	fc, err := net.FileConn(f)
+	f.Close() // FileConn dups
+	if err != nil {
+		return fmt.Errorf("vhost-user: back-end request fd: %w", err)
+	}
+	uc, ok := fc.(*net.UnixConn)
+	if !ok {
+		fc.Close()
+		return errors.New("vhost-user: back-end request fd is not a unix socket")
+	}
+	d.bcPtrMu.Lock()
+	old := d.bc
+	d.bc = uc
+	d.bcPtrMu.Unlock()
+	if old != nil {
+		old.Close()
+	}
+	return nil
+}
+
+func (d *Device) closeBackendChannel() {
+	d.bcPtrMu.Lock()
+	old := d.bc
+	d.bc = nil
+	d.bcPtrMu.Unlock()
+	if old != nil {
+		old.Close()
+	}
+}

@@ -1,0 +1,468 @@
+package vhostuser
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"unsafe"
+
+	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
+)
+
+// MaxQueueSize is the largest split-ring size (virtio 1.x).
+const MaxQueueSize = 32768
+
+// DefaultMaxChainLen bounds the total byte length of one descriptor chain
+// unless the Backend sets another bound with Queue.SetMaxChainLen.
+const DefaultMaxChainLen = 64 << 20
+
+// Descriptor flags (split ring).
+const (
+	descFNext     = 1
+	descFWrite    = 2
+	descFIndirect = 4
+	descSize      = 16
+
+	availFNoInterrupt = 1
+)
+
+// Errors Next returns for chains it refused (and completed with used len 0).
+var (
+	ErrChainIndex    = errors.New("vhost-user: descriptor index out of range")
+	ErrChainLoop     = errors.New("vhost-user: descriptor chain loops")
+	ErrChainTooLong  = errors.New("vhost-user: descriptor chain too long")
+	ErrChainOrder    = errors.New("vhost-user: readable descriptor after a writable one")
+	ErrChainIndirect = errors.New("vhost-user: bad indirect descriptor")
+	// ErrQueueBroken: the driver moved avail idx by more than the queue
+	// size. Nothing in the ring can be trusted; the queue stays broken
+	// until it is set up again.
+	ErrQueueBroken = errors.New("vhost-user: queue broken")
+	// ErrQueueNotReady: the queue has no rings (not set up, stopped).
+	ErrQueueNotReady = errors.New("vhost-user: queue not ready")
+)
+
+// Chain is one descriptor chain taken from the available ring. Readable and
+// Writable are host views of the device-readable and device-writable
+// buffers, in chain order; a descriptor that crosses a memory-region boundary
+// gives several slices. The slices are valid until the Chain is reused and
+// only while the memory read lock is held (inside HandleQueue).
+//
+// A Chain is meant to be reused: Next resets it and keeps the capacity of the
+// slices, so the hot path does not allocate.
+type Chain struct {
+	Head     uint16
+	Readable [][]byte
+	Writable [][]byte
+
+	readLen  uint64
+	writeLen uint64
+}
+
+func (c *Chain) reset() {
+	clear(c.Readable) // drop references to guest memory
+	clear(c.Writable)
+	c.Readable = c.Readable[:0]
+	c.Writable = c.Writable[:0]
+	c.readLen, c.writeLen = 0, 0
+}
+
+// ReadableLen is the total length of the device-readable part.
+func (c *Chain) ReadableLen() int { return int(c.readLen) }
+
+// WritableLen is the total length of the device-writable part.
+func (c *Chain) WritableLen() int { return int(c.writeLen) }
+
+// CopyOut copies the readable bytes from offset off into dst, across
+// segments, and returns how many were copied (less than len(dst) when the
+// readable part ends first).
+func (c *Chain) CopyOut(dst []byte, off int) int {
+	return gather(dst, c.Readable, off)
+}
+
+// CopyIn copies src into the writable part from offset off, across segments,
+// and returns how many bytes were written (less than len(src) when the
+// writable part ends first).
+func (c *Chain) CopyIn(src []byte, off int) int {
+	return scatter(c.Writable, src, off)
+}
+
+func gather(dst []byte, segs [][]byte, off int) int {
+	n := 0
+	for _, s := range segs {
+		if len(dst) == 0 {
+			break
+		}
+		if off >= len(s) {
+			off -= len(s)
+			continue
+		}
+		k := copy(dst, s[off:])
+		off = 0
+		dst = dst[k:]
+		n += k
+	}
+	return n
+}
+
+func scatter(segs [][]byte, src []byte, off int) int {
+	n := 0
+	for _, s := range segs {
+		if len(src) == 0 {
+			break
+		}
+		if off >= len(s) {
+			off -= len(s)
+			continue
+		}
+		k := copy(s[off:], src)
+		off = 0
+		src = src[k:]
+		n += k
+	}
+	return n
+}
+
+// Queue is one device-side split virtqueue. Its methods are not safe for
+// concurrent use and must run with the memory read lock held: call them from
+// HandleQueue (of this or, for cross-VM delivery, another device of the same
+// Server) or inside Device.WithMemoryLock, and serialise per queue yourself.
+type Queue struct {
+	index int
+	dev   *Device
+	log   *logrus.Entry
+
+	// Set by the front-end (under the memory write lock).
+	size                          uint16
+	descAddr, availAddr, usedAddr uint64 // front-end user addresses
+	addrSet                       bool
+	enabled                       bool
+	kickFD, callFD, errFD         int
+	eventIdx, indirectOK          bool
+
+	// Host views of the rings in the current memory table (nil: not
+	// translatable, queue not ready).
+	mem               *Memory
+	desc, avail, used []byte
+	usedIdxWord       *uint32 // &used[0]: flags (always 0) | idx<<16
+	availIdxWord      *uint32 // aligned word holding avail idx
+	availIdxShift     uint
+	mask              uint16
+	maxChainLen       uint64
+
+	lastAvail     uint16
+	usedIdx       uint16
+	signalledUsed uint16
+	signalValid   bool
+	pushed        bool // something was pushed since the last notification
+	broken        bool
+	badChains     uint64 // for log rate limiting
+
+	one   [8]byte // eventfd increment, kept here so Notify does not allocate
+	fence uint32
+}
+
+func newQueue(d *Device, i int) *Queue {
+	q := &Queue{index: i, dev: d, kickFD: -1, callFD: -1, errFD: -1, maxChainLen: DefaultMaxChainLen}
+	if d != nil {
+		q.log = d.log.WithField("queue", i)
+	} else {
+		q.log = logrus.NewEntry(logrus.StandardLogger()).WithField("queue", i)
+	}
+	binary.LittleEndian.PutUint64(q.one[:], 1)
+	return q
+}
+
+// Index is the queue's number.
+func (q *Queue) Index() int { return q.index }
+
+// Size is the ring size set by the driver (0 before SET_VRING_NUM).
+func (q *Queue) Size() int { return int(q.size) }
+
+// Ready reports whether the queue has translated rings and is enabled.
+func (q *Queue) Ready() bool { return q.desc != nil && q.enabled }
+
+// Broken reports whether the queue was marked broken (see ErrQueueBroken).
+func (q *Queue) Broken() bool { return q.broken }
+
+// SetMaxChainLen sets the largest total length of one chain; longer chains
+// are refused. Call it from Backend.Start.
+func (q *Queue) SetMaxChainLen(n uint64) { q.maxChainLen = n }
+
+// Device returns the device the queue belongs to.
+func (q *Queue) Device() *Device { return q.dev }
+
+// translate maps the ring addresses through m. It leaves the queue not
+// ready (desc nil) when they do not translate or are misaligned.
+func (q *Queue) translate(m *Memory) error {
+	q.mem = m
+	q.desc, q.avail, q.used = nil, nil, nil
+	q.usedIdxWord, q.availIdxWord = nil, nil
+	if !q.addrSet || q.size == 0 || m == nil {
+		return nil
+	}
+	n := uint64(q.size)
+	desc, err := m.UserBytes(q.descAddr, descSize*n)
+	if err != nil {
+		return fmt.Errorf("queue %d descriptor table: %w", q.index, err)
+	}
+	avail, err := m.UserBytes(q.availAddr, 6+2*n)
+	if err != nil {
+		return fmt.Errorf("queue %d avail ring: %w", q.index, err)
+	}
+	used, err := m.UserBytes(q.usedAddr, 6+8*n)
+	if err != nil {
+		return fmt.Errorf("queue %d used ring: %w", q.index, err)
+	}
+	// Alignment the spec requires, checked on host addresses because the
+	// atomics below depend on it.
+	if uintptr(unsafe.Pointer(&desc[0]))%descSize != 0 ||
+		uintptr(unsafe.Pointer(&avail[0]))%2 != 0 ||
+		uintptr(unsafe.Pointer(&used[0]))%4 != 0 {
+		return fmt.Errorf("queue %d: misaligned ring", q.index)
+	}
+	q.desc, q.avail, q.used = desc, avail, used
+	q.mask = q.size - 1
+	q.usedIdxWord = (*uint32)(unsafe.Pointer(&used[0]))
+	// avail idx is the u16 at offset 2. Load it with a 32-bit atomic on
+	// the aligned word containing it: either [flags idx] or [idx ring[0]],
+	// both inside the avail ring.
+	p := uintptr(unsafe.Pointer(&avail[2]))
+	if p%4 == 0 {
+		q.availIdxWord = (*uint32)(unsafe.Pointer(&avail[2]))
+		q.availIdxShift = 0
+	} else {
+		q.availIdxWord = (*uint32)(unsafe.Pointer(&avail[0]))
+		q.availIdxShift = 16
+	}
+	return nil
+}
+
+// resetState forgets everything the front-end set (device reset).
+func (q *Queue) resetState() {
+	q.closeFDs()
+	max := q.maxChainLen
+	*q = Queue{index: q.index, dev: q.dev, log: q.log, kickFD: -1, callFD: -1, errFD: -1, maxChainLen: max, one: q.one}
+}
+
+func closeFD(fd int) { unix.Close(fd) }
+
+// setKick replaces the kick fd (-1: none).
+func (q *Queue) setKick(fd int) {
+	if q.kickFD >= 0 {
+		unix.Close(q.kickFD)
+	}
+	q.kickFD = fd
+}
+
+func (q *Queue) closeFDs() {
+	for _, p := range []*int{&q.kickFD, &q.callFD, &q.errFD} {
+		if *p >= 0 {
+			unix.Close(*p)
+			*p = -1
+		}
+	}
+}
+
+func (q *Queue) availIdx() uint16 {
+	return uint16(atomic.LoadUint32(q.availIdxWord) >> q.availIdxShift)
+}
+
+// Next takes the next available chain into c, reusing c's storage. It
+// returns false when the ring is empty. A malformed chain is completed here
+// with used length 0, logged and counted; Next then returns false and the
+// error, and the caller may count it and call Next again. ErrQueueBroken and
+// ErrQueueNotReady mean: stop, nothing more will come.
+func (q *Queue) Next(c *Chain) (bool, error) {
+	c.reset()
+	if q.desc == nil {
+		return false, ErrQueueNotReady
+	}
+	if q.broken {
+		return false, ErrQueueBroken
+	}
+	avail := q.availIdx()
+	if avail == q.lastAvail {
+		if !q.eventIdx {
+			return false, nil
+		}
+		// Ask for a kick when the driver goes past what we have seen,
+		// then look again: the driver may have added a buffer before it
+		// saw avail_event (the store-load fence closes that race).
+		binary.LittleEndian.PutUint16(q.used[4+8*int(q.size):], q.lastAvail)
+		atomic.AddUint32(&q.fence, 1)
+		avail = q.availIdx()
+		if avail == q.lastAvail {
+			return false, nil
+		}
+	}
+	if avail-q.lastAvail > q.size {
+		q.broken = true
+		q.countBadChain()
+		q.log.Errorf("avail idx %d jumped more than the queue size from %d: queue broken until reset", avail, q.lastAvail)
+		return false, ErrQueueBroken
+	}
+	slot := 4 + 2*int(q.lastAvail&q.mask)
+	head := binary.LittleEndian.Uint16(q.avail[slot:])
+	q.lastAvail++
+	c.Head = head
+	if err := q.walk(c, head); err != nil {
+		c.reset()
+		c.Head = head
+		q.pushUsed(head, 0)
+		q.countBadChain()
+		if q.badChains <= 10 || q.badChains%1000 == 0 {
+			q.log.WithField("head", head).Warnf("malformed chain completed with length 0 (%d so far): %v", q.badChains, err)
+		}
+		return false, err
+	}
+	return true, nil
+}
+
+func (q *Queue) countBadChain() {
+	q.badChains++
+	if q.dev != nil {
+		q.dev.stats.badChains.Add(1)
+	}
+}
+
+// walk collects the chain starting at head into c.
+func (q *Queue) walk(c *Chain, head uint16) error {
+	table := q.desc
+	n := uint32(q.size)
+	idx := uint32(head)
+	indirect := false
+	count := uint32(0)
+	var total uint64
+	writable := false
+	for {
+		if idx >= n {
+			return fmt.Errorf("%w: %d of %d", ErrChainIndex, idx, n)
+		}
+		count++
+		if count > n {
+			return ErrChainLoop
+		}
+		d := table[descSize*idx : descSize*idx+descSize]
+		addr := binary.LittleEndian.Uint64(d[0:8])
+		length := uint64(binary.LittleEndian.Uint32(d[8:12]))
+		flags := binary.LittleEndian.Uint16(d[12:14])
+		next := binary.LittleEndian.Uint16(d[14:16])
+		if flags&descFIndirect != 0 {
+			switch {
+			case indirect:
+				return fmt.Errorf("%w: indirect inside indirect", ErrChainIndirect)
+			case !q.indirectOK:
+				return fmt.Errorf("%w: INDIRECT_DESC not negotiated", ErrChainIndirect)
+			case flags&descFNext != 0:
+				return fmt.Errorf("%w: indirect with NEXT", ErrChainIndirect)
+			case length == 0 || length%descSize != 0 || length/descSize > MaxQueueSize:
+				return fmt.Errorf("%w: table length %d", ErrChainIndirect, length)
+			}
+			t, err := q.mem.Bytes(addr, length)
+			if err != nil {
+				return fmt.Errorf("%w: table: %v", ErrChainIndirect, err)
+			}
+			table, n, idx, count, indirect = t, uint32(length/descSize), 0, 0, true
+			continue
+		}
+		total += length // length < 2^32: no overflow within 2^32 steps
+		if total > q.maxChainLen {
+			return fmt.Errorf("%w: more than %d bytes", ErrChainTooLong, q.maxChainLen)
+		}
+		if length > 0 {
+			var err error
+			if flags&descFWrite != 0 {
+				writable = true
+				c.Writable, err = q.mem.AppendSegments(c.Writable, addr, length)
+				c.writeLen += length
+			} else {
+				if writable {
+					return ErrChainOrder
+				}
+				c.Readable, err = q.mem.AppendSegments(c.Readable, addr, length)
+				c.readLen += length
+			}
+			if err != nil {
+				return err
+			}
+		} else if flags&descFWrite != 0 {
+			writable = true
+		} else if writable {
+			return ErrChainOrder
+		}
+		if flags&descFNext == 0 {
+			return nil
+		}
+		idx = uint32(next)
+	}
+}
+
+// Push puts c on the used ring with written bytes written (clamped to the
+// chain's writable length) and publishes the new used idx.
+func (q *Queue) Push(c *Chain, written uint32) {
+	if uint64(written) > c.writeLen {
+		written = uint32(c.writeLen)
+	}
+	q.pushUsed(c.Head, written)
+}
+
+func (q *Queue) pushUsed(id uint16, written uint32) {
+	if q.used == nil {
+		return
+	}
+	slot := 4 + 8*int(q.usedIdx&q.mask)
+	binary.LittleEndian.PutUint32(q.used[slot:], uint32(id))
+	binary.LittleEndian.PutUint32(q.used[slot+4:], written)
+	q.usedIdx++
+	// The element is written before the index is published: a release
+	// store (and a full barrier on amd64, which Notify relies on).
+	atomic.StoreUint32(q.usedIdxWord, uint32(q.usedIdx)<<16)
+	q.pushed = true
+}
+
+// needEvent is vring_need_event from the virtio spec.
+func needEvent(event, newIdx, old uint16) bool {
+	return newIdx-event-1 < newIdx-old
+}
+
+// Notify raises the call eventfd if the driver wants an interrupt for what
+// was pushed since the last notification (EVENT_IDX used_event, or the
+// avail ring's NO_INTERRUPT flag). Call it once per batch.
+func (q *Queue) Notify() {
+	if q.avail == nil || !q.pushed {
+		return
+	}
+	q.pushed = false
+	// Order the used idx store before reading the driver's suppression
+	// state.
+	atomic.AddUint32(&q.fence, 1)
+	if q.eventIdx {
+		usedEvent := binary.LittleEndian.Uint16(q.avail[4+2*int(q.size):])
+		old := q.signalledUsed
+		valid := q.signalValid
+		q.signalledUsed, q.signalValid = q.usedIdx, true
+		if valid && !needEvent(usedEvent, q.usedIdx, old) {
+			return
+		}
+	} else if binary.LittleEndian.Uint16(q.avail[0:2])&availFNoInterrupt != 0 {
+		return
+	}
+	q.Interrupt()
+}
+
+// Interrupt raises the call eventfd unconditionally.
+func (q *Queue) Interrupt() {
+	if q.callFD >= 0 {
+		unix.Write(q.callFD, q.one[:])
+	}
+}
+
+// Wake makes the queue's goroutine call HandleQueue again, as if the driver
+// had kicked. Safe from any goroutine; a no-op when the queue is not running.
+func (q *Queue) Wake() {
+	if q.dev != nil {
+		q.dev.wake(q.index)
+	}
+}

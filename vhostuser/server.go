@@ -1,0 +1,368 @@
+package vhostuser
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"runtime/debug"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
+)
+
+// DefaultReplyTimeout bounds how long a back-end request waits for the
+// front-end's reply before it fails.
+const DefaultReplyTimeout = 10 * time.Second
+
+// Server serves vhost-user connections, one listening socket per VM.
+//
+// Locking. All devices of a Server share one sync.RWMutex for guest memory,
+// because a device may copy from one VM's memory into another VM's memory
+// (the ISM MOVE) from the sending VM's queue goroutine: a per-VM lock would
+// not keep the receiver's table from being unmapped under that copy.
+//
+//   - Read lock: every Backend.HandleQueue call (one batch per call) runs with
+//     it held, as does Device.WithMemoryLock. Memory, Queue and Chain slices
+//     are valid only while it is held.
+//   - Write lock: every change to any memory table (SET_MEM_TABLE,
+//     ADD/REM_MEM_REG, teardown), to ring addresses, sizes and queue fds, and
+//     Backend.Start, Stop and Close. So no HandleQueue of any VM runs during
+//     them, and old mappings are unmapped while nobody can use them.
+//   - The lock is never held while waiting for a back-end request reply
+//     (ShmemMap): QEMU sends SET_MEM_TABLE, which needs the write lock,
+//     before it answers. Nor while waiting for a queue goroutine to exit:
+//     the goroutine may be waiting for the read lock.
+type Server struct {
+	log *logrus.Entry
+	mem sync.RWMutex
+
+	// ReplyTimeout bounds waits for back-end request replies
+	// (DefaultReplyTimeout if zero). Set it before Serve.
+	ReplyTimeout time.Duration
+
+	mu      sync.Mutex
+	devices map[string]*Device
+}
+
+// NewServer returns a Server that logs to log.
+func NewServer(log *logrus.Entry) *Server {
+	if log == nil {
+		log = logrus.NewEntry(logrus.StandardLogger())
+	}
+	return &Server{log: log, devices: map[string]*Device{}}
+}
+
+// Device returns the device currently connected for VM name, or nil.
+func (s *Server) Device(name string) *Device {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.devices[name]
+}
+
+// Stats returns the counters of VM name's current connection (zero if none).
+func (s *Server) Stats(name string) Stats {
+	if d := s.Device(name); d != nil {
+		return d.Stats()
+	}
+	return Stats{}
+}
+
+// Serve accepts connections on ln for VM name, one at a time: a new
+// connection is accepted only after the previous one is fully torn down
+// (Stop, Close, fds closed, memory unmapped). newBackend makes the Backend
+// for each connection. Serve returns when ctx is done (ctx.Err()) or the
+// listener fails; it closes ln and the current connection on return.
+func (s *Server) Serve(ctx context.Context, name string, ln *net.UnixListener, newBackend func(name string) (Backend, error)) error {
+	log := s.log.WithField("vm", name)
+	var cur atomic.Pointer[Device]
+	stop := context.AfterFunc(ctx, func() {
+		ln.Close()
+		if d := cur.Load(); d != nil {
+			d.Close()
+		}
+	})
+	defer stop()
+	defer ln.Close()
+	for {
+		c, err := ln.AcceptUnix()
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			return fmt.Errorf("vhost-user %s: accept: %w", name, err)
+		}
+		log.Info("front-end connected")
+		d, err := s.newDevice(ctx, name, log, c, newBackend)
+		if err != nil {
+			log.WithError(err).Error("cannot create the device; closing the connection")
+			c.Close()
+			continue
+		}
+		cur.Store(d)
+		if ctx.Err() != nil { // cancelled between Accept and Store
+			d.Close()
+		}
+		s.mu.Lock()
+		s.devices[name] = d
+		s.mu.Unlock()
+		d.serve()
+		d.teardown()
+		s.mu.Lock()
+		if s.devices[name] == d {
+			delete(s.devices, name)
+		}
+		s.mu.Unlock()
+		cur.Store(nil)
+		log.WithField("stats", fmt.Sprintf("%+v", d.Stats())).Info("connection torn down")
+	}
+}
+
+func (s *Server) newDevice(ctx context.Context, name string, log *logrus.Entry, c *net.UnixConn, newBackend func(string) (Backend, error)) (d *Device, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("panic in Backend: %v\n%s", r, debug.Stack())
+		}
+	}()
+	be, err := newBackend(name)
+	if err != nil {
+		return nil, err
+	}
+	nq := be.NumQueues()
+	if nq < 1 || nq > maxQueues {
+		be.Close()
+		return nil, fmt.Errorf("backend has %d queues", nq)
+	}
+	d = &Device{
+		name:         name,
+		srv:          s,
+		log:          log,
+		backend:      be,
+		conn:         c,
+		replyTimeout: s.ReplyTimeout,
+	}
+	if d.replyTimeout <= 0 {
+		d.replyTimeout = DefaultReplyTimeout
+	}
+	d.offeredFeatures = be.Features() | 1<<FeatureVersion1 | 1<<FeatureRingEventIdx |
+		1<<FeatureRingIndirectDesc | 1<<FeatureProtocolFeatures
+	d.offeredProto = 1<<ProtocolMQ | 1<<ProtocolReplyAck | 1<<ProtocolConfig | 1<<ProtocolBackendReq |
+		1<<ProtocolBackendSendFD | 1<<ProtocolConfigureMemSlots | 1<<ProtocolResetDevice | 1<<ProtocolStatus
+	if sizes := be.ShmemSizes(); sizes != nil {
+		d.shmemSizes = append([]uint64(nil), sizes...)
+		d.offeredProto |= 1 << ProtocolShmem
+	}
+	d.queues = make([]*Queue, nq)
+	for i := range d.queues {
+		d.queues[i] = newQueue(d, i)
+	}
+	d.runners = make([]*runner, nq)
+	return d, nil
+}
+
+// --- starting and stopping ---------------------------------------------------
+
+// queueRunnable: the queue has rings, is enabled and has a kick fd.
+func (q *Queue) runnable() bool { return q.Ready() && q.kickFD >= 0 }
+
+// reconcile starts or stops the device and its queue goroutines to match
+// what the front-end has set up. Start: DRIVER_OK when STATUS was acked
+// (otherwise the first enabled ring), a memory table and at least one
+// runnable queue. Called on the connection goroutine without the lock.
+func (d *Device) reconcile() {
+	any := false
+	for _, q := range d.queues {
+		if q.runnable() {
+			any = true
+		}
+	}
+	want := d.mem != nil && any && d.status&StatusFailed == 0
+	if d.protoAcked(ProtocolStatus) && d.status&StatusDriverOK == 0 {
+		want = false
+	}
+	if !want {
+		if d.started.Load() {
+			d.stopDevice()
+		}
+		return
+	}
+	if !d.started.Load() {
+		var err error
+		d.lock(func() {
+			// started is set before Start so that a goroutine Start
+			// spawns may already map shared memory.
+			d.started.Store(true)
+			d.call("Start", func() { err = d.backend.Start(d) })
+			if err != nil {
+				d.started.Store(false)
+			}
+		})
+		if err != nil {
+			d.log.WithError(err).Error("device start failed")
+			return
+		}
+		d.log.Info("device started")
+	}
+	for _, q := range d.queues {
+		running := d.runner(q.index) != nil
+		switch {
+		case q.runnable() && !running:
+			d.startRunner(q)
+		case !q.runnable() && running:
+			d.stopRunner(q.index)
+		}
+	}
+}
+
+func (d *Device) stopDevice() {
+	d.stopAllRunners()
+	d.lock(func() {
+		if d.started.Swap(false) {
+			d.call("Stop", func() { d.backend.Stop(d) })
+		}
+	})
+	d.log.Info("device stopped")
+}
+
+// resetDevice handles RESET_DEVICE and RESET_OWNER: stop, and forget all
+// ring state and fds (the memory table stays until replaced).
+func (d *Device) resetDevice() {
+	if d.started.Load() {
+		d.stopDevice()
+	}
+	d.stopAllRunners()
+	d.lock(func() {
+		for _, q := range d.queues {
+			q.resetState()
+			q.eventIdx = d.ackedFeatures&(1<<FeatureRingEventIdx) != 0
+			q.indirectOK = d.ackedFeatures&(1<<FeatureRingIndirectDesc) != 0
+		}
+		d.status = 0
+	})
+}
+
+// teardown ends the connection: nothing of it survives, so the next
+// connection for the same VM starts clean.
+func (d *Device) teardown() {
+	d.Close()
+	d.closeBackendChannel() // fails any ShmemMap still waiting
+	d.stopAllRunners()
+	d.lock(func() {
+		if d.started.Swap(false) {
+			d.call("Stop", func() { d.backend.Stop(d) })
+		}
+		d.call("Close", func() { d.backend.Close() })
+		for _, q := range d.queues {
+			q.closeFDs()
+			q.translate(nil)
+		}
+		d.mem.unmapAll()
+		d.mem = nil
+	})
+}
+
+// runner is the goroutine that waits on one queue's kick eventfd.
+type runner struct {
+	q    *Queue
+	kick *os.File // a nonblocking dup of the kick fd: Close wakes the reader
+	stop atomic.Bool
+	done chan struct{}
+}
+
+func (d *Device) runner(i int) *runner {
+	d.runMu.Lock()
+	defer d.runMu.Unlock()
+	return d.runners[i]
+}
+
+func (d *Device) startRunner(q *Queue) {
+	fd, err := unix.FcntlInt(uintptr(q.kickFD), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		d.log.WithError(err).Errorf("queue %d: dup kick fd", q.index)
+		return
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		d.log.WithError(err).Errorf("queue %d: kick fd", q.index)
+		return
+	}
+	r := &runner{q: q, kick: os.NewFile(uintptr(fd), fmt.Sprintf("kick%d", q.index)), done: make(chan struct{})}
+	d.runMu.Lock()
+	d.runners[q.index] = r
+	d.runMu.Unlock()
+	go d.runQueue(r)
+}
+
+// stopRunner stops queue i's goroutine and waits for it. Never call it with
+// the memory lock held.
+func (d *Device) stopRunner(i int) {
+	d.runMu.Lock()
+	r := d.runners[i]
+	d.runners[i] = nil
+	d.runMu.Unlock()
+	if r == nil {
+		return
+	}
+	r.stop.Store(true)
+	r.kick.Close()
+	<-r.done
+}
+
+func (d *Device) stopAllRunners() {
+	for i := range d.runners {
+		d.stopRunner(i)
+	}
+}
+
+func (d *Device) wake(i int) {
+	d.runMu.Lock()
+	defer d.runMu.Unlock()
+	if i >= 0 && i < len(d.runners) && d.runners[i] != nil {
+		var one [8]byte
+		one[0] = 1
+		d.runners[i].kick.Write(one[:])
+	}
+}
+
+func (d *Device) runQueue(r *runner) {
+	defer close(r.done)
+	defer func() {
+		if p := recover(); p != nil {
+			d.log.Errorf("panic in Backend.HandleQueue(%d): %v\n%s", r.q.index, p, debug.Stack())
+			d.Close()
+		}
+	}()
+	var buf [8]byte
+	for first := true; ; first = false {
+		if !first {
+			if _, err := r.kick.Read(buf[:]); err != nil {
+				if !r.stop.Load() {
+					d.log.WithError(err).Errorf("queue %d: kick read", r.q.index)
+				}
+				return
+			}
+		}
+		if r.stop.Load() || !d.handleQueue(r) {
+			return
+		}
+	}
+}
+
+// handleQueue runs one HandleQueue batch under the memory read lock.
+func (d *Device) handleQueue(r *runner) bool {
+	d.srv.mem.RLock()
+	defer d.srv.mem.RUnlock()
+	if r.stop.Load() {
+		return false
+	}
+	d.backend.HandleQueue(d, r.q)
+	return true
+}
