@@ -180,7 +180,7 @@ type Stats struct {
 }
 
 // RefusedTotal is the number of refused requests, whatever the status.
-func (s *Stats) RefusedTotal() uint64 {
+func (s Stats) RefusedTotal() uint64 {
 	var t uint64
 	for _, n := range s.Refused {
 		t += n

@@ -129,3 +129,15 @@ func move(tok uint64, dmbe uint32, off uint64, n int, signal bool) abi.Request {
 	}
 	return r
 }
+
+func putLE64(b []byte, v uint64) { binary.LittleEndian.PutUint64(b, v) }
+func putLE32(b []byte, v uint32) { binary.LittleEndian.PutUint32(b, v) }
+
+func firstDiff(a, b []byte) int {
+	for i := range min(len(a), len(b)) {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	return min(len(a), len(b))
+}

@@ -1,0 +1,257 @@
+package ism
+
+import (
+	"bytes"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/ism-backend/ism-backend/abi"
+)
+
+// snapshot copies a guest's whole RAM.
+func (g *guest) snapshot() (low, high []byte) {
+	return bytes.Clone(g.low), bytes.Clone(g.high)
+}
+
+// TestMovePattern moves a seeded pattern from B into A's 1 MiB DMB in pieces
+// of 1 B to 64 KiB at varied offsets, split into varied data segments, and
+// compares A's RAM with an independent model: the DMB holds exactly the bytes
+// moved, and nothing else in A's RAM changed but the SBA words of the DMB.
+func TestMovePattern(t *testing.T) {
+	f := newFabric()
+	a := newGuest(t, f, "a", 0xA)
+	b := newGuest(t, f, "b", 0xB)
+	setSBA(t, a.dev, sbaGPA, true)
+	const size = 1 << 20
+	const index = 1000
+	tok := register(t, a.dev, dmbGPA, size, b.dev.GID(), index)
+
+	// A's RAM is prefilled so that a write of zeros would show too.
+	for i := range a.high {
+		a.high[i] = byte(i*7 + 3)
+	}
+	wantLow, wantHigh := a.snapshot()
+	model := wantHigh[dmbGPA-highGPA : dmbGPA-highGPA+size]
+
+	rng := rand.New(rand.NewPCG(1, 2))
+	sizes := []int{1, 2, 3, 7, 8, 31, 64, 100, 511, 4096, 4097, 65535, 65536}
+	var dmbes uint32
+	for i := range 400 {
+		n := sizes[i%len(sizes)]
+		if i >= len(sizes) {
+			n = 1 + rng.IntN(64<<10)
+		}
+		var off int
+		switch i % 4 {
+		case 0:
+			off = 0
+		case 1:
+			off = size - n // flush with the end
+		default:
+			off = rng.IntN(size - n + 1)
+		}
+		src := make([]byte, n)
+		for j := range src {
+			src[j] = byte(rng.Uint32())
+		}
+		// Split into up to 4 segments, some possibly empty.
+		var segs [][]byte
+		rest := src
+		for k := rng.IntN(4); k > 0 && len(rest) > 0; k-- {
+			c := rng.IntN(len(rest) + 1)
+			segs, rest = append(segs, rest[:c]), rest[c:]
+		}
+		segs = append(segs, rest)
+		dmbe := uint32(rng.IntN(abi.MaxDMBEs))
+		dmbes |= 1 << dmbe
+		do(t, b.dev, move(tok, dmbe, uint64(off), n, true), segs, abi.StatusOK)
+		copy(model[off:], src)
+	}
+
+	// The SBA words the MOVEs may set, in the model.
+	sbaOff := sbaGPA - lowGPA
+	bitsOff := sbaOff + abi.SBABitsOffset + 8*(index/64)
+	maskOff := sbaOff + abi.SBAMaskOffset + 4*index
+	putLE64(wantLow[bitsOff:], 1<<(index%64))
+	putLE32(wantLow[maskOff:], dmbes)
+
+	if !bytes.Equal(a.high, wantHigh) {
+		t.Errorf("A's high RAM differs from the model at %d", firstDiff(a.high, wantHigh))
+	}
+	if !bytes.Equal(a.low, wantLow) {
+		t.Errorf("A's low RAM (SBA) differs from the model at %d", firstDiff(a.low, wantLow))
+	}
+	if got := a.sbaBits(t, sbaGPA, index); got != 1<<(index%64) {
+		t.Errorf("SBA bits word %#x", got)
+	}
+	if got := a.sbaMask(t, sbaGPA, index); got != dmbes {
+		t.Errorf("SBA mask %#x, want %#x", got, dmbes)
+	}
+	// Signals coalesce: the driver never claimed the bit, so one interrupt.
+	if n, _ := a.n.snapshot(); n != 1 {
+		t.Errorf("%d interrupts, want 1", n)
+	}
+	s := b.dev.Stats()
+	if s.Moves != 400 || s.Signals != 400 || s.RefusedTotal() != 0 {
+		t.Errorf("B stats %+v", s)
+	}
+}
+
+func TestInterruptCoalescing(t *testing.T) {
+	f := newFabric()
+	a := newGuest(t, f, "a", 0xA)
+	b := newGuest(t, f, "b", 0xB)
+	setSBA(t, a.dev, sbaGPA, true)
+	tok := register(t, a.dev, dmbGPA, 4096, 0xB, 3)
+	one := [][]byte{{1}}
+	do(t, b.dev, move(tok, 0, 0, 1, true), one, abi.StatusOK)
+	do(t, b.dev, move(tok, 1, 0, 1, true), one, abi.StatusOK)
+	do(t, b.dev, move(tok, 1, 0, 1, false), one, abi.StatusOK)
+	if n, _ := a.n.snapshot(); n != 1 {
+		t.Fatalf("%d interrupts before claim, want 1", n)
+	}
+	// The driver claims: swaps the bits word with 0.
+	clear(a.at(t, sbaGPA, 8))
+	do(t, b.dev, move(tok, 2, 0, 0, true), nil, abi.StatusOK) // len 0 signals too
+	if n, _ := a.n.snapshot(); n != 2 {
+		t.Fatalf("%d interrupts after claim, want 2", n)
+	}
+	if m := a.sbaMask(t, sbaGPA, 3); m != 0b111 {
+		t.Fatalf("mask %#b", m)
+	}
+	// Without interrupts asked for, signals only set bits.
+	setSBA(t, a.dev, sbaGPA, false)
+	clear(a.at(t, sbaGPA, 8))
+	do(t, b.dev, move(tok, 4, 0, 1, true), one, abi.StatusOK)
+	if n, _ := a.n.snapshot(); n != 2 || a.sbaBits(t, sbaGPA, 3) != 1<<3 {
+		t.Fatalf("%d interrupts with interrupts off", n)
+	}
+}
+
+// Both ends of an SMC-D connection in one guest: rgid is the owner's own GID.
+func TestIntraVM(t *testing.T) {
+	f := newFabric()
+	a := newGuest(t, f, "a", 0xA)
+	setSBA(t, a.dev, sbaGPA, true)
+	tok := register(t, a.dev, dmbGPA, 4096, 0xA, 0)
+	do(t, a.dev, move(tok, 0, 10, 3, true), [][]byte{[]byte("abc")}, abi.StatusOK)
+	if got := a.at(t, dmbGPA+10, 3); string(got) != "abc" {
+		t.Fatalf("DMB %q", got)
+	}
+	do(t, a.dev, abi.Request{Op: abi.OpQueryRGID, GID: 0xA}, nil, abi.StatusOK)
+	do(t, a.dev, abi.Request{Op: abi.OpSignal, GID: 0xA, Index: 0x83, Offset: 9}, nil, abi.StatusOK)
+	a.dev.Disconnect()
+	if _, evs := a.n.snapshot(); len(evs) != 1 || evs[0].Type != abi.EventSWR {
+		t.Fatalf("events %+v: want only the SWR, no EventGID about itself", evs)
+	}
+}
+
+func TestSignalEvent(t *testing.T) {
+	f := newFabric()
+	a := newGuest(t, f, "a", 0xA)
+	b := newGuest(t, f, "b", 0xB)
+	do(t, b.dev, abi.Request{Op: abi.OpSignal, GID: 0xA, Index: 0x80, Offset: 0x1234}, nil, abi.StatusOK)
+	_, evs := a.n.snapshot()
+	want := abi.Event{Type: abi.EventSWR, Code: 0x80, GID: 0xB, Info: 0x1234}
+	if len(evs) != 1 || evs[0] != want {
+		t.Fatalf("events %+v, want %+v", evs, want)
+	}
+	if s := b.dev.Stats(); s.SWEvents != 1 {
+		t.Fatalf("stats %+v", s)
+	}
+	if s := a.dev.Stats(); s.Events != 1 {
+		t.Fatalf("stats %+v", s)
+	}
+}
+
+func TestDisconnectEvents(t *testing.T) {
+	f := newFabric()
+	a := newGuest(t, f, "a", 0xA)
+	b := newGuest(t, f, "b", 0xB)
+	c := newGuest(t, f, "c", 0xC)
+	d := newGuest(t, f, "d", 0xD)
+	setSBA(t, a.dev, sbaGPA, true)
+	tokAB := register(t, a.dev, dmbGPA, 4096, 0xB, 0) // B may write A's DMB
+	register(t, a.dev, dmbGPA+4096, 4096, 0xB, 1)     // a second one: still one event
+	tokCA := register(t, c.dev, dmbGPA, 4096, 0xA, 0) // A may write C's DMB
+	tokDD := register(t, d.dev, dmbGPA, 4096, 0xD, 0) // unrelated
+	if s := f.Stats(); s.DMBs != 4 || s.Devices != 4 {
+		t.Fatalf("fabric stats %+v", s)
+	}
+
+	a.dev.Disconnect()
+	a.dev.Disconnect() // idempotent
+
+	for _, c := range []struct {
+		g    *guest
+		want int
+	}{{b, 1}, {c, 1}, {d, 0}} {
+		_, evs := c.g.n.snapshot()
+		if len(evs) != c.want {
+			t.Fatalf("%s got %d events %+v, want %d", c.g.dev.Name(), len(evs), evs, c.want)
+		}
+		if c.want == 1 && evs[0] != (abi.Event{Type: abi.EventGID, GID: 0xA}) {
+			t.Fatalf("%s got %+v", c.g.dev.Name(), evs[0])
+		}
+	}
+	// A's DMBs are dead; C's DMB for A stays C's.
+	do(t, b.dev, move(tokAB, 0, 0, 1, true), [][]byte{{1}}, abi.StatusNoEntry)
+	do(t, c.dev, abi.Request{Op: abi.OpUnregisterDMB, Token: tokCA}, nil, abi.StatusOK)
+	do(t, d.dev, abi.Request{Op: abi.OpUnregisterDMB, Token: tokDD}, nil, abi.StatusOK)
+	do(t, b.dev, abi.Request{Op: abi.OpQueryRGID, GID: 0xA}, nil, abi.StatusNoEntry)
+	do(t, b.dev, abi.Request{Op: abi.OpSignal, GID: 0xA}, nil, abi.StatusNoEntry)
+	do(t, a.dev, abi.Request{Op: abi.OpQueryRGID, GID: 0xB}, nil, abi.StatusNotReady)
+	if s := f.Stats(); s.DMBs != 0 || s.Devices != 3 {
+		t.Fatalf("fabric stats %+v", s)
+	}
+
+	// The GID is free again: a reconnecting guest gets it.
+	a2 := newGuest(t, f, "a", 0xA)
+	do(t, b.dev, abi.Request{Op: abi.OpQueryRGID, GID: 0xA}, nil, abi.StatusOK)
+	if _, evs := a2.n.snapshot(); len(evs) != 0 {
+		t.Fatal("new device got events of the old one")
+	}
+}
+
+func TestReset(t *testing.T) {
+	f := newFabric()
+	a := newGuest(t, f, "a", 0xA)
+	b := newGuest(t, f, "b", 0xB)
+	setSBA(t, a.dev, sbaGPA, true)
+	tok := register(t, a.dev, dmbGPA, 4096, 0xB, 7)
+	a.dev.Reset()
+	do(t, b.dev, move(tok, 0, 0, 1, false), [][]byte{{1}}, abi.StatusNoEntry)
+	if _, evs := b.n.snapshot(); len(evs) != 1 || evs[0] != (abi.Event{Type: abi.EventDMB, Token: tok, GID: 0xA}) {
+		t.Fatalf("B events %+v", evs)
+	}
+	// Index free again; SBA forgotten.
+	tok2 := register(t, a.dev, dmbGPA, 4096, 0xB, 7)
+	do(t, b.dev, move(tok2, 0, 0, 1, true), [][]byte{{1}}, abi.StatusNotReady)
+	do(t, b.dev, move(tok2, 0, 0, 1, false), [][]byte{{1}}, abi.StatusOK)
+}
+
+func TestSetMemory(t *testing.T) {
+	f := newFabric()
+	a := newGuest(t, f, "a", 0xA)
+	b := newGuest(t, f, "b", 0xB)
+	setSBA(t, a.dev, sbaGPA, true)
+	tok := register(t, a.dev, dmbGPA, 4096, 0xB, 0)
+
+	// A new memory table that maps the same GPAs onto new host memory.
+	low2, high2 := make([]byte, lowSize), make([]byte, highSize)
+	mem2, err := NewSliceMemory(Region{GPA: lowGPA, Data: low2}, Region{GPA: highGPA, Data: high2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.dev.SetMemory(mem2)
+	do(t, b.dev, move(tok, 0, 0, 2, true), [][]byte{{7, 8}}, abi.StatusOK)
+	if a.high[dmbGPA-highGPA] != 0 || high2[dmbGPA-highGPA] != 7 || low2[sbaGPA] != 1 || a.low[sbaGPA] != 0 {
+		t.Fatal("MOVE went through the old memory table")
+	}
+
+	// A table in which the DMB is no longer RAM: MOVE faults, copies nothing.
+	mem3, _ := NewSliceMemory(Region{GPA: lowGPA, Data: make([]byte, lowSize)})
+	a.dev.SetMemory(mem3)
+	do(t, b.dev, move(tok, 0, 0, 2, false), [][]byte{{9, 9}}, abi.StatusFault)
+	do(t, b.dev, move(tok, 0, 0, 0, true), nil, abi.StatusOK) // len 0: only the SBA
+}
