@@ -1,0 +1,436 @@
+package main
+
+// Scenarios for the ISM guest driver (package guestdriver) and the pci
+// transport under it.
+//
+//	ism-probe   open the device, report gid/chid/config, register and
+//	            unregister a few DMBs (rgid = own GID), QUERY_RGID self.
+//	ism-recv    receiver of a two-VM copy-mode transfer (below).
+//	ism-send    sender of it.
+//	ism-forge   MOVE with a forged token (expect NOENTRY) and into a DMB
+//	            whose rgid is another GID (expect PERMISSION).
+//	virtio-rng  drive QEMU's virtio-rng-pci (1af4:1044) with the pci
+//	            transport alone: proves rings, DMA addresses and notify.
+//
+// Two-VM transfer protocol. Both sides know ism.bytes, ism.chunk,
+// ism.slots and ism.seed (defaults 1 MiB, 32 KiB, 8, 1). The receiver
+// (ism.peer = the sender's GID) registers one DMB of slots*chunk bytes with
+// rgid = peer and prints "ISM-RESULT token=0x...". The harness then boots
+// the sender with ism.token=<that token>. The sender MOVEs chunk s of the
+// seeded byte stream into slot s%slots with DMBE bit s%slots signalled, and
+// never has more than `slots` chunks unacknowledged. The receiver consumes
+// slots in order as their DMBE bits arrive, checks each byte against the
+// stream, and acknowledges with SIGNAL(peer, code 1, info = chunks consumed);
+// the sender reads those from its event queue. DMBE bits (one per slot) say
+// exactly which slots are complete: the device sets them only after the
+// copy. Both print sha256 of the bytes (sent / received) and the harness
+// compares them. The sender's GID must be known to the harness before the
+// receiver starts: GIDs are stable per VM name (or run ism-probe first).
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/ism-backend/ism-backend/abi"
+	"github.com/ism-backend/ism-backend/guestdriver"
+	"github.com/ism-backend/ism-backend/pci"
+)
+
+const ackCode = 1 // SIGNAL code of the transfer's acknowledgements
+
+func init() {
+	register("ism-probe", ismProbe)
+	register("ism-recv", ismRecv)
+	register("ism-send", ismSend)
+	register("ism-forge", ismForge)
+	register("virtio-rng", virtioRNG)
+}
+
+func openDriver(e *Env) (*guestdriver.Driver, error) {
+	d, err := guestdriver.Open(guestdriver.Options{
+		VirtioID:     e.ArgInt("virtio_id", abi.DefaultVirtioID),
+		Addr:         e.Arg("pci", ""),
+		MaxHugePages: e.ArgInt("hugepages", 8),
+		Logf:         e.Logf,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("open ISM device: %w", err)
+	}
+	return d, nil
+}
+
+func argU64(e *Env, key string, def uint64) (uint64, error) {
+	s := e.Arg(key, "")
+	if s == "" {
+		return def, nil
+	}
+	v, err := strconv.ParseUint(s, 0, 64)
+	if err != nil {
+		return 0, fmt.Errorf("ism.%s=%q: %w", key, s, err)
+	}
+	return v, nil
+}
+
+// statusName is the ABI's name of a status carried by err ("OK" for nil).
+func statusName(err error) string {
+	if err == nil {
+		return "OK"
+	}
+	var st abi.Status
+	if !errors.As(err, &st) {
+		return "ERROR(" + err.Error() + ")"
+	}
+	names := []string{"OK", "INVALID", "UNSUPPORTED", "NOENTRY", "PERMISSION", "RANGE", "FAULT", "NOSPACE", "BUSY", "NOTREADY", "INTERNAL"}
+	if int(st) < len(names) {
+		return names[st]
+	}
+	return fmt.Sprintf("STATUS(%d)", uint32(st))
+}
+
+func reportConfig(e *Env, d *guestdriver.Driver) {
+	c := d.Config()
+	e.Result("pci", d.PCIAddr())
+	e.Result("gid", fmt.Sprintf("%#x", d.GID()))
+	e.Result("chid", fmt.Sprintf("%#x", d.CHID()))
+	e.Result("config", fmt.Sprintf("version=%d modes=%#x max_dmbs=%d max_dmb_size=%d max_move_len=%d shm_size=%d queue_size=%d",
+		c.Version, c.Modes, c.MaxDMBs, c.MaxDMBSize, c.MaxMoveLen, c.ShmSize, c.QueueSize))
+}
+
+func ismProbe(e *Env) error {
+	d, err := openDriver(e)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	reportConfig(e, d)
+	e.Result("query_self", statusName(d.QueryRGID(d.GID())))
+	sizes := []int{4096, 65536, int(min(d.Config().MaxDMBSize, 1<<20))}
+	var dmbs []*guestdriver.DMB
+	for i, sz := range sizes {
+		m, err := d.RegisterDMB(sz, d.GID())
+		if err != nil {
+			return fmt.Errorf("REGISTER_DMB %d bytes: %w", sz, err)
+		}
+		e.Result(fmt.Sprintf("dmb%d", i), fmt.Sprintf("size=%d index=%d token=%#x", sz, m.Index(), m.Token()))
+		dmbs = append(dmbs, m)
+	}
+	for _, m := range dmbs {
+		if err := d.UnregisterDMB(m); err != nil {
+			return fmt.Errorf("UNREGISTER_DMB %#x: %w", m.Token(), err)
+		}
+	}
+	// A dead token must now be refused.
+	e.Result("move_dead_token", statusName(d.Move(dmbs[0].Token(), 0, true, 0, nil, 0, 0)))
+	e.Result("unregistered", len(dmbs))
+	return nil
+}
+
+// xfer is the shape of a transfer, the same on both sides.
+type xfer struct {
+	bytes, chunk, slots int
+	seed                uint64
+}
+
+func xferArgs(e *Env, d *guestdriver.Driver) (xfer, error) {
+	x := xfer{bytes: e.ArgInt("bytes", 1<<20), chunk: e.ArgInt("chunk", 32<<10), slots: e.ArgInt("slots", 8)}
+	seed, err := argU64(e, "seed", 1)
+	if err != nil {
+		return x, err
+	}
+	x.seed = seed
+	c := d.Config()
+	switch {
+	case x.bytes <= 0 || x.chunk <= 0 || x.slots <= 0 || x.slots > abi.MaxDMBEs:
+		return x, fmt.Errorf("bad transfer shape %+v (slots at most %d)", x, abi.MaxDMBEs)
+	case uint64(x.chunk) > uint64(c.MaxMoveLen):
+		return x, fmt.Errorf("ism.chunk=%d over the device's max_move_len %d", x.chunk, c.MaxMoveLen)
+	case uint64(x.chunk)*uint64(x.slots) > uint64(c.MaxDMBSize):
+		return x, fmt.Errorf("slots*chunk = %d over the device's max_dmb_size %d", x.chunk*x.slots, c.MaxDMBSize)
+	}
+	return x, nil
+}
+
+func (x xfer) chunks() int { return (x.bytes + x.chunk - 1) / x.chunk }
+
+func (x xfer) chunkLen(s int) int { return min(x.chunk, x.bytes-s*x.chunk) }
+
+// fill writes the seeded stream's bytes [off, off+len(b)) into b: byte p is
+// byte p%8 of splitmix64(seed + p/8).
+func (x xfer) fill(b []byte, off int) {
+	for i := range b {
+		p := off + i
+		b[i] = byte(splitmix64(x.seed+uint64(p/8)) >> (8 * (p % 8)))
+	}
+}
+
+func splitmix64(z uint64) uint64 {
+	z += 0x9e3779b97f4a7c15
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9
+	z = (z ^ (z >> 27)) * 0x94d049bb133111eb
+	return z ^ (z >> 31)
+}
+
+func ismRecv(e *Env) error {
+	d, err := openDriver(e)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	peer, err := argU64(e, "peer", 0)
+	if err != nil || peer == 0 {
+		return fmt.Errorf("ism.peer (the sender's GID) is required: %v", err)
+	}
+	x, err := xferArgs(e, d)
+	if err != nil {
+		return err
+	}
+	reportConfig(e, d)
+	m, err := d.RegisterDMB(x.slots*x.chunk, peer)
+	if err != nil {
+		return fmt.Errorf("REGISTER_DMB: %w", err)
+	}
+	e.Result("token", fmt.Sprintf("%#x", m.Token()))
+	h := sha256.New()
+	want := make([]byte, x.chunk)
+	var got uint32
+	next, n := 0, x.chunks()
+	var start time.Time
+	for next < n {
+		select {
+		case <-m.Signalled():
+		case <-e.Ctx.Done():
+			return fmt.Errorf("receiver: %d of %d chunks after the time limit", next, n)
+		}
+		if start.IsZero() {
+			start = time.Now()
+		}
+		got |= m.TakeDMBEs()
+		done := next
+		for next < n && got&(1<<(next%x.slots)) != 0 {
+			got &^= 1 << (next % x.slots)
+			l := x.chunkLen(next)
+			slot := m.Bytes()[(next%x.slots)*x.chunk:][:l]
+			x.fill(want[:l], next*x.chunk)
+			for i := range slot {
+				if slot[i] != want[i] {
+					return fmt.Errorf("chunk %d byte %d: got %#x, want %#x", next, i, slot[i], want[i])
+				}
+			}
+			h.Write(slot)
+			next++
+		}
+		if next > done {
+			if err := d.Signal(peer, ackCode, uint64(next)); err != nil {
+				return fmt.Errorf("ack %d: %w", next, err)
+			}
+		}
+	}
+	el := time.Since(start)
+	e.Result("bytes", x.bytes)
+	e.Result("sha256", hex.EncodeToString(h.Sum(nil)))
+	e.Result("elapsed", el)
+	if err := d.UnregisterDMB(m); err != nil {
+		return fmt.Errorf("UNREGISTER_DMB: %w", err)
+	}
+	return nil
+}
+
+func ismSend(e *Env) error {
+	d, err := openDriver(e)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	token, err := argU64(e, "token", 0)
+	if err != nil || token == 0 {
+		return fmt.Errorf("ism.token (the receiver's DMB token) is required: %v", err)
+	}
+	peer, err := argU64(e, "peer", 0) // optional: the receiver's GID, to check acks
+	if err != nil {
+		return err
+	}
+	x, err := xferArgs(e, d)
+	if err != nil {
+		return err
+	}
+	reportConfig(e, d)
+	buf, err := d.AllocBuffer(x.chunk)
+	if err != nil {
+		return err
+	}
+	defer buf.Free()
+	h := sha256.New()
+	acked, n := 0, x.chunks()
+	waitAck := func(until int) error {
+		for acked < until {
+			select {
+			case ev, ok := <-d.Events():
+				if !ok {
+					return errors.New("event channel closed")
+				}
+				switch {
+				case ev.Type == abi.EventSWR && ev.Code == ackCode && (peer == 0 || ev.GID == peer):
+					if a := int(ev.Info); a > acked && a <= n {
+						acked = a
+					}
+				case ev.Type == abi.EventDMB && ev.Token == token, ev.Type == abi.EventGID && (peer == 0 || ev.GID == peer):
+					return fmt.Errorf("receiver went away: event %+v", ev)
+				default:
+					e.Logf("event %+v", ev)
+				}
+			case <-e.Ctx.Done():
+				return fmt.Errorf("sender: %d of %d chunks acknowledged after the time limit", acked, n)
+			}
+		}
+		return nil
+	}
+	start := time.Now()
+	for s := 0; s < n; s++ {
+		if err := waitAck(s - x.slots + 1); err != nil {
+			return err
+		}
+		l := x.chunkLen(s)
+		x.fill(buf.Bytes()[:l], s*x.chunk)
+		h.Write(buf.Bytes()[:l])
+		if err := d.Move(token, uint32(s%x.slots), true, uint32((s%x.slots)*x.chunk), buf, 0, l); err != nil {
+			return fmt.Errorf("MOVE chunk %d: %s (%w)", s, statusName(err), err)
+		}
+	}
+	if err := waitAck(n); err != nil {
+		return err
+	}
+	el := time.Since(start)
+	e.Result("bytes", x.bytes)
+	e.Result("sha256", hex.EncodeToString(h.Sum(nil)))
+	e.Result("elapsed", el)
+	if el > 0 {
+		e.Result("mbit_per_s", fmt.Sprintf("%.1f", float64(x.bytes)*8/el.Seconds()/1e6))
+	}
+	return nil
+}
+
+func ismForge(e *Env) error {
+	d, err := openDriver(e)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	reportConfig(e, d)
+	buf, err := d.AllocBuffer(64)
+	if err != nil {
+		return err
+	}
+	defer buf.Free()
+	copy(buf.Bytes(), "forged")
+
+	// A token nobody registered (or ism.token, someone's, altered).
+	forged, err := argU64(e, "token", 0)
+	if err != nil {
+		return err
+	}
+	forged ^= 0x5a5a_a5a5_0f0f_f0f0
+	forgedSt := statusName(d.Move(forged, 0, true, 0, buf, 0, 16))
+	e.Result("forged_token_status", forgedSt)
+
+	// Our own DMB, writable only by another GID: our MOVE must be refused.
+	other, err := argU64(e, "other", d.GID()^0x1)
+	if err != nil {
+		return err
+	}
+	m, err := d.RegisterDMB(4096, other)
+	if err != nil {
+		return fmt.Errorf("REGISTER_DMB rgid %#x: %w", other, err)
+	}
+	permSt := statusName(d.Move(m.Token(), 0, true, 0, buf, 0, 16))
+	e.Result("wrong_rgid_status", permSt)
+	for i, b := range m.Bytes()[:16] {
+		if b != 0 {
+			return fmt.Errorf("refused MOVE still wrote byte %d of the DMB", i)
+		}
+	}
+	if err := d.UnregisterDMB(m); err != nil {
+		return err
+	}
+	if forgedSt != "NOENTRY" || permSt != "PERMISSION" {
+		return fmt.Errorf("forged token gave %s (want NOENTRY), wrong rgid gave %s (want PERMISSION)", forgedSt, permSt)
+	}
+	return nil
+}
+
+// virtioRNG reads entropy from QEMU's virtio-rng-pci with the transport
+// alone: one queue, one device-writable buffer per request.
+func virtioRNG(e *Env) error {
+	devs, err := pci.Find("", pci.VirtioVendor, pci.VirtioDeviceBase+4)
+	if err != nil {
+		return err
+	}
+	v, err := pci.OpenVirtio(devs[0])
+	if err != nil {
+		return err
+	}
+	defer v.Close()
+	defer v.Reset(time.Second)
+	features, err := v.Start(1<<pci.FeatureRingEventIdx, 0)
+	if err != nil {
+		return err
+	}
+	e.Result("pci", devs[0].Addr)
+	e.Result("offered_features", fmt.Sprintf("%#x", features))
+	e.Result("features", fmt.Sprintf("%#x", v.Features()))
+	alloc := pci.NewHugeAllocator(1)
+	defer alloc.Close()
+	q, err := v.SetupQueue(0, 8, alloc)
+	if err != nil {
+		return err
+	}
+	v.DriverOK()
+	buf, err := alloc.Alloc(4096, 64)
+	if err != nil {
+		return err
+	}
+	e.Result("buf_gpa", fmt.Sprintf("%#x", buf.GPA()))
+	total := 0
+	rounds := e.ArgInt("rounds", 20)
+	for r := 0; r < rounds; r++ {
+		// Several chains in flight at once, into distinct 64-byte pieces.
+		var heads []uint16
+		for k := 0; k < 4; k++ {
+			h, err := q.Add(nil, []pci.Seg{pci.SegOf(buf, 64*(4*(r%16)+k), 64)})
+			if err != nil {
+				return err
+			}
+			heads = append(heads, h)
+		}
+		q.Kick()
+		deadline := time.Now().Add(5 * time.Second)
+		for got := 0; got < len(heads); {
+			_, n, ok, err := q.Poll()
+			if err != nil {
+				return err
+			}
+			if !ok {
+				if time.Now().After(deadline) {
+					return fmt.Errorf("round %d: device did not answer (status %#x)", r, v.Status())
+				}
+				time.Sleep(100 * time.Microsecond)
+				continue
+			}
+			got++
+			total += int(n)
+		}
+	}
+	e.Result("rng_bytes", total)
+	e.Result("sample", hex.EncodeToString(buf.Bytes()[:32]))
+	zero := true
+	for _, b := range buf.Bytes()[:64] {
+		zero = zero && b == 0
+	}
+	if total == 0 || zero {
+		return errors.New("no entropy came back")
+	}
+	return nil
+}

@@ -1,0 +1,338 @@
+package guestdriver
+
+import (
+	"errors"
+	"fmt"
+	"math/bits"
+	"runtime"
+	"sync/atomic"
+	"time"
+	"unsafe"
+
+	"github.com/ism-backend/ism-backend/abi"
+	"github.com/ism-backend/ism-backend/pci"
+)
+
+// DMB is a registered DMB in this guest's RAM (copy mode): peers with its
+// rgid MOVE into it by token.
+type DMB struct {
+	d       *Driver
+	mem     *pci.DMA
+	size    int
+	index   uint32
+	rgid    uint64
+	token   atomic.Uint64
+	sig     chan struct{}
+	pending atomic.Uint32 // DMBE bits claimed from the SBA, not yet taken
+	dead    atomic.Bool
+}
+
+// Token is the DMB's token (what a peer MOVEs to).
+func (m *DMB) Token() uint64 { return m.token.Load() }
+
+// Index is the DMB's index in the SBA.
+func (m *DMB) Index() uint32 { return m.index }
+
+// RGID is the only GID allowed to MOVE into the DMB.
+func (m *DMB) RGID() uint64 { return m.rgid }
+
+// Bytes is the DMB's memory. The device writes it behind Go's back: read it
+// after a signal, and mind that a peer may be writing other parts.
+func (m *DMB) Bytes() []byte { return m.mem.Bytes()[:m.size] }
+
+// Signalled receives (coalesced) when the DMB's SBA bit was seen set.
+func (m *DMB) Signalled() <-chan struct{} { return m.sig }
+
+// TakeDMBEs returns the DMBE bits signalled since the last call and clears
+// them. A signal seen on Signalled has its bits here.
+func (m *DMB) TakeDMBEs() uint32 { return m.pending.Swap(0) }
+
+// RegisterDMB allocates size bytes of DMA memory, picks a free DMB index and
+// registers the DMB with rgid as the only GID that may write it.
+func (d *Driver) RegisterDMB(size int, rgid uint64) (*DMB, error) {
+	if err := d.usable(); err != nil {
+		return nil, err
+	}
+	if size <= 0 || uint64(size) > uint64(d.cfg.MaxDMBSize) || size > pci.HugePageSize {
+		return nil, fmt.Errorf("guestdriver: DMB of %d bytes (max %d): %w", size, d.cfg.MaxDMBSize, abi.StatusRange)
+	}
+	mem, err := d.alloc.Alloc(size, 4096)
+	if err != nil {
+		return nil, err
+	}
+	m := &DMB{d: d, mem: mem, size: size, rgid: rgid, sig: make(chan struct{}, 1)}
+
+	// Claim an index and publish the DMB before the device knows it, so a
+	// signal that arrives right after REGISTER completes finds it.
+	d.dmbMu.Lock()
+	found := false
+	for i := uint32(0); i < d.maxDMBs; i++ {
+		idx := (d.nextIndex + i) % d.maxDMBs
+		if d.dmbs[idx].Load() == nil {
+			m.index = idx
+			d.nextIndex = idx + 1
+			found = true
+			break
+		}
+	}
+	if found {
+		d.maskWord(m.index).Store(0) // stale bits of a previous owner of the index
+		d.dmbs[m.index].Store(m)
+	}
+	d.dmbMu.Unlock()
+	if !found {
+		d.alloc.Free(mem)
+		return nil, fmt.Errorf("guestdriver: all %d DMB indices in use: %w", d.maxDMBs, abi.StatusNoSpace)
+	}
+	resp, err := d.do(&abi.Request{Op: abi.OpRegisterDMB, Index: m.index, Len: uint64(size), GID: rgid, Addr: mem.GPA()}, nil)
+	if err == nil {
+		switch {
+		case resp.Value == 0:
+			err = fmt.Errorf("%w: REGISTER_DMB returned token 0", ErrBroken)
+		case resp.Index != m.index:
+			err = fmt.Errorf("%w: REGISTER_DMB for index %d answered index %d", ErrBroken, m.index, resp.Index)
+		}
+	}
+	if err != nil {
+		d.dmbs[m.index].CompareAndSwap(m, nil)
+		var st abi.Status
+		if errors.As(err, &st) {
+			// The device refused: it does not have the memory.
+			d.alloc.Free(mem)
+		}
+		// Otherwise it may have registered it: leak rather than reuse.
+		return nil, err
+	}
+	m.token.Store(resp.Value)
+	d.live.Add(1)
+	return m, nil
+}
+
+// UnregisterDMB unregisters m and frees its memory. If the device does not
+// confirm, the memory is kept (leaked): it may still write there.
+func (d *Driver) UnregisterDMB(m *DMB) error {
+	if m == nil || m.d != d {
+		return fmt.Errorf("guestdriver: not a DMB of this driver: %w", abi.StatusInvalid)
+	}
+	if m.dead.Load() {
+		return fmt.Errorf("guestdriver: DMB already unregistered: %w", abi.StatusNoEntry)
+	}
+	if _, err := d.do(&abi.Request{Op: abi.OpUnregisterDMB, Token: m.Token()}, nil); err != nil {
+		return err
+	}
+	if !m.dead.CompareAndSwap(false, true) {
+		return fmt.Errorf("guestdriver: DMB unregistered twice: %w", abi.StatusNoEntry)
+	}
+	d.dmbs[m.index].CompareAndSwap(m, nil)
+	d.alloc.Free(m.mem)
+	d.live.Add(-1)
+	return nil
+}
+
+// Buffer is DMA memory a MOVE can send from.
+type Buffer struct {
+	d     *Driver
+	mem   *pci.DMA
+	size  int
+	freed atomic.Bool
+}
+
+// Bytes is the buffer's memory.
+func (b *Buffer) Bytes() []byte { return b.mem.Bytes()[:b.size] }
+
+// Free returns the buffer. Do not free a buffer a MOVE is sending from.
+func (b *Buffer) Free() {
+	if b.freed.CompareAndSwap(false, true) {
+		b.d.alloc.Free(b.mem)
+		b.d.live.Add(-1)
+	}
+}
+
+// AllocBuffer returns size bytes of DMA memory (at most 2 MiB: one huge page).
+func (d *Driver) AllocBuffer(size int) (*Buffer, error) {
+	if err := d.usable(); err != nil {
+		return nil, err
+	}
+	if size <= 0 || size > pci.HugePageSize {
+		return nil, fmt.Errorf("guestdriver: buffer of %d bytes (max %d): %w", size, pci.HugePageSize, abi.StatusRange)
+	}
+	mem, err := d.alloc.Alloc(size, 64)
+	if err != nil {
+		return nil, err
+	}
+	d.live.Add(1)
+	return &Buffer{d: d, mem: mem, size: size}, nil
+}
+
+// Move copies src[srcOff:srcOff+n] into the peer DMB token at offset and, if
+// signal, sets DMBE bit dmbe there. n may be 0 (a pure signal) and at most
+// the device's max_move_len. Errors are abi.Status values (possibly wrapped).
+func (d *Driver) Move(token uint64, dmbe uint32, signal bool, offset uint32, src *Buffer, srcOff, n int) error {
+	if dmbe >= abi.MaxDMBEs {
+		return fmt.Errorf("guestdriver: DMBE index %d: %w", dmbe, abi.StatusRange)
+	}
+	if n < 0 || uint64(n) > uint64(d.cfg.MaxMoveLen) {
+		return fmt.Errorf("guestdriver: MOVE of %d bytes (max %d): %w", n, d.cfg.MaxMoveLen, abi.StatusRange)
+	}
+	var data []pci.Seg
+	if n > 0 {
+		if src == nil || src.d != d || src.freed.Load() {
+			return fmt.Errorf("guestdriver: MOVE from a buffer that is not this driver's: %w", abi.StatusInvalid)
+		}
+		if srcOff < 0 || srcOff > src.size || n > src.size-srcOff {
+			return fmt.Errorf("guestdriver: MOVE of %d bytes at %d from a %d-byte buffer: %w", n, srcOff, src.size, abi.StatusRange)
+		}
+		data = []pci.Seg{pci.SegOf(src.mem, srcOff, n)}
+	}
+	req := &abi.Request{Op: abi.OpMove, Index: dmbe, Token: token, Offset: uint64(offset), Len: uint64(n)}
+	if signal {
+		req.Flags |= abi.FlagSignal
+	}
+	_, err := d.do(req, data)
+	return err
+}
+
+// Signal sends a software event (code, info) to the device with GID rgid.
+func (d *Driver) Signal(rgid uint64, code uint16, info uint64) error {
+	_, err := d.do(&abi.Request{Op: abi.OpSignal, GID: rgid, Index: uint32(code), Offset: info}, nil)
+	return err
+}
+
+// QueryRGID checks that rgid is reachable through this device.
+func (d *Driver) QueryRGID(rgid uint64) error {
+	_, err := d.do(&abi.Request{Op: abi.OpQueryRGID, GID: rgid}, nil)
+	return err
+}
+
+// bitsWord and maskWord address the SBA for atomic access. The SBA chunk is
+// 4096-aligned, so every word is naturally aligned.
+func (d *Driver) bitsWord(w int) *atomic.Uint64 {
+	return (*atomic.Uint64)(unsafe.Pointer(&d.sba.Bytes()[abi.SBABitsOffset+8*w]))
+}
+
+func (d *Driver) maskWord(i uint32) *atomic.Uint32 {
+	return (*atomic.Uint32)(unsafe.Pointer(&d.sba.Bytes()[abi.SBAMaskOffset+4*int(i)]))
+}
+
+// claimSignals claims set SBA bits (swap the bits word, then each set
+// index's mask, as the ABI says) and wakes the DMBs. It reports whether it
+// found anything.
+func (d *Driver) claimSignals() bool {
+	found := false
+	words := (int(d.maxDMBs) + 63) / 64
+	for w := 0; w < words; w++ {
+		bw := d.bitsWord(w)
+		if bw.Load() == 0 {
+			continue
+		}
+		v := bw.Swap(0)
+		for v != 0 {
+			b := bits.TrailingZeros64(v)
+			v &^= 1 << b
+			idx := uint32(64*w + b)
+			if idx >= d.maxDMBs {
+				continue // the device set a bit it has no business setting
+			}
+			found = true
+			mask := d.maskWord(idx).Swap(0)
+			m := d.dmbs[idx].Load()
+			if m == nil {
+				continue
+			}
+			m.pending.Or(mask)
+			select {
+			case m.sig <- struct{}{}:
+			default:
+			}
+		}
+	}
+	return found
+}
+
+// postEvent makes event buffer i available to the device.
+func (d *Driver) postEvent(i int) error {
+	head, err := d.evQ.Add(nil, []pci.Seg{pci.SegOf(d.evBufs, i*abi.EventSize, abi.EventSize)})
+	if err != nil {
+		return err
+	}
+	d.evByHd[head] = i
+	return nil
+}
+
+// reapEvents delivers used event buffers and posts them again.
+func (d *Driver) reapEvents() (bool, error) {
+	found := false
+	for {
+		head, n, ok, err := d.evQ.Poll()
+		if err != nil {
+			return found, err
+		}
+		if !ok {
+			break
+		}
+		found = true
+		i := d.evByHd[head]
+		if n < abi.EventSize {
+			d.opts.Logf("guestdriver: event of %d bytes dropped", n)
+		} else {
+			ev, _ := abi.DecodeEvent(d.evBufs.Bytes()[i*abi.EventSize : (i+1)*abi.EventSize])
+			select {
+			case d.events <- ev:
+			default:
+				d.evDrops.Add(1)
+			}
+		}
+		if err := d.postEvent(i); err != nil {
+			return found, err
+		}
+	}
+	if found {
+		d.evQ.Kick()
+	}
+	return found, nil
+}
+
+// poll is the one goroutine that watches the SBA and the event queue.
+func (d *Driver) poll() {
+	defer close(d.polled)
+	defer close(d.events)
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
+	idle := 0
+	for {
+		select {
+		case <-d.stop:
+			return
+		default:
+		}
+		active := d.claimSignals()
+		if d.broken.Load() == nil {
+			got, err := d.reapEvents()
+			if err != nil {
+				d.reqMu.Lock()
+				d.failLocked(fmt.Errorf("event queue: %v", err))
+				d.reqMu.Unlock()
+			}
+			active = active || got
+		}
+		if active {
+			idle = 0
+			continue
+		}
+		idle++
+		if idle < 200 {
+			runtime.Gosched()
+			continue
+		}
+		timer.Reset(min(time.Microsecond<<min((idle-200)/8, 10), time.Millisecond))
+		select {
+		case <-d.stop:
+			timer.Stop()
+			return
+		case <-d.wake:
+			timer.Stop()
+			idle = 0
+		case <-timer.C:
+		}
+	}
+}

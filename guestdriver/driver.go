@@ -1,0 +1,447 @@
+// Package guestdriver is the guest's userspace driver for the ISM virtio
+// device (docs/device-abi.md) over package pci's virtio-pci transport.
+//
+// Requests go on queue 0 as descriptor chains (48-byte header, MOVE data,
+// 16-byte response). Many may be in flight: a caller submits under a lock,
+// kicks, then waits for its own completion flag; whichever waiter gets the
+// lock harvests the used ring for everyone (no dedicated goroutine, no
+// interrupts). One poller goroutine watches the SBA and the event queue,
+// spinning briefly after activity and backing off to 1 ms when idle.
+//
+// Interrupts are not used. They could be: bind the device to
+// uio_pci_generic (INTx only, and it refuses devices whose INTx is masked
+// by MSI-X; virtio's ISR status register is the INTx source) and block on
+// reads of /dev/uioN, re-enabling with a write; or VFIO with MSI-X
+// eventfds, which needs an IOMMU or noiommu mode. The poller's wait is the
+// one place that would change.
+//
+// Everything read from the device is checked: used-ring indices, ids and
+// lengths (in package pci), response status values, echoed indices and
+// tokens, event lengths. A device that breaks the protocol makes the driver
+// fail every later call with the reason, never read or write out of bounds.
+package guestdriver
+
+import (
+	"errors"
+	"fmt"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/ism-backend/ism-backend/abi"
+	"github.com/ism-backend/ism-backend/pci"
+)
+
+// Options configure Open. Zero values mean the defaults.
+type Options struct {
+	VirtioID     int           // virtio device id; default abi.DefaultVirtioID
+	Addr         string        // PCI address (0000:00:04.0) to use; default: the first device with the ISM magic
+	SysfsRoot    string        // default /sys/bus/pci/devices
+	QueueSize    uint16        // ring entries per queue (capped by the device); default 256
+	EventBufs    int           // event buffers posted; default 64
+	MaxHugePages int           // DMA memory limit in 2 MiB pages; default 8
+	Timeout      time.Duration // for one request; default 30s (TCG is slow)
+	Logf         func(format string, args ...any)
+}
+
+// ErrClosed is returned by calls on a closed driver.
+var ErrClosed = errors.New("guestdriver: closed")
+
+// ErrBroken wraps the reason the device was declared broken.
+var ErrBroken = errors.New("guestdriver: device broke the protocol")
+
+// slotSize is the DMA bytes per in-flight request: header, then response.
+const slotSize = abi.RequestSize + abi.ResponseSize
+
+type waiter struct {
+	slot int
+	done atomic.Bool
+	resp abi.Response
+	err  error
+}
+
+// Driver is an opened ISM device. Its methods are safe for concurrent use.
+type Driver struct {
+	opts  Options
+	vio   *pci.Virtio
+	cfg   abi.Config
+	alloc *pci.Allocator
+	sba   *pci.DMA
+
+	reqMu     sync.Mutex
+	reqQ      *pci.Queue
+	slots     *pci.DMA
+	freeSlots []int
+	pending   []*waiter // by head descriptor
+
+	evQ     *pci.Queue
+	evBufs  *pci.DMA
+	evByHd  []int // head -> event buffer
+	events  chan abi.Event
+	evDrops atomic.Uint64
+
+	dmbMu     sync.Mutex
+	dmbs      []atomic.Pointer[DMB] // by DMB index; the poller reads it lock-free
+	nextIndex uint32
+	maxDMBs   uint32
+	live      atomic.Int64 // DMBs and Buffers handed out and not freed
+
+	broken atomic.Pointer[error]
+	closed atomic.Bool
+	wake   chan struct{}
+	stop   chan struct{}
+	polled chan struct{}
+	once   sync.Once
+}
+
+// Open finds, checks and starts the ISM device.
+func Open(opts Options) (*Driver, error) {
+	if opts.VirtioID == 0 {
+		opts.VirtioID = abi.DefaultVirtioID
+	}
+	if opts.QueueSize == 0 {
+		opts.QueueSize = 256
+	}
+	if opts.EventBufs <= 0 {
+		opts.EventBufs = 64
+	}
+	if opts.MaxHugePages <= 0 {
+		opts.MaxHugePages = 8
+	}
+	if opts.Timeout <= 0 {
+		opts.Timeout = 30 * time.Second
+	}
+	if opts.Logf == nil {
+		opts.Logf = func(string, ...any) {}
+	}
+	if opts.VirtioID < 0 || opts.VirtioID > 0xffff-pci.VirtioDeviceBase {
+		return nil, fmt.Errorf("guestdriver: virtio id %d out of range", opts.VirtioID)
+	}
+	devs, err := pci.Find(opts.SysfsRoot, pci.VirtioVendor, uint16(pci.VirtioDeviceBase+opts.VirtioID))
+	if err != nil {
+		return nil, err
+	}
+	var errs []error
+	for _, dev := range devs {
+		if opts.Addr != "" && dev.Addr != opts.Addr {
+			continue
+		}
+		d, err := open(dev, opts)
+		if err == nil {
+			return d, nil
+		}
+		errs = append(errs, fmt.Errorf("%s: %w", dev.Addr, err))
+	}
+	if len(errs) == 0 {
+		return nil, fmt.Errorf("guestdriver: no device at %s", opts.Addr)
+	}
+	return nil, errors.Join(errs...)
+}
+
+func open(dev *pci.Device, opts Options) (*Driver, error) {
+	vio, err := pci.OpenVirtio(dev)
+	if err != nil {
+		return nil, err
+	}
+	d := &Driver{opts: opts, vio: vio}
+	ok := false
+	started := false
+	defer func() {
+		if ok {
+			return
+		}
+		if started {
+			_ = vio.Reset(time.Second)
+		}
+		if d.alloc != nil {
+			_ = d.alloc.Close()
+		}
+		_ = vio.Close()
+	}()
+
+	// Identify before touching the status: a foreign device with our id
+	// must be left as it was.
+	raw, err := vio.ReadDeviceConfig(abi.ConfigSize)
+	if err != nil {
+		return nil, err
+	}
+	cfg, err := abi.DecodeConfig(raw)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.Modes&abi.ModeCopy == 0 {
+		return nil, fmt.Errorf("guestdriver: device offers modes %#x, this driver needs copy mode", cfg.Modes)
+	}
+	if cfg.MaxDMBs == 0 || cfg.MaxDMBSize == 0 || cfg.MaxMoveLen == 0 {
+		return nil, fmt.Errorf("guestdriver: device limits %+v make it unusable", cfg)
+	}
+	d.cfg = cfg
+	d.maxDMBs = min(cfg.MaxDMBs, abi.MaxDMBs)
+
+	started = true
+	if _, err := vio.Start(1<<pci.FeatureRingEventIdx|1<<pci.FeatureAccessPlatform, 0); err != nil {
+		return nil, err
+	}
+	if n := vio.NumQueues(); n < abi.NumQueues {
+		return nil, fmt.Errorf("guestdriver: device has %d queues, want %d", n, abi.NumQueues)
+	}
+	qsize := opts.QueueSize
+	if cfg.QueueSize != 0 && cfg.QueueSize < qsize {
+		qsize = cfg.QueueSize
+	}
+	d.alloc = pci.NewHugeAllocator(opts.MaxHugePages)
+	if d.reqQ, err = vio.SetupQueue(abi.RequestQueue, qsize, d.alloc); err != nil {
+		return nil, fmt.Errorf("request queue: %w", err)
+	}
+	if d.evQ, err = vio.SetupQueue(abi.EventQueue, qsize, d.alloc); err != nil {
+		return nil, fmt.Errorf("event queue: %w", err)
+	}
+	n := int(d.reqQ.Size())
+	if d.slots, err = d.alloc.Alloc(n*slotSize, 64); err != nil {
+		return nil, err
+	}
+	for i := n - 1; i >= 0; i-- {
+		d.freeSlots = append(d.freeSlots, i)
+	}
+	d.pending = make([]*waiter, n)
+	if d.sba, err = d.alloc.Alloc(abi.SBASize, 4096); err != nil {
+		return nil, err
+	}
+	nev := min(opts.EventBufs, int(d.evQ.Size()))
+	if d.evBufs, err = d.alloc.Alloc(nev*abi.EventSize, 64); err != nil {
+		return nil, err
+	}
+	d.evByHd = make([]int, d.evQ.Size())
+	vio.DriverOK()
+	if st := vio.Status(); st&(pci.StatusNeedsReset|pci.StatusFailed) != 0 || st&pci.StatusDriverOK == 0 {
+		return nil, fmt.Errorf("guestdriver: device status %#x after DRIVER_OK", st)
+	}
+	for i := 0; i < nev; i++ {
+		if err := d.postEvent(i); err != nil {
+			return nil, err
+		}
+	}
+	d.evQ.ForceKick()
+
+	d.dmbs = make([]atomic.Pointer[DMB], d.maxDMBs)
+	d.events = make(chan abi.Event, 256)
+	d.wake = make(chan struct{}, 1)
+	d.stop = make(chan struct{})
+	d.polled = make(chan struct{})
+	go d.poll()
+	if _, err := d.do(&abi.Request{Op: abi.OpSetSBA, Addr: d.sba.GPA()}, nil); err != nil {
+		close(d.stop)
+		<-d.polled
+		return nil, fmt.Errorf("SET_SBA: %w", err)
+	}
+	ok = true
+	opts.Logf("guestdriver: %s: gid %#x chid %#x, queues %d/%d, features %#x", dev.Addr, cfg.GID, cfg.CHID, d.reqQ.Size(), d.evQ.Size(), vio.Features())
+	return d, nil
+}
+
+// GID is this device's GID.
+func (d *Driver) GID() uint64 { return d.cfg.GID }
+
+// CHID is the fabric's channel id.
+func (d *Driver) CHID() uint16 { return d.cfg.CHID }
+
+// Config is the device config space as read at Open.
+func (d *Driver) Config() abi.Config { return d.cfg }
+
+// Events delivers the device's events. If nobody reads, events beyond the
+// channel's buffer are dropped (and counted) rather than stall signal polling.
+func (d *Driver) Events() <-chan abi.Event { return d.events }
+
+// EventDrops is the number of events dropped because Events was not drained.
+func (d *Driver) EventDrops() uint64 { return d.evDrops.Load() }
+
+// PCIAddr is the PCI address of the device.
+func (d *Driver) PCIAddr() string { return d.vio.Dev.Addr }
+
+func (d *Driver) usable() error {
+	if d.closed.Load() {
+		return ErrClosed
+	}
+	if e := d.broken.Load(); e != nil {
+		return *e
+	}
+	return nil
+}
+
+// fail declares the device broken and completes every pending request with
+// the reason. Call with reqMu held.
+func (d *Driver) failLocked(err error) {
+	err = fmt.Errorf("%w: %v", ErrBroken, err)
+	d.broken.CompareAndSwap(nil, &err)
+	for h, w := range d.pending {
+		if w != nil {
+			w.err = err
+			d.pending[h] = nil
+			w.done.Store(true)
+			// Its slot stays taken: the device may still write there.
+		}
+	}
+	d.opts.Logf("guestdriver: %v", err)
+}
+
+// do sends one request and waits for its response. data are MOVE payload
+// segments. A non-OK status is returned as the abi.Status error along with
+// the response.
+func (d *Driver) do(req *abi.Request, data []pci.Seg) (abi.Response, error) {
+	w := &waiter{}
+	need := 2 + len(data)
+	spin := 0
+	start := time.Now()
+	d.reqMu.Lock()
+	for {
+		if err := d.usable(); err != nil {
+			d.reqMu.Unlock()
+			return abi.Response{}, err
+		}
+		if d.reqQ.NumFree() >= need && len(d.freeSlots) > 0 {
+			break
+		}
+		d.harvestLocked()
+		if d.reqQ.NumFree() >= need && len(d.freeSlots) > 0 {
+			break
+		}
+		d.reqMu.Unlock()
+		if time.Since(start) > d.opts.Timeout {
+			return abi.Response{}, fmt.Errorf("guestdriver: %v: request queue stayed full for %v", req.Op, d.opts.Timeout)
+		}
+		backoff(&spin)
+		d.reqMu.Lock()
+	}
+	w.slot = d.freeSlots[len(d.freeSlots)-1]
+	d.freeSlots = d.freeSlots[:len(d.freeSlots)-1]
+	so := w.slot * slotSize
+	b := d.slots.Bytes()[so : so+slotSize]
+	req.Encode(b)
+	for i := abi.RequestSize; i < slotSize; i++ {
+		b[i] = 0xff // a response the device "wrote" without writing reads as an unknown status
+	}
+	out := append([]pci.Seg{pci.SegOf(d.slots, so, abi.RequestSize)}, data...)
+	head, err := d.reqQ.Add(out, []pci.Seg{pci.SegOf(d.slots, so+abi.RequestSize, abi.ResponseSize)})
+	if err != nil {
+		d.freeSlots = append(d.freeSlots, w.slot)
+		d.reqMu.Unlock()
+		return abi.Response{}, err
+	}
+	d.pending[head] = w
+	d.reqQ.Kick()
+	d.reqMu.Unlock()
+	d.poke()
+
+	spin = 0
+	for !w.done.Load() {
+		if d.reqMu.TryLock() {
+			d.harvestLocked()
+			if !w.done.Load() && time.Since(start) > d.opts.Timeout {
+				d.failLocked(fmt.Errorf("%v not completed in %v", req.Op, d.opts.Timeout))
+			}
+			d.reqMu.Unlock()
+			if w.done.Load() {
+				break
+			}
+		}
+		backoff(&spin)
+	}
+	if w.err != nil {
+		return abi.Response{}, w.err
+	}
+	if w.resp.Status != abi.StatusOK {
+		return w.resp, w.resp.Status
+	}
+	return w.resp, nil
+}
+
+// harvestLocked completes every used request chain. Call with reqMu held.
+func (d *Driver) harvestLocked() {
+	for d.broken.Load() == nil && !d.closed.Load() { // after Close the rings may be unmapped
+		head, n, ok, err := d.reqQ.Poll()
+		if err != nil {
+			d.failLocked(err)
+			return
+		}
+		if !ok {
+			return
+		}
+		w := d.pending[head]
+		if w == nil {
+			d.failLocked(fmt.Errorf("request chain %d completed with no request", head))
+			return
+		}
+		d.pending[head] = nil
+		so := w.slot*slotSize + abi.RequestSize
+		switch {
+		case n == 0:
+			// The device found the chain malformed: it wrote nothing.
+			w.err = fmt.Errorf("guestdriver: device rejected the request chain as malformed: %w", abi.StatusInvalid)
+		case n != abi.ResponseSize:
+			w.err = fmt.Errorf("%w: response of %d bytes", ErrBroken, n)
+		default:
+			w.resp, _ = abi.DecodeResponse(d.slots.Bytes()[so : so+abi.ResponseSize])
+			if w.resp.Status > abi.StatusInternal {
+				w.err = fmt.Errorf("%w: unknown response status %d", ErrBroken, uint32(w.resp.Status))
+			}
+		}
+		d.freeSlots = append(d.freeSlots, w.slot)
+		w.done.Store(true)
+	}
+}
+
+// backoff spins (yielding) for a while, then sleeps with growing pauses up
+// to a millisecond: under TCG a guest spinning on one vCPU starves the
+// device's kicks.
+func backoff(n *int) {
+	*n++
+	if *n < 64 {
+		runtime.Gosched()
+		return
+	}
+	time.Sleep(min(time.Microsecond<<min((*n-64)/16, 10), time.Millisecond))
+}
+
+// poke tells the poller that something is going on, so it spins again.
+func (d *Driver) poke() {
+	select {
+	case d.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Close resets the device, which makes the backend drop this guest's DMBs,
+// and stops the poller. DMA memory is returned only when no DMB or Buffer
+// is still held, so stale slices never point at unmapped memory.
+func (d *Driver) Close() error {
+	if !d.closed.CompareAndSwap(false, true) {
+		return ErrClosed
+	}
+	close(d.stop)
+	<-d.polled
+	err := d.vio.Reset(5 * time.Second)
+	d.reqMu.Lock()
+	for h, w := range d.pending {
+		if w != nil {
+			w.err = ErrClosed
+			d.pending[h] = nil
+			w.done.Store(true)
+		}
+	}
+	d.reqMu.Unlock()
+	d.dmbMu.Lock()
+	for i := range d.dmbs {
+		if m := d.dmbs[i].Swap(nil); m != nil {
+			m.dead.Store(true)
+		}
+	}
+	d.dmbMu.Unlock()
+	if err == nil && d.live.Load() == 0 {
+		err = d.alloc.Close()
+	}
+	if cerr := d.vio.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
