@@ -366,7 +366,11 @@ func ismForge(e *Env) error {
 func virtioRNG(e *Env) error {
 	devs, err := pci.Find("", pci.VirtioVendor, pci.VirtioDeviceBase+4)
 	if err != nil {
-		return err
+		// QEMU's default is a transitional device (1af4:1005), which has
+		// the modern capabilities too.
+		if devs, err = pci.Find("", pci.VirtioVendor, 0x1005); err != nil {
+			return err
+		}
 	}
 	v, err := pci.OpenVirtio(devs[0])
 	if err != nil {
