@@ -1,0 +1,88 @@
+# ism-backend: build, lint, unit tests, and the VM tests with real QEMU guests.
+#
+#   make test        lint + unit tests (-race) + vmtest (provisions what it needs)
+#   make vmtest      QEMU guests against the real backend (TCG; minutes)
+#   make bench-device  device-model benchmarks (no VM)
+#
+# Downloads go to $(ISM_CACHE) (default .cache/ in the repo); every step is
+# idempotent. QEMU=/path/qemu-system-x86_64 and KERNEL=/path/vmlinuz override
+# the provisioned ones (the image still takes its modules from the provisioned
+# Debian kernel, so an overriding KERNEL must be the same 6.1.0 build or need
+# no modules).
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := build
+
+GO ?= go
+ISM_CACHE ?= $(CURDIR)/.cache
+export ISM_CACHE
+QEMU ?= $(ISM_CACHE)/qemu/qemu-system-x86_64
+KERNEL ?= $(ISM_CACHE)/kernel/vmlinuz
+INITRD ?= $(ISM_CACHE)/image/initramfs.cpio
+BACKEND ?= $(CURDIR)/bin/ism-backend
+# Extra flags for the VM tests, e.g. VMTEST_FLAGS='-run TestHello -v'.
+VMTEST_FLAGS ?= -v
+VMTEST_TIMEOUT ?= 30m
+
+GO_SOURCES := $(shell find . -path ./.cache -prune -o -path ./.git -prune -o -name '*.go' -print)
+
+.PHONY: build backend lint unit test vmtest provision provision-qemu provision-kernel image bench bench-device clean distclean
+
+build:
+	$(GO) build ./...
+	@mkdir -p bin
+	$(GO) build -o bin/ ./cmd/...
+	@echo "build: binaries in bin/: $$(ls bin | tr '\n' ' ')"
+
+lint:
+	@out=$$(gofmt -l $(GO_SOURCES)); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+# Unit tests need no VM pieces; test/vm skips itself without ISM_VMTEST=1.
+unit:
+	$(GO) test -race ./...
+
+test: lint unit vmtest
+
+provision: provision-qemu provision-kernel
+
+# Skipped when QEMU= points elsewhere: then that binary is the caller's choice.
+provision-qemu:
+	@if [ "$(QEMU)" = "$(ISM_CACHE)/qemu/qemu-system-x86_64" ]; then \
+		scripts/provision-qemu.sh; \
+	else echo "qemu: using QEMU=$(QEMU)"; "$(QEMU)" --version | head -n1; fi
+
+provision-kernel:
+	@scripts/provision-kernel.sh
+
+image: $(INITRD)
+
+# Rebuilt when any Go source, the module files or the kernel modules change.
+$(INITRD): $(GO_SOURCES) go.mod go.sum images/build.sh $(ISM_CACHE)/kernel/.stamp
+	@images/build.sh $(INITRD)
+
+$(ISM_CACHE)/kernel/.stamp:
+	@scripts/provision-kernel.sh
+
+# The backend is optional until cmd/ism-backend exists; tests that need it
+# skip when ISM_BACKEND is empty.
+backend:
+	@if [ -d cmd/ism-backend ]; then mkdir -p bin && $(GO) build -o $(BACKEND) ./cmd/ism-backend; fi
+
+vmtest: provision image backend
+	@echo "vmtest: QEMU guests under $$(grep -qE 'vmx|svm' /proc/cpuinfo && [ -w /dev/kvm ] && echo KVM || echo TCG) (several minutes)"
+	ISM_VMTEST=1 ISM_QEMU=$(QEMU) ISM_KERNEL=$(KERNEL) ISM_INITRD=$(INITRD) \
+	ISM_BACKEND=$$([ -x $(BACKEND) ] && echo $(BACKEND)) \
+		$(GO) test -count=1 -timeout $(VMTEST_TIMEOUT) $(VMTEST_FLAGS) ./test/vm/...
+
+bench: bench-device
+
+bench-device:
+	$(GO) test -run='^$$' -bench=. -benchmem ./ism ./ismvirtio
+
+clean:
+	rm -rf bin $(ISM_CACHE)/image
+
+# Also drops the provisioned QEMU and kernel (next vmtest fetches them again).
+distclean: clean
+	rm -rf $(ISM_CACHE)

@@ -1,0 +1,82 @@
+// Package vm holds the VM tests: real QEMU guests running ism-agent
+// scenarios (see cmd/ism-agent), driven by vmharness. They skip unless
+// ISM_VMTEST=1; `make vmtest` provisions everything and sets the variables.
+package vm
+
+import (
+	"testing"
+	"time"
+
+	"github.com/ism-backend/ism-backend/test/vm/vmharness"
+)
+
+// TestHello boots one guest without the device: kernel, initramfs, agent,
+// serial markers and power-off all work.
+func TestHello(t *testing.T) {
+	r := vmharness.New(t)
+	vm := r.StartVM(vmharness.VMConfig{Scenario: "hello", Timeout: 60 * time.Second})
+	if st, err := vm.Status(); err != nil || st != "running" {
+		t.Fatalf("query-status = %q, %v; want running", st, err)
+	}
+	o := vm.RequireOK(0)
+	if o.Results["uname"] == "" || o.Results["uptime_seconds"] == "" {
+		t.Fatalf("hello reported %v; want uname and uptime_seconds", o.Results)
+	}
+	if o.Results["hugepages_total"] != "8" {
+		t.Errorf("hugepages_total = %q, want 8 (hugepages=8 on the command line)", o.Results["hugepages_total"])
+	}
+}
+
+// TestNetPing links two guests with an e1000 over a 127.0.0.1 stream and has
+// each ping the other and meet it over TCP.
+func TestNetPing(t *testing.T) {
+	r := vmharness.New(t)
+	srv, cli := r.NetPair()
+	a := r.StartVM(vmharness.VMConfig{Name: "a", Scenario: "net-ping", Net: &srv, Timeout: 90 * time.Second,
+		Args: map[string]string{"ip": "169.254.7.1/24", "peer": "169.254.7.2"}})
+	b := r.StartVM(vmharness.VMConfig{Name: "b", Scenario: "net-ping", Net: &cli, Timeout: 90 * time.Second,
+		Args: map[string]string{"ip": "169.254.7.2/24", "peer": "169.254.7.1"}})
+	start := time.Now()
+	oa := a.RequireOK(0)
+	ob := b.RequireOK(0)
+	t.Logf("two guests done in %.1fs", time.Since(start).Seconds())
+	for _, o := range []vmharness.Outcome{oa, ob} {
+		if o.Results["ping_rtt_us"] == "" {
+			t.Errorf("no ping_rtt_us in %v", o.Results)
+		}
+	}
+}
+
+// TestAgentFailureIsReported checks the harness sees a failing scenario (an
+// unknown name) as a failure, so VM tests can fail.
+func TestAgentFailureIsReported(t *testing.T) {
+	r := vmharness.New(t)
+	vm := r.StartVM(vmharness.VMConfig{Scenario: "no-such-scenario", Timeout: 60 * time.Second})
+	o, _, err := vm.Wait(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !o.Began || !o.Ended || o.OK || o.Fail == "" {
+		t.Fatalf("outcome %+v: want BEGIN and END fail", o)
+	}
+}
+
+// TestKillAndQuit checks the harness can stop guests mid-run both ways.
+func TestKillAndQuit(t *testing.T) {
+	r := vmharness.New(t)
+	// poweroff=0 keeps the guest up after the scenario, so it is surely running.
+	a := r.StartVM(vmharness.VMConfig{Name: "quit", Scenario: "hello", Args: map[string]string{"poweroff": "0"}})
+	k := r.StartVM(vmharness.VMConfig{Name: "kill", Scenario: "hello", Args: map[string]string{"poweroff": "0"}})
+	for _, v := range []*vmharness.VM{a, k} {
+		if err := v.WaitSerial("ISM-AGENT-END ok", 90*time.Second); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := a.Quit(); err != nil {
+		t.Fatalf("QMP quit: %v", err)
+	}
+	k.Kill()
+	if !a.Exited() || !k.Exited() {
+		t.Fatal("QEMU still running after quit/kill")
+	}
+}

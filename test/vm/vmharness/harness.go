@@ -1,0 +1,775 @@
+// Package vmharness boots QEMU guests (u-root initramfs running ism-agent)
+// against the ism-backend for the VM tests in test/vm.
+//
+// Everything a test starts is registered with t.Cleanup: QEMU and backend
+// process groups are killed, QMP connections closed and the run directory
+// removed, also when the test fails or panics; on failure the serial
+// consoles, QEMU's own output and the backend log are dumped into the test
+// log first.
+//
+// Environment (set by `make vmtest`):
+//
+//	ISM_VMTEST=1         run VM tests at all (otherwise they skip)
+//	ISM_QEMU             qemu-system-x86_64 (>= 11.0, vhost-user-test-device-pci)
+//	ISM_KERNEL           guest kernel (bzImage)
+//	ISM_INITRD           guest initramfs (images/build.sh)
+//	ISM_BACKEND          ism-backend binary; empty: tests that need it skip
+//	ISM_ACCEL            force "tcg" or "kvm" (default: detected)
+//	ISM_VMTEST_KEEP=1    keep the run directory (sockets, logs) after the test
+package vmharness
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/digitalocean/go-qemu/qmp"
+)
+
+// Config says which binaries the harness runs.
+type Config struct {
+	QEMU, Kernel, Initrd string
+	Backend              string // empty when no backend binary was given
+	Accel                string // "tcg" or "kvm"
+	Keep                 bool   // keep the run directory
+}
+
+// ConfigFromEnv reads the ISM_* variables. It skips the test unless
+// ISM_VMTEST=1 and fails it when a required path is missing.
+func ConfigFromEnv(t testing.TB) Config {
+	t.Helper()
+	if os.Getenv("ISM_VMTEST") != "1" {
+		t.Skip("VM test: set ISM_VMTEST=1 and ISM_QEMU, ISM_KERNEL, ISM_INITRD (ISM_BACKEND) or run `make vmtest`")
+	}
+	c := Config{
+		QEMU:    os.Getenv("ISM_QEMU"),
+		Kernel:  os.Getenv("ISM_KERNEL"),
+		Initrd:  os.Getenv("ISM_INITRD"),
+		Backend: os.Getenv("ISM_BACKEND"),
+		Accel:   DetectAccel(),
+		Keep:    os.Getenv("ISM_VMTEST_KEEP") == "1",
+	}
+	for name, p := range map[string]string{"ISM_QEMU": c.QEMU, "ISM_KERNEL": c.Kernel, "ISM_INITRD": c.Initrd} {
+		if p == "" {
+			t.Fatalf("%s is not set (run `make vmtest`)", name)
+		}
+		if _, err := os.Stat(p); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+	}
+	if c.Backend != "" {
+		if _, err := os.Stat(c.Backend); err != nil {
+			t.Fatalf("ISM_BACKEND: %v", err)
+		}
+	}
+	return c
+}
+
+// DetectAccel returns ISM_ACCEL if set, else "kvm" only when the CPU has
+// vmx/svm and /dev/kvm opens: /dev/kvm alone is not enough (on these hosts it
+// exists, but a KVM guest hangs at boot), else "tcg".
+func DetectAccel() string {
+	if a := os.Getenv("ISM_ACCEL"); a != "" {
+		return a
+	}
+	info, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return "tcg"
+	}
+	virt := false
+	sc := bufio.NewScanner(strings.NewReader(string(info)))
+	sc.Buffer(make([]byte, 64*1024), 1024*1024)
+	for sc.Scan() {
+		l := sc.Text()
+		if strings.HasPrefix(l, "flags") {
+			for _, f := range strings.Fields(l) {
+				if f == "vmx" || f == "svm" {
+					virt = true
+				}
+			}
+			break
+		}
+	}
+	if !virt {
+		return "tcg"
+	}
+	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
+	if err != nil {
+		return "tcg"
+	}
+	f.Close()
+	return "kvm"
+}
+
+// Run is one test's set of processes and its directory (sockets, logs).
+type Run struct {
+	T   testing.TB
+	Cfg Config
+	// Dir is short (/tmp/ismvm-*) because unix socket paths are limited
+	// to 108 bytes and t.TempDir() paths can exceed that.
+	Dir string
+
+	mu       sync.Mutex
+	vms      []*VM
+	backends []*Backend
+}
+
+// New skips unless ISM_VMTEST=1, then prepares a run directory.
+func New(t testing.TB) *Run {
+	t.Helper()
+	cfg := ConfigFromEnv(t)
+	dir, err := os.MkdirTemp("", "ismvm-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &Run{T: t, Cfg: cfg, Dir: dir}
+	// Registered first, so it runs last: after every process is gone.
+	t.Cleanup(func() {
+		if cfg.Keep {
+			t.Logf("vmharness: keeping %s (ISM_VMTEST_KEEP=1)", dir)
+			return
+		}
+		os.RemoveAll(dir)
+	})
+	t.Logf("vmharness: run dir %s, accel %s, qemu %s", dir, cfg.Accel, cfg.QEMU)
+	return r
+}
+
+// RequireBackend skips the test when no backend binary was given.
+func (r *Run) RequireBackend() {
+	r.T.Helper()
+	if r.Cfg.Backend == "" {
+		r.T.Skip("ISM_BACKEND not set: no ism-backend binary (cmd/ism-backend not built)")
+	}
+}
+
+// Path returns name inside the run directory (for sockets and files the
+// backend and QEMU share).
+func (r *Run) Path(name string) string { return filepath.Join(r.Dir, name) }
+
+// startProcess starts cmd in its own process group (so a kill takes any
+// children too) with output to logPath; it dies with the test process.
+func startProcess(cmd *exec.Cmd, logPath string) (done chan struct{}, waitErr *error, err error) {
+	logf, err := os.Create(logPath)
+	if err != nil {
+		return nil, nil, err
+	}
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		logf.Close()
+		return nil, nil, err
+	}
+	done = make(chan struct{})
+	waitErr = new(error)
+	go func() {
+		*waitErr = cmd.Wait()
+		logf.Close()
+		close(done)
+	}()
+	return done, waitErr, nil
+}
+
+func killGroup(cmd *exec.Cmd, sig syscall.Signal) {
+	if cmd.Process != nil {
+		_ = syscall.Kill(-cmd.Process.Pid, sig)
+	}
+}
+
+func readTail(path string, lines int) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Sprintf("(%v)", err)
+	}
+	l := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(l) > lines {
+		l = append([]string{fmt.Sprintf("... (%d lines before)", len(l)-lines)}, l[len(l)-lines:]...)
+	}
+	return strings.Join(l, "\n")
+}
+
+// Backend is a running ism-backend.
+type Backend struct {
+	r       *Run
+	cmd     *exec.Cmd
+	LogPath string
+	done    chan struct{}
+	waitErr *error
+}
+
+// StartBackend runs ISM_BACKEND with args (paths usually from r.Path) and
+// waits until each of sockets exists, failing the test if the backend exits
+// or the sockets don't appear within 10 s. QEMU must only start after that:
+// the vhost-user handshake runs while QEMU realizes the device.
+func (r *Run) StartBackend(args []string, sockets ...string) *Backend {
+	t := r.T
+	t.Helper()
+	r.RequireBackend()
+	b := &Backend{r: r, cmd: exec.Command(r.Cfg.Backend, args...), LogPath: r.Path(fmt.Sprintf("backend%d.log", len(r.backends)))}
+	done, werr, err := startProcess(b.cmd, b.LogPath)
+	if err != nil {
+		t.Fatalf("start backend: %v", err)
+	}
+	b.done, b.waitErr = done, werr
+	r.mu.Lock()
+	r.backends = append(r.backends, b)
+	r.mu.Unlock()
+	t.Cleanup(func() {
+		b.Stop()
+		if t.Failed() {
+			t.Logf("=== backend log %s ===\n%s", b.LogPath, readTail(b.LogPath, 200))
+		}
+	})
+	deadline := time.Now().Add(10 * time.Second)
+	for _, s := range sockets {
+		for {
+			if fi, err := os.Stat(s); err == nil && fi.Mode()&os.ModeSocket != 0 {
+				break
+			}
+			if exited, err := b.Exited(); exited {
+				t.Fatalf("backend exited before creating %s: %v\n%s", s, err, readTail(b.LogPath, 50))
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("backend did not create %s within 10s\n%s", s, readTail(b.LogPath, 50))
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	return b
+}
+
+// Exited reports whether the backend has exited, and how.
+func (b *Backend) Exited() (bool, error) {
+	select {
+	case <-b.done:
+		return true, *b.waitErr
+	default:
+		return false, nil
+	}
+}
+
+// Log returns the backend's output so far.
+func (b *Backend) Log() string {
+	s, _ := os.ReadFile(b.LogPath)
+	return string(s)
+}
+
+// Stop sends SIGTERM, waits up to 5 s, then SIGKILLs the process group.
+// It returns the exit error (nil for a clean exit after SIGTERM).
+func (b *Backend) Stop() error {
+	if exited, err := b.Exited(); exited {
+		return err
+	}
+	_ = b.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-b.done:
+		return *b.waitErr
+	case <-time.After(5 * time.Second):
+	}
+	killGroup(b.cmd, syscall.SIGKILL)
+	<-b.done
+	return fmt.Errorf("backend ignored SIGTERM for 5s, killed: %v", *b.waitErr)
+}
+
+// Kill SIGKILLs the backend's process group and waits for it.
+func (b *Backend) Kill() {
+	killGroup(b.cmd, syscall.SIGKILL)
+	<-b.done
+}
+
+// ISMDevice is one vhost-user-test-device-pci talking to the backend.
+type ISMDevice struct {
+	Socket     string // the backend's socket for this VM
+	VirtioID   int    // default 38 (see notes/vhost-user-qemu11.md)
+	NumVQs     int    // default 2
+	ConfigSize int    // default 64
+}
+
+// NetEnd is one side of a guest network link between two QEMUs: an e1000 on
+// a -netdev stream over 127.0.0.1. Get both ends from NetPair.
+type NetEnd struct {
+	Port   int
+	Server bool
+	MAC    string
+}
+
+// NetPair returns the two ends of a link on a free 127.0.0.1 port. Start the
+// VM with the server end first: StartVM waits for its port to listen before
+// starting the client.
+func (r *Run) NetPair() (server, client NetEnd) {
+	r.T.Helper()
+	p := FreePort(r.T)
+	return NetEnd{Port: p, Server: true, MAC: "52:54:00:49:53:01"}, NetEnd{Port: p, MAC: "52:54:00:49:53:02"}
+}
+
+// FreePort returns a TCP port on 127.0.0.1 that was free a moment ago.
+func FreePort(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// VMConfig describes one guest.
+type VMConfig struct {
+	Name      string            // names the log files; default vm0, vm1...
+	Scenario  string            // ism.scenario
+	Args      map[string]string // more ism.<key>=<value> (ip, peer, ...)
+	Append    []string          // raw extra kernel arguments
+	MemMB     int               // guest RAM, memfd-backed and shared; default 512
+	HugePages int               // hugepages=N on the command line; default 8
+	// Timeout is the agent's watchdog (ism.timeout, default 120 s); the
+	// host waits this plus a minute (boot under TCG) before killing QEMU.
+	Timeout   time.Duration
+	ISM       []ISMDevice
+	Net       *NetEnd
+	ExtraArgs []string // appended to QEMU's command line
+}
+
+// VM is a running QEMU guest.
+type VM struct {
+	r          *Run
+	Cfg        VMConfig
+	cmd        *exec.Cmd
+	SerialPath string
+	LogPath    string // QEMU's own stdout/stderr
+	QMPPath    string
+	Started    time.Time
+	done       chan struct{}
+	waitErr    *error
+
+	mon    *qmp.SocketMonitor
+	evMu   sync.Mutex
+	events []qmp.Event
+}
+
+func kernelArgs(c VMConfig) string {
+	a := []string{"console=ttyS0", "panic=-1", "quiet", fmt.Sprintf("hugepages=%d", c.HugePages)}
+	if c.Scenario != "" {
+		a = append(a, "ism.scenario="+c.Scenario)
+	}
+	if c.Timeout > 0 {
+		a = append(a, fmt.Sprintf("ism.timeout=%d", int(c.Timeout.Seconds()+0.5)))
+	}
+	keys := make([]string, 0, len(c.Args))
+	for k := range c.Args {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		a = append(a, "ism."+k+"="+c.Args[k])
+	}
+	return strings.Join(append(a, c.Append...), " ")
+}
+
+func (r *Run) qemuArgs(c VMConfig, serial, qmpSock string) []string {
+	a := []string{
+		"-accel", r.Cfg.Accel, "-m", fmt.Sprint(c.MemMB), "-smp", "1",
+		"-nodefaults", "-display", "none", "-no-reboot",
+		// Guest RAM must be shared memory for the vhost-user backend to map it.
+		"-object", fmt.Sprintf("memory-backend-memfd,id=mem,size=%dM,share=on", c.MemMB),
+		"-machine", "q35,memory-backend=mem",
+		"-chardev", "file,id=ser0,path=" + serial, "-serial", "chardev:ser0",
+		"-qmp", "unix:" + qmpSock + ",server=on,wait=off",
+		"-kernel", r.Cfg.Kernel, "-initrd", r.Cfg.Initrd,
+		"-append", kernelArgs(c),
+	}
+	if r.Cfg.Accel == "kvm" {
+		a = append(a, "-cpu", "host")
+	}
+	for i, d := range c.ISM {
+		a = append(a,
+			"-chardev", fmt.Sprintf("socket,id=ism%d,path=%s", i, d.Socket),
+			"-device", fmt.Sprintf("vhost-user-test-device-pci,chardev=ism%d,virtio-id=%d,num_vqs=%d,config_size=%d",
+				i, d.VirtioID, d.NumVQs, d.ConfigSize))
+	}
+	if n := c.Net; n != nil {
+		srv := "off"
+		if n.Server {
+			srv = "on"
+		}
+		a = append(a,
+			"-netdev", fmt.Sprintf("stream,id=n0,server=%s,addr.type=inet,addr.host=127.0.0.1,addr.port=%d", srv, n.Port),
+			"-device", "e1000,netdev=n0,mac="+n.MAC)
+	}
+	return append(a, c.ExtraArgs...)
+}
+
+// StartVM starts a guest and connects QMP. It does not wait for the agent:
+// use Wait/RequireOK. Defaults fill zero fields of c.
+func (r *Run) StartVM(c VMConfig) *VM {
+	t := r.T
+	t.Helper()
+	r.mu.Lock()
+	if c.Name == "" {
+		c.Name = fmt.Sprintf("vm%d", len(r.vms))
+	}
+	r.mu.Unlock()
+	if c.MemMB == 0 {
+		c.MemMB = 512
+	}
+	if c.HugePages == 0 {
+		c.HugePages = 8
+	}
+	if c.Timeout == 0 {
+		c.Timeout = 120 * time.Second
+	}
+	for i := range c.ISM {
+		d := &c.ISM[i]
+		if d.VirtioID == 0 {
+			d.VirtioID = 38
+		}
+		if d.NumVQs == 0 {
+			d.NumVQs = 2
+		}
+		if d.ConfigSize == 0 {
+			d.ConfigSize = 64
+		}
+	}
+	if c.Net != nil && !c.Net.Server {
+		// The stream client fails if nobody listens yet.
+		if err := waitListening(c.Net.Port, 20*time.Second); err != nil {
+			t.Fatalf("%s: %v (start the NetPair server VM first)", c.Name, err)
+		}
+	}
+	v := &VM{
+		r: r, Cfg: c,
+		SerialPath: r.Path(c.Name + ".serial"),
+		LogPath:    r.Path(c.Name + ".qemu.log"),
+		QMPPath:    r.Path(c.Name + ".qmp"),
+	}
+	args := r.qemuArgs(c, v.SerialPath, v.QMPPath)
+	v.cmd = exec.Command(r.Cfg.QEMU, args...)
+	v.Started = time.Now()
+	done, werr, err := startProcess(v.cmd, v.LogPath)
+	if err != nil {
+		t.Fatalf("%s: start QEMU: %v", c.Name, err)
+	}
+	v.done, v.waitErr = done, werr
+	r.mu.Lock()
+	r.vms = append(r.vms, v)
+	r.mu.Unlock()
+	t.Cleanup(func() {
+		v.Kill()
+		if v.mon != nil {
+			v.mon.Disconnect()
+		}
+		if t.Failed() {
+			t.Logf("=== %s: %s %s", c.Name, r.Cfg.QEMU, strings.Join(args, " "))
+			t.Logf("=== %s QEMU output ===\n%s", c.Name, readTail(v.LogPath, 50))
+			t.Logf("=== %s serial ===\n%s", c.Name, readTail(v.SerialPath, 150))
+		}
+	})
+	if err := v.connectQMP(15 * time.Second); err != nil {
+		t.Fatalf("%s: QMP: %v", c.Name, err)
+	}
+	return v
+}
+
+// waitListening polls /proc/net/tcp (no connection: a probe would be taken
+// for the peer by QEMU's stream server) until 127.0.0.1:port listens.
+func waitListening(port int, d time.Duration) error {
+	want := fmt.Sprintf("0100007F:%04X", port)
+	deadline := time.Now().Add(d)
+	for time.Now().Before(deadline) {
+		b, _ := os.ReadFile("/proc/net/tcp")
+		for _, l := range strings.Split(string(b), "\n") {
+			f := strings.Fields(l)
+			if len(f) > 3 && f[1] == want && f[3] == "0A" {
+				return nil
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return fmt.Errorf("nothing listens on 127.0.0.1:%d after %v", port, d)
+}
+
+func (v *VM) connectQMP(d time.Duration) error {
+	deadline := time.Now().Add(d)
+	for {
+		if _, err := os.Stat(v.QMPPath); err == nil {
+			break
+		}
+		if v.Exited() {
+			return fmt.Errorf("QEMU exited at start: %v\n%s", *v.waitErr, readTail(v.LogPath, 30))
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("no QMP socket after %v", d)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	mon, err := qmp.NewSocketMonitor("unix", v.QMPPath, 5*time.Second)
+	if err != nil {
+		return err
+	}
+	// Connect has no timeout of its own: it blocks reading the greeting.
+	res := make(chan error, 1)
+	go func() { res <- mon.Connect() }()
+	select {
+	case err = <-res:
+	case <-time.After(time.Until(deadline) + time.Second):
+		mon.Disconnect()
+		return fmt.Errorf("QMP handshake timed out")
+	}
+	if err != nil {
+		return err
+	}
+	// Events must be drained or command replies can block behind them.
+	evs, err := mon.Events(nil)
+	if err != nil {
+		mon.Disconnect()
+		return err
+	}
+	go func() {
+		for e := range evs {
+			v.evMu.Lock()
+			v.events = append(v.events, e)
+			v.evMu.Unlock()
+		}
+	}()
+	v.mon = mon
+	return nil
+}
+
+// QMP runs a command (with args marshalled to JSON, nil for none) and returns
+// its "return" value. It fails after 10 s (e.g. QEMU wedged).
+func (v *VM) QMP(command string, args any) (json.RawMessage, error) {
+	if v.mon == nil {
+		return nil, errors.New("no QMP connection")
+	}
+	req := map[string]any{"execute": command}
+	if args != nil {
+		req["arguments"] = args
+	}
+	b, err := json.Marshal(req)
+	if err != nil {
+		return nil, err
+	}
+	type reply struct {
+		b   []byte
+		err error
+	}
+	ch := make(chan reply, 1)
+	go func() {
+		b, err := v.mon.Run(b)
+		ch <- reply{b, err}
+	}()
+	select {
+	case rp := <-ch:
+		if rp.err != nil {
+			return nil, fmt.Errorf("QMP %s: %w", command, rp.err)
+		}
+		var r struct {
+			Return json.RawMessage `json:"return"`
+		}
+		if err := json.Unmarshal(rp.b, &r); err != nil {
+			return nil, fmt.Errorf("QMP %s: %w", command, err)
+		}
+		return r.Return, nil
+	case <-time.After(10 * time.Second):
+		return nil, fmt.Errorf("QMP %s: no reply in 10s", command)
+	}
+}
+
+// Status returns query-status's "status" ("running", "paused", ...).
+func (v *VM) Status() (string, error) {
+	raw, err := v.QMP("query-status", nil)
+	if err != nil {
+		return "", err
+	}
+	var s struct{ Status string }
+	err = json.Unmarshal(raw, &s)
+	return s.Status, err
+}
+
+// PCIDevice is one function from query-pci.
+type PCIDevice struct {
+	Bus, Slot, Function int
+	Vendor, Device      uint16
+	Class               uint16
+	Desc                string
+	QdevID              string
+}
+
+// QueryPCI returns every PCI function QEMU has, bridges' buses included.
+func (v *VM) QueryPCI() ([]PCIDevice, error) {
+	raw, err := v.QMP("query-pci", nil)
+	if err != nil {
+		return nil, err
+	}
+	type dev struct {
+		Bus, Slot, Function int
+		ClassInfo           struct {
+			Class uint16
+			Desc  string
+		} `json:"class_info"`
+		ID struct {
+			Vendor, Device uint16
+		}
+		QdevID    string `json:"qdev_id"`
+		PCIBridge *struct {
+			Bus struct {
+				Number int
+			}
+			Devices []json.RawMessage
+		} `json:"pci_bridge"`
+	}
+	var buses []struct {
+		Bus     int
+		Devices []json.RawMessage
+	}
+	if err := json.Unmarshal(raw, &buses); err != nil {
+		return nil, err
+	}
+	var out []PCIDevice
+	var walk func([]json.RawMessage) error
+	walk = func(ds []json.RawMessage) error {
+		for _, rd := range ds {
+			var d dev
+			if err := json.Unmarshal(rd, &d); err != nil {
+				return err
+			}
+			out = append(out, PCIDevice{Bus: d.Bus, Slot: d.Slot, Function: d.Function,
+				Vendor: d.ID.Vendor, Device: d.ID.Device, Class: d.ClassInfo.Class, Desc: d.ClassInfo.Desc, QdevID: d.QdevID})
+			if d.PCIBridge != nil {
+				if err := walk(d.PCIBridge.Devices); err != nil {
+					return err
+				}
+			}
+		}
+		return nil
+	}
+	for _, b := range buses {
+		if err := walk(b.Devices); err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
+}
+
+// Events returns the QMP events seen so far (SHUTDOWN, ...).
+func (v *VM) Events() []qmp.Event {
+	v.evMu.Lock()
+	defer v.evMu.Unlock()
+	return append([]qmp.Event(nil), v.events...)
+}
+
+// Quit asks QEMU to exit through QMP (as if the host stopped the VM) and
+// waits up to 10 s for it.
+func (v *VM) Quit() error {
+	if _, err := v.QMP("quit", nil); err != nil && !v.Exited() {
+		return err
+	}
+	select {
+	case <-v.done:
+		return nil
+	case <-time.After(10 * time.Second):
+		return errors.New("QEMU still running 10s after quit")
+	}
+}
+
+// Kill SIGKILLs QEMU's process group (a crashed host process, as far as the
+// backend can tell) and waits for it. Safe to call more than once.
+func (v *VM) Kill() {
+	if v.Exited() {
+		return
+	}
+	killGroup(v.cmd, syscall.SIGKILL)
+	<-v.done
+}
+
+// Exited reports whether QEMU has exited.
+func (v *VM) Exited() bool {
+	select {
+	case <-v.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// Serial returns the guest console output so far.
+func (v *VM) Serial() string {
+	b, _ := os.ReadFile(v.SerialPath)
+	return string(b)
+}
+
+// Outcome parses the serial output so far.
+func (v *VM) Outcome() Outcome { return ParseSerial(v.Serial()) }
+
+// WaitSerial waits until the serial output contains substr (for acting on a
+// guest mid-run, e.g. after "ISM-RESULT ready=1"). It returns an error on
+// timeout or when QEMU exits first.
+func (v *VM) WaitSerial(substr string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		if strings.Contains(v.Serial(), substr) {
+			return nil
+		}
+		if v.Exited() {
+			if strings.Contains(v.Serial(), substr) {
+				return nil
+			}
+			return fmt.Errorf("%s: QEMU exited before %q appeared", v.Cfg.Name, substr)
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s: %q not seen within %v", v.Cfg.Name, substr, timeout)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// Wait waits for QEMU to exit (the agent powers off after its END marker),
+// killing it after timeout (0: the agent's timeout plus a minute), and
+// returns the agent's outcome, QEMU's run time, and an error if QEMU had to
+// be killed or exited with an error status.
+func (v *VM) Wait(timeout time.Duration) (Outcome, time.Duration, error) {
+	if timeout == 0 {
+		timeout = v.Cfg.Timeout + time.Minute
+	}
+	var err error
+	select {
+	case <-v.done:
+		if *v.waitErr != nil {
+			err = fmt.Errorf("%s: QEMU exited: %v", v.Cfg.Name, *v.waitErr)
+		}
+	case <-time.After(timeout - time.Since(v.Started)):
+		v.Kill()
+		err = fmt.Errorf("%s: QEMU still running after %v: killed", v.Cfg.Name, timeout)
+	}
+	return v.Outcome(), time.Since(v.Started), err
+}
+
+// RequireOK waits as Wait does and fails the test unless QEMU exited cleanly
+// after "ISM-AGENT-END ok". It logs the boot-to-exit time.
+func (v *VM) RequireOK(timeout time.Duration) Outcome {
+	t := v.r.T
+	t.Helper()
+	o, took, err := v.Wait(timeout)
+	switch {
+	case err != nil:
+		t.Fatalf("%v (agent: began=%v ended=%v fail=%q)", err, o.Began, o.Ended, o.Fail)
+	case !o.Began:
+		t.Fatalf("%s: no ISM-AGENT-BEGIN on the serial console", v.Cfg.Name)
+	case !o.Ended:
+		t.Fatalf("%s: no ISM-AGENT-END on the serial console", v.Cfg.Name)
+	case !o.OK:
+		t.Fatalf("%s: scenario %s failed: %s", v.Cfg.Name, o.Scenario, o.Fail)
+	}
+	t.Logf("%s: %s ok in %.1fs: %v", v.Cfg.Name, o.Scenario, took.Seconds(), o.Results)
+	return o
+}
