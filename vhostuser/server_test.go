@@ -1,0 +1,678 @@
+package vhostuser_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"net"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/ism-backend/ism-backend/vhostuser"
+	"github.com/ism-backend/ism-backend/vhostuser/vhostusertest"
+	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
+)
+
+// echoBackend copies each request's readable bytes into its writable part.
+type echoBackend struct {
+	shmem      []uint64
+	maxChain   uint64
+	panicOnHQ  bool
+	started    atomic.Int32
+	stopped    atomic.Int32
+	closed     atomic.Int32
+	badChains  atomic.Int32
+	startedDev chan *vhostuser.Device
+
+	// per queue: each queue has its own goroutine
+	chain [numQueues]vhostuser.Chain
+	buf   [numQueues][4096]byte
+}
+
+const numQueues = 2
+
+func (b *echoBackend) Features() uint64 { return 0 }
+func (b *echoBackend) NumQueues() int   { return numQueues }
+func (b *echoBackend) ReadConfig(off uint32, buf []byte) error {
+	if uint64(off)+uint64(len(buf)) > 64 {
+		return errors.New("config out of range")
+	}
+	for i := range buf {
+		buf[i] = byte(int(off) + i)
+	}
+	return nil
+}
+func (b *echoBackend) WriteConfig(uint32, []byte) error { return errors.New("read-only") }
+func (b *echoBackend) ShmemSizes() []uint64             { return b.shmem }
+func (b *echoBackend) Start(dev *vhostuser.Device) error {
+	b.started.Add(1)
+	if b.maxChain != 0 {
+		for i := 0; i < dev.NumQueues(); i++ {
+			dev.Queue(i).SetMaxChainLen(b.maxChain)
+		}
+	}
+	if b.startedDev != nil {
+		select {
+		case b.startedDev <- dev:
+		default:
+		}
+	}
+	return nil
+}
+func (b *echoBackend) Stop(*vhostuser.Device) { b.stopped.Add(1) }
+func (b *echoBackend) Close()                 { b.closed.Add(1) }
+func (b *echoBackend) HandleQueue(dev *vhostuser.Device, q *vhostuser.Queue) {
+	if b.panicOnHQ {
+		panic("test panic")
+	}
+	c, buf := &b.chain[q.Index()], b.buf[q.Index()][:]
+	for {
+		ok, err := q.Next(c)
+		if err != nil {
+			if errors.Is(err, vhostuser.ErrQueueBroken) || errors.Is(err, vhostuser.ErrQueueNotReady) {
+				break
+			}
+			b.badChains.Add(1)
+			continue
+		}
+		if !ok {
+			break
+		}
+		n := c.CopyOut(buf, 0)
+		w := c.CopyIn(buf[:n], 0)
+		q.Push(c, uint32(w))
+	}
+	q.Notify()
+}
+
+type env struct {
+	t      *testing.T
+	srv    *vhostuser.Server
+	dir    string
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	mu     sync.Mutex
+	backs  map[string][]*echoBackend
+}
+
+func newEnv(t *testing.T) *env {
+	t.Helper()
+	log := logrus.New()
+	log.SetLevel(logrus.WarnLevel)
+	if testing.Verbose() {
+		log.SetLevel(logrus.DebugLevel)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	e := &env{t: t, srv: vhostuser.NewServer(logrus.NewEntry(log)), dir: t.TempDir(), cancel: cancel, backs: map[string][]*echoBackend{}}
+	t.Cleanup(func() {
+		cancel()
+		e.wg.Wait()
+	})
+	_ = ctx
+	return e
+}
+
+// serve starts a VM socket; mk makes each connection's backend.
+func (e *env) serve(ctx context.Context, name string, mk func() *echoBackend) string {
+	e.t.Helper()
+	path := filepath.Join(e.dir, name+".sock")
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	e.t.Cleanup(cancel)
+	e.wg.Add(1)
+	go func() {
+		defer e.wg.Done()
+		err := e.srv.Serve(ctx, name, ln, func(string) (vhostuser.Backend, error) {
+			b := mk()
+			e.mu.Lock()
+			e.backs[name] = append(e.backs[name], b)
+			e.mu.Unlock()
+			return b, nil
+		})
+		if err != nil && !errors.Is(err, context.Canceled) {
+			e.t.Errorf("Serve %s: %v", name, err)
+		}
+	}()
+	return path
+}
+
+func (e *env) backends(name string) []*echoBackend {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return append([]*echoBackend(nil), e.backs[name]...)
+}
+
+func newMem(t *testing.T, sizes ...uint64) *vhostusertest.GuestMemory {
+	t.Helper()
+	if len(sizes) == 0 {
+		sizes = []uint64{1 << 20, 1 << 20}
+	}
+	m, err := vhostusertest.NewGuestMemory(0x10000, sizes...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(m.Close)
+	return m
+}
+
+func dial(t *testing.T, path string, mem *vhostusertest.GuestMemory) *vhostusertest.Frontend {
+	t.Helper()
+	f, err := vhostusertest.Dial(path, mem)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(f.Close)
+	return f
+}
+
+// started connects, does the realize handshake and the start sequence.
+func started(t *testing.T, path string, opt vhostusertest.StartOptions) *vhostusertest.Frontend {
+	t.Helper()
+	f := dial(t, path, newMem(t))
+	if err := f.Handshake(vhostusertest.HandshakeOptions{}); err != nil {
+		t.Fatal("handshake:", err)
+	}
+	if err := f.Start(opt); err != nil {
+		t.Fatal("start:", err)
+	}
+	return f
+}
+
+// echo sends one request of n bytes on queue qi and checks the echo.
+func echo(t *testing.T, f *vhostusertest.Frontend, qi int, n uint32, indirect bool) {
+	t.Helper()
+	q := f.Queues[qi]
+	in, inHost, err := f.Mem.Alloc(uint64(n), 8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, outHost, err := f.Mem.Alloc(uint64(n), 8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range inHost {
+		inHost[i] = byte(i*7 + 1)
+	}
+	bufs := []vhostusertest.Buf{{GPA: in, Len: n}, {GPA: out, Len: n, Write: true}}
+	var head uint16
+	if indirect {
+		head, err = q.AddIndirect(bufs)
+		if err != nil {
+			t.Fatal(err)
+		}
+	} else {
+		head = q.AddChain(bufs)
+	}
+	q.Publish(head)
+	if err := q.Kick(); err != nil {
+		t.Fatal(err)
+	}
+	u, err := q.WaitUsed()
+	if err != nil {
+		t.Fatal("wait used:", err)
+	}
+	if u.ID != head || u.Len != n {
+		t.Fatalf("used %+v, want id %d len %d", u, head, n)
+	}
+	if !bytes.Equal(inHost, outHost) {
+		t.Fatal("echoed data differs")
+	}
+}
+
+func TestNegotiationQEMUOrder(t *testing.T) {
+	for _, shm := range []bool{false, true} {
+		e := newEnv(t)
+		var sizes []uint64
+		if shm {
+			sizes = []uint64{1 << 24}
+		}
+		path := e.serve(context.Background(), "vm", func() *echoBackend { return &echoBackend{shmem: sizes} })
+		f := dial(t, path, newMem(t))
+		if err := f.Handshake(vhostusertest.HandshakeOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		for _, bit := range []uint{vhostuser.FeatureVersion1, vhostuser.FeatureRingEventIdx, vhostuser.FeatureRingIndirectDesc, vhostuser.FeatureProtocolFeatures} {
+			if f.OfferedFeatures&(1<<bit) == 0 {
+				t.Errorf("feature bit %d not offered: %#x", bit, f.OfferedFeatures)
+			}
+		}
+		for _, bit := range []uint{vhostuser.ProtocolMQ, vhostuser.ProtocolReplyAck, vhostuser.ProtocolConfig, vhostuser.ProtocolBackendReq,
+			vhostuser.ProtocolBackendSendFD, vhostuser.ProtocolConfigureMemSlots, vhostuser.ProtocolResetDevice, vhostuser.ProtocolStatus} {
+			if f.OfferedProtocol&(1<<bit) == 0 {
+				t.Errorf("protocol bit %d not offered: %#x", bit, f.OfferedProtocol)
+			}
+		}
+		if got := f.OfferedProtocol&(1<<vhostuser.ProtocolShmem) != 0; got != shm {
+			t.Errorf("SHMEM offered %v, want %v", got, shm)
+		}
+		if shm && (len(f.ShmemSizes) != 1 || f.ShmemSizes[0] != 1<<24) {
+			t.Errorf("shmem sizes %v", f.ShmemSizes)
+		}
+		if f.QueueNum != numQueues || f.MaxMemSlots != vhostuser.MaxMemSlots {
+			t.Errorf("queue num %d, max mem slots %d", f.QueueNum, f.MaxMemSlots)
+		}
+		cfg, err := f.GetConfig(0, 64)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if cfg[0] != 0 || cfg[63] != 63 {
+			t.Errorf("config % x", cfg[:8])
+		}
+		if _, err := f.GetConfig(32, 64); err == nil {
+			t.Error("GET_CONFIG beyond the config space answered")
+		}
+		dev := e.srv.Device("vm")
+		if dev == nil || dev.Started() {
+			t.Fatal("device missing or started before DRIVER_OK")
+		}
+		if err := f.Start(vhostusertest.StartOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		if !dev.Started() || e.backends("vm")[0].started.Load() != 1 {
+			t.Fatal("device not started after DRIVER_OK and rings")
+		}
+		if dev.AckedProtocolFeatures() != f.Protocol {
+			t.Errorf("acked protocol %#x, front-end acked %#x", dev.AckedProtocolFeatures(), f.Protocol)
+		}
+		echo(t, f, 0, 64, false)
+		echo(t, f, 1, 64, true)
+		// The refused GET_CONFIG is the one bad message.
+		if s := dev.Stats(); s.BadMessages != 1 || s.BadChains != 0 || s.Messages == 0 {
+			t.Errorf("stats %+v", s)
+		}
+		e.cancel()
+	}
+}
+
+func TestStartWithDriverOKLast(t *testing.T) {
+	e := newEnv(t)
+	path := e.serve(context.Background(), "vm", func() *echoBackend { return &echoBackend{} })
+	f := started(t, path, vhostusertest.StartOptions{DriverOKLast: true})
+	echo(t, f, 0, 64, false)
+}
+
+func TestStartWithoutStatus(t *testing.T) {
+	e := newEnv(t)
+	path := e.serve(context.Background(), "vm", func() *echoBackend { return &echoBackend{} })
+	f := dial(t, path, newMem(t))
+	if err := f.Handshake(vhostusertest.HandshakeOptions{ProtocolMask: ^uint64(1 << vhostuser.ProtocolStatus)}); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Start(vhostusertest.StartOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	echo(t, f, 0, 64, false)
+}
+
+func TestEchoAcrossRegions(t *testing.T) {
+	e := newEnv(t)
+	path := e.serve(context.Background(), "vm", func() *echoBackend { return &echoBackend{} })
+	f := started(t, path, vhostusertest.StartOptions{})
+	q := f.Queues[0]
+	// 256 bytes that start 100 bytes before the end of region 0.
+	in, err := f.Mem.AllocAcross(0, 100, 256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := make([]byte, 256)
+	for i := range data {
+		data[i] = byte(i)
+	}
+	f.Mem.Write(in, data)
+	out, outHost, err := f.Mem.Alloc(256, 8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, indirect := range []bool{false, true} {
+		clear(outHost)
+		bufs := []vhostusertest.Buf{{GPA: in, Len: 256}, {GPA: out, Len: 256, Write: true}}
+		var head uint16
+		if indirect {
+			head, err = q.AddIndirect(bufs)
+			if err != nil {
+				t.Fatal(err)
+			}
+		} else {
+			head = q.AddChain(bufs)
+		}
+		q.Publish(head)
+		q.Kick()
+		u, err := q.WaitUsed()
+		if err != nil || u.Len != 256 {
+			t.Fatalf("used %+v %v", u, err)
+		}
+		if !bytes.Equal(outHost, data) {
+			t.Fatal("data across regions not echoed")
+		}
+	}
+}
+
+// hostile chains: each is refused (used len 0, counted), and the queue, the
+// connection and another VM on the same Server go on working.
+func TestHostileChains(t *testing.T) {
+	e := newEnv(t)
+	mk := func() *echoBackend { return &echoBackend{maxChain: 1 << 20} }
+	pathA := e.serve(context.Background(), "a", mk)
+	pathB := e.serve(context.Background(), "b", mk)
+	fa := started(t, pathA, vhostusertest.StartOptions{})
+	fb := started(t, pathB, vhostusertest.StartOptions{})
+	q := fa.Queues[0]
+	buf, _, _ := fa.Mem.Alloc(64, 8)
+	cases := []struct {
+		name  string
+		build func() uint16
+	}{
+		{"address outside guest RAM", func() uint16 {
+			return q.AddChain([]vhostusertest.Buf{{GPA: fa.Mem.End() + 4096, Len: 64}})
+		}},
+		{"address wraps", func() uint16 {
+			return q.AddChain([]vhostusertest.Buf{{GPA: ^uint64(0) - 8, Len: 64}})
+		}},
+		{"crosses the end of guest RAM", func() uint16 {
+			return q.AddChain([]vhostusertest.Buf{{GPA: fa.Mem.End() - 8, Len: 64}})
+		}},
+		{"loop", func() uint16 {
+			a, b := q.AllocDesc(), q.AllocDesc()
+			q.WriteDesc(a, buf, 8, vhostusertest.DescNext, b)
+			q.WriteDesc(b, buf, 8, vhostusertest.DescNext, a)
+			return a
+		}},
+		{"next out of range", func() uint16 {
+			a := q.AllocDesc()
+			q.WriteDesc(a, buf, 8, vhostusertest.DescNext, 60000)
+			return a
+		}},
+		{"oversized", func() uint16 {
+			return q.AddChain([]vhostusertest.Buf{{GPA: buf, Len: 1 << 21}})
+		}},
+		{"readable after writable", func() uint16 {
+			return q.AddChain([]vhostusertest.Buf{{GPA: buf, Len: 8, Write: true}, {GPA: buf, Len: 8}})
+		}},
+		{"indirect in indirect", func() uint16 {
+			tgpa, table, _ := fa.Mem.Alloc(32, 16)
+			vhostusertest.WriteDesc(table, 0, buf, 8, vhostusertest.DescNext, 1)
+			vhostusertest.WriteDesc(table, 1, tgpa, 32, vhostusertest.DescIndirect, 0)
+			a := q.AllocDesc()
+			q.WriteDesc(a, tgpa, 32, vhostusertest.DescIndirect, 0)
+			return a
+		}},
+		{"indirect loop", func() uint16 {
+			tgpa, table, _ := fa.Mem.Alloc(32, 16)
+			vhostusertest.WriteDesc(table, 0, buf, 8, vhostusertest.DescNext, 1)
+			vhostusertest.WriteDesc(table, 1, buf, 8, vhostusertest.DescNext, 0)
+			a := q.AllocDesc()
+			q.WriteDesc(a, tgpa, 32, vhostusertest.DescIndirect, 0)
+			return a
+		}},
+		{"indirect table outside guest RAM", func() uint16 {
+			a := q.AllocDesc()
+			q.WriteDesc(a, fa.Mem.End(), 32, vhostusertest.DescIndirect, 0)
+			return a
+		}},
+		{"indirect table length not a multiple of 16", func() uint16 {
+			a := q.AllocDesc()
+			q.WriteDesc(a, buf, 20, vhostusertest.DescIndirect, 0)
+			return a
+		}},
+	}
+	dev := e.srv.Device("a")
+	for i, c := range cases {
+		head := c.build()
+		q.Publish(head)
+		q.Kick()
+		u, err := q.WaitUsed()
+		if err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		if u.ID != head || u.Len != 0 {
+			t.Errorf("%s: used %+v, want id %d len 0", c.name, u, head)
+		}
+		if got := dev.Stats().BadChains; got != uint64(i+1) {
+			t.Errorf("%s: bad chains %d, want %d", c.name, got, i+1)
+		}
+		echo(t, fa, 0, 64, false)
+		echo(t, fb, 0, 64, false)
+	}
+	// A head index out of range in the avail ring.
+	before := dev.Stats().BadChains
+	q.Publish(q.Size + 3)
+	q.Kick()
+	if u, err := q.WaitUsed(); err != nil || u.Len != 0 {
+		t.Fatalf("out-of-range head: %+v %v", u, err)
+	}
+	if dev.Stats().BadChains != before+1 {
+		t.Error("out-of-range head not counted")
+	}
+	echo(t, fa, 0, 64, false)
+
+	// An avail idx jump beyond the queue size breaks the queue until reset
+	// (counted as a bad chain); queue 1 and VM b go on.
+	before = dev.Stats().BadChains
+	q.SetAvailIdx(q.UsedIdx() + q.Size + 1)
+	q.Kick()
+	deadline := time.Now().Add(vhostusertest.Timeout)
+	for dev.Stats().BadChains == before && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	var broken bool
+	dev.WithMemoryLock(func() { broken = dev.Queue(0).Broken() })
+	if !broken {
+		t.Error("queue 0 not broken after an avail idx jump")
+	}
+	echo(t, fa, 1, 64, false)
+	echo(t, fb, 0, 64, false)
+}
+
+// bad messages close that connection only.
+func TestBadMessages(t *testing.T) {
+	e := newEnv(t)
+	mk := func() *echoBackend { return &echoBackend{} }
+	pathA := e.serve(context.Background(), "a", mk)
+	pathB := e.serve(context.Background(), "b", mk)
+	fb := started(t, pathB, vhostusertest.StartOptions{})
+	efd, _ := unix.Eventfd(0, unix.EFD_CLOEXEC)
+	defer unix.Close(efd)
+	cases := []struct {
+		name string
+		raw  []byte
+		fds  []int
+		half bool // close the write side after sending (truncation)
+	}{
+		{"truncated payload", vhostusertest.RawMessage(vhostuser.ReqSetFeatures, 1, 8, []byte{1, 2, 3, 4}), nil, true},
+		{"truncated header", []byte{1, 0, 0, 0, 1, 0}, nil, true},
+		{"oversize", vhostusertest.RawMessage(vhostuser.ReqSetFeatures, 1, 1<<20, nil), nil, false},
+		{"wrong payload size", vhostusertest.RawMessage(vhostuser.ReqSetFeatures, 1, 4, []byte{0, 0, 0, 0}), nil, false},
+		{"kick without fd", vhostusertest.RawMessage(vhostuser.ReqSetVringKick, 1, 8, make([]byte, 8)), nil, false},
+		{"get_features with fd", vhostusertest.RawMessage(vhostuser.ReqGetFeatures, 1, 0, nil), []int{efd}, false},
+		{"mem table fd count", memTableOneRegionTwoFDs(efd), []int{efd, efd}, false},
+		{"bad version", vhostusertest.RawMessage(vhostuser.ReqGetFeatures, 2, 0, nil), nil, false},
+		{"reply flag from the front-end", vhostusertest.RawMessage(vhostuser.ReqGetFeatures, 5, 0, nil), nil, false},
+		{"config size mismatch", vhostusertest.RawMessage(vhostuser.ReqGetConfig, 1, 12, []byte{0, 0, 0, 0, 64, 0, 0, 0, 0, 0, 0, 0}), nil, false},
+	}
+	for _, c := range cases {
+		f := dial(t, pathA, newMem(t))
+		if err := f.Handshake(vhostusertest.HandshakeOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		if err := f.SendRaw(c.raw, c.fds); err != nil {
+			t.Fatal(err)
+		}
+		if c.half {
+			f.Conn().CloseWrite()
+		}
+		if !f.WaitClosed() {
+			t.Errorf("%s: connection not closed", c.name)
+		}
+		f.Close()
+		echo(t, fb, 0, 64, false)
+	}
+	// Unknown request with NEED_REPLY: error status, connection stays.
+	f := started(t, pathA, vhostusertest.StartOptions{})
+	if _, err := f.Request(99, nil, nil, true); err == nil {
+		t.Error("unknown request acked as success")
+	}
+	echo(t, f, 0, 64, false)
+}
+
+func memTableOneRegionTwoFDs(fd int) []byte {
+	p := make([]byte, 8+32)
+	binary.LittleEndian.PutUint32(p, 1)
+	binary.LittleEndian.PutUint64(p[8+8:], 4096)
+	return vhostusertest.RawMessage(vhostuser.ReqSetMemTable, 1, uint32(len(p)), p)
+}
+
+func TestReconnect(t *testing.T) {
+	e := newEnv(t)
+	path := e.serve(context.Background(), "vm", func() *echoBackend { return &echoBackend{} })
+	for i := 0; i < 3; i++ {
+		f := started(t, path, vhostusertest.StartOptions{})
+		echo(t, f, 0, 64, false)
+		f.Close()
+		f.WaitClosed()
+	}
+	// The fourth connection's handshake completes only after the third is
+	// torn down (one connection at a time).
+	f := started(t, path, vhostusertest.StartOptions{})
+	echo(t, f, 0, 64, false)
+	bs := e.backends("vm")
+	if len(bs) != 4 {
+		t.Fatalf("%d backends", len(bs))
+	}
+	for i, b := range bs[:3] {
+		if b.closed.Load() != 1 || b.stopped.Load() != 1 || b.started.Load() != 1 {
+			t.Errorf("backend %d: started %d stopped %d closed %d", i, b.started.Load(), b.stopped.Load(), b.closed.Load())
+		}
+	}
+}
+
+func TestStatusZeroStopsAndRestarts(t *testing.T) {
+	e := newEnv(t)
+	path := e.serve(context.Background(), "vm", func() *echoBackend { return &echoBackend{} })
+	f := started(t, path, vhostusertest.StartOptions{})
+	echo(t, f, 0, 64, false)
+	if err := f.SetStatus(0); err != nil {
+		t.Fatal(err)
+	}
+	dev := e.srv.Device("vm")
+	b := e.backends("vm")[0]
+	if dev.Started() || b.stopped.Load() != 1 {
+		t.Fatal("status 0 did not stop the device")
+	}
+	base, err := f.GetVringBase(0)
+	if err != nil || base != 1 {
+		t.Fatalf("GET_VRING_BASE %d %v", base, err)
+	}
+}
+
+func TestPanicInBackendClosesOnlyThatConnection(t *testing.T) {
+	e := newEnv(t)
+	pathA := e.serve(context.Background(), "a", func() *echoBackend { return &echoBackend{panicOnHQ: true} })
+	pathB := e.serve(context.Background(), "b", func() *echoBackend { return &echoBackend{} })
+	fa := dial(t, pathA, newMem(t))
+	if err := fa.Handshake(vhostusertest.HandshakeOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	fa.Start(vhostusertest.StartOptions{}) // may fail half-way: the panic closes the connection
+	if !fa.WaitClosed() {
+		t.Fatal("connection with a panicking backend not closed")
+	}
+	fb := started(t, pathB, vhostusertest.StartOptions{})
+	echo(t, fb, 0, 64, false)
+}
+
+func shmemEnv(t *testing.T) (*env, string) {
+	e := newEnv(t)
+	path := e.serve(context.Background(), "vm", func() *echoBackend { return &echoBackend{shmem: []uint64{1 << 20}} })
+	return e, path
+}
+
+func TestShmemMapRefusedBeforeStart(t *testing.T) {
+	e, path := shmemEnv(t)
+	f := dial(t, path, newMem(t))
+	if err := f.Handshake(vhostusertest.HandshakeOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	memfd, _ := unix.MemfdCreate("dmb", unix.MFD_CLOEXEC)
+	defer unix.Close(memfd)
+	unix.Ftruncate(memfd, 4096)
+	dev := e.srv.Device("vm")
+	if err := dev.ShmemMap(0, memfd, 0, 0, 4096, true); !errors.Is(err, vhostuser.ErrNotStarted) {
+		t.Fatalf("ShmemMap before start: %v", err)
+	}
+	if err := f.Start(vhostusertest.StartOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.SetStatus(0); err != nil {
+		t.Fatal(err)
+	}
+	if err := dev.ShmemMap(0, memfd, 0, 0, 4096, true); !errors.Is(err, vhostuser.ErrNotStarted) {
+		t.Fatalf("ShmemMap after reset: %v", err)
+	}
+	if n := len(f.ShmemRequests()); n != 0 {
+		t.Fatalf("%d back-end requests reached the front-end", n)
+	}
+}
+
+// QEMU sends SET_MEM_TABLE (NEED_REPLY) before it answers SHMEM_MAP: the
+// back-end must serve it while it waits.
+func TestShmemMapWithInterleavedMemTable(t *testing.T) {
+	e, path := shmemEnv(t)
+	mem := newMem(t)
+	f := dial(t, path, mem)
+	bar, err := vhostusertest.NewGuestMemory(1<<40, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bar.Close()
+	f.BeforeShmemReply = func(f *vhostusertest.Frontend, r vhostusertest.ShmemRequest) error {
+		if r.Request == vhostuser.BackendReqShmemMap {
+			return f.SetMemTable(bar.Regions[0])
+		}
+		return f.SetMemTable()
+	}
+	if err := f.Handshake(vhostusertest.HandshakeOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Start(vhostusertest.StartOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	dev := e.srv.Device("vm")
+	memfd, _ := unix.MemfdCreate("dmb", unix.MFD_CLOEXEC)
+	defer unix.Close(memfd)
+	unix.Ftruncate(memfd, 1<<16)
+	if err := dev.ShmemMap(0, memfd, 0, 4096, 1<<16, true); err != nil {
+		t.Fatal("ShmemMap:", err)
+	}
+	var regions int
+	dev.WithMemoryLock(func() { regions = len(dev.Memory().Regions()) })
+	if regions != 3 {
+		t.Errorf("%d regions after the interleaved SET_MEM_TABLE, want 3", regions)
+	}
+	echo(t, f, 0, 64, false) // rings re-translated in the new table
+	if err := dev.ShmemUnmap(0, 4096, 1<<16); err != nil {
+		t.Fatal("ShmemUnmap:", err)
+	}
+	echo(t, f, 0, 64, false)
+	reqs := f.ShmemRequests()
+	if len(reqs) != 2 {
+		t.Fatalf("%d requests", len(reqs))
+	}
+	m, u := reqs[0], reqs[1]
+	if m.Request != vhostuser.BackendReqShmemMap || !m.HadFD || !m.NeedReply || m.ShmOffset != 4096 || m.Len != 1<<16 || m.Flags != 1 {
+		t.Errorf("map %+v", m)
+	}
+	if u.Request != vhostuser.BackendReqShmemUnmap || u.HadFD || u.ShmOffset != 4096 || u.Len != 1<<16 {
+		t.Errorf("unmap %+v", u)
+	}
+	if err := dev.ShmemMap(0, memfd, 0, 1<<20-4096, 8192, true); err == nil {
+		t.Error("map beyond the region accepted")
+	}
+}
