@@ -212,18 +212,28 @@ func open(dev *pci.Device, opts Options) (*Driver, error) {
 	if d.evBufs, err = d.alloc.Alloc(nev*abi.EventSize, 64); err != nil {
 		return nil, err
 	}
-	d.evByHd = make([]int, d.evQ.Size())
 	vio.DriverOK()
 	if st := vio.Status(); st&(pci.StatusNeedsReset|pci.StatusFailed) != 0 || st&pci.StatusDriverOK == 0 {
 		return nil, fmt.Errorf("guestdriver: device status %#x after DRIVER_OK", st)
 	}
+	if err := d.start(nev); err != nil {
+		return nil, err
+	}
+	ok = true
+	opts.Logf("guestdriver: %s: gid %#x chid %#x, queues %d/%d, features %#x", dev.Addr, cfg.GID, cfg.CHID, d.reqQ.Size(), d.evQ.Size(), vio.Features())
+	return d, nil
+}
+
+// start posts nev event buffers, starts the poller and sets the SBA. The
+// queues and DMA memory must be in place and the device live.
+func (d *Driver) start(nev int) error {
+	d.evByHd = make([]int, d.evQ.Size())
 	for i := 0; i < nev; i++ {
 		if err := d.postEvent(i); err != nil {
-			return nil, err
+			return err
 		}
 	}
 	d.evQ.ForceKick()
-
 	d.dmbs = make([]atomic.Pointer[DMB], d.maxDMBs)
 	d.events = make(chan abi.Event, 256)
 	d.wake = make(chan struct{}, 1)
@@ -233,11 +243,9 @@ func open(dev *pci.Device, opts Options) (*Driver, error) {
 	if _, err := d.do(&abi.Request{Op: abi.OpSetSBA, Addr: d.sba.GPA()}, nil); err != nil {
 		close(d.stop)
 		<-d.polled
-		return nil, fmt.Errorf("SET_SBA: %w", err)
+		return fmt.Errorf("SET_SBA: %w", err)
 	}
-	ok = true
-	opts.Logf("guestdriver: %s: gid %#x chid %#x, queues %d/%d, features %#x", dev.Addr, cfg.GID, cfg.CHID, d.reqQ.Size(), d.evQ.Size(), vio.Features())
-	return d, nil
+	return nil
 }
 
 // GID is this device's GID.
@@ -257,7 +265,12 @@ func (d *Driver) Events() <-chan abi.Event { return d.events }
 func (d *Driver) EventDrops() uint64 { return d.evDrops.Load() }
 
 // PCIAddr is the PCI address of the device.
-func (d *Driver) PCIAddr() string { return d.vio.Dev.Addr }
+func (d *Driver) PCIAddr() string {
+	if d.vio == nil {
+		return ""
+	}
+	return d.vio.Dev.Addr
+}
 
 func (d *Driver) usable() error {
 	if d.closed.Load() {
@@ -420,7 +433,10 @@ func (d *Driver) Close() error {
 	}
 	close(d.stop)
 	<-d.polled
-	err := d.vio.Reset(5 * time.Second)
+	var err error
+	if d.vio != nil { // nil only in tests
+		err = d.vio.Reset(5 * time.Second)
+	}
 	d.reqMu.Lock()
 	for h, w := range d.pending {
 		if w != nil {
@@ -440,8 +456,10 @@ func (d *Driver) Close() error {
 	if err == nil && d.live.Load() == 0 {
 		err = d.alloc.Close()
 	}
-	if cerr := d.vio.Close(); err == nil {
-		err = cerr
+	if d.vio != nil {
+		if cerr := d.vio.Close(); err == nil {
+			err = cerr
+		}
 	}
 	return err
 }

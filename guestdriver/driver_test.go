@@ -1,0 +1,494 @@
+package guestdriver
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+	"unsafe"
+
+	"github.com/ism-backend/ism-backend/abi"
+	"github.com/ism-backend/ism-backend/pci"
+)
+
+// The tests run the driver against a fake ISM device that reads the rings
+// and the SBA only through guest-physical addresses, as the real backend
+// does, with heap memory standing in for huge pages.
+
+const fakeBase = 0x7_0000_0000
+
+type guestMem struct {
+	mu    sync.Mutex
+	pages [][]byte
+}
+
+func (g *guestMem) page() ([]byte, uint64, error) {
+	p := unsafe.Slice((*byte)(unsafe.Pointer(&make([]uint64, pci.HugePageSize/8)[0])), pci.HugePageSize)
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.pages = append(g.pages, p)
+	return p, fakeBase + uint64(len(g.pages)-1)*pci.HugePageSize, nil
+}
+
+// at returns guest memory [gpa, gpa+n), or nil when outside it.
+func (g *guestMem) at(gpa, n uint64) []byte {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if gpa < fakeBase || n > pci.HugePageSize {
+		return nil
+	}
+	i := (gpa - fakeBase) / pci.HugePageSize
+	o := (gpa - fakeBase) % pci.HugePageSize
+	if i >= uint64(len(g.pages)) || o+n > pci.HugePageSize {
+		return nil
+	}
+	return g.pages[i][o : o+n]
+}
+
+// devQueue is the device side of one split ring.
+type devQueue struct {
+	g              *guestMem
+	size           uint16
+	desc, avl, usd uint64
+	lastAvail      uint16
+	usedIdx        uint16
+}
+
+type chain struct {
+	head uint16
+	in   []byte   // readable bytes, concatenated
+	outs [][]byte // writable buffers
+}
+
+func (q *devQueue) word(gpa uint64) *uint32 {
+	return (*uint32)(unsafe.Pointer(&q.g.at(gpa, 4)[0]))
+}
+
+func (q *devQueue) next() (*chain, bool) {
+	if uint16(atomic.LoadUint32(q.word(q.avl))>>16) == q.lastAvail {
+		return nil, false
+	}
+	le := binary.LittleEndian
+	c := &chain{head: le.Uint16(q.g.at(q.avl+4+2*uint64(q.lastAvail%q.size), 2))}
+	q.lastAvail++
+	for i, n := c.head, 0; ; n++ {
+		e := q.g.at(q.desc+16*uint64(i), 16)
+		b := q.g.at(le.Uint64(e), uint64(le.Uint32(e[8:])))
+		if b == nil || n > int(q.size) {
+			panic("fake device: bad descriptor")
+		}
+		if le.Uint16(e[12:])&2 != 0 {
+			c.outs = append(c.outs, b)
+		} else {
+			c.in = append(c.in, b...)
+		}
+		if le.Uint16(e[12:])&1 == 0 {
+			break
+		}
+		i = le.Uint16(e[14:])
+	}
+	return c, true
+}
+
+func (q *devQueue) complete(head uint16, n uint32) {
+	u := q.g.at(q.usd+4+8*uint64(q.usedIdx%q.size), 8)
+	binary.LittleEndian.PutUint32(u, uint32(head))
+	binary.LittleEndian.PutUint32(u[4:], n)
+	q.usedIdx++
+	w := q.word(q.usd)
+	atomic.StoreUint32(w, uint32(q.usedIdx)<<16|atomic.LoadUint32(w)&0xffff)
+}
+
+type fakeDMB struct {
+	index uint32
+	mem   []byte
+	rgid  uint64
+}
+
+// fakeISM is one device on a one-device fabric: its GID is the only
+// sender, so MOVEs into DMBs with rgid == gid are allowed.
+type fakeISM struct {
+	g         *guestMem
+	gid       uint64
+	req, ev   *devQueue
+	sba       uint64
+	dmbs      map[uint64]*fakeDMB
+	nextTok   uint64
+	events    []abi.Event
+	evChains  []*chain
+	tamper    func(r abi.Request, resp []byte, n *uint32) // hostile hooks
+	served    atomic.Int64
+	stop      chan struct{}
+	stopped   chan struct{}
+	serveLock sync.Mutex
+}
+
+func (f *fakeISM) handle(c *chain) uint32 {
+	r, err := abi.DecodeRequest(c.in)
+	if err != nil || len(c.outs) == 0 || len(c.outs[len(c.outs)-1]) < abi.ResponseSize {
+		return 0
+	}
+	data := c.in[abi.RequestSize:]
+	resp := abi.Response{}
+	switch r.Op {
+	case abi.OpSetSBA:
+		f.sba = r.Addr
+	case abi.OpRegisterDMB:
+		mem := f.g.at(r.Addr, r.Len)
+		if mem == nil {
+			resp.Status = abi.StatusFault
+			break
+		}
+		f.nextTok += 0x1001
+		f.dmbs[f.nextTok] = &fakeDMB{index: r.Index, mem: mem, rgid: r.GID}
+		resp.Index, resp.Value = r.Index, f.nextTok
+	case abi.OpUnregisterDMB:
+		if f.dmbs[r.Token] == nil {
+			resp.Status = abi.StatusNoEntry
+		}
+		delete(f.dmbs, r.Token)
+	case abi.OpMove:
+		m := f.dmbs[r.Token]
+		switch {
+		case uint64(len(data)) != r.Len:
+			resp.Status = abi.StatusInvalid
+		case m == nil:
+			resp.Status = abi.StatusNoEntry
+		case m.rgid != f.gid:
+			resp.Status = abi.StatusPermission
+		case r.Offset+r.Len > uint64(len(m.mem)) || r.Index >= 32:
+			resp.Status = abi.StatusRange
+		default:
+			copy(m.mem[r.Offset:], data)
+			if r.Flags&abi.FlagSignal != 0 {
+				mask := (*uint32)(unsafe.Pointer(&f.g.at(f.sba+abi.SBAMaskOffset+4*uint64(m.index), 4)[0]))
+				word := (*uint64)(unsafe.Pointer(&f.g.at(f.sba+8*uint64(m.index/64), 8)[0]))
+				atomic.OrUint32(mask, 1<<r.Index)
+				atomic.OrUint64(word, 1<<(m.index%64))
+			}
+		}
+	case abi.OpSignal:
+		f.events = append(f.events, abi.Event{Type: abi.EventSWR, Code: uint16(r.Index), GID: f.gid, Info: r.Offset})
+	case abi.OpQueryRGID:
+		if r.GID != f.gid {
+			resp.Status = abi.StatusNoEntry
+		}
+	default:
+		resp.Status = abi.StatusUnsupported
+	}
+	out := c.outs[len(c.outs)-1]
+	resp.Encode(out)
+	n := uint32(abi.ResponseSize)
+	if f.tamper != nil {
+		f.tamper(r, out, &n)
+	}
+	return n
+}
+
+func (f *fakeISM) run() {
+	defer close(f.stopped)
+	for {
+		select {
+		case <-f.stop:
+			return
+		default:
+		}
+		busy := false
+		f.serveLock.Lock()
+		for {
+			c, ok := f.req.next()
+			if !ok {
+				break
+			}
+			busy = true
+			f.req.complete(c.head, f.handle(c))
+			f.served.Add(1)
+		}
+		for {
+			c, ok := f.ev.next()
+			if !ok {
+				break
+			}
+			f.evChains = append(f.evChains, c)
+		}
+		for len(f.events) > 0 && len(f.evChains) > 0 {
+			busy = true
+			c := f.evChains[0]
+			f.evChains = f.evChains[1:]
+			f.events[0].Encode(c.outs[0])
+			f.events = f.events[1:]
+			f.ev.complete(c.head, abi.EventSize)
+		}
+		f.serveLock.Unlock()
+		if !busy {
+			time.Sleep(20 * time.Microsecond)
+		}
+	}
+}
+
+// newFake builds a Driver wired to a fake device, started and with the SBA
+// set.
+func newFake(t *testing.T, qsize uint16, tamper func(abi.Request, []byte, *uint32)) (*Driver, *fakeISM) {
+	t.Helper()
+	g := &guestMem{}
+	alloc := pci.NewAllocator(g.page, nil, 16)
+	f := &fakeISM{g: g, gid: 0xabcdef, dmbs: map[uint64]*fakeDMB{}, tamper: tamper, stop: make(chan struct{}), stopped: make(chan struct{})}
+	cfg := abi.Config{Magic: abi.Magic, Version: abi.Version, Modes: abi.ModeCopy, GID: f.gid, CHID: abi.DefaultCHID,
+		MaxDMBs: abi.MaxDMBs, MaxDMBSize: abi.MaxDMBSize, MaxMoveLen: 64 << 10, QueueSize: qsize}
+	d := &Driver{opts: Options{Timeout: 10 * time.Second, Logf: t.Logf}, cfg: cfg, alloc: alloc, maxDMBs: cfg.MaxDMBs}
+	mkq := func(idx uint16) (*pci.Queue, *devQueue) {
+		mem, err := alloc.Alloc(pci.QueueMemSize(int(qsize)), 4096)
+		if err != nil {
+			t.Fatal(err)
+		}
+		q, err := pci.NewQueue(idx, qsize, mem, idx == 0, func() {})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return q, &devQueue{g: g, size: qsize, desc: q.DescAddr(), avl: q.DriverAddr(), usd: q.DeviceAddr()}
+	}
+	d.reqQ, f.req = mkq(0)
+	d.evQ, f.ev = mkq(1)
+	var err error
+	n := int(qsize)
+	if d.slots, err = alloc.Alloc(n*slotSize, 64); err != nil {
+		t.Fatal(err)
+	}
+	for i := n - 1; i >= 0; i-- {
+		d.freeSlots = append(d.freeSlots, i)
+	}
+	d.pending = make([]*waiter, n)
+	if d.sba, err = alloc.Alloc(abi.SBASize, 4096); err != nil {
+		t.Fatal(err)
+	}
+	nev := min(16, n)
+	if d.evBufs, err = alloc.Alloc(nev*abi.EventSize, 64); err != nil {
+		t.Fatal(err)
+	}
+	go f.run()
+	if err := d.start(nev); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		d.Close()
+		close(f.stop)
+		<-f.stopped
+	})
+	if f.sba != d.sba.GPA() {
+		t.Fatalf("SET_SBA gave %#x, want %#x", f.sba, d.sba.GPA())
+	}
+	return d, f
+}
+
+func TestRegisterMoveSignal(t *testing.T) {
+	d, _ := newFake(t, 64, nil)
+	m, err := d.RegisterDMB(8192, d.GID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.Token() == 0 {
+		t.Fatal("token 0")
+	}
+	buf, err := d.AllocBuffer(4096)
+	if err != nil {
+		t.Fatal(err)
+	}
+	copy(buf.Bytes()[100:], "payload")
+	if err := d.Move(m.Token(), 5, true, 1000, buf, 100, 7); err != nil {
+		t.Fatal(err)
+	}
+	<-m.Signalled() // the poller must see the SBA bit; the test times out otherwise
+	if got := m.TakeDMBEs(); got != 1<<5 {
+		t.Fatalf("DMBE bits %#x, want bit 5", got)
+	}
+	if !bytes.Equal(m.Bytes()[1000:1007], []byte("payload")) {
+		t.Fatalf("DMB holds %q", m.Bytes()[1000:1007])
+	}
+	// Statuses come back as abi.Status errors.
+	for name, c := range map[string]struct {
+		err  error
+		want abi.Status
+	}{
+		"forged": {d.Move(m.Token()^0xffff, 0, false, 0, buf, 0, 8), abi.StatusNoEntry},
+		"range":  {d.Move(m.Token(), 0, false, 8190, buf, 0, 8), abi.StatusRange},
+		"query":  {d.QueryRGID(12345), abi.StatusNoEntry},
+		"dmbe":   {d.Move(m.Token(), 32, false, 0, buf, 0, 8), abi.StatusRange},
+		"srcoff": {d.Move(m.Token(), 0, false, 0, buf, 4090, 8), abi.StatusRange},
+		"toobig": {d.Move(m.Token(), 0, false, 0, buf, 0, 64<<10+1), abi.StatusRange},
+	} {
+		var st abi.Status
+		if !errors.As(c.err, &st) || st != c.want {
+			t.Errorf("%s: %v, want %v", name, c.err, c.want)
+		}
+	}
+	if err := d.QueryRGID(d.GID()); err != nil {
+		t.Fatal(err)
+	}
+	other, err := d.RegisterDMB(4096, 777)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Move(other.Token(), 0, true, 0, buf, 0, 4); !errors.Is(err, abi.StatusPermission) {
+		t.Fatalf("wrong rgid: %v", err)
+	}
+	if other.Index() == m.Index() {
+		t.Fatal("two DMBs share an index")
+	}
+	if err := d.Signal(d.GID(), 9, 0x55); err != nil {
+		t.Fatal(err)
+	}
+	ev := <-d.Events()
+	if ev.Type != abi.EventSWR || ev.Code != 9 || ev.Info != 0x55 {
+		t.Fatalf("event %+v", ev)
+	}
+	if err := d.UnregisterDMB(m); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Move(m.Token(), 0, false, 0, buf, 0, 8); !errors.Is(err, abi.StatusNoEntry) {
+		t.Fatalf("dead token: %v", err)
+	}
+	if err := d.UnregisterDMB(m); err == nil {
+		t.Fatal("second unregister succeeded")
+	}
+	buf.Free()
+	buf.Free() // idempotent
+}
+
+// Many goroutines with requests in flight on a small ring: every MOVE lands
+// in its own place and every signal is seen.
+func TestConcurrentMoves(t *testing.T) {
+	d, f := newFake(t, 16, nil)
+	const workers, moves = 32, 40
+	var wg sync.WaitGroup
+	errs := make(chan error, workers)
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			m, err := d.RegisterDMB(4096, d.GID())
+			if err != nil {
+				errs <- err
+				return
+			}
+			buf, err := d.AllocBuffer(64)
+			if err != nil {
+				errs <- err
+				return
+			}
+			for i := 0; i < moves; i++ {
+				s := fmt.Sprintf("w%02d-m%03d", w, i)
+				copy(buf.Bytes(), s)
+				if err := d.Move(m.Token(), uint32(i%32), true, uint32(8*i), buf, 0, 8); err != nil {
+					errs <- err
+					return
+				}
+				<-m.Signalled()
+				m.TakeDMBEs()
+				if got := string(m.Bytes()[8*i : 8*i+8]); got != s[:8] {
+					errs <- fmt.Errorf("worker %d move %d: DMB holds %q", w, i, got)
+					return
+				}
+			}
+			buf.Free()
+			if err := d.UnregisterDMB(m); err != nil {
+				errs <- err
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if n := f.served.Load(); n < workers*(moves+2) {
+		t.Errorf("device served %d requests", n)
+	}
+}
+
+func TestHostileResponses(t *testing.T) {
+	for name, c := range map[string]struct {
+		tamper func(abi.Request, []byte, *uint32)
+		check  func(error) bool
+	}{
+		"unknown status": {
+			func(r abi.Request, b []byte, n *uint32) {
+				if r.Op == abi.OpQueryRGID {
+					binary.LittleEndian.PutUint32(b, 99)
+				}
+			},
+			func(err error) bool { return errors.Is(err, ErrBroken) },
+		},
+		"malformed": {
+			func(r abi.Request, b []byte, n *uint32) {
+				if r.Op == abi.OpQueryRGID {
+					*n = 0
+				}
+			},
+			func(err error) bool { return errors.Is(err, abi.StatusInvalid) },
+		},
+		"short response": {
+			func(r abi.Request, b []byte, n *uint32) {
+				if r.Op == abi.OpQueryRGID {
+					*n = 8
+				}
+			},
+			func(err error) bool { return errors.Is(err, ErrBroken) },
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			d, _ := newFake(t, 8, c.tamper)
+			if err := d.QueryRGID(d.GID()); !c.check(err) {
+				t.Fatalf("got %v", err)
+			}
+		})
+	}
+	// A register answer with token 0 or another index is refused.
+	d, _ := newFake(t, 8, func(r abi.Request, b []byte, n *uint32) {
+		if r.Op == abi.OpRegisterDMB {
+			binary.LittleEndian.PutUint32(b[4:], r.Index+1)
+		}
+	})
+	if _, err := d.RegisterDMB(4096, 1); !errors.Is(err, ErrBroken) {
+		t.Fatalf("register with a wrong index echoed: %v", err)
+	}
+}
+
+// A device that completes a chain it was never given breaks the driver for
+// good: later calls fail with the reason instead of trusting the ring.
+func TestUsedIdxJump(t *testing.T) {
+	d, f := newFake(t, 8, nil)
+	f.serveLock.Lock()
+	f.req.usedIdx += 5
+	atomic.StoreUint32(f.req.word(f.req.usd), uint32(f.req.usedIdx)<<16)
+	f.serveLock.Unlock()
+	if err := d.QueryRGID(d.GID()); !errors.Is(err, ErrBroken) {
+		t.Fatalf("got %v", err)
+	}
+	if _, err := d.RegisterDMB(4096, 1); !errors.Is(err, ErrBroken) {
+		t.Fatalf("after breakage: %v", err)
+	}
+}
+
+func TestCloseFailsLaterCalls(t *testing.T) {
+	d, _ := newFake(t, 8, nil)
+	m, err := d.RegisterDMB(4096, d.GID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.QueryRGID(d.GID()); !errors.Is(err, ErrClosed) {
+		t.Fatalf("after close: %v", err)
+	}
+	if err := d.UnregisterDMB(m); err == nil {
+		t.Fatal("unregister after close succeeded")
+	}
+	if _, ok := <-d.Events(); ok {
+		t.Fatal("events channel still open")
+	}
+}
