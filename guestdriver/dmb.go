@@ -324,7 +324,13 @@ func (d *Driver) poll() {
 			runtime.Gosched()
 			continue
 		}
-		timer.Reset(min(time.Microsecond<<min((idle-200)/8, 10), time.Millisecond))
+		pause := min(time.Microsecond<<min((idle-200)/8, 10), time.Millisecond)
+		if pause == time.Millisecond && idle%64 == 0 && d.broken.Load() == nil {
+			// Idle for a while: re-notify the event queue in case a
+			// notification of re-posted buffers was lost.
+			d.evQ.ForceKick()
+		}
+		timer.Reset(pause)
 		select {
 		case <-d.stop:
 			timer.Stop()

@@ -51,6 +51,10 @@ var ErrClosed = errors.New("guestdriver: closed")
 // ErrBroken wraps the reason the device was declared broken.
 var ErrBroken = errors.New("guestdriver: device broke the protocol")
 
+// forceKickAfter is how long a request waits before its queue is notified
+// again regardless of suppression.
+const forceKickAfter = 20 * time.Millisecond
+
 // slotSize is the DMA bytes per in-flight request: header, then response.
 const slotSize = abi.RequestSize + abi.ResponseSize
 
@@ -86,6 +90,8 @@ type Driver struct {
 	nextIndex uint32
 	maxDMBs   uint32
 	live      atomic.Int64 // DMBs and Buffers handed out and not freed
+
+	forcedKicks atomic.Uint64
 
 	broken atomic.Pointer[error]
 	closed atomic.Bool
@@ -264,6 +270,10 @@ func (d *Driver) Events() <-chan abi.Event { return d.events }
 // EventDrops is the number of events dropped because Events was not drained.
 func (d *Driver) EventDrops() uint64 { return d.evDrops.Load() }
 
+// ForcedKicks counts notifications sent because a request waited longer
+// than expected: non-zero hints at lost notifications.
+func (d *Driver) ForcedKicks() uint64 { return d.forcedKicks.Load() }
+
 // PCIAddr is the PCI address of the device.
 func (d *Driver) PCIAddr() string {
 	if d.vio == nil {
@@ -347,11 +357,21 @@ func (d *Driver) do(req *abi.Request, data []pci.Seg) (abi.Response, error) {
 	d.poke()
 
 	spin = 0
+	lastKick := time.Now()
 	for !w.done.Load() {
 		if d.reqMu.TryLock() {
 			d.harvestLocked()
-			if !w.done.Load() && time.Since(start) > d.opts.Timeout {
-				d.failLocked(fmt.Errorf("%v not completed in %v", req.Op, d.opts.Timeout))
+			if !w.done.Load() {
+				if time.Since(start) > d.opts.Timeout {
+					d.failLocked(fmt.Errorf("%v not completed in %v", req.Op, d.opts.Timeout))
+				} else if time.Since(lastKick) > forceKickAfter && !d.closed.Load() {
+					// Safety net against a lost or wrongly suppressed
+					// notification (EVENT_IDX bookkeeping on either side):
+					// a spurious kick costs one exit.
+					d.reqQ.ForceKick()
+					lastKick = time.Now()
+					d.forcedKicks.Add(1)
+				}
 			}
 			d.reqMu.Unlock()
 			if w.done.Load() {

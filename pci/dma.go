@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"os"
 	"sort"
+	"strconv"
+	"strings"
 	"sync"
 	"unsafe"
 
@@ -201,8 +203,14 @@ func (a *Allocator) Close() error {
 // MAP_LOCKED|MAP_POPULATE fault it in now and keep it there: hugetlb pages
 // are never swapped or migrated, so the address stays valid.
 func hugePage() ([]byte, uint64, error) {
-	mem, err := unix.Mmap(-1, 0, HugePageSize, unix.PROT_READ|unix.PROT_WRITE,
-		unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_HUGETLB|unix.MAP_POPULATE|unix.MAP_LOCKED)
+	mmap := func() ([]byte, error) {
+		return unix.Mmap(-1, 0, HugePageSize, unix.PROT_READ|unix.PROT_WRITE,
+			unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_HUGETLB|unix.MAP_POPULATE|unix.MAP_LOCKED)
+	}
+	mem, err := mmap()
+	if err != nil && growHugePages() {
+		mem, err = mmap()
+	}
 	if err != nil {
 		return nil, 0, fmt.Errorf("pci: mmap huge page: %w (reserve some: hugepages=N on the kernel command line or /proc/sys/vm/nr_hugepages)", err)
 	}
@@ -214,6 +222,28 @@ func hugePage() ([]byte, uint64, error) {
 		return nil, 0, err
 	}
 	return mem, gpa, nil
+}
+
+// growHugePages asks the kernel for one more 2 MiB page in the pool (the
+// reservation from the command line may be used up); it reports whether
+// the pool grew. At runtime this can fail on fragmented memory, hence only
+// a fallback.
+func growHugePages() bool {
+	const path = "/proc/sys/vm/nr_hugepages"
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return false
+	}
+	n, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		return false
+	}
+	if os.WriteFile(path, []byte(strconv.Itoa(n+1)), 0) != nil {
+		return false
+	}
+	b, err = os.ReadFile(path)
+	m, err2 := strconv.Atoi(strings.TrimSpace(string(b)))
+	return err == nil && err2 == nil && m > n
 }
 
 // VirtToPhys looks a virtual address of this process up in
