@@ -418,11 +418,11 @@ func DecodeDecline(b []byte) (*Decline, error) {
 // ReadCLC reads one CLC message from r: it reads the header, checks the
 // eyecatcher and that the length is plausible, then reads exactly the rest,
 // so no byte after the message is consumed. It returns the message type and
-// all its bytes, for the Decode functions.
+// all its bytes, for the Decode functions; on error, the bytes read so far.
 func ReadCLC(r io.Reader) (uint8, []byte, error) {
 	var h [clcHeaderLen]byte
-	if _, err := io.ReadFull(r, h[:]); err != nil {
-		return 0, h[:0], err
+	if n, err := io.ReadFull(r, h[:]); err != nil {
+		return 0, h[:n], err
 	}
 	if !validEyecatcher(h[:]) {
 		return 0, h[:], clcErr("bad eyecatcher % x", h[:4])

@@ -255,7 +255,12 @@ func TestCLCStrictRejects(t *testing.T) {
 		{"accept length", goldenAccept, func(b []byte) []byte { b = append(b[:44:44], 0, 0, 0, 0, 0xe2, 0xd4, 0xc3, 0xc4); b[6] = 52; return b }},
 		{"accept SMC-R", goldenAccept, func(b []byte) []byte { b[7] = 0x10; return b }},
 		{"accept version 2", goldenAccept, func(b []byte) []byte { b[7] = 0x21; return b }},
-		{"decline v1 44 bytes", goldenDecline, func(b []byte) []byte { b = append(b[:24:24], make([]byte, 20)...); b[6] = 44; copy(b[40:], EyecatcherR[:]); return b }},
+		{"decline v1 44 bytes", goldenDecline, func(b []byte) []byte {
+			b = append(b[:24:24], make([]byte, 20)...)
+			b[6] = 44
+			copy(b[40:], EyecatcherR[:])
+			return b
+		}},
 		{"decline trailer", goldenDecline, func(b []byte) []byte { b[27] = 0xd9 ^ 1; return b }},
 	}
 	for _, c := range cases {

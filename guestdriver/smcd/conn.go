@@ -1,0 +1,519 @@
+package smcd
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Conn is a net.Conn over SMC-D. Our receive buffer is a DMB only the peer
+// may write: the CDC header at offset 0, then the data ring. We send by
+// MOVEing data into the peer's DMB ring, then its CDC header with the signal
+// flag. Positions are kept as absolute byte counts (uint64); the wire carries
+// them as {wrap, count} cursors.
+//
+// The TCP connection of the handshake stays open, idle, as in Linux: its
+// close tells us the peer is gone.
+type Conn struct {
+	dev Device
+	tcp net.Conn
+
+	dmb   DMB
+	ring  []byte // dmb.Bytes()[CDCLen:]
+	rsize uint32 // our ring size
+
+	peerGID   uint64
+	peerToken uint64
+	peerDMBE  uint32
+	psize     uint32 // peer ring size
+
+	cdcBuf Buffer // the CDC header we MOVE
+	stage  Buffer // data staging for MOVE
+
+	rMu  sync.Mutex // one Read at a time
+	wMu  sync.Mutex // one Write at a time; a Write is not interleaved
+	txMu sync.Mutex // serializes CDC MOVEs; taken before mu, never inside it
+
+	mu      sync.Mutex
+	changed chan struct{} // closed and replaced on every state change
+	// receive side
+	rxProd      uint64 // peer's producer position in our ring (validated)
+	rxCons      uint64 // consumed by Read
+	rxConfirmed uint64 // consumer position last sent to the peer
+	peerFlags   uint8  // peer's producer flags from its last CDC
+	peerState   uint8  // peer's connection state flags, sticky
+	// transmit side
+	txProd     uint64 // our producer position in the peer's ring
+	txPeerCons uint64 // peer's consumer position in its ring (validated)
+	txFlags    uint8
+	txState    uint8
+	err        error // fatal: abort, vanished peer, protocol violation, device error
+	closed     bool  // local Close
+
+	readDL, writeDL deadline
+
+	quit      chan struct{}
+	rxDone    chan struct{}
+	closeOnce sync.Once
+}
+
+// updateLimitMax caps the acknowledgement threshold, like Linux's
+// smc_rmb_wnd_update_limit: min(ring/10, SOCK_MIN_RCVBUF/2).
+const updateLimitMax = 2304
+
+// maxStage bounds the staging buffer a Write copies through.
+const maxStage = 128 << 10
+
+var (
+	errPeerAbort = fmt.Errorf("peer aborted the connection: %w", syscall.ECONNRESET)
+	errVanished  = fmt.Errorf("peer vanished (TCP connection closed without CDC close): %w", syscall.ECONNRESET)
+	errPeerClose = fmt.Errorf("peer closed the connection: %w", syscall.EPIPE)
+	errShutdown  = fmt.Errorf("write after CloseWrite: %w", syscall.EPIPE)
+	errTCPData   = errors.New("smcd: unexpected data on the TCP connection after the CLC handshake")
+)
+
+// newConn starts a connection whose DMB dmb is registered for the peer and
+// whose header is zero; peer* describe the peer's DMB from CLC.
+func newConn(dev Device, tcp net.Conn, dmb DMB, peerGID, peerToken uint64, peerDMBE uint32, peerSize int, cdcBuf, stage Buffer) *Conn {
+	c := &Conn{
+		dev: dev, tcp: tcp, dmb: dmb,
+		ring:    dmb.Bytes()[CDCLen:],
+		rsize:   uint32(len(dmb.Bytes()) - CDCLen),
+		peerGID: peerGID, peerToken: peerToken, peerDMBE: peerDMBE,
+		psize:   uint32(peerSize - CDCLen),
+		cdcBuf:  cdcBuf, stage: stage,
+		changed: make(chan struct{}),
+		quit:    make(chan struct{}),
+		rxDone:  make(chan struct{}),
+	}
+	c.readDL.init()
+	c.writeDL.init()
+	go c.rxLoop()
+	return c
+}
+
+func stageSize(peerRing int) int { return min(peerRing, maxStage) }
+
+// rxLoop handles the peer's CDCs as Linux's CDC tasklet does, independent of
+// whether the application is reading: it wakes readers and writers and
+// acknowledges consumption to a blocked sender. It also watches the TCP
+// connection: if that closes before the peer sent "closed", the peer is gone.
+func (c *Conn) rxLoop() {
+	defer close(c.rxDone)
+	tcpDead := make(chan error, 1)
+	go func() {
+		var b [1]byte
+		n, err := c.tcp.Read(b[:])
+		if n > 0 {
+			err = errTCPData
+		}
+		tcpDead <- err
+	}()
+	for {
+		select {
+		case <-c.dmb.Signalled():
+			c.rx(nil)
+		case err := <-tcpDead:
+			if err == nil {
+				err = io.EOF
+			}
+			c.rx(err)
+			return
+		case <-c.quit:
+			return
+		}
+	}
+}
+
+// rx processes the CDC header in our DMB. tcpErr is non-nil when the TCP
+// connection has ended: then the peer must already have said closed.
+func (c *Conn) rx(tcpErr error) {
+	m, err := LoadCDC(c.dmb.Bytes())
+	c.mu.Lock()
+	if c.err != nil || c.closed {
+		c.mu.Unlock()
+		return
+	}
+	var prod, cons uint64
+	if err == nil {
+		// The peer may fill only what we have told it we consumed.
+		prod, err = AdvanceCursor(c.rsize, c.rxProd, m.Prod, c.rxConfirmed+uint64(c.rsize))
+	}
+	if err == nil {
+		// The peer cannot consume what we have not produced.
+		cons, err = AdvanceCursor(c.psize, c.txPeerCons, m.Cons, c.txProd)
+	}
+	abortPeer := false
+	if err != nil {
+		c.err = err
+		abortPeer = true
+	} else {
+		c.rxProd, c.txPeerCons = prod, cons
+		c.peerFlags = m.ProdFlags
+		c.peerState |= m.ConnState
+		switch {
+		case c.peerState&FlagAbort != 0:
+			c.err = errPeerAbort
+		case errors.Is(tcpErr, errTCPData):
+			c.err = tcpErr
+			abortPeer = true
+		case tcpErr != nil && c.peerState&FlagClosed == 0:
+			c.err = errVanished
+		}
+	}
+	ack := c.err == nil && c.ackNeededLocked()
+	c.broadcastLocked()
+	c.mu.Unlock()
+	switch {
+	case abortPeer:
+		c.sendAbort()
+	case ack:
+		c.sendCDC()
+	}
+}
+
+// ackNeededLocked decides, as Linux's smc_tx_consumer_update, whether to
+// write our consumer cursor to the peer now: it asked, or it is blocked, or
+// enough is unacknowledged and the peer sees our ring at most half free.
+func (c *Conn) ackNeededLocked() bool {
+	toConfirm := c.rxCons - c.rxConfirmed
+	if toConfirm == 0 || c.peerState&(FlagClosed|FlagAbort) != 0 {
+		return false
+	}
+	if c.peerFlags&(FlagWriteBlocked|FlagCursorUpdateRq) != 0 {
+		return true
+	}
+	limit := min(uint64(c.rsize)/10, updateLimitMax)
+	senderFree := uint64(c.rsize) - (c.rxProd - c.rxConfirmed)
+	return toConfirm > limit && senderFree <= uint64(c.rsize)/2
+}
+
+func (c *Conn) broadcastLocked() {
+	close(c.changed)
+	c.changed = make(chan struct{})
+}
+
+// sendCDC writes our current cursors and flags into the peer's DMB header
+// and signals it. A failure (the peer's DMB is gone) fails the connection.
+func (c *Conn) sendCDC() error {
+	c.txMu.Lock()
+	defer c.txMu.Unlock()
+	c.mu.Lock()
+	m := CDC{
+		Prod:      CursorOf(c.psize, c.txProd),
+		Cons:      CursorOf(c.rsize, c.rxCons),
+		ProdFlags: c.txFlags,
+		ConnState: c.txState,
+	}
+	c.rxConfirmed = c.rxCons
+	c.mu.Unlock()
+	m.Encode(c.cdcBuf.Bytes())
+	err := c.dev.Move(c.peerToken, c.peerDMBE, true, 0, c.cdcBuf, 0, CDCLen)
+	if err != nil {
+		c.mu.Lock()
+		gone := c.peerState&FlagClosed != 0
+		c.mu.Unlock()
+		if gone {
+			// A peer that said closed may unregister its DMB at once;
+			// nothing we could still tell it matters.
+			return nil
+		}
+		c.fail(fmt.Errorf("smcd: CDC to peer DMB: %w (%w)", err, syscall.ECONNRESET))
+	}
+	return err
+}
+
+func (c *Conn) sendAbort() {
+	c.mu.Lock()
+	c.txState |= FlagAbort
+	c.mu.Unlock()
+	c.sendCDC()
+}
+
+func (c *Conn) fail(err error) {
+	c.mu.Lock()
+	if c.err == nil {
+		c.err = err
+	}
+	c.broadcastLocked()
+	c.mu.Unlock()
+}
+
+func (c *Conn) opErr(op string, err error) error {
+	if err == nil || err == io.EOF {
+		return err
+	}
+	return &net.OpError{Op: op, Net: "smcd", Source: c.tcp.LocalAddr(), Addr: c.tcp.RemoteAddr(), Err: err}
+}
+
+// Read reads data the peer produced into our DMB ring.
+func (c *Conn) Read(p []byte) (int, error) {
+	c.rMu.Lock()
+	defer c.rMu.Unlock()
+	c.mu.Lock()
+	for {
+		switch {
+		case c.closed:
+			c.mu.Unlock()
+			return 0, c.opErr("read", net.ErrClosed)
+		case c.err != nil:
+			err := c.err
+			c.mu.Unlock()
+			return 0, c.opErr("read", err)
+		}
+		if c.rxProd > c.rxCons {
+			break
+		}
+		if c.peerState&(FlagDoneWriting|FlagClosed) != 0 {
+			c.mu.Unlock()
+			return 0, io.EOF
+		}
+		if len(p) == 0 {
+			c.mu.Unlock()
+			return 0, nil
+		}
+		if err := c.waitLocked(&c.readDL); err != nil {
+			c.mu.Unlock()
+			return 0, c.opErr("read", err)
+		}
+	}
+	avail := c.rxProd - c.rxCons
+	pos := uint32(c.rxCons % uint64(c.rsize))
+	c.mu.Unlock()
+
+	// [rxCons, rxProd) is ours until we acknowledge it: the peer does not
+	// write there, so the copy needs no lock.
+	n := int(min(uint64(len(p)), avail))
+	first := min(n, int(c.rsize-pos))
+	copy(p, c.ring[pos:int(pos)+first])
+	copy(p[first:n], c.ring[:n-first])
+
+	c.mu.Lock()
+	c.rxCons += uint64(n)
+	ack := c.err == nil && c.ackNeededLocked()
+	c.mu.Unlock()
+	if ack {
+		c.sendCDC()
+	}
+	return n, nil
+}
+
+// waitLocked waits, with c.mu held on entry and exit, for a state change or
+// the deadline.
+func (c *Conn) waitLocked(dl *deadline) error {
+	ch := c.changed
+	expired := dl.wait()
+	select {
+	case <-expired:
+		return os.ErrDeadlineExceeded
+	default:
+	}
+	c.mu.Unlock()
+	var err error
+	select {
+	case <-ch:
+	case <-expired:
+		err = os.ErrDeadlineExceeded
+	}
+	c.mu.Lock()
+	return err
+}
+
+// Write MOVEs p into the peer's ring as space allows.
+func (c *Conn) Write(p []byte) (int, error) {
+	c.wMu.Lock()
+	defer c.wMu.Unlock()
+	stage := c.stage.Bytes()
+	n := 0
+	for {
+		space, err := c.waitSpace()
+		if err != nil {
+			return n, c.opErr("write", err)
+		}
+		if n == len(p) {
+			return n, nil
+		}
+		chunk := min(space, len(p)-n, len(stage))
+		copy(stage, p[n:n+chunk])
+		c.mu.Lock()
+		pos := uint32(c.txProd % uint64(c.psize))
+		c.mu.Unlock()
+		first := min(chunk, int(c.psize-pos))
+		err = c.dev.Move(c.peerToken, c.peerDMBE, false, CDCLen+pos, c.stage, 0, first)
+		if err == nil && chunk > first {
+			err = c.dev.Move(c.peerToken, c.peerDMBE, false, CDCLen, c.stage, first, chunk-first)
+		}
+		if err != nil {
+			err = fmt.Errorf("smcd: data to peer DMB: %w (%w)", err, syscall.ECONNRESET)
+			c.fail(err)
+			return n, c.opErr("write", err)
+		}
+		c.mu.Lock()
+		c.txProd += uint64(chunk)
+		c.txFlags &^= FlagWriteBlocked
+		c.mu.Unlock()
+		if err := c.sendCDC(); err != nil {
+			return n, c.opErr("write", err)
+		}
+		n += chunk
+	}
+}
+
+// waitSpace returns the free space in the peer's ring, waiting for the peer
+// to consume when there is none. Before waiting it tells the peer it is
+// blocked, so that the peer acknowledges even small consumption.
+func (c *Conn) waitSpace() (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for {
+		switch {
+		case c.closed:
+			return 0, net.ErrClosed
+		case c.err != nil:
+			return 0, c.err
+		case c.txState&(FlagDoneWriting|FlagClosed|FlagAbort) != 0:
+			return 0, errShutdown
+		case c.peerState&FlagClosed != 0:
+			return 0, errPeerClose
+		}
+		space := uint64(c.psize) - (c.txProd - c.txPeerCons)
+		if space > 0 {
+			return int(space), nil
+		}
+		if c.txFlags&FlagWriteBlocked == 0 {
+			c.txFlags |= FlagWriteBlocked
+			c.mu.Unlock()
+			c.sendCDC()
+			c.mu.Lock()
+			continue
+		}
+		if err := c.waitLocked(&c.writeDL); err != nil {
+			return 0, err
+		}
+	}
+}
+
+// CloseWrite sends "done writing": the peer's Read returns io.EOF once it
+// has read everything before it. Reading continues to work.
+func (c *Conn) CloseWrite() error {
+	c.wMu.Lock()
+	defer c.wMu.Unlock()
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return c.opErr("close", net.ErrClosed)
+	}
+	if c.err != nil {
+		err := c.err
+		c.mu.Unlock()
+		return c.opErr("close", err)
+	}
+	c.txState |= FlagDoneWriting
+	c.mu.Unlock()
+	return c.opErr("close", c.sendCDC())
+}
+
+// Close sends "closed" (or "abort" when received data is left unread, as
+// Linux does), then unregisters the DMB and closes the TCP connection.
+func (c *Conn) Close() error {
+	first := false
+	c.closeOnce.Do(func() {
+		first = true
+		c.mu.Lock()
+		failed := c.err != nil
+		if c.rxProd > c.rxCons {
+			c.txState |= FlagAbort
+		} else {
+			c.txState |= FlagClosed
+		}
+		c.closed = true
+		c.broadcastLocked()
+		c.mu.Unlock()
+		if !failed {
+			c.sendCDC()
+		}
+		close(c.quit)
+		c.tcp.Close()
+		<-c.rxDone
+		// Wait for Read and Write, woken above, to leave the ring and
+		// the staging buffer.
+		c.wMu.Lock()
+		c.rMu.Lock()
+		c.dev.UnregisterDMB(c.dmb)
+		c.cdcBuf.Free()
+		c.stage.Free()
+		c.rMu.Unlock()
+		c.wMu.Unlock()
+	})
+	if !first {
+		return c.opErr("close", net.ErrClosed)
+	}
+	return nil
+}
+
+func (c *Conn) LocalAddr() net.Addr  { return c.tcp.LocalAddr() }
+func (c *Conn) RemoteAddr() net.Addr { return c.tcp.RemoteAddr() }
+
+// PeerGID is the peer's ISM GID.
+func (c *Conn) PeerGID() uint64 { return c.peerGID }
+
+func (c *Conn) SetDeadline(t time.Time) error {
+	c.readDL.set(t)
+	c.writeDL.set(t)
+	return nil
+}
+func (c *Conn) SetReadDeadline(t time.Time) error  { c.readDL.set(t); return nil }
+func (c *Conn) SetWriteDeadline(t time.Time) error { c.writeDL.set(t); return nil }
+
+// deadline is a channel closed when the deadline passes; setting a new
+// deadline while someone waits takes effect at once.
+type deadline struct {
+	mu     sync.Mutex
+	timer  *time.Timer
+	expiry chan struct{}
+}
+
+func (d *deadline) init() { d.expiry = make(chan struct{}) }
+
+func (d *deadline) set(t time.Time) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.timer != nil && !d.timer.Stop() {
+		<-d.expiry // the timer fired: wait until it has closed expiry
+	}
+	d.timer = nil
+	expired := false
+	select {
+	case <-d.expiry:
+		expired = true
+	default:
+	}
+	if t.IsZero() {
+		if expired {
+			d.expiry = make(chan struct{})
+		}
+		return
+	}
+	if dur := time.Until(t); dur > 0 {
+		if expired {
+			d.expiry = make(chan struct{})
+		}
+		ch := d.expiry
+		d.timer = time.AfterFunc(dur, func() { close(ch) })
+		return
+	}
+	if !expired {
+		close(d.expiry)
+	}
+}
+
+func (d *deadline) wait() chan struct{} {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.expiry
+}

@@ -1,0 +1,36 @@
+package smcd
+
+// Device is an ISM device as the SMC-D stack uses it. The guest's virtio ISM
+// driver implements it; so does the in-process Loopback. Errors are
+// abi.Status values.
+type Device interface {
+	GID() uint64
+	CHID() uint16
+	// RegisterDMB registers a DMB of size bytes that only rgid may write;
+	// rgid may be the device's own GID (both ends in one guest).
+	RegisterDMB(size int, rgid uint64) (DMB, error)
+	UnregisterDMB(m DMB) error
+	// AllocBuffer returns memory the device can MOVE from.
+	AllocBuffer(size int) (Buffer, error)
+	// Move copies src[srcOff:srcOff+n] into the peer DMB token at offset;
+	// signal sets DMBE bit dmbe in it and wakes its owner.
+	Move(token uint64, dmbe uint32, signal bool, offset uint32, src Buffer, srcOff, n int) error
+	// QueryRGID reports whether rgid is reachable through this device.
+	QueryRGID(rgid uint64) error
+}
+
+// DMB is a registered Direct Memory Buffer.
+type DMB interface {
+	Token() uint64
+	// Bytes is the local view of the memory peers write.
+	Bytes() []byte
+	// Signalled receives (capacity 1, coalescing) after the DMB was
+	// signalled.
+	Signalled() <-chan struct{}
+}
+
+// Buffer is device-accessible memory to MOVE from.
+type Buffer interface {
+	Bytes() []byte
+	Free()
+}

@@ -1,0 +1,541 @@
+// Package smcd is a userspace SMC-D stack: it negotiates with CLC over a TCP
+// connection (Proposal, Accept, Confirm, or Decline), then moves data through
+// ISM DMBs with CDC cursors, and offers the result as a net.Conn. Any
+// failure to negotiate falls back to plain TCP on the same connection,
+// invisibly to the application.
+//
+// Both ends must use this stack: there is no SMC TCP option yet, so a Dial
+// to a plain TCP server sends it a Proposal it does not expect. A Listener
+// tolerates plain TCP clients that speak first (their bytes are replayed).
+package smcd
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/ism-backend/ism-backend/abi"
+)
+
+// Defaults.
+const (
+	DefaultDMBSize          = 64 << 10
+	DefaultHandshakeTimeout = 6 * time.Second // Linux CLC_WAIT_TIME
+	MinDMBSize              = 16 << 10
+	MaxDMBSize              = 1 << 20
+)
+
+// Dialer holds options for Dial.
+type Dialer struct {
+	// DMBSize is the size of our receive DMB: a power of two in
+	// 16 KiB..1 MiB. 0 means DefaultDMBSize.
+	DMBSize int
+	// HandshakeTimeout bounds the wait for each CLC message. 0 means
+	// DefaultHandshakeTimeout.
+	HandshakeTimeout time.Duration
+	// ForceDecline, if non-zero, makes the client decline the server's
+	// Accept with this diagnosis code (for tests).
+	ForceDecline uint32
+	// Net dials the TCP connection.
+	Net net.Dialer
+}
+
+// Server holds options for Listen.
+type Server struct {
+	DMBSize          int
+	HandshakeTimeout time.Duration
+	// ForceDecline, if non-zero, makes the server decline every Proposal
+	// with this diagnosis code (for tests).
+	ForceDecline uint32
+	// Logf, if set, receives one line per fallback to TCP.
+	Logf func(format string, args ...any)
+}
+
+// Dial connects to addr ("tcp", "tcp4", "tcp6") and negotiates SMC-D over
+// dev. It returns a *Conn, or the TCP connection if SMC-D was declined.
+func Dial(ctx context.Context, dev Device, network, addr string) (net.Conn, error) {
+	var d Dialer
+	return d.DialContext(ctx, dev, network, addr)
+}
+
+// Listen listens on addr and negotiates SMC-D over dev with each client.
+func Listen(dev Device, network, addr string) (net.Listener, error) {
+	var s Server
+	return s.Listen(dev, network, addr)
+}
+
+func dmbSize(n int) (int, uint8, error) {
+	if n == 0 {
+		n = DefaultDMBSize
+	}
+	code, err := DMBESizeCode(n)
+	return n, code, err
+}
+
+func timeoutOr(t time.Duration) time.Duration {
+	if t <= 0 {
+		return DefaultHandshakeTimeout
+	}
+	return t
+}
+
+// DeclineError reports why SMC-D was not used: the code we sent, or the one
+// the peer sent (Remote).
+type DeclineError struct {
+	Code   uint32
+	Remote bool
+	Err    error
+}
+
+func (e *DeclineError) Error() string {
+	who := "local"
+	if e.Remote {
+		who = "peer"
+	}
+	if e.Err != nil {
+		return fmt.Sprintf("smcd: %s decline %#08x: %v", who, e.Code, e.Err)
+	}
+	return fmt.Sprintf("smcd: %s decline %#08x", who, e.Code)
+}
+
+func (e *DeclineError) Unwrap() error { return e.Err }
+
+// FallbackConn is the net.Conn returned when SMC-D was declined: the TCP
+// connection, with any bytes read during negotiation replayed first.
+type FallbackConn struct {
+	net.Conn
+	// Reason says why SMC-D was not used.
+	Reason *DeclineError
+	replay []byte
+}
+
+func (f *FallbackConn) Read(p []byte) (int, error) {
+	if len(f.replay) > 0 {
+		n := copy(p, f.replay)
+		f.replay = f.replay[n:]
+		return n, nil
+	}
+	return f.Conn.Read(p)
+}
+
+// CloseWrite half-closes the TCP connection.
+func (f *FallbackConn) CloseWrite() error {
+	if cw, ok := f.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return errors.New("smcd: CloseWrite not supported")
+}
+
+// IsSMC reports whether c is an SMC-D connection (not a TCP fallback).
+func IsSMC(c net.Conn) bool { _, ok := c.(*Conn); return ok }
+
+// sendDecline writes a v1 Decline; errors are ignored since we fall back
+// (or fail) anyway.
+func sendDecline(tcp net.Conn, code uint32) {
+	d := Decline{Version: 1, Diagnosis: code}
+	b, _ := d.Encode()
+	tcp.Write(b)
+}
+
+// declineCode maps a device error to the Decline Linux would send.
+func declineCode(err error) uint32 {
+	var st abi.Status
+	if errors.As(err, &st) && st == abi.StatusNoSpace {
+		return DeclineMaxDMB
+	}
+	return DeclineMem
+}
+
+func clcReadCode(err error) uint32 {
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return DeclineTimeout
+	}
+	return DeclineCnfErr
+}
+
+// fallback clears the handshake deadline and hands back the TCP connection.
+func fallback(tcp net.Conn, reason *DeclineError, replay []byte) (net.Conn, error) {
+	if err := tcp.SetDeadline(time.Time{}); err != nil {
+		tcp.Close()
+		return nil, err
+	}
+	return &FallbackConn{Conn: tcp, Reason: reason, replay: replay}, nil
+}
+
+// connBuffers allocates the CDC and staging buffers.
+func connBuffers(dev Device, peerSize int) (Buffer, Buffer, error) {
+	cdc, err := dev.AllocBuffer(CDCLen)
+	if err != nil {
+		return nil, nil, err
+	}
+	stage, err := dev.AllocBuffer(stageSize(peerSize - CDCLen))
+	if err != nil {
+		cdc.Free()
+		return nil, nil, err
+	}
+	return cdc, stage, nil
+}
+
+// DialContext is Dial with options.
+func (d *Dialer) DialContext(ctx context.Context, dev Device, network, addr string) (net.Conn, error) {
+	size, code, err := dmbSize(d.DMBSize)
+	if err != nil {
+		return nil, err
+	}
+	tcp, err := d.Net.DialContext(ctx, network, addr)
+	if err != nil {
+		return nil, err
+	}
+	c, err := d.handshake(ctx, dev, tcp, size, code)
+	if err != nil {
+		tcp.Close()
+		if ctx.Err() != nil {
+			err = ctx.Err()
+		}
+		return nil, &net.OpError{Op: "dial", Net: "smcd", Source: tcp.LocalAddr(), Addr: tcp.RemoteAddr(), Err: err}
+	}
+	return c, nil
+}
+
+func (d *Dialer) handshake(ctx context.Context, dev Device, tcp net.Conn, size int, code uint8) (net.Conn, error) {
+	tcp.SetDeadline(time.Now().Add(timeoutOr(d.HandshakeTimeout)))
+	stop := context.AfterFunc(ctx, func() { tcp.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+
+	prop := Proposal{TypeV1: SMCTypeD, SMCDArea: true, GID: dev.GID(), CHID: dev.CHID()}
+	setPrefix(&prop, tcp.LocalAddr())
+	pb, err := prop.Encode()
+	if err != nil {
+		return nil, err
+	}
+	if _, err := tcp.Write(pb); err != nil {
+		return nil, err
+	}
+	decline := func(code uint32, err error) (net.Conn, error) {
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		sendDecline(tcp, code)
+		return fallback(tcp, &DeclineError{Code: code, Err: err}, nil)
+	}
+	typ, msg, err := ReadCLC(tcp)
+	switch {
+	case err != nil && (errors.Is(err, ErrCLC) || errors.Is(err, os.ErrDeadlineExceeded)):
+		return decline(clcReadCode(err), err)
+	case err != nil:
+		return nil, err // the TCP connection itself failed: nothing to fall back to
+	case typ == CLCDecline:
+		dl, err := DecodeDecline(msg)
+		if err != nil {
+			return fallback(tcp, &DeclineError{Remote: true, Err: err}, nil)
+		}
+		return fallback(tcp, &DeclineError{Code: dl.Diagnosis, Remote: true}, nil)
+	case typ != CLCAccept:
+		return decline(DeclineCnfErr, clcErr("type %d instead of accept", typ))
+	}
+	acc, err := DecodeAcceptConfirm(msg, CLCAccept)
+	if err != nil {
+		return decline(DeclineCnfErr, err)
+	}
+	peerSize, err := DMBESize(acc.DMBESize)
+	if err != nil || acc.GID == 0 || acc.Token == 0 || uint32(acc.DMBEIndex) >= abi.MaxDMBEs {
+		return decline(DeclineCnfErr, fmt.Errorf("unusable accept %+v", acc))
+	}
+	if d.ForceDecline != 0 {
+		return decline(d.ForceDecline, errors.New("forced"))
+	}
+	if err := dev.QueryRGID(acc.GID); err != nil {
+		return decline(DeclineNoSMCDDev, err)
+	}
+	dmb, err := dev.RegisterDMB(size, acc.GID)
+	if err != nil {
+		return decline(declineCode(err), err)
+	}
+	clear(dmb.Bytes()[:CDCLen])
+	cdcBuf, stage, err := connBuffers(dev, peerSize)
+	if err != nil {
+		dev.UnregisterDMB(dmb)
+		return decline(declineCode(err), err)
+	}
+	conf := AcceptConfirm{Type: CLCConfirm, FirstContact: true, GID: dev.GID(), Token: dmb.Token(),
+		DMBESize: code, LinkID: uint32(random64())}
+	cb, _ := conf.Encode()
+	_, err = tcp.Write(cb)
+	if err == nil {
+		err = tcp.SetDeadline(time.Time{})
+	}
+	if err == nil {
+		err = ctx.Err()
+	}
+	if err != nil {
+		dev.UnregisterDMB(dmb)
+		cdcBuf.Free()
+		stage.Free()
+		return nil, err
+	}
+	return newConn(dev, tcp, dmb, acc.GID, acc.Token, uint32(acc.DMBEIndex), peerSize, cdcBuf, stage), nil
+}
+
+// setPrefix fills the Proposal's IP prefix area from the interface that owns
+// the local address, as Linux's smc_clc_prfx_set does.
+func setPrefix(p *Proposal, local net.Addr) {
+	ip, ipnet := localPrefix(local)
+	if ip4 := ip.To4(); ip4 != nil {
+		ones, _ := ipnet.Mask.Size()
+		if ipnet.Mask == nil || len(ipnet.Mask) != net.IPv4len {
+			ones = 32
+		}
+		copy(p.Subnet[:], ip4.Mask(net.CIDRMask(ones, 32)))
+		p.PrefixLen = uint8(ones)
+		return
+	}
+	ones, _ := ipnet.Mask.Size()
+	if ipnet.Mask == nil {
+		ones = 128
+	}
+	var x IPv6Prefix
+	copy(x.Prefix[:], ip.Mask(net.CIDRMask(ones, 128)))
+	x.Len = uint8(ones)
+	p.IPv6Prefixes = []IPv6Prefix{x}
+}
+
+// localPrefix finds the interface network of a local TCP address; without
+// one, the address alone (/32 or /128).
+func localPrefix(a net.Addr) (net.IP, net.IPNet) {
+	ta, _ := a.(*net.TCPAddr)
+	if ta == nil {
+		return net.IPv4zero, net.IPNet{}
+	}
+	ip := ta.IP
+	if ip4 := ip.To4(); ip4 != nil {
+		ip = ip4
+	}
+	addrs, _ := net.InterfaceAddrs()
+	for _, x := range addrs {
+		if n, ok := x.(*net.IPNet); ok && n.IP.Equal(ip) {
+			mask := n.Mask
+			if ip.To4() != nil && len(mask) == net.IPv6len {
+				mask = mask[12:]
+			}
+			return ip, net.IPNet{IP: n.IP, Mask: mask}
+		}
+	}
+	return ip, net.IPNet{}
+}
+
+// prefixMatch is smc_clc_prfx_match: the client's prefix is the server's
+// own interface prefix.
+func prefixMatch(p *Proposal, local net.Addr) bool {
+	var mine Proposal
+	setPrefix(&mine, local)
+	if len(p.IPv6Prefixes) == 0 && len(mine.IPv6Prefixes) == 0 {
+		return p.PrefixLen == mine.PrefixLen && p.Subnet == mine.Subnet
+	}
+	for _, x := range p.IPv6Prefixes {
+		for _, y := range mine.IPv6Prefixes {
+			if x == y {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// Listen listens on a TCP address and negotiates SMC-D with each client.
+func (s *Server) Listen(dev Device, network, addr string) (net.Listener, error) {
+	if _, _, err := dmbSize(s.DMBSize); err != nil {
+		return nil, err
+	}
+	tl, err := net.Listen(network, addr)
+	if err != nil {
+		return nil, err
+	}
+	return s.NewListener(dev, tl), nil
+}
+
+// NewListener negotiates SMC-D over dev on connections accepted from tl.
+// Each handshake runs in its own goroutine, so a slow client does not hold
+// up others.
+func (s *Server) NewListener(dev Device, tl net.Listener) net.Listener {
+	ctx, cancel := context.WithCancel(context.Background())
+	l := &listener{srv: s, dev: dev, tl: tl, conns: make(chan net.Conn), ctx: ctx, cancel: cancel, acceptErr: make(chan struct{})}
+	go l.acceptLoop()
+	return l
+}
+
+type listener struct {
+	srv    *Server
+	dev    Device
+	tl     net.Listener
+	conns  chan net.Conn
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	acceptErr chan struct{} // closed when tl.Accept failed; err holds why
+	err       error
+	closeOnce sync.Once
+}
+
+func (l *listener) acceptLoop() {
+	for {
+		tcp, err := l.tl.Accept()
+		if err != nil {
+			l.err = err
+			close(l.acceptErr)
+			return
+		}
+		go func() {
+			c, err := l.srv.handshake(l.ctx, l.dev, tcp)
+			if err != nil {
+				tcp.Close()
+				return
+			}
+			select {
+			case l.conns <- c:
+			case <-l.ctx.Done():
+				c.Close()
+			}
+		}()
+	}
+}
+
+func (l *listener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.conns:
+		return c, nil
+	case <-l.ctx.Done():
+		return nil, &net.OpError{Op: "accept", Net: "smcd", Addr: l.tl.Addr(), Err: net.ErrClosed}
+	case <-l.acceptErr:
+		return nil, l.err
+	}
+}
+
+func (l *listener) Close() error {
+	err := net.ErrClosed
+	l.closeOnce.Do(func() {
+		l.cancel()
+		err = l.tl.Close()
+	})
+	return err
+}
+
+func (l *listener) Addr() net.Addr { return l.tl.Addr() }
+
+func (s *Server) logf(format string, args ...any) {
+	if s.Logf != nil {
+		s.Logf(format, args...)
+	}
+}
+
+func (s *Server) handshake(ctx context.Context, dev Device, tcp net.Conn) (net.Conn, error) {
+	size, code, err := dmbSize(s.DMBSize)
+	if err != nil {
+		return nil, err
+	}
+	tcp.SetDeadline(time.Now().Add(timeoutOr(s.HandshakeTimeout)))
+	stop := context.AfterFunc(ctx, func() { tcp.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+
+	decline := func(code uint32, err error) (net.Conn, error) {
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		s.logf("smcd: %v: declining with %#08x: %v", tcp.RemoteAddr(), code, err)
+		sendDecline(tcp, code)
+		return fallback(tcp, &DeclineError{Code: code, Err: err}, nil)
+	}
+	typ, msg, err := ReadCLC(tcp)
+	switch {
+	case err != nil && len(msg) > 0 && !validEyecatcher(append(msg, 0, 0, 0, 0)):
+		// Not a CLC message at all: a plain TCP client that spoke first.
+		// Give its bytes back to the application and say nothing.
+		s.logf("smcd: %v: client is not SMC, plain TCP", tcp.RemoteAddr())
+		return fallback(tcp, &DeclineError{Code: DeclinePeerNoSMC, Remote: true, Err: err}, bytes.Clone(msg))
+	case err != nil && (errors.Is(err, ErrCLC) || errors.Is(err, os.ErrDeadlineExceeded)):
+		return decline(clcReadCode(err), err)
+	case err != nil:
+		return nil, err
+	case typ != CLCProposal:
+		return decline(DeclineCnfErr, clcErr("type %d instead of proposal", typ))
+	}
+	prop, err := DecodeProposal(msg)
+	switch {
+	case errors.Is(err, ErrCLCVersion):
+		return decline(DeclineVersMismat, err)
+	case err != nil:
+		return decline(DeclineCnfErr, err)
+	case !prop.SMCDArea || (prop.TypeV1 != SMCTypeD && prop.TypeV1 != SMCTypeB) || prop.GID == 0:
+		return decline(DeclineModeUnsupp, errors.New("client offers no SMC-D"))
+	case s.ForceDecline != 0:
+		return decline(s.ForceDecline, errors.New("forced"))
+	case prop.CHID != dev.CHID():
+		return decline(DeclineNoSMCDDev, fmt.Errorf("client CHID %#04x, ours %#04x", prop.CHID, dev.CHID()))
+	}
+	if err := dev.QueryRGID(prop.GID); err != nil {
+		return decline(DeclineNoSMCDDev, fmt.Errorf("client GID %#x: %w", prop.GID, err))
+	}
+	if !prefixMatch(prop, tcp.LocalAddr()) {
+		return decline(DeclineDiffPrefix, fmt.Errorf("client prefix %v/%d", net.IP(prop.Subnet[:]), prop.PrefixLen))
+	}
+	dmb, err := dev.RegisterDMB(size, prop.GID)
+	if err != nil {
+		return decline(declineCode(err), err)
+	}
+	clear(dmb.Bytes()[:CDCLen])
+	release := func() { dev.UnregisterDMB(dmb) }
+	acc := AcceptConfirm{Type: CLCAccept, FirstContact: true, GID: dev.GID(), Token: dmb.Token(),
+		DMBESize: code, LinkID: uint32(random64())}
+	ab, _ := acc.Encode()
+	if _, err := tcp.Write(ab); err != nil {
+		release()
+		return nil, err
+	}
+	typ, msg, err = ReadCLC(tcp)
+	switch {
+	case err != nil && (errors.Is(err, ErrCLC) || errors.Is(err, os.ErrDeadlineExceeded)):
+		release()
+		return decline(clcReadCode(err), err)
+	case err != nil:
+		release()
+		return nil, err
+	case typ == CLCDecline:
+		release()
+		dl, err := DecodeDecline(msg)
+		if err != nil {
+			return fallback(tcp, &DeclineError{Remote: true, Err: err}, nil)
+		}
+		s.logf("smcd: %v: client declined with %#08x", tcp.RemoteAddr(), dl.Diagnosis)
+		return fallback(tcp, &DeclineError{Code: dl.Diagnosis, Remote: true}, nil)
+	case typ != CLCConfirm:
+		release()
+		return decline(DeclineCnfErr, clcErr("type %d instead of confirm", typ))
+	}
+	conf, err := DecodeAcceptConfirm(msg, CLCConfirm)
+	if err != nil {
+		release()
+		return decline(DeclineCnfErr, err)
+	}
+	peerSize, err := DMBESize(conf.DMBESize)
+	if err != nil || conf.GID != prop.GID || conf.Token == 0 || uint32(conf.DMBEIndex) >= abi.MaxDMBEs {
+		release()
+		return decline(DeclineCnfErr, fmt.Errorf("unusable confirm %+v", conf))
+	}
+	cdcBuf, stage, err := connBuffers(dev, peerSize)
+	if err != nil {
+		release()
+		return decline(declineCode(err), err)
+	}
+	if err := tcp.SetDeadline(time.Time{}); err != nil {
+		release()
+		return nil, err
+	}
+	return newConn(dev, tcp, dmb, conf.GID, conf.Token, uint32(conf.DMBEIndex), peerSize, cdcBuf, stage), nil
+}
+
+var _ io.ReadWriteCloser = (*Conn)(nil)
