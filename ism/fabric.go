@@ -21,6 +21,7 @@ import (
 	"fmt"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/sirupsen/logrus"
 
@@ -51,6 +52,7 @@ var (
 type Fabric struct {
 	chid uint16
 	log  *logrus.Entry
+	now  func() time.Time // the log rate limiter's clock; tests fix it
 
 	fabricLimit atomic.Int64
 	deviceLimit atomic.Int64
@@ -80,6 +82,7 @@ func NewFabric(chid uint16, log *logrus.Entry) *Fabric {
 	}
 	f := &Fabric{
 		chid:    chid,
+		now:     time.Now,
 		log:     log.WithField("chid", fmt.Sprintf("%#04x", chid)),
 		devices: make(map[uint64]*Device),
 	}

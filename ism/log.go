@@ -60,7 +60,7 @@ func (d *Device) refuse(req abi.Request, st abi.Status, why string) error {
 	if !d.log.Logger.IsLevelEnabled(level) {
 		return st
 	}
-	ok, suppressed := d.lim.allow(time.Now())
+	ok, suppressed := d.lim.allow(d.f.now())
 	if !ok {
 		return st
 	}
