@@ -1,0 +1,490 @@
+package vhostuser
+
+import (
+	"encoding/binary"
+	"errors"
+	"testing"
+	"unsafe"
+
+	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
+)
+
+// testMemory maps anonymous regions, GPA-contiguous from base. Their user
+// address is their host address, as QEMU's would be in its own process.
+func testMemory(tb testing.TB, base uint64, sizes ...uint64) *Memory {
+	tb.Helper()
+	var regions []*MemoryRegion
+	gpa := base
+	for _, size := range sizes {
+		m, err := unix.Mmap(-1, 0, int(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_ANONYMOUS)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		regions = append(regions, &MemoryRegion{
+			GuestPhysAddr: gpa, Size: size, UserAddr: uint64(uintptr(unsafe.Pointer(&m[0]))),
+			host: m, mapped: m, fd: -1,
+		})
+		gpa += size
+	}
+	mem, err := newMemory(regions)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(mem.unmapAll)
+	return mem
+}
+
+func (m *Memory) testWrite(tb testing.TB, gpa uint64, b []byte) {
+	tb.Helper()
+	err := m.Segments(gpa, uint64(len(b)), func(s []byte) error {
+		b = b[copy(s, b):]
+		return nil
+	})
+	if err != nil {
+		tb.Fatal(err)
+	}
+}
+
+func userAddr(tb testing.TB, m *Memory, gpa uint64) uint64 {
+	b, err := m.Bytes(gpa, 1)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return uint64(uintptr(unsafe.Pointer(&b[0])))
+}
+
+// testRing is a driver-side view of a ring laid out at fixed GPAs.
+type testRing struct {
+	tb                testing.TB
+	mem               *Memory
+	q                 *Queue
+	size              uint16
+	desc, avail, used uint64 // GPAs
+	availIdx          uint16
+	lastUsed          uint16
+}
+
+const (
+	ringDescGPA  = 0x10000
+	ringAvailGPA = 0x18000
+	ringUsedGPA  = 0x19000
+)
+
+func newTestRing(tb testing.TB, mem *Memory, size uint16) *testRing {
+	tb.Helper()
+	log := logrus.New()
+	log.SetLevel(logrus.ErrorLevel)
+	q := newQueue(nil, 0)
+	q.log = logrus.NewEntry(log)
+	q.size = size
+	q.descAddr = userAddr(tb, mem, ringDescGPA)
+	q.availAddr = userAddr(tb, mem, ringAvailGPA)
+	q.usedAddr = userAddr(tb, mem, ringUsedGPA)
+	q.addrSet, q.enabled, q.indirectOK = true, true, true
+	if err := q.translate(mem); err != nil {
+		tb.Fatal(err)
+	}
+	return &testRing{tb: tb, mem: mem, q: q, size: size, desc: ringDescGPA, avail: ringAvailGPA, used: ringUsedGPA}
+}
+
+func putDesc(tb testing.TB, mem *Memory, table uint64, i uint16, addr uint64, length uint32, flags, next uint16) {
+	var d [16]byte
+	binary.LittleEndian.PutUint64(d[0:], addr)
+	binary.LittleEndian.PutUint32(d[8:], length)
+	binary.LittleEndian.PutUint16(d[12:], flags)
+	binary.LittleEndian.PutUint16(d[14:], next)
+	mem.testWrite(tb, table+16*uint64(i), d[:])
+}
+
+func (r *testRing) desc16(i uint16, addr uint64, length uint32, flags, next uint16) {
+	putDesc(r.tb, r.mem, r.desc, i, addr, length, flags, next)
+}
+
+func (r *testRing) publish(head uint16) {
+	var b [2]byte
+	binary.LittleEndian.PutUint16(b[:], head)
+	r.mem.testWrite(r.tb, r.avail+4+2*uint64(r.availIdx%r.size), b[:])
+	r.availIdx++
+	binary.LittleEndian.PutUint16(b[:], r.availIdx)
+	r.mem.testWrite(r.tb, r.avail+2, b[:])
+}
+
+func (r *testRing) usedElem() (id, length uint32, ok bool) {
+	b, _ := r.mem.Bytes(r.used, 4+8*uint64(r.size))
+	if binary.LittleEndian.Uint16(b[2:]) == r.lastUsed {
+		return 0, 0, false
+	}
+	e := b[4+8*int(r.lastUsed%r.size):]
+	r.lastUsed++
+	return binary.LittleEndian.Uint32(e), binary.LittleEndian.Uint32(e[4:]), true
+}
+
+func TestMemoryTranslation(t *testing.T) {
+	const base, sz = 0x100000, 0x10000
+	m := testMemory(t, base, sz, sz)
+	if b, err := m.Bytes(base+10, 100); err != nil || len(b) != 100 {
+		t.Fatalf("Bytes inside: %d %v", len(b), err)
+	}
+	if b, err := m.Bytes(base+sz-1, 1); err != nil || len(b) != 1 {
+		t.Fatalf("last byte of region 0: %v", err)
+	}
+	if _, err := m.Bytes(base+sz-8, 16); !errors.Is(err, ErrBadAddress) {
+		t.Errorf("Bytes across a region boundary: %v", err)
+	}
+	if b, err := m.Bytes(base, 0); err != nil || len(b) != 0 {
+		t.Errorf("empty Bytes: %v", err)
+	}
+	segs, err := m.AppendSegments(nil, base+sz-8, 16)
+	if err != nil || len(segs) != 2 || len(segs[0]) != 8 || len(segs[1]) != 8 {
+		t.Fatalf("segments across the boundary: %d %v", len(segs), err)
+	}
+	if &segs[1][0] != &m.regions[1].host[0] {
+		t.Error("second segment does not start region 1")
+	}
+	bad := []struct {
+		name   string
+		gpa, n uint64
+	}{
+		{"below guest RAM", base - 1, 1},
+		{"after guest RAM", base + 2*sz, 1},
+		{"crosses the end", base + 2*sz - 4, 8},
+		{"length wraps", base, ^uint64(0)},
+		{"address wraps", ^uint64(0) - 3, 8},
+		{"huge length", base, 1 << 63},
+		{"top of address space", ^uint64(0), 1},
+	}
+	for _, c := range bad {
+		if _, err := m.Bytes(c.gpa, c.n); !errors.Is(err, ErrBadAddress) {
+			t.Errorf("Bytes %s: %v", c.name, err)
+		}
+		if s, err := m.AppendSegments(segs[:0], c.gpa, c.n); !errors.Is(err, ErrBadAddress) || len(s) != 0 {
+			t.Errorf("AppendSegments %s: %d %v", c.name, len(s), err)
+		}
+		called := false
+		if err := m.Segments(c.gpa, c.n, func([]byte) error { called = true; return nil }); err == nil || called {
+			t.Errorf("Segments %s: %v (fn called %v)", c.name, err, called)
+		}
+	}
+	u := m.regions[0].UserAddr
+	if b, err := m.UserBytes(u+16, 32); err != nil || &b[0] != &m.regions[0].host[16] {
+		t.Errorf("UserBytes: %v", err)
+	}
+	if _, err := m.UserBytes(u+sz-4, 8); err == nil {
+		t.Error("UserBytes across the region end accepted")
+	}
+	if _, err := m.UserBytes(^uint64(0), 2); err == nil {
+		t.Error("UserBytes at the top accepted")
+	}
+	var nilMem *Memory
+	if _, err := nilMem.Bytes(0, 1); err == nil {
+		t.Error("nil memory translated")
+	}
+}
+
+func TestMemoryRegionChecks(t *testing.T) {
+	m := testMemory(t, 0, 0x10000)
+	overl := &MemoryRegion{GuestPhysAddr: 0x8000, Size: 0x10000, fd: -1}
+	if _, err := newMemory(append(m.regions, overl)); err == nil {
+		t.Error("overlapping regions accepted")
+	}
+	fd, _ := unix.MemfdCreate("r", 0)
+	if _, err := mapRegion(MemoryRegion{GuestPhysAddr: 0, Size: 0}, fd); err == nil {
+		t.Error("empty region accepted")
+	}
+	fd, _ = unix.MemfdCreate("r", 0)
+	if _, err := mapRegion(MemoryRegion{GuestPhysAddr: ^uint64(0) - 10, Size: 4096}, fd); err == nil {
+		t.Error("wrapping region accepted")
+	}
+	fd, _ = unix.MemfdCreate("r", 0)
+	unix.Ftruncate(fd, 8192)
+	r, err := mapRegion(MemoryRegion{GuestPhysAddr: 0x1000, Size: 4096, MmapOffset: 4096 + 16}, fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.unmap()
+	if len(r.host) != 4096 || &r.host[0] != &r.mapped[16] {
+		t.Error("unaligned mmap offset not honoured")
+	}
+}
+
+func TestChainDirectIndirectAndCrossing(t *testing.T) {
+	const sz = 0x20000
+	mem := testMemory(t, 0, sz, sz)
+	r := newTestRing(t, mem, 8)
+	var c Chain
+	// direct: 64 readable that cross into region 1, then 16 writable
+	r.desc16(0, sz-24, 64, descFNext, 3)
+	r.desc16(3, 0x1000, 16, descFWrite, 0)
+	r.publish(0)
+	ok, err := r.q.Next(&c)
+	if !ok || err != nil {
+		t.Fatal(ok, err)
+	}
+	if c.Head != 0 || len(c.Readable) != 2 || c.ReadableLen() != 64 || c.WritableLen() != 16 || len(c.Writable) != 1 {
+		t.Fatalf("chain %+v", c)
+	}
+	src := make([]byte, 64)
+	for i := range src {
+		src[i] = byte(i)
+	}
+	mem.testWrite(t, sz-24, src)
+	got := make([]byte, 80)
+	if n := c.CopyOut(got, 0); n != 64 || got[23] != 23 || got[24] != 24 || got[63] != 63 {
+		t.Fatalf("CopyOut %d % x", n, got[20:28])
+	}
+	if n := c.CopyOut(got[:10], 20); n != 10 || got[0] != 20 || got[9] != 29 {
+		t.Fatalf("CopyOut at offset: %d", n)
+	}
+	if n := c.CopyIn(src, 0); n != 16 {
+		t.Fatalf("CopyIn wrote %d into 16 bytes", n)
+	}
+	r.q.Push(&c, 1000)
+	if id, l, ok := r.usedElem(); !ok || id != 0 || l != 16 {
+		t.Fatalf("used %d %d %v (length must be clamped)", id, l, ok)
+	}
+	// indirect
+	const table = 0x2000
+	putDesc(t, mem, table, 0, 0x3000, 48, descFNext, 1)
+	putDesc(t, mem, table, 1, 0x3100, 8, descFNext, 2)
+	putDesc(t, mem, table, 2, 0x3200, 16, descFWrite, 0)
+	r.desc16(5, table, 48, descFIndirect, 0)
+	r.publish(5)
+	if ok, err := r.q.Next(&c); !ok || err != nil || c.ReadableLen() != 56 || c.WritableLen() != 16 || c.Head != 5 {
+		t.Fatalf("indirect: %v %v %+v", ok, err, c)
+	}
+	if ok, err := r.q.Next(&c); ok || err != nil {
+		t.Fatal("empty ring gave a chain", err)
+	}
+	// without INDIRECT_DESC negotiated the same chain is refused
+	r.q.indirectOK = false
+	r.publish(5)
+	if ok, err := r.q.Next(&c); ok || !errors.Is(err, ErrChainIndirect) {
+		t.Fatalf("indirect without the feature: %v %v", ok, err)
+	}
+}
+
+func TestChainErrors(t *testing.T) {
+	mem := testMemory(t, 0, 0x20000)
+	const table = 0x2000
+	cases := []struct {
+		name  string
+		setup func(r *testRing)
+		want  error
+	}{
+		{"index", func(r *testRing) { r.desc16(0, 0x1000, 8, descFNext, 9) }, ErrChainIndex},
+		{"loop", func(r *testRing) {
+			r.desc16(0, 0x1000, 8, descFNext, 1)
+			r.desc16(1, 0x1000, 8, descFNext, 0)
+		}, ErrChainLoop},
+		{"self loop", func(r *testRing) { r.desc16(0, 0x1000, 8, descFNext, 0) }, ErrChainLoop},
+		{"too long", func(r *testRing) {
+			r.q.SetMaxChainLen(4096)
+			r.desc16(0, 0x1000, 4000, descFNext, 1)
+			r.desc16(1, 0x1000, 100, 0, 0)
+		}, ErrChainTooLong},
+		{"order", func(r *testRing) {
+			r.desc16(0, 0x1000, 8, descFWrite|descFNext, 1)
+			r.desc16(1, 0x1000, 8, 0, 0)
+		}, ErrChainOrder},
+		{"outside", func(r *testRing) { r.desc16(0, 0x20000, 8, 0, 0) }, ErrBadAddress},
+		{"nested indirect", func(r *testRing) {
+			putDesc(t, mem, table, 0, table, 16, descFIndirect, 0)
+			r.desc16(0, table, 16, descFIndirect, 0)
+		}, ErrChainIndirect},
+		{"indirect with next", func(r *testRing) { r.desc16(0, table, 16, descFIndirect|descFNext, 1) }, ErrChainIndirect},
+		{"indirect index", func(r *testRing) {
+			putDesc(t, mem, table, 0, 0x1000, 8, descFNext, 1)
+			r.desc16(0, table, 16, descFIndirect, 0)
+		}, ErrChainIndex},
+		{"indirect empty", func(r *testRing) { r.desc16(0, table, 0, descFIndirect, 0) }, ErrChainIndirect},
+		{"indirect table crosses the end", func(r *testRing) { r.desc16(0, 0x20000-16, 32, descFIndirect, 0) }, ErrChainIndirect},
+	}
+	for _, c := range cases {
+		r := newTestRing(t, mem, 8)
+		c.setup(r)
+		r.publish(0)
+		var ch Chain
+		ok, err := r.q.Next(&ch)
+		if ok || !errors.Is(err, c.want) {
+			t.Errorf("%s: %v %v, want %v", c.name, ok, err, c.want)
+			continue
+		}
+		if id, l, ok := r.usedElem(); !ok || id != 0 || l != 0 {
+			t.Errorf("%s: not completed with length 0: %d %d %v", c.name, id, l, ok)
+		}
+		if len(ch.Readable)+len(ch.Writable) != 0 {
+			t.Errorf("%s: chain not emptied", c.name)
+		}
+		// the queue goes on
+		r.desc16(1, 0x1000, 8, 0, 0)
+		r.publish(1)
+		if ok, err := r.q.Next(&ch); !ok || err != nil {
+			t.Errorf("%s: queue did not go on: %v", c.name, err)
+		}
+		clear(mem.regions[0].host[:0x4000])
+	}
+}
+
+func TestQueueBrokenOnAvailJump(t *testing.T) {
+	mem := testMemory(t, 0, 0x20000)
+	r := newTestRing(t, mem, 8)
+	r.availIdx = 9 // more than the queue size ahead
+	r.publish(0)
+	var c Chain
+	if _, err := r.q.Next(&c); !errors.Is(err, ErrQueueBroken) {
+		t.Fatal(err)
+	}
+	if _, err := r.q.Next(&c); !errors.Is(err, ErrQueueBroken) || !r.q.Broken() {
+		t.Fatal("broken queue recovered by itself")
+	}
+}
+
+func eventfd(t *testing.T) int {
+	fd, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(fd) })
+	return fd
+}
+
+func readCount(fd int) uint64 {
+	var b [8]byte
+	if _, err := unix.Read(fd, b[:]); err != nil {
+		return 0
+	}
+	return binary.LittleEndian.Uint64(b[:])
+}
+
+func TestNotifySuppression(t *testing.T) {
+	mem := testMemory(t, 0, 0x20000)
+	r := newTestRing(t, mem, 8)
+	call := eventfd(t)
+	// The queue owns callFD and would close it; give it a dup.
+	r.q.callFD, _ = unix.Dup(call)
+	defer unix.Close(r.q.callFD)
+	var c Chain
+	r.desc16(0, 0x1000, 8, 0, 0)
+	roundTrip := func() {
+		r.publish(0)
+		if ok, err := r.q.Next(&c); !ok || err != nil {
+			t.Fatal(ok, err)
+		}
+		r.q.Push(&c, 0)
+		r.usedElem()
+	}
+
+	// Without EVENT_IDX: notify unless NO_INTERRUPT.
+	roundTrip()
+	r.q.Notify()
+	if readCount(call) != 1 {
+		t.Error("no interrupt")
+	}
+	r.q.Notify()
+	if readCount(call) != 0 {
+		t.Error("interrupt with nothing pushed")
+	}
+	mem.testWrite(t, r.avail, []byte{availFNoInterrupt, 0})
+	roundTrip()
+	r.q.Notify()
+	if readCount(call) != 0 {
+		t.Error("interrupt despite NO_INTERRUPT")
+	}
+	r.q.Interrupt()
+	if readCount(call) != 1 {
+		t.Error("Interrupt did not raise the call fd")
+	}
+	mem.testWrite(t, r.avail, []byte{0, 0})
+
+	// With EVENT_IDX: used_event decides; NO_INTERRUPT is ignored.
+	r.q.eventIdx = true
+	var b [2]byte
+	setUsedEvent := func(v uint16) {
+		binary.LittleEndian.PutUint16(b[:], v)
+		mem.testWrite(t, r.avail+4+2*8, b[:])
+	}
+	roundTrip() // used idx 3
+	setUsedEvent(2)
+	r.q.Notify()
+	if readCount(call) != 1 {
+		t.Error("first notification with EVENT_IDX suppressed")
+	}
+	roundTrip() // used idx 4; driver asked for an interrupt after 10
+	setUsedEvent(10)
+	r.q.Notify()
+	if readCount(call) != 0 {
+		t.Error("interrupt before used_event")
+	}
+	setUsedEvent(4)
+	roundTrip() // used idx 5 crosses used_event 4
+	r.q.Notify()
+	if readCount(call) != 1 {
+		t.Error("no interrupt after crossing used_event")
+	}
+	// avail_event: written when the ring runs empty.
+	if ok, _ := r.q.Next(&c); ok {
+		t.Fatal("chain from an empty ring")
+	}
+	ue, _ := mem.Bytes(r.used+4+8*8, 2)
+	if got := binary.LittleEndian.Uint16(ue); got != r.availIdx {
+		t.Errorf("avail_event %d, want %d", got, r.availIdx)
+	}
+}
+
+func TestDecodeFrontend(t *testing.T) {
+	msg := func(req, flags, size uint32, payload []byte) []byte {
+		b := make([]byte, 12+len(payload))
+		binary.LittleEndian.PutUint32(b, req)
+		binary.LittleEndian.PutUint32(b[4:], flags)
+		binary.LittleEndian.PutUint32(b[8:], size)
+		copy(b[12:], payload)
+		return b
+	}
+	ok := []struct {
+		raw []byte
+		fds int
+	}{
+		{msg(ReqGetFeatures, 1, 0, nil), 0},
+		{msg(ReqSetFeatures, 9, 8, make([]byte, 8)), 0},
+		{msg(ReqSetVringKick, 1, 8, []byte{1, 0, 0, 0, 0, 0, 0, 0}), 1},
+		{msg(ReqSetVringCall, 1, 8, []byte{1, 1, 0, 0, 0, 0, 0, 0}), 0},
+		{msg(ReqSetMemTable, 9, 8+64, append([]byte{2, 0, 0, 0, 0, 0, 0, 0}, make([]byte, 64)...)), 2},
+		{msg(ReqRemMemReg, 1, 40, make([]byte, 40)), 1},
+		{msg(ReqRemMemReg, 1, 40, make([]byte, 40)), 0},
+		{msg(ReqGetConfig, 1, 12+4, []byte{0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}), 0},
+	}
+	for i, c := range ok {
+		if _, known, err := DecodeFrontend(c.raw, make([]int, c.fds)); err != nil || !known {
+			t.Errorf("valid message %d refused: %v", i, err)
+		}
+	}
+	bad := []struct {
+		raw []byte
+		fds int
+	}{
+		{msg(ReqGetFeatures, 1, 0, nil)[:11], 0},
+		{msg(ReqSetFeatures, 1, 8, make([]byte, 4)), 0},
+		{msg(ReqSetFeatures, 1, 4, make([]byte, 4)), 0},
+		{msg(ReqSetVringKick, 1, 8, []byte{1, 0, 0, 0, 0, 0, 0, 0}), 0},
+		{msg(ReqSetVringKick, 1, 8, []byte{1, 2, 0, 0, 0, 0, 0, 0}), 1},
+		{msg(ReqSetMemTable, 1, 8+64, append([]byte{2, 0, 0, 0, 0, 0, 0, 0}, make([]byte, 64)...)), 1},
+		{msg(ReqSetMemTable, 1, 8+64, append([]byte{9, 0, 0, 0, 0, 0, 0, 0}, make([]byte, 64)...)), 9},
+		{msg(ReqSetMemTable, 1, 8, []byte{0, 0, 0, 0, 0, 0, 0, 0}), 0},
+		{msg(ReqRemMemReg, 1, 40, make([]byte, 40)), 2},
+		{msg(ReqGetConfig, 1, 12, []byte{0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0}), 0},
+		{msg(ReqGetConfig, 1, 12+300, append([]byte{0, 0, 0, 0, 44, 1, 0, 0, 0, 0, 0, 0}, make([]byte, 300)...)), 0},
+		{msg(ReqGetFeatures, 0, 0, nil), 0},
+		{msg(ReqGetFeatures, 1|flagReply, 0, nil), 0},
+		{msg(ReqGetFeatures, 1, 5000, nil), 0},
+		{msg(ReqSetBackendReqFD, 1, 0, nil), 0},
+	}
+	for i, c := range bad {
+		if _, _, err := DecodeFrontend(c.raw, make([]int, c.fds)); !errors.Is(err, ErrMalformed) {
+			t.Errorf("bad message %d accepted: %v", i, err)
+		}
+	}
+	if _, known, err := DecodeFrontend(msg(77, 1, 3, []byte{1, 2, 3}), nil); known || err != nil {
+		t.Errorf("unknown request: known %v err %v", known, err)
+	}
+}
