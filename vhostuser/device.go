@@ -29,6 +29,8 @@ const (
 	StatusFailed      = 0x80
 )
 
+const pageSize = 4096
+
 // ErrNotStarted refuses back-end requests while the device is not started:
 // QEMU 11.1.3 segfaults on a SHMEM_MAP before DRIVER_OK.
 var ErrNotStarted = errors.New("vhost-user: device not started")
@@ -157,8 +159,8 @@ func (d *Device) ShmemMap(shmid uint8, fd int, fdOffset, shmOffset, length uint6
 	if fd < 0 {
 		return errors.New("vhost-user: ShmemMap without fd")
 	}
-	if fdOffset+length < fdOffset {
-		return fmt.Errorf("vhost-user: fd range %#x+%#x wraps", fdOffset, length)
+	if fdOffset%pageSize != 0 || fdOffset+length < fdOffset {
+		return fmt.Errorf("vhost-user: fd range %#x+%#x unaligned or wraps", fdOffset, length)
 	}
 	var flags uint64
 	if writable {
@@ -185,6 +187,10 @@ func (d *Device) checkShmem(shmid uint8, off, length uint64) error {
 	}
 	if int(shmid) >= len(d.shmemSizes) {
 		return fmt.Errorf("vhost-user: no shared-memory region %d", shmid)
+	}
+	// The front-end mmaps at shm offset: page granularity.
+	if off%pageSize != 0 || length%pageSize != 0 {
+		return fmt.Errorf("vhost-user: shared-memory range %#x+%#x not page-aligned", off, length)
 	}
 	size := d.shmemSizes[shmid]
 	if length == 0 || off > size || length > size-off {
@@ -219,22 +225,34 @@ func (d *Device) backendRequest(req uint32, payload []byte, fds []int) error {
 	if needReply {
 		flags |= flagNeedReply
 	}
+	// After a failed or late exchange the channel is out of step (a late
+	// reply would answer the next request): drop it.
+	broken := func(err error) error {
+		d.log.WithError(err).Warn("back-end request channel dropped")
+		d.bcPtrMu.Lock()
+		if d.bc == c {
+			d.bc = nil
+		}
+		d.bcPtrMu.Unlock()
+		c.Close()
+		return err
+	}
 	if err := WriteMessage(c, req, flags, payload, fds); err != nil {
-		return fmt.Errorf("vhost-user: back-end request %d: %w", req, err)
+		return broken(fmt.Errorf("vhost-user: back-end request %d: %w", req, err))
 	}
 	if !needReply {
 		return nil
 	}
 	c.SetReadDeadline(time.Now().Add(d.replyTimeout))
-	defer c.SetReadDeadline(time.Time{})
 	m, err := ReadMessage(c)
+	c.SetReadDeadline(time.Time{})
 	if err != nil {
-		return fmt.Errorf("vhost-user: back-end request %d reply: %w", req, err)
+		return broken(fmt.Errorf("vhost-user: back-end request %d reply: %w", req, err))
 	}
 	m.CloseFDs()
 	if m.Request != req || m.Flags&flagReply == 0 || len(m.Payload) != 8 {
-		return fmt.Errorf("vhost-user: back-end request %d: bad reply (request %d flags %#x size %d)",
-			req, m.Request, m.Flags, len(m.Payload))
+		return broken(fmt.Errorf("vhost-user: back-end request %d: bad reply (request %d flags %#x size %d)",
+			req, m.Request, m.Flags, len(m.Payload)))
 	}
 	if st := binary.LittleEndian.Uint64(m.Payload); st != 0 {
 		return fmt.Errorf("vhost-user: back-end request %d failed: status %d", req, st)

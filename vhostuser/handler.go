@@ -30,6 +30,7 @@ func (d *Device) serve() {
 			return
 		}
 		d.stats.messages.Add(1)
+		d.log.Debugf("%s flags %#x size %d fds %d", RequestName(m.Request), m.Flags, len(m.Payload), len(m.FDs))
 		if !d.dispatch(m) {
 			return
 		}
@@ -311,7 +312,9 @@ func (d *Device) handle(m *Message) (reply []byte, hasReply bool, err error) {
 		r := make([]byte, configHdrSize+int(size))
 		copy(r, p[:configHdrSize])
 		var cerr error
-		d.call("ReadConfig", func() { cerr = d.backend.ReadConfig(off, r[configHdrSize:]) })
+		if d.call("ReadConfig", func() { cerr = d.backend.ReadConfig(off, r[configHdrSize:]) }) {
+			return nil, false, fatal(errors.New("Backend.ReadConfig panicked"))
+		}
 		if cerr != nil {
 			// A config header with size 0 tells QEMU the read failed.
 			binary.LittleEndian.PutUint32(r[4:8], 0)
@@ -322,7 +325,9 @@ func (d *Device) handle(m *Message) (reply []byte, hasReply bool, err error) {
 	case ReqSetConfig:
 		off := le32(p[0:4])
 		var cerr error
-		d.call("WriteConfig", func() { cerr = d.backend.WriteConfig(off, p[configHdrSize:]) })
+		if d.call("WriteConfig", func() { cerr = d.backend.WriteConfig(off, p[configHdrSize:]) }) {
+			return nil, false, fatal(errors.New("Backend.WriteConfig panicked"))
+		}
 		return nil, false, cerr
 
 	case ReqSetStatus:
@@ -332,8 +337,16 @@ func (d *Device) handle(m *Message) (reply []byte, hasReply bool, err error) {
 		}
 		d.status = uint8(v)
 		d.log.Debugf("status %#x", v)
-		// Status 0 stops the device but keeps the fds QEMU set at
-		// realize (call, err): it does not send them again.
+		if v == 0 {
+			// A virtio reset: the rings are gone until the driver sets
+			// them up and QEMU enables them again. The fds QEMU set at
+			// realize (call, err) stay: it does not send them again.
+			d.lock(func() {
+				for _, q := range d.queues {
+					q.enabled = false
+				}
+			})
+		}
 		d.reconcile()
 		return nil, false, nil
 
@@ -360,14 +373,17 @@ func (d *Device) protocolFeaturesAcked() bool {
 }
 
 // call runs a Backend method, turning a panic into a closed connection.
-func (d *Device) call(what string, fn func()) {
+// It reports whether fn panicked.
+func (d *Device) call(what string, fn func()) (panicked bool) {
 	defer func() {
 		if r := recover(); r != nil {
 			d.log.Errorf("panic in Backend.%s: %v\n%s", what, r, debug.Stack())
 			d.Close()
+			panicked = true
 		}
 	}()
 	fn()
+	return false
 }
 
 // lock runs fn under the memory write lock.

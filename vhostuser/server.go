@@ -200,7 +200,9 @@ func (d *Device) reconcile() {
 			// started is set before Start so that a goroutine Start
 			// spawns may already map shared memory.
 			d.started.Store(true)
-			d.call("Start", func() { err = d.backend.Start(d) })
+			if d.call("Start", func() { err = d.backend.Start(d) }) {
+				err = errors.New("Backend.Start panicked")
+			}
 			if err != nil {
 				d.started.Store(false)
 			}
