@@ -7,6 +7,23 @@
 // Copy mode only for now: a DMB is owner guest RAM and MOVE copies the
 // sender's data into it. docs/device-abi.md is the normative description.
 //
+// Where docs/device-abi.md is silent, this model decides (following ISM and
+// Linux where they say something):
+//   - A refused request changes nothing. In particular a signalled MOVE to an
+//     owner without an SBA gets StatusNotReady and copies no data; unsignalled
+//     MOVEs need no SBA (a polling driver), and REGISTER_DMB does not either.
+//   - Signals coalesce as on ISM: the interrupt is raised only when the MOVE
+//     sets a DMB bit that was clear, so a driver must claim (swap) the bits
+//     word after each interrupt, as docs/device-abi.md already describes.
+//   - REGISTER_DMB with rgid 0, and any op but MOVE carrying data, are
+//     StatusInvalid; a SIGNAL code over 16 bits is StatusRange; a refused
+//     REGISTER_DMB still echoes the index, with value 0.
+//   - Requests on a disconnected device get StatusNotReady.
+//   - Disconnect sends EventGID to the rgids of the device's DMBs and to the
+//     owners of DMBs whose rgid is the device (never to itself); Reset sends
+//     EventDMB (token, GID = owner) to the rgid of each DMB; UNREGISTER sends
+//     nothing (SMC closes the connection in its CDC first).
+//
 // Locking: the token table and the GID map have their own RWMutexes; each
 // Device has a RWMutex that guards its DMBs, SBA and Memory. A MOVE holds the
 // owner's lock shared while it copies, so UNREGISTER, SetMemory, Reset and
