@@ -1,0 +1,244 @@
+// Command ism-backend is a vhost-user back-end that gives every connected
+// QEMU guest an ISM device (the device under SMC-D) and routes DMB writes
+// between them. Each VM connects on its own socket, DIR/NAME.sock.
+//
+//	ism-backend -socket-dir /run/ism -vm vm1 -vm vm2
+//	ism-backend -socket-dir /run/ism -vm vm1 -print-qemu vm1
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/ism-backend/ism-backend/abi"
+	"github.com/ism-backend/ism-backend/ism"
+	"github.com/ism-backend/ism-backend/ismvirtio"
+	"github.com/ism-backend/ism-backend/vhostuser"
+)
+
+type options struct {
+	socketDir     string
+	vms           []vmSpec
+	chid          uint16
+	virtioID      int
+	logLevel      logrus.Level
+	logJSON       bool
+	printQEMU     string
+	statsInterval time.Duration
+}
+
+func main() {
+	opts, err := parseFlags(os.Args[1:], os.Stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		os.Exit(0)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "ism-backend: %v (see -h)\n", err)
+		os.Exit(2)
+	}
+	if opts.printQEMU != "" {
+		if err := printQEMU(os.Stdout, opts); err != nil {
+			fmt.Fprintln(os.Stderr, "ism-backend:", err)
+			os.Exit(2)
+		}
+		return
+	}
+	if err := run(opts); err != nil {
+		fmt.Fprintln(os.Stderr, "ism-backend:", err)
+		os.Exit(1)
+	}
+}
+
+func parseFlags(args []string, errOut io.Writer) (*options, error) {
+	fs := flag.NewFlagSet("ism-backend", flag.ContinueOnError)
+	// Errors are reported by main in one line; the usage only on -h.
+	fs.SetOutput(io.Discard)
+	opts := &options{}
+	var chid, level string
+	fs.StringVar(&opts.socketDir, "socket-dir", "/run/ism", "directory for the per-VM sockets `DIR`/NAME.sock")
+	fs.Func("vm", "a VM to serve, `NAME[=GID]` (repeatable); the GID defaults to one derived from NAME", func(s string) error {
+		v, err := parseVM(s)
+		if err != nil {
+			return err
+		}
+		opts.vms = append(opts.vms, v)
+		return nil
+	})
+	fs.StringVar(&chid, "chid", fmt.Sprintf("%#x", abi.DefaultCHID), "channel id of the fabric (0xFF00..0xFFFE: emulated ISM)")
+	fs.IntVar(&opts.virtioID, "virtio-id", abi.DefaultVirtioID, "virtio device id for -print-qemu (QEMU 11.1 accepts 38, 39, 45)")
+	fs.StringVar(&level, "log-level", "info", "log level: error, warn, info, debug, trace")
+	fs.BoolVar(&opts.logJSON, "log-json", false, "log as JSON lines")
+	fs.StringVar(&opts.printQEMU, "print-qemu", "", "print the QEMU options VM `NAME` needs and exit")
+	fs.DurationVar(&opts.statsInterval, "stats-interval", 0, "log device statistics this often (0: only on SIGUSR1 and at exit)")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fs.SetOutput(errOut)
+			fmt.Fprintln(errOut, "usage: ism-backend -socket-dir DIR -vm NAME[=GID] ... | -print-qemu NAME")
+			fs.PrintDefaults()
+		}
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected argument %q (flags only; see -h)", fs.Arg(0))
+	}
+	c, err := strconv.ParseUint(chid, 0, 16)
+	if err != nil {
+		return nil, fmt.Errorf("-chid %q: not a 16-bit number", chid)
+	}
+	opts.chid = uint16(c)
+	if opts.logLevel, err = logrus.ParseLevel(level); err != nil {
+		return nil, fmt.Errorf("-log-level %q: want error, warn, info, debug or trace", level)
+	}
+	if opts.virtioID <= 0 || opts.virtioID > 0xffff-0x1040 {
+		return nil, fmt.Errorf("-virtio-id %d: out of range", opts.virtioID)
+	}
+	if opts.socketDir == "" {
+		return nil, errors.New("-socket-dir must not be empty")
+	}
+	if opts.printQEMU != "" && !vmName.MatchString(opts.printQEMU) {
+		return nil, fmt.Errorf("-print-qemu %q: not a VM name", opts.printQEMU)
+	}
+	if opts.printQEMU == "" {
+		if err := checkVMs(opts.vms); err != nil {
+			return nil, err
+		}
+	}
+	return opts, nil
+}
+
+// printQEMU prints the QEMU options that attach VM name to this backend.
+// Guest RAM must be shared (memfd, share=on) so the backend can map it.
+func printQEMU(w io.Writer, opts *options) error {
+	sock, err := filepath.Abs(filepath.Join(opts.socketDir, opts.printQEMU+".sock"))
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "-object memory-backend-memfd,id=mem,size=<RAM>,share=on -machine q35,memory-backend=mem -m <RAM> "+
+		"-chardev socket,id=ism0,path=%s "+
+		"-device vhost-user-test-device-pci,chardev=ism0,virtio-id=%d,num_vqs=%d,config_size=%d\n",
+		sock, opts.virtioID, abi.NumQueues, abi.ConfigSize)
+	return nil
+}
+
+func run(opts *options) error {
+	log := logrus.New()
+	log.SetLevel(opts.logLevel)
+	if opts.logJSON {
+		log.SetFormatter(&logrus.JSONFormatter{})
+	}
+	if err := os.MkdirAll(opts.socketDir, 0o755); err != nil {
+		return fmt.Errorf("socket dir: %w", err)
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+
+	fabric := ism.NewFabric(opts.chid, log.WithField("chid", fmt.Sprintf("%#x", opts.chid)))
+	server := vhostuser.NewServer(log.WithField("component", "vhostuser"))
+
+	// Listen on every socket first, so a failure leaves nothing half-started.
+	listeners := make([]*net.UnixListener, 0, len(opts.vms))
+	defer func() {
+		for _, ln := range listeners {
+			ln.Close() // unlinks the socket file
+		}
+	}()
+	for _, v := range opts.vms {
+		ln, err := listenUnix(filepath.Join(opts.socketDir, v.Name+".sock"))
+		if err != nil {
+			return err
+		}
+		listeners = append(listeners, ln)
+	}
+
+	var wg sync.WaitGroup
+	errs := make(chan error, len(opts.vms))
+	for i, v := range opts.vms {
+		vmLog := log.WithFields(logrus.Fields{"vm": v.Name, "gid": fmt.Sprintf("%#016x", v.GID)})
+		newBackend := func(name string) (vhostuser.Backend, error) {
+			return ismvirtio.New(fabric, name, v.GID, vmLog), nil
+		}
+		vmLog.WithField("socket", listeners[i].Addr().String()).Info("serving VM")
+		wg.Add(1)
+		go func(ln *net.UnixListener) {
+			defer wg.Done()
+			if err := server.Serve(ctx, v.Name, ln, newBackend); err != nil && ctx.Err() == nil {
+				errs <- fmt.Errorf("vm %s: %w", v.Name, err)
+			}
+		}(listeners[i])
+	}
+
+	usr1 := make(chan os.Signal, 1)
+	signal.Notify(usr1, syscall.SIGUSR1)
+	defer signal.Stop(usr1)
+	var tick <-chan time.Time
+	if opts.statsInterval > 0 {
+		t := time.NewTicker(opts.statsInterval)
+		defer t.Stop()
+		tick = t.C
+	}
+	var runErr error
+loop:
+	for {
+		select {
+		case <-ctx.Done():
+			log.Info("shutting down")
+			break loop
+		case runErr = <-errs:
+			stop()
+			break loop
+		case <-usr1:
+			logStats(log, fabric)
+		case <-tick:
+			logStats(log, fabric)
+		}
+	}
+	for _, ln := range listeners {
+		ln.Close()
+	}
+	listeners = nil
+	wg.Wait()
+	logStats(log, fabric)
+	return runErr
+}
+
+// listenUnix listens on path, replacing a stale socket file left by a backend
+// that died, but never a live one or a file that is not a socket.
+func listenUnix(path string) (*net.UnixListener, error) {
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("%s exists and is not a socket", path)
+		}
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("%s: another backend is listening there", path)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("removing stale socket: %w", err)
+		}
+	}
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, err
+	}
+	ln.SetUnlinkOnClose(true)
+	return ln, nil
+}
+
+func logStats(log *logrus.Logger, f *ism.Fabric) {
+	log.WithField("stats", strings.TrimSpace(fmt.Sprintf("%+v", f.Stats()))).Info("device statistics")
+}

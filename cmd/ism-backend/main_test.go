@@ -1,0 +1,60 @@
+package main
+
+import (
+	"bytes"
+	"io"
+	"strings"
+	"testing"
+)
+
+func TestParseFlags(t *testing.T) {
+	opts, err := parseFlags([]string{"-socket-dir", "/tmp/x", "-vm", "vm1", "-vm", "vm2=0x1234", "-chid", "0xff01"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(opts.vms) != 2 || opts.vms[1].GID != 0x1234 || opts.chid != 0xff01 {
+		t.Fatalf("%+v", opts)
+	}
+	if opts.vms[0].GID != gidForName("vm1") || opts.vms[0].GID == gidForName("vm2") {
+		t.Fatal("derived GIDs not stable or not distinct")
+	}
+}
+
+func TestParseFlagsRefuses(t *testing.T) {
+	for _, args := range [][]string{
+		{},
+		{"-vm", "bad name"},
+		{"-vm", "a=0"},
+		{"-vm", "a=zz"},
+		{"-vm", "a", "-vm", "a"},
+		{"-vm", "a=5", "-vm", "b=5"},
+		{"-vm", "a", "-chid", "0x10000"},
+		{"-vm", "a", "-log-level", "loud"},
+		{"-vm", "a", "-virtio-id", "0"},
+		{"-vm", "a", "extra"},
+		{"-bogus"},
+	} {
+		var out bytes.Buffer
+		if _, err := parseFlags(args, &out); err == nil {
+			t.Errorf("%q: accepted", args)
+		} else if strings.Contains(err.Error(), "\n") || out.Len() != 0 {
+			t.Errorf("%q: error not one line (%q, printed %q)", args, err, out.String())
+		}
+	}
+}
+
+func TestPrintQEMU(t *testing.T) {
+	opts, err := parseFlags([]string{"-socket-dir", "/run/ism", "-print-qemu", "vm1"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	if err := printQEMU(&out, opts); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"share=on", "path=/run/ism/vm1.sock", "vhost-user-test-device-pci", "virtio-id=38", "num_vqs=2", "config_size=64"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("missing %q in %s", want, out.String())
+		}
+	}
+}

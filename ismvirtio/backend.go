@@ -1,0 +1,256 @@
+// Package ismvirtio makes the ISM device model a virtio device: it turns
+// request-queue chains into ism calls and ism events into event-queue
+// buffers. It is the only package that knows both vhostuser and ism.
+//
+// The data path of a MOVE, from the socket to the memmove:
+//
+//	kick eventfd -> vhostuser queue goroutine -> Backend.HandleQueue
+//	-> Queue.Next (descriptor walk, GPA -> host slices)
+//	-> abi.DecodeRequest -> ism.Device.Handle -> copy() into the owner's DMB
+//	-> response written, Queue.Push, Queue.Notify
+package ismvirtio
+
+import (
+	"sync"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/ism-backend/ism-backend/abi"
+	"github.com/ism-backend/ism-backend/ism"
+	"github.com/ism-backend/ism-backend/vhostuser"
+)
+
+// MaxPendingEvents bounds the events held for a driver that posts no event
+// buffers, so a guest that never reads its event queue cannot grow the
+// backend's memory. Beyond it the oldest are dropped and counted.
+const MaxPendingEvents = 1024
+
+// Backend is the ISM device of one VM connection.
+type Backend struct {
+	fabric *ism.Fabric
+	name   string
+	gid    uint64
+	log    *logrus.Entry
+	config [abi.ConfigSize]byte
+
+	// Set by Start, cleared by Stop; both run under vhostuser's memory write
+	// lock, so HandleQueue (read lock) never sees them change.
+	vdev *vhostuser.Device
+	dev  *ism.Device
+
+	// Request-queue state, used only by the request queue's goroutine.
+	chain vhostuser.Chain
+	hdr   [abi.RequestSize]byte
+	data  [][]byte
+
+	// The event queue is filled from other VMs' goroutines (ism calls
+	// PostEvent and Interrupt from the sender's HandleQueue).
+	evMu          sync.Mutex
+	evChain       vhostuser.Chain
+	pending       []abi.Event
+	droppedEvents uint64
+}
+
+// New returns the Backend for one connection of VM name with the given GID.
+func New(f *ism.Fabric, name string, gid uint64, log *logrus.Entry) *Backend {
+	b := &Backend{fabric: f, name: name, gid: gid, log: log}
+	cfg := abi.Config{
+		Magic:      abi.Magic,
+		Version:    abi.Version,
+		Modes:      abi.ModeCopy,
+		GID:        gid,
+		CHID:       f.CHID(),
+		MaxDMBs:    abi.MaxDMBs,
+		MaxDMBSize: abi.MaxDMBSize,
+		MaxMoveLen: abi.MaxDMBSize,
+		QueueSize:  vhostuser.MaxQueueSize,
+	}
+	cfg.Encode(b.config[:])
+	return b
+}
+
+// Features: the ISM device has no device-specific feature bits yet.
+func (b *Backend) Features() uint64 { return 0 }
+
+// NumQueues is the request and the event queue.
+func (b *Backend) NumQueues() int { return abi.NumQueues }
+
+// ReadConfig serves GET_CONFIG from the fixed config space.
+func (b *Backend) ReadConfig(offset uint32, buf []byte) error {
+	if uint64(offset)+uint64(len(buf)) > uint64(len(b.config)) {
+		clear(buf)
+		if offset < uint32(len(b.config)) {
+			copy(buf, b.config[offset:])
+		}
+		return nil
+	}
+	copy(buf, b.config[offset:])
+	return nil
+}
+
+// WriteConfig: the config space is read-only; writes are ignored, as a
+// device ignores writes to read-only registers.
+func (b *Backend) WriteConfig(offset uint32, data []byte) error {
+	b.log.WithField("offset", offset).Debug("ignored write to read-only config space")
+	return nil
+}
+
+// ShmemSizes: copy mode needs no shared-memory region.
+func (b *Backend) ShmemSizes() []uint64 { return nil }
+
+// Start connects the VM's device to the fabric.
+func (b *Backend) Start(vdev *vhostuser.Device) error {
+	dev, err := b.fabric.Connect(b.name, b.gid, guestMemory{vdev}, b)
+	if err != nil {
+		return err
+	}
+	b.vdev, b.dev = vdev, dev
+	b.log.Info("device started")
+	return nil
+}
+
+// Stop disconnects the device: its DMBs die and its peers are told.
+func (b *Backend) Stop(vdev *vhostuser.Device) {
+	if b.dev == nil {
+		return
+	}
+	st := b.dev.Stats()
+	b.dev.Disconnect()
+	b.log.WithField("stats", st).Info("device stopped: its DMBs are gone")
+	b.dev, b.vdev = nil, nil
+	b.evMu.Lock()
+	b.pending = b.pending[:0]
+	b.evMu.Unlock()
+}
+
+// Close ends the connection.
+func (b *Backend) Close() {}
+
+// HandleQueue serves a kick.
+func (b *Backend) HandleQueue(vdev *vhostuser.Device, q *vhostuser.Queue) {
+	if b.dev == nil {
+		return
+	}
+	switch q.Index() {
+	case abi.RequestQueue:
+		b.serveRequests(q)
+	case abi.EventQueue:
+		b.evMu.Lock()
+		b.flushEvents(q)
+		b.evMu.Unlock()
+	}
+}
+
+// serveRequests completes every available request chain. It allocates
+// nothing per request: the chain, header and data slices are reused.
+func (b *Backend) serveRequests(q *vhostuser.Queue) {
+	c := &b.chain
+	for {
+		ok, err := q.Next(c)
+		if err != nil {
+			continue // malformed chain: vhostuser completed and logged it
+		}
+		if !ok {
+			break
+		}
+		q.Push(c, b.serve(c))
+	}
+	q.Notify()
+}
+
+// serve handles one request chain and returns the bytes written into it.
+func (b *Backend) serve(c *vhostuser.Chain) uint32 {
+	if c.WritableLen() < abi.ResponseSize {
+		b.log.WithField("writable", c.WritableLen()).Warn("request without room for a response")
+		return 0
+	}
+	var resp abi.Response
+	if n := c.CopyOut(b.hdr[:], 0); n < abi.RequestSize {
+		resp.Status = abi.StatusInvalid
+	} else {
+		req, _ := abi.DecodeRequest(b.hdr[:])
+		b.data = readableFrom(b.data[:0], c.Readable, abi.RequestSize)
+		resp = b.dev.Handle(req, b.data)
+	}
+	var out [abi.ResponseSize]byte
+	resp.Encode(out[:])
+	c.CopyIn(out[:], 0)
+	return abi.ResponseSize
+}
+
+// readableFrom appends to dst the segments of src that follow the first off
+// bytes: the MOVE data after the request header, without copying it.
+func readableFrom(dst, src [][]byte, off int) [][]byte {
+	for _, seg := range src {
+		if off >= len(seg) {
+			off -= len(seg)
+			continue
+		}
+		dst = append(dst, seg[off:])
+		off = 0
+	}
+	return dst
+}
+
+// Interrupt raises the event queue's interrupt (a DMB was signalled).
+func (b *Backend) Interrupt() {
+	b.evMu.Lock()
+	if b.vdev != nil {
+		b.vdev.Queue(abi.EventQueue).Interrupt()
+	}
+	b.evMu.Unlock()
+}
+
+// PostEvent delivers ev into the next event buffer, or holds it until the
+// driver posts one.
+func (b *Backend) PostEvent(ev abi.Event) {
+	b.evMu.Lock()
+	defer b.evMu.Unlock()
+	if len(b.pending) >= MaxPendingEvents {
+		copy(b.pending, b.pending[1:])
+		b.pending = b.pending[:len(b.pending)-1]
+		b.droppedEvents++
+	}
+	b.pending = append(b.pending, ev)
+	if b.vdev != nil {
+		b.flushEvents(b.vdev.Queue(abi.EventQueue))
+	}
+}
+
+// flushEvents moves pending events into posted buffers; evMu is held.
+func (b *Backend) flushEvents(q *vhostuser.Queue) {
+	if len(b.pending) == 0 || !q.Ready() {
+		return
+	}
+	c := &b.evChain
+	sent := 0
+	for sent < len(b.pending) {
+		ok, err := q.Next(c)
+		if err != nil {
+			continue
+		}
+		if !ok {
+			break
+		}
+		if c.WritableLen() < abi.EventSize {
+			b.log.WithField("writable", c.WritableLen()).Warn("event buffer too small")
+			q.Push(c, 0)
+			continue
+		}
+		var out [abi.EventSize]byte
+		b.pending[sent].Encode(out[:])
+		c.CopyIn(out[:], 0)
+		q.Push(c, abi.EventSize)
+		sent++
+	}
+	if sent > 0 {
+		b.pending = b.pending[:copy(b.pending, b.pending[sent:])]
+		q.Notify()
+	}
+}
+
+// guestMemory is the VM's current memory table: looked up on each access,
+// because SET_MEM_TABLE may replace it between requests.
+type guestMemory struct{ vdev *vhostuser.Device }
+
+func (m guestMemory) Bytes(gpa, n uint64) ([]byte, error) { return m.vdev.Memory().Bytes(gpa, n) }
