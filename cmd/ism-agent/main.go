@@ -158,8 +158,13 @@ func runChild(args map[string]string) (code int) {
 // finish flushes the console and powers the guest off.
 func finish(args map[string]string) {
 	drainConsole()
-	if *noPoweroff || args["poweroff"] == "0" {
+	if *noPoweroff {
 		return
+	}
+	if args["poweroff"] == "0" {
+		// Returning would let u-root's init exit and the kernel panic;
+		// stay until the host stops the VM.
+		select {}
 	}
 	syscall.Sync()
 	if err := syscall.Reboot(syscall.LINUX_REBOOT_CMD_POWER_OFF); err != nil {

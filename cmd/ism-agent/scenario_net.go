@@ -30,8 +30,9 @@ func init() {
 	})
 }
 
-// icmpPing sends echo requests every 200ms until one is answered: the peer
-// may still be booting.
+// icmpPing sends echo requests every 200ms until one is answered (the peer
+// may still be booting), then a few more, and returns the fastest round
+// trip: the first reply also pays for ARP and the peer's boot.
 func icmpPing(ctx context.Context, peer net.IP) (time.Duration, int, error) {
 	c, err := net.ListenPacket("ip4:icmp", "0.0.0.0")
 	if err != nil {
@@ -40,28 +41,45 @@ func icmpPing(ctx context.Context, peer net.IP) (time.Duration, int, error) {
 	defer c.Close()
 	id := uint16(os.Getpid())
 	buf := make([]byte, 1500)
-	for seq := 1; ; seq++ {
+	sent := map[uint16]time.Time{}
+	var best time.Duration
+	replies := 0
+	for seq := uint16(1); ; seq++ {
 		if ctx.Err() != nil {
-			return 0, seq - 1, fmt.Errorf("no ICMP echo reply from %v: %w", peer, ctx.Err())
+			return 0, int(seq - 1), fmt.Errorf("no ICMP echo reply from %v: %w", peer, ctx.Err())
 		}
-		msg := echoRequest(id, uint16(seq))
-		sent := time.Now()
-		if _, err := c.WriteTo(msg, &net.IPAddr{IP: peer}); err != nil {
+		sent[seq] = time.Now()
+		if _, err := c.WriteTo(echoRequest(id, seq), &net.IPAddr{IP: peer}); err != nil {
 			// ENETUNREACH and friends while the link comes up: retry.
 			time.Sleep(200 * time.Millisecond)
 			continue
 		}
-		_ = c.SetReadDeadline(sent.Add(200 * time.Millisecond))
+		_ = c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
 		for {
 			n, from, err := c.ReadFrom(buf)
 			if err != nil {
 				break // deadline: send the next one
 			}
-			// Go strips the IPv4 header on ip4:icmp sockets.
-			if n >= 8 && buf[0] == 0 && binary.BigEndian.Uint16(buf[4:]) == id &&
-				binary.BigEndian.Uint16(buf[6:]) == uint16(seq) && from.(*net.IPAddr).IP.Equal(peer) {
-				return time.Since(sent), seq, nil
+			// Go strips the IPv4 header on ip4:icmp sockets. A late
+			// reply to an earlier request counts too.
+			if n < 8 || buf[0] != 0 || binary.BigEndian.Uint16(buf[4:]) != id || !from.(*net.IPAddr).IP.Equal(peer) {
+				continue
 			}
+			t0, ok := sent[binary.BigEndian.Uint16(buf[6:])]
+			if !ok {
+				continue
+			}
+			rtt := time.Since(t0)
+			if replies == 0 || rtt < best {
+				best = rtt
+			}
+			replies++
+			if binary.BigEndian.Uint16(buf[6:]) == seq {
+				break
+			}
+		}
+		if replies >= 4 {
+			return best, int(seq), nil
 		}
 	}
 }

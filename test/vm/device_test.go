@@ -1,0 +1,39 @@
+package vm
+
+import (
+	"testing"
+	"time"
+
+	"github.com/ism-backend/ism-backend/test/vm/vmharness"
+)
+
+// TestDeviceInQueryPCI boots a guest with the ISM device on a real backend:
+// QEMU must complete the vhost-user handshake at realize and show the device
+// as 1af4:1066 (virtio 0x1040 + id 38), and the backend must survive the
+// guest powering off.
+func TestDeviceInQueryPCI(t *testing.T) {
+	r := vmharness.New(t)
+	r.RequireBackend()
+	sock := r.Path("vm0.sock")
+	b := r.StartBackend([]string{"-socket-dir", r.Dir, "-vm", "vm0"}, sock)
+	vm := r.StartVM(vmharness.VMConfig{Name: "vm0", Scenario: "hello", Timeout: 60 * time.Second,
+		ISM: []vmharness.ISMDevice{{Socket: sock}}})
+	devs, err := vm.QueryPCI()
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, d := range devs {
+		if d.Vendor == 0x1af4 && d.Device == 0x1066 {
+			found = true
+			t.Logf("device at %02x:%02x.%d class %#04x %s", d.Bus, d.Slot, d.Function, d.Class, d.Desc)
+		}
+	}
+	if !found {
+		t.Fatalf("no 1af4:1066 in query-pci: %+v", devs)
+	}
+	vm.RequireOK(0)
+	if exited, err := b.Exited(); exited {
+		t.Fatalf("backend exited when the guest went away: %v", err)
+	}
+}
