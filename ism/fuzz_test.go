@@ -20,7 +20,7 @@ import (
 // the model says it may.
 //
 // Input: records of [sender byte][split byte][48-byte request][MOVE data].
-// sender bit 0 picks A or B. A token below 16 names the model's n-th
+// sender bit 0 picks A or B; bit 7 resets the sender instead. A token below 16 names the model's n-th
 // registered DMB, so that the fuzzer reaches live tokens. MOVE data is the
 // next min(len, remaining, 64 KiB) bytes, cut in two at the split byte.
 func FuzzHandle(f *testing.F) {
@@ -101,6 +101,7 @@ func runFuzzHandle(t *testing.T, in []byte) Stats {
 
 	for step := 0; len(in) >= 2+abi.RequestSize; step++ {
 		g := gs[in[0]&1]
+		in0 := in[0]
 		split := int(in[1])
 		req, err := abi.DecodeRequest(in[2:])
 		if err != nil {
@@ -109,6 +110,19 @@ func runFuzzHandle(t *testing.T, in []byte) Stats {
 		in = in[2+abi.RequestSize:]
 		if req.Token < 16 && int(req.Token) < len(slots) {
 			req.Token = slots[req.Token]
+		}
+		if in0&0x80 != 0 {
+			// A device reset instead of the request: the sender's DMBs die
+			// and its SBA is forgotten.
+			g.dev.Reset()
+			for _, e := range dmbs {
+				if e.owner == g {
+					e.live = false
+				}
+			}
+			clear(g.indices)
+			g.sbaSet = false
+			continue
 		}
 		var data [][]byte
 		if req.Op == abi.OpMove {
@@ -232,6 +246,11 @@ func TestWriteFuzzHandleCorpus(t *testing.T) {
 		"sba-refusals": cat(fzRecord(a, 0, abi.Request{Op: abi.OpSetSBA, Addr: 0x1004}, nil),
 			fzRecord(a, 0, abi.Request{Op: abi.OpSetSBA, Addr: fzLowSize - 8}, nil),
 			fzRecord(b, 0, abi.Request{Op: abi.OpSetSBA, Addr: fzHighGPA + fzHighSize - abi.SBASize}, nil)),
+		"reset": cat(fzRecord(a, 0, sba, nil), fzRecord(a, 0, regAB, nil),
+			fzRecord(0x80|a, 0, abi.Request{}, nil),
+			fzRecord(b, 0, mv(0, 8, 0), pat[:8]),
+			fzRecord(a, 0, regAB, nil), fzRecord(b, 0, abi.Request{Op: abi.OpMove, Token: 1, Len: 8, Flags: 1}, pat[:8]),
+			fzRecord(b, 0, abi.Request{Op: abi.OpMove, Token: 1, Len: 8}, pat[:8])),
 		"signal-query": cat(fzRecord(a, 0, abi.Request{Op: abi.OpSignal, GID: 0xB, Index: 0x80, Offset: 1}, nil),
 			fzRecord(b, 0, abi.Request{Op: abi.OpQueryRGID, GID: 0xA}, nil),
 			fzRecord(b, 0, abi.Request{Op: abi.OpQueryRGID, GID: 0xC}, nil),
@@ -241,7 +260,7 @@ func TestWriteFuzzHandleCorpus(t *testing.T) {
 	dir := filepath.Join("testdata", "fuzz", "FuzzHandle")
 	write := os.Getenv("ISM_WRITE_CORPUS") == "1"
 	// The seeds must reach the success paths, not only refusals.
-	wantMoves := map[string]uint64{"move-signal": 2, "move-no-sba": 1, "intra-vm": 1}
+	wantMoves := map[string]uint64{"move-signal": 2, "move-no-sba": 1, "intra-vm": 1, "reset": 1}
 	for name, in := range seeds {
 		if s := runFuzzHandle(t, in); s.Moves != wantMoves[name] {
 			t.Errorf("seed %s: %d MOVEs succeeded, want %d", name, s.Moves, wantMoves[name])
