@@ -255,3 +255,25 @@ func TestSetMemory(t *testing.T) {
 	do(t, b.dev, move(tok, 0, 0, 2, false), [][]byte{{9, 9}}, abi.StatusFault)
 	do(t, b.dev, move(tok, 0, 0, 0, true), nil, abi.StatusOK) // len 0: only the SBA
 }
+
+// The MOVE path allocates nothing: not for the copy, not for the signal, not
+// through Handle.
+func TestMoveAllocs(t *testing.T) {
+	f := newFabric()
+	a := newGuest(t, f, "a", 0xA)
+	b := newGuest(t, f, "b", 0xB)
+	setSBA(t, a.dev, sbaGPA, true)
+	tok := register(t, a.dev, dmbGPA, 1<<20, 0xB, 1)
+	data := [][]byte{make([]byte, 100), make([]byte, 4000)}
+	req := move(tok, 3, 512, 4100, true)
+	if n := testing.AllocsPerRun(100, func() {
+		if r := b.dev.Handle(req, data); r.Status != abi.StatusOK {
+			t.Fatal(r.Status)
+		}
+	}); n != 0 {
+		t.Fatalf("Handle(MOVE) allocates %v times", n)
+	}
+	if n := testing.AllocsPerRun(100, func() { _ = b.dev.Move(tok, 3, 0, false, data) }); n != 0 {
+		t.Fatalf("Move allocates %v times", n)
+	}
+}
