@@ -25,8 +25,14 @@ type Backend interface {
 	// ShmemMap/ShmemUnmap itself (start a goroutine for that).
 	Start(dev *Device) error
 	// HandleQueue is called when queue q was kicked (or needs a look after
-	// start). It is called with the memory read lock held, from the queue's
-	// own goroutine: it must not call Device.ShmemMap/ShmemUnmap.
+	// start, or Queue.Wake was called). It is called with the memory read
+	// lock held, from the queue's own goroutine: it must not call
+	// Device.ShmemMap/ShmemUnmap or Device.WithMemoryLock, and must not keep
+	// slices of guest memory after it returns. It should take chains with
+	// Queue.Next until that returns false (with EVENT_IDX the driver kicks
+	// again only after the device saw the ring empty); a Backend that stops
+	// early must call Queue.Wake when it can go on. End a batch with
+	// Queue.Notify.
 	HandleQueue(dev *Device, q *Queue)
 	// Stop is called on reset, stop or disconnect: every mapping and every
 	// buffer of the previous start is gone. It runs under the memory write

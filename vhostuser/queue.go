@@ -310,8 +310,10 @@ func (q *Queue) Next(c *Chain) (bool, error) {
 	if err := q.walk(c, head); err != nil {
 		c.reset()
 		c.Head = head
-		q.pushUsed(head, 0)
+		// Count before the used entry is visible: whoever sees the
+		// completion also sees the count.
 		q.countBadChain()
+		q.pushUsed(head, 0)
 		if q.badChains <= 10 || q.badChains%1000 == 0 {
 			q.log.WithField("head", head).Warnf("malformed chain completed with length 0 (%d so far): %v", q.badChains, err)
 		}

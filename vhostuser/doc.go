@@ -1,0 +1,28 @@
+// Package vhostuser is a device-agnostic vhost-user back-end: the protocol
+// QEMU speaks to an external device process over a unix socket.
+//
+// The package is split the way rust-vmm splits its vhost crates:
+//
+//   - msg.go: message framing with fds (SCM_RIGHTS) and a strict decoder
+//     (exact payload size and fd count per request; anything else closes
+//     the connection).
+//   - memory.go: the guest memory table (GPA -> host mapping), bounds-checked
+//     without integer overflow, with contiguous (Bytes) and segmented
+//     (AppendSegments, Segments) lookups and vring (user address) translation.
+//   - queue.go: device-side split virtqueues: descriptor chains (direct and
+//     indirect, with loop, bound and order checks), used-ring publication and
+//     EVENT_IDX / NO_INTERRUPT notification suppression.
+//   - handler.go, device.go: one connection's protocol state machine, the
+//     Device a Backend sees, and the back-end request channel (SHMEM_MAP,
+//     SHMEM_UNMAP).
+//   - server.go: one listening socket per VM, one connection at a time, the
+//     per-queue goroutines, and the memory lock shared by all connections
+//     (see Server for the locking rules).
+//
+// A device implements Backend. vhostusertest is a front-end that plays QEMU
+// for tests. What QEMU 11.1.3 actually sends is written down in
+// notes/vhost-user-qemu11.md in the shared project notes.
+//
+// The rings are read and written in place in guest memory with the host's
+// byte order taken as little-endian (amd64, arm64), as virtio 1.x requires.
+package vhostuser
