@@ -176,6 +176,9 @@ func open(dev *pci.Device, opts Options) (*Driver, error) {
 	if err != nil {
 		return nil, err
 	}
+	t0 := time.Now()
+	step := func(what string) { opts.Logf("guestdriver: %s: %s (+%v)", dev.Addr, what, time.Since(t0).Round(time.Microsecond)) }
+	step("config read, ISM ABI v" + fmt.Sprint(cfg.Version))
 	if cfg.Modes&abi.ModeCopy == 0 {
 		return nil, fmt.Errorf("guestdriver: device offers modes %#x, this driver needs copy mode", cfg.Modes)
 	}
@@ -189,6 +192,7 @@ func open(dev *pci.Device, opts Options) (*Driver, error) {
 	if _, err := vio.Start(1<<pci.FeatureRingEventIdx|1<<pci.FeatureAccessPlatform, 0); err != nil {
 		return nil, err
 	}
+	step(fmt.Sprintf("features %#x negotiated", vio.Features()))
 	if n := vio.NumQueues(); n < abi.NumQueues {
 		return nil, fmt.Errorf("guestdriver: device has %d queues, want %d", n, abi.NumQueues)
 	}
@@ -218,13 +222,16 @@ func open(dev *pci.Device, opts Options) (*Driver, error) {
 	if d.evBufs, err = d.alloc.Alloc(nev*abi.EventSize, 64); err != nil {
 		return nil, err
 	}
+	step("queues set up")
 	vio.DriverOK()
+	step("DRIVER_OK")
 	if st := vio.Status(); st&(pci.StatusNeedsReset|pci.StatusFailed) != 0 || st&pci.StatusDriverOK == 0 {
 		return nil, fmt.Errorf("guestdriver: device status %#x after DRIVER_OK", st)
 	}
 	if err := d.start(nev); err != nil {
 		return nil, err
 	}
+	step("SBA set")
 	ok = true
 	opts.Logf("guestdriver: %s: gid %#x chid %#x, queues %d/%d, features %#x", dev.Addr, cfg.GID, cfg.CHID, d.reqQ.Size(), d.evQ.Size(), vio.Features())
 	return d, nil

@@ -161,9 +161,13 @@ func (x xfer) chunkLen(s int) int { return min(x.chunk, x.bytes-s*x.chunk) }
 // fill writes the seeded stream's bytes [off, off+len(b)) into b: byte p is
 // byte p%8 of splitmix64(seed + p/8).
 func (x xfer) fill(b []byte, off int) {
+	var w uint64
 	for i := range b {
 		p := off + i
-		b[i] = byte(splitmix64(x.seed+uint64(p/8)) >> (8 * (p % 8)))
+		if i == 0 || p%8 == 0 { // one generator step per 8 bytes: TCG is slow
+			w = splitmix64(x.seed + uint64(p/8))
+		}
+		b[i] = byte(w >> (8 * (p % 8)))
 	}
 }
 
