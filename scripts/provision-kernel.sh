@@ -30,7 +30,7 @@ if [ -z "$pkg" ]; then
 	pkg=$(pick)
 fi
 [ -n "$pkg" ] || { echo "kernel: no linux-image-6.1.0-*-amd64 available" >&2; exit 1; }
-echo "kernel: fetching $pkg into $DIR (about 20 s, 70 MB download)"
+echo "kernel: fetching $pkg into $DIR (about 10 s, 70 MB download)"
 
 tmp=$(mktemp -d "$DIR/tmp.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT

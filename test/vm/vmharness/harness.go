@@ -30,6 +30,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -206,6 +207,7 @@ type Backend struct {
 	LogPath string
 	done    chan struct{}
 	waitErr *error
+	stopped atomic.Bool // Stop or Kill asked it to exit
 }
 
 // StartBackend runs ISM_BACKEND with args (paths usually from r.Path) and
@@ -226,7 +228,14 @@ func (r *Run) StartBackend(args []string, sockets ...string) *Backend {
 	r.backends = append(r.backends, b)
 	r.mu.Unlock()
 	t.Cleanup(func() {
-		b.Stop()
+		// A backend that died on its own during the test is a failure
+		// even if every guest passed.
+		if exited, err := b.Exited(); exited && !b.stopped.Load() {
+			t.Errorf("backend exited during the test: %v", err)
+		}
+		if err := b.Stop(); err != nil {
+			t.Logf("backend stop: %v", err)
+		}
 		if t.Failed() {
 			t.Logf("=== backend log %s ===\n%s", b.LogPath, readTail(b.LogPath, 200))
 		}
@@ -271,6 +280,7 @@ func (b *Backend) Stop() error {
 	if exited, err := b.Exited(); exited {
 		return err
 	}
+	b.stopped.Store(true)
 	_ = b.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-b.done:
@@ -284,6 +294,7 @@ func (b *Backend) Stop() error {
 
 // Kill SIGKILLs the backend's process group and waits for it.
 func (b *Backend) Kill() {
+	b.stopped.Store(true)
 	killGroup(b.cmd, syscall.SIGKILL)
 	<-b.done
 }
