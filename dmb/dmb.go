@@ -1,9 +1,9 @@
 // Package dmb keeps the bookkeeping of DMBs (Direct Memory Buffers) that does
 // not depend on the device model: token allocation, overflow-safe range
-// checks, the token table and the per-device DMB index set.
-//
-// TODO(attach mode): the memfd allocator for attach-mode DMBs and the offsets
-// of DMBs in the shared-memory region belong here; copy mode needs neither.
+// checks, the token table and the per-device DMB index set; for attach mode,
+// memfd-backed DMB buffers (Buffer) and the allocator of offsets in a
+// device's shared-memory region (RegionAllocator). The ism package does not
+// use the attach-mode pieces yet: ATTACH_DMB answers StatusUnsupported.
 package dmb
 
 import (

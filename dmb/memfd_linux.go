@@ -1,0 +1,81 @@
+package dmb
+
+import (
+	"fmt"
+	"os"
+	"sync"
+
+	"golang.org/x/sys/unix"
+)
+
+// Buffer is the host memory of an attach-mode DMB: a memfd, which the
+// transport hands to QEMU (VHOST_USER_BACKEND_SHMEM_MAP) for the owner's and
+// attached peers' shared-memory BARs, and the backend's own mapping of it.
+type Buffer struct {
+	mu   sync.Mutex
+	fd   int
+	data []byte
+}
+
+// NewBuffer creates a zeroed memfd of size bytes (rounded up to the page
+// size) and maps it. The size is sealed: a memfd that shrank under a mapping
+// would turn accesses past its new end into SIGBUS in the backend and in
+// every guest that maps it.
+func NewBuffer(name string, size uint64) (*Buffer, error) {
+	page := uint64(os.Getpagesize())
+	if size == 0 || AddOverflows(size, page-1) || size > 1<<40 {
+		return nil, fmt.Errorf("dmb: buffer size %d out of range", size)
+	}
+	size = (size + page - 1) &^ (page - 1)
+	fd, err := unix.MemfdCreate("ism-dmb-"+name, unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
+	if err != nil {
+		return nil, fmt.Errorf("dmb: memfd_create: %w", err)
+	}
+	if err := unix.Ftruncate(fd, int64(size)); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("dmb: ftruncate memfd: %w", err)
+	}
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, unix.F_SEAL_SHRINK|unix.F_SEAL_GROW|unix.F_SEAL_SEAL); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("dmb: seal memfd: %w", err)
+	}
+	data, err := unix.Mmap(fd, 0, int(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("dmb: mmap memfd: %w", err)
+	}
+	return &Buffer{fd: fd, data: data}, nil
+}
+
+// FD is the memfd, for SHMEM_MAP; -1 after Close. The Buffer keeps owning it.
+func (b *Buffer) FD() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.fd
+}
+
+// Bytes is the backend's mapping of the buffer; invalid after Close.
+func (b *Buffer) Bytes() []byte {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.data
+}
+
+// Size is the buffer's size in bytes (a multiple of the page size).
+func (b *Buffer) Size() uint64 { return uint64(len(b.Bytes())) }
+
+// Close unmaps the buffer and closes the memfd. Guests that still map it keep
+// their pages until QEMU unmaps them; the caller unmaps from the BARs first.
+func (b *Buffer) Close() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.fd < 0 {
+		return nil
+	}
+	err := unix.Munmap(b.data)
+	if cerr := unix.Close(b.fd); err == nil {
+		err = cerr
+	}
+	b.fd, b.data = -1, nil
+	return err
+}
