@@ -432,12 +432,20 @@ func (d *Device) setMemTable(m *Message) error {
 }
 
 func (d *Device) addMemReg(m *Message) error {
+	want := decodeRegion(m.Payload[8:])
+	old := d.mem.Regions()
+	for _, r := range old {
+		if r.GuestPhysAddr == want.GuestPhysAddr && r.Size == want.Size && r.UserAddr == want.UserAddr {
+			// The same region again (a front-end that lost track of
+			// its table): nothing changes.
+			return nil
+		}
+	}
 	fd := takeFD(m)
-	r, err := mapRegion(decodeRegion(m.Payload[8:]), fd)
+	r, err := mapRegion(want, fd)
 	if err != nil {
 		return err
 	}
-	old := d.mem.Regions()
 	if len(old)+1 > MaxMemSlots {
 		r.unmap()
 		return fmt.Errorf("more than %d memory slots", MaxMemSlots)

@@ -174,9 +174,14 @@ func (s *Server) newDevice(ctx context.Context, name string, log *logrus.Entry, 
 func (q *Queue) runnable() bool { return q.Ready() && q.kickFD >= 0 }
 
 // reconcile starts or stops the device and its queue goroutines to match
-// what the front-end has set up. Start: DRIVER_OK when STATUS was acked
-// (otherwise the first enabled ring), a memory table and at least one
-// runnable queue. Called on the connection goroutine without the lock.
+// what the front-end has set up. Start: a memory table and at least one
+// runnable (enabled, addressed, kicked) queue. QEMU 11.1.3 enables the rings
+// only from vhost_dev_start, i.e. after the guest set DRIVER_OK, and it
+// never sends SET_STATUS with DRIVER_OK itself (seen with qtest: only
+// FEATURES_OK), so enabled rings are the start signal with or without
+// STATUS. Stop: no runnable queue (SET_VRING_ENABLE 0, GET_VRING_BASE),
+// SET_STATUS 0 or FAILED, RESET_DEVICE/RESET_OWNER, disconnect. Called on
+// the connection goroutine without the lock.
 func (d *Device) reconcile() {
 	any := false
 	for _, q := range d.queues {
@@ -185,9 +190,6 @@ func (d *Device) reconcile() {
 		}
 	}
 	want := d.mem != nil && any && d.status&StatusFailed == 0
-	if d.protoAcked(ProtocolStatus) && d.status&StatusDriverOK == 0 {
-		want = false
-	}
 	if !want {
 		if d.started.Load() {
 			d.stopDevice()

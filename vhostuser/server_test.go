@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"net"
 	"path/filepath"
 	"sync"
@@ -292,10 +293,52 @@ func TestNegotiationQEMUOrder(t *testing.T) {
 	}
 }
 
-func TestStartWithDriverOKLast(t *testing.T) {
+func TestStartWithDriverOKStatus(t *testing.T) {
 	e := newEnv(t)
 	path := e.serve(context.Background(), "vm", func() *echoBackend { return &echoBackend{} })
-	f := started(t, path, vhostusertest.StartOptions{DriverOKLast: true})
+	f := started(t, path, vhostusertest.StartOptions{DriverOKStatus: true})
+	echo(t, f, 0, 64, false)
+}
+
+// Without CONFIGURE_MEM_SLOTS QEMU sends SET_MEM_TABLE.
+func TestStartWithSetMemTable(t *testing.T) {
+	e := newEnv(t)
+	path := e.serve(context.Background(), "vm", func() *echoBackend { return &echoBackend{} })
+	f := dial(t, path, newMem(t))
+	if err := f.Handshake(vhostusertest.HandshakeOptions{ProtocolMask: ^uint64(1 << vhostuser.ProtocolConfigureMemSlots)}); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Start(vhostusertest.StartOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	echo(t, f, 0, 64, false)
+	echo(t, f, 1, 64, true)
+}
+
+// Guest reset as QEMU 11.1.3 does it: rings disabled, then GET_VRING_BASE.
+// The device stops, and starts again on the next start sequence.
+func TestGuestResetAndRestart(t *testing.T) {
+	e := newEnv(t)
+	path := e.serve(context.Background(), "vm", func() *echoBackend { return &echoBackend{} })
+	f := started(t, path, vhostusertest.StartOptions{Queues: []int{0}})
+	echo(t, f, 0, 64, false)
+	dev := e.srv.Device("vm")
+	b := e.backends("vm")[0]
+	if err := f.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if dev.Started() || b.stopped.Load() != 1 {
+		t.Fatal("device not stopped by the rings being disabled")
+	}
+	// The driver sets up fresh rings (same addresses) before DRIVER_OK;
+	// QEMU sends base 0 again.
+	f.Queues[0].Reset()
+	if err := f.Start(vhostusertest.StartOptions{Queues: []int{0}}); err != nil {
+		t.Fatal(err)
+	}
+	if !dev.Started() || b.started.Load() != 2 {
+		t.Fatal("device not restarted")
+	}
 	echo(t, f, 0, 64, false)
 }
 
@@ -621,9 +664,17 @@ func TestShmemMapRefusedBeforeStart(t *testing.T) {
 	}
 }
 
-// QEMU sends SET_MEM_TABLE (NEED_REPLY) before it answers SHMEM_MAP: the
-// back-end must serve it while it waits.
+// QEMU changes the memory table (NEED_REPLY) before it answers SHMEM_MAP:
+// ADD_MEM_REG with CONFIGURE_MEM_SLOTS (seen with QEMU 11.1.3 in
+// TestRealQEMU), SET_MEM_TABLE without. The back-end must serve it while
+// it waits.
 func TestShmemMapWithInterleavedMemTable(t *testing.T) {
+	for _, slots := range []bool{true, false} {
+		t.Run(fmt.Sprintf("mem_slots=%v", slots), func(t *testing.T) { testShmemInterleaved(t, slots) })
+	}
+}
+
+func testShmemInterleaved(t *testing.T, slots bool) {
 	e, path := shmemEnv(t)
 	mem := newMem(t)
 	f := dial(t, path, mem)
@@ -633,12 +684,21 @@ func TestShmemMapWithInterleavedMemTable(t *testing.T) {
 	}
 	defer bar.Close()
 	f.BeforeShmemReply = func(f *vhostusertest.Frontend, r vhostusertest.ShmemRequest) error {
-		if r.Request == vhostuser.BackendReqShmemMap {
+		switch {
+		case slots && r.Request == vhostuser.BackendReqShmemMap:
+			return f.AddMemReg(bar.Regions[0])
+		case slots:
+			return f.RemMemReg(bar.Regions[0])
+		case r.Request == vhostuser.BackendReqShmemMap:
 			return f.SetMemTable(bar.Regions[0])
 		}
 		return f.SetMemTable()
 	}
-	if err := f.Handshake(vhostusertest.HandshakeOptions{}); err != nil {
+	mask := ^uint64(0)
+	if !slots {
+		mask &^= 1 << vhostuser.ProtocolConfigureMemSlots
+	}
+	if err := f.Handshake(vhostusertest.HandshakeOptions{ProtocolMask: mask}); err != nil {
 		t.Fatal(err)
 	}
 	if err := f.Start(vhostusertest.StartOptions{}); err != nil {
@@ -659,6 +719,10 @@ func TestShmemMapWithInterleavedMemTable(t *testing.T) {
 	echo(t, f, 0, 64, false) // rings re-translated in the new table
 	if err := dev.ShmemUnmap(0, 4096, 1<<16); err != nil {
 		t.Fatal("ShmemUnmap:", err)
+	}
+	dev.WithMemoryLock(func() { regions = len(dev.Memory().Regions()) })
+	if regions != 2 {
+		t.Errorf("%d regions after SHMEM_UNMAP, want 2", regions)
 	}
 	echo(t, f, 0, 64, false)
 	reqs := f.ShmemRequests()

@@ -50,6 +50,7 @@ type Frontend struct {
 	ShmemSizes                       []uint64
 
 	Queues []*VQ
+	added  map[*Region]bool // regions the back-end has from ADD_MEM_REG
 
 	// Back-end request channel (our end).
 	bc      *net.UnixConn
@@ -206,7 +207,7 @@ type HandshakeOptions struct {
 	NumQueues int
 }
 
-// Handshake does what QEMU 11.1.3 does at device realize: GET_FEATURES,
+// Handshake does what QEMU 11.1.3 does at device realize (observed): GET_FEATURES,
 // GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, GET_QUEUE_NUM,
 // GET_MAX_MEM_SLOTS (if CONFIGURE_MEM_SLOTS), SET_BACKEND_REQ_FD,
 // SET_OWNER, GET_FEATURES, SET_VRING_CALL and SET_VRING_ERR per queue,
@@ -292,18 +293,22 @@ func (f *Frontend) Handshake(opt HandshakeOptions) error {
 type StartOptions struct {
 	// Features to ack (0: all offered).
 	Features uint64
-	// DriverOKLast sends DRIVER_OK after the rings (as vhost_dev_start's
-	// final status update does) instead of first (as observed in the
-	// notes). Both orders must work.
-	DriverOKLast bool
-	// Queues to set up (nil: all, each with QueueSize).
+	// DriverOKStatus also sends SET_STATUS with DRIVER_OK after the rings.
+	// QEMU 11.1.3 does not (it sends FEATURES_OK only); the back-end must
+	// start on the enabled rings either way.
+	DriverOKStatus bool
+	// Queues the guest driver configured (nil: all), each with QueueSize
+	// (0: 256). Every queue gets SET_VRING_ENABLE, as QEMU does.
 	Queues    []int
 	QueueSize uint16
 }
 
-// Start does what QEMU does when the guest driver sets DRIVER_OK: status,
-// SET_FEATURES, SET_MEM_TABLE, then per queue SET_VRING_NUM/ADDR/BASE/KICK,
-// SET_VRING_ENABLE 1 and SET_VRING_CALL.
+// Start does what QEMU 11.1.3 does when the guest driver sets DRIVER_OK
+// (observed through qtest, see TestRealQEMU): SET_FEATURES, GET_STATUS,
+// SET_STATUS(+FEATURES_OK), the memory table (ADD_MEM_REG per region when
+// CONFIGURE_MEM_SLOTS was acked, else SET_MEM_TABLE), per configured queue
+// SET_VRING_NUM/BASE/ADDR/KICK/CALL, then SET_VRING_ENABLE 1 and
+// SET_VRING_CALL for every queue.
 func (f *Frontend) Start(opt StartOptions) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -312,20 +317,25 @@ func (f *Frontend) Start(opt StartOptions) error {
 		feat = f.OfferedFeatures
 	}
 	f.Features = feat
-	const early = vhostuser.StatusAcknowledge | vhostuser.StatusDriver | vhostuser.StatusFeaturesOK
+	if _, err := f.request(vhostuser.ReqSetFeatures, u64(feat), nil, false); err != nil {
+		return err
+	}
 	if f.acked(vhostuser.ProtocolStatus) {
-		st := uint64(early | vhostuser.StatusDriverOK)
-		if opt.DriverOKLast {
-			st = early
-		}
-		if err := f.setStatus(st); err != nil {
+		if err := f.setStatus(vhostuser.StatusFeaturesOK); err != nil {
 			return err
 		}
 	}
-	if _, err := f.request(vhostuser.ReqSetFeatures, u64(feat), nil, true); err != nil {
-		return err
-	}
-	if err := f.setMemTable(); err != nil {
+	if f.acked(vhostuser.ProtocolConfigureMemSlots) {
+		// Like QEMU, send only what the back-end does not have yet.
+		for _, r := range f.Mem.Regions {
+			if f.added[r] {
+				continue
+			}
+			if err := f.memReg(vhostuser.ReqAddMemReg, r); err != nil {
+				return err
+			}
+		}
+	} else if err := f.setMemTable(); err != nil {
 		return err
 	}
 	qs := opt.Queues
@@ -350,9 +360,39 @@ func (f *Frontend) Start(opt StartOptions) error {
 			return err
 		}
 	}
-	if f.acked(vhostuser.ProtocolStatus) && opt.DriverOKLast {
-		if err := f.setStatus(early | vhostuser.StatusDriverOK); err != nil {
+	for _, q := range f.Queues {
+		if _, err := f.request(vhostuser.ReqSetVringEnable, vringState(q.Index, 1), nil, true); err != nil {
 			return err
+		}
+	}
+	for _, q := range f.Queues {
+		if _, err := f.request(vhostuser.ReqSetVringCall, u64(uint64(q.Index)), []int{q.CallFD}, true); err != nil {
+			return err
+		}
+	}
+	if f.acked(vhostuser.ProtocolStatus) && opt.DriverOKStatus {
+		if err := f.setStatus(vhostuser.StatusAcknowledge | vhostuser.StatusDriver | vhostuser.StatusDriverOK); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Stop does what QEMU 11.1.3 does on a guest reset: SET_VRING_ENABLE 0 for
+// every queue, then GET_VRING_BASE for the configured ones.
+func (f *Frontend) Stop() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, q := range f.Queues {
+		if _, err := f.request(vhostuser.ReqSetVringEnable, vringState(q.Index, 0), nil, true); err != nil {
+			return err
+		}
+	}
+	for _, q := range f.Queues {
+		if q.desc != nil {
+			if _, err := f.request(vhostuser.ReqGetVringBase, vringState(q.Index, 0), nil, false); err != nil {
+				return err
+			}
 		}
 	}
 	return nil
@@ -382,7 +422,10 @@ func vringState(i int, num uint32) []byte {
 
 func (f *Frontend) startQueue(q *VQ) error {
 	i := q.Index
-	if _, err := f.request(vhostuser.ReqSetVringNum, vringState(i, uint32(q.Size)), nil, true); err != nil {
+	if _, err := f.request(vhostuser.ReqSetVringNum, vringState(i, uint32(q.Size)), nil, false); err != nil {
+		return err
+	}
+	if _, err := f.request(vhostuser.ReqSetVringBase, vringState(i, 0), nil, false); err != nil {
 		return err
 	}
 	addr := make([]byte, 40)
@@ -390,20 +433,54 @@ func (f *Frontend) startQueue(q *VQ) error {
 	binary.LittleEndian.PutUint64(addr[8:], q.UserAddr(q.DescGPA))
 	binary.LittleEndian.PutUint64(addr[16:], q.UserAddr(q.UsedGPA))
 	binary.LittleEndian.PutUint64(addr[24:], q.UserAddr(q.AvailGPA))
-	if _, err := f.request(vhostuser.ReqSetVringAddr, addr, nil, true); err != nil {
-		return err
-	}
-	if _, err := f.request(vhostuser.ReqSetVringBase, vringState(i, 0), nil, true); err != nil {
+	if _, err := f.request(vhostuser.ReqSetVringAddr, addr, nil, false); err != nil {
 		return err
 	}
 	if _, err := f.request(vhostuser.ReqSetVringKick, u64(uint64(i)), []int{q.KickFD}, true); err != nil {
 		return err
 	}
-	if _, err := f.request(vhostuser.ReqSetVringEnable, vringState(i, 1), nil, true); err != nil {
-		return err
-	}
 	_, err := f.request(vhostuser.ReqSetVringCall, u64(uint64(i)), []int{q.CallFD}, true)
 	return err
+}
+
+func regionPayload(r *Region) []byte {
+	p := make([]byte, 40)
+	binary.LittleEndian.PutUint64(p[8:], r.GPA)
+	binary.LittleEndian.PutUint64(p[16:], r.Size)
+	binary.LittleEndian.PutUint64(p[24:], r.UserAddr())
+	return p
+}
+
+// memReg sends ADD_MEM_REG (with the region's fd) or REM_MEM_REG (without,
+// as QEMU 11.1.3 does), with NEED_REPLY.
+func (f *Frontend) memReg(req uint32, r *Region) error {
+	var fds []int
+	if req == vhostuser.ReqAddMemReg {
+		fds = []int{r.FD}
+	}
+	_, err := f.request(req, regionPayload(r), fds, true)
+	if err == nil {
+		if f.added == nil {
+			f.added = map[*Region]bool{}
+		}
+		f.added[r] = req == vhostuser.ReqAddMemReg
+	}
+	return err
+}
+
+// AddMemReg sends ADD_MEM_REG for r (QEMU adds the shared-memory BAR
+// mapping this way before it answers SHMEM_MAP).
+func (f *Frontend) AddMemReg(r *Region) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.memReg(vhostuser.ReqAddMemReg, r)
+}
+
+// RemMemReg sends REM_MEM_REG for r.
+func (f *Frontend) RemMemReg(r *Region) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.memReg(vhostuser.ReqRemMemReg, r)
 }
 
 // MemTablePayload encodes the guest memory as a SET_MEM_TABLE payload and

@@ -93,6 +93,15 @@ func (q *VQ) setup(size uint16) error {
 	return nil
 }
 
+// Reset clears the rings and the driver-side indexes, as a guest driver
+// does when it sets the queue up again after a reset.
+func (q *VQ) Reset() {
+	clear(q.desc)
+	clear(q.avail)
+	clear(q.used)
+	q.nextDesc, q.availIdx, q.lastUsed = 0, 0, 0
+}
+
 // Buf is one buffer of a chain.
 type Buf struct {
 	GPA   uint64
