@@ -136,10 +136,12 @@ func (f *FallbackConn) CloseWrite() error {
 func IsSMC(c net.Conn) bool { _, ok := c.(*Conn); return ok }
 
 // sendDecline writes a v1 Decline; errors are ignored since we fall back
-// (or fail) anyway.
-func sendDecline(tcp net.Conn, code uint32) {
+// (or fail) anyway. The write gets its own deadline: the handshake deadline
+// may be what just expired.
+func sendDecline(tcp net.Conn, code uint32, timeout time.Duration) {
 	d := Decline{Version: 1, Diagnosis: code}
 	b, _ := d.Encode()
+	tcp.SetWriteDeadline(time.Now().Add(timeout))
 	tcp.Write(b)
 }
 
@@ -221,7 +223,7 @@ func (d *Dialer) handshake(ctx context.Context, dev Device, tcp net.Conn, size i
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
 		}
-		sendDecline(tcp, code)
+		sendDecline(tcp, code, timeoutOr(d.HandshakeTimeout))
 		return fallback(tcp, &DeclineError{Code: code, Err: err}, nil)
 	}
 	typ, msg, err := ReadCLC(tcp)
@@ -447,7 +449,7 @@ func (s *Server) handshake(ctx context.Context, dev Device, tcp net.Conn) (net.C
 			return nil, ctx.Err()
 		}
 		s.logf("smcd: %v: declining with %#08x: %v", tcp.RemoteAddr(), code, err)
-		sendDecline(tcp, code)
+		sendDecline(tcp, code, timeoutOr(s.HandshakeTimeout))
 		return fallback(tcp, &DeclineError{Code: code, Err: err}, nil)
 	}
 	typ, msg, err := ReadCLC(tcp)
