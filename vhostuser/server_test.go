@@ -7,7 +7,9 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -801,5 +803,77 @@ func BenchmarkEchoServer(b *testing.B) {
 				b.Fatal(err)
 			}
 		}
+	}
+}
+
+func openFDs(t *testing.T) int {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Skip(err)
+	}
+	return len(ents)
+}
+
+// After connections come and go and Serve returns, no goroutine, fd or
+// mapping of theirs is left.
+func TestNoLeaks(t *testing.T) {
+	log := logrus.New()
+	log.SetLevel(logrus.ErrorLevel)
+	srv := vhostuser.NewServer(logrus.NewEntry(log))
+	mem := newMem(t)
+	goroutines, fds := runtime.NumGoroutine(), openFDs(t)
+
+	path := filepath.Join(t.TempDir(), "vm.sock")
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error)
+	go func() {
+		done <- srv.Serve(ctx, "vm", ln, func(string) (vhostuser.Backend, error) {
+			return &echoBackend{shmem: []uint64{1 << 20}}, nil
+		})
+	}()
+	for i := 0; i < 3; i++ {
+		f, err := vhostusertest.Dial(path, mem)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := f.Handshake(vhostusertest.HandshakeOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		if err := f.Start(vhostusertest.StartOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		echo(t, f, 0, 64, false)
+		echo(t, f, 1, 64, true)
+		f.Close()
+	}
+	// The last connection is still open on the server side when Serve is
+	// cancelled: cancellation must tear it down too.
+	f, err := vhostusertest.Dial(path, mem)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Handshake(vhostusertest.HandshakeOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Start(vhostusertest.StartOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Errorf("Serve returned %v", err)
+	}
+	f.Close()
+	deadline := time.Now().Add(vhostusertest.Timeout)
+	for runtime.NumGoroutine() > goroutines || openFDs(t) > fds {
+		if time.Now().After(deadline) {
+			buf := make([]byte, 1<<16)
+			t.Fatalf("goroutines %d (was %d), fds %d (was %d)\n%s", runtime.NumGoroutine(), goroutines,
+				openFDs(t), fds, buf[:runtime.Stack(buf, true)])
+		}
+		time.Sleep(time.Millisecond)
 	}
 }
