@@ -18,11 +18,15 @@ type Backend interface {
 	// ShmemSizes returns the sizes of the VIRTIO shared-memory regions, or
 	// nil for none (then SHMEM is not offered).
 	ShmemSizes() []uint64
-	// Start is called when the device starts (driver OK: memory table set,
-	// rings ready). The Device gives access to memory, queues and the
-	// back-end request channel until Stop. Start runs under the memory
-	// write lock on the connection's goroutine: it must not call
-	// ShmemMap/ShmemUnmap itself (start a goroutine for that).
+	// Start is called when the device starts: the guest driver set
+	// DRIVER_OK, so QEMU set the memory table and enabled the rings (QEMU
+	// 11.1.3 enables rings only then; it does not forward DRIVER_OK as a
+	// status). The Device gives access to memory, queues and the back-end
+	// request channel until Stop. Queues the driver did not set up are not
+	// Ready. Start runs under the memory write lock on the connection's
+	// goroutine: it must not call ShmemMap/ShmemUnmap itself (start a
+	// goroutine for that; Device.Started is already true). An error leaves
+	// the device stopped.
 	Start(dev *Device) error
 	// HandleQueue is called when queue q was kicked (or needs a look after
 	// start, or Queue.Wake was called). It is called with the memory read
@@ -36,8 +40,10 @@ type Backend interface {
 	HandleQueue(dev *Device, q *Queue)
 	// Stop is called on reset, stop or disconnect: every mapping and every
 	// buffer of the previous start is gone. It runs under the memory write
-	// lock and must not wait for a ShmemMap/ShmemUnmap in flight.
+	// lock (no HandleQueue of any device runs) and must not wait for a
+	// ShmemMap/ShmemUnmap in flight.
 	Stop(dev *Device)
-	// Close is called once, when the connection is over.
+	// Close is called once, when the connection is over (after Stop if
+	// started), under the memory write lock.
 	Close()
 }

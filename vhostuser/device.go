@@ -126,8 +126,9 @@ func (d *Device) Stats() Stats {
 
 // WithMemoryLock runs fn with the Server's memory read lock held, for work
 // on guest memory or queues outside HandleQueue (for example completing a
-// request from another goroutine). Never call it from HandleQueue or while
-// holding the lock: RWMutex read locks do not nest safely.
+// request from another goroutine). Never call it from HandleQueue, Start or
+// Stop, nor while holding a lock that HandleQueue may wait for: read locks
+// do not nest safely once a writer waits.
 func (d *Device) WithMemoryLock(fn func()) {
 	d.srv.mem.RLock()
 	defer d.srv.mem.RUnlock()
