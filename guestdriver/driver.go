@@ -42,6 +42,7 @@ type Options struct {
 	EventBufs    int           // event buffers posted; default 64
 	MaxHugePages int           // DMA memory limit in 2 MiB pages; default 8
 	Timeout      time.Duration // for one request; default 30s (TCG is slow)
+	NoEventIdx   bool          // do not negotiate VIRTIO_RING_F_EVENT_IDX (flags-based suppression only)
 	Logf         func(format string, args ...any)
 }
 
@@ -177,7 +178,9 @@ func open(dev *pci.Device, opts Options) (*Driver, error) {
 		return nil, err
 	}
 	t0 := time.Now()
-	step := func(what string) { opts.Logf("guestdriver: %s: %s (+%v)", dev.Addr, what, time.Since(t0).Round(time.Microsecond)) }
+	step := func(what string) {
+		opts.Logf("guestdriver: %s: %s (+%v)", dev.Addr, what, time.Since(t0).Round(time.Microsecond))
+	}
 	step("config read, ISM ABI v" + fmt.Sprint(cfg.Version))
 	if cfg.Modes&abi.ModeCopy == 0 {
 		return nil, fmt.Errorf("guestdriver: device offers modes %#x, this driver needs copy mode", cfg.Modes)
@@ -189,7 +192,11 @@ func open(dev *pci.Device, opts Options) (*Driver, error) {
 	d.maxDMBs = min(cfg.MaxDMBs, abi.MaxDMBs)
 
 	started = true
-	if _, err := vio.Start(1<<pci.FeatureRingEventIdx|1<<pci.FeatureAccessPlatform, 0); err != nil {
+	wanted := uint64(1<<pci.FeatureRingEventIdx | 1<<pci.FeatureAccessPlatform)
+	if opts.NoEventIdx {
+		wanted &^= 1 << pci.FeatureRingEventIdx
+	}
+	if _, err := vio.Start(wanted, 0); err != nil {
 		return nil, err
 	}
 	step(fmt.Sprintf("features %#x negotiated", vio.Features()))

@@ -9,6 +9,9 @@ package main
 //	ism-send    sender of it.
 //	ism-forge   MOVE with a forged token (expect NOENTRY) and into a DMB
 //	            whose rgid is another GID (expect PERMISSION).
+//	ism-stress  ism.conns goroutines (default 32), each with its own DMB
+//	            (rgid = own GID) and buffer, MOVE ism.moves signalled
+//	            chunks into it concurrently and check each landed.
 //	virtio-rng  drive QEMU's virtio-rng-pci (1af4:1044) with the pci
 //	            transport alone: proves rings, DMA addresses and notify.
 //
@@ -47,6 +50,7 @@ func init() {
 	register("ism-recv", ismRecv)
 	register("ism-send", ismSend)
 	register("ism-forge", ismForge)
+	register("ism-stress", ismStress)
 	register("virtio-rng", virtioRNG)
 }
 
@@ -55,6 +59,7 @@ func openDriver(e *Env) (*guestdriver.Driver, error) {
 		VirtioID:     e.ArgInt("virtio_id", abi.DefaultVirtioID),
 		Addr:         e.Arg("pci", ""),
 		MaxHugePages: e.ArgInt("hugepages", 8),
+		NoEventIdx:   e.Arg("event_idx", "1") == "0",
 		Logf:         e.Logf,
 	})
 	if err != nil {
@@ -441,4 +446,69 @@ func virtioRNG(e *Env) error {
 		return errors.New("no entropy came back")
 	}
 	return nil
+}
+
+func ismStress(e *Env) error {
+	d, err := openDriver(e)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	reportConfig(e, d)
+	conns, moves, size := e.ArgInt("conns", 32), e.ArgInt("moves", 50), e.ArgInt("size", 4096)
+	if conns <= 0 || moves <= 0 || size < 8 || size > int(d.Config().MaxMoveLen) {
+		return fmt.Errorf("bad ism.conns=%d ism.moves=%d ism.size=%d", conns, moves, size)
+	}
+	start := time.Now()
+	errs := make(chan error, conns)
+	for c := 0; c < conns; c++ {
+		go func() {
+			errs <- func() error {
+				m, err := d.RegisterDMB(2*size, d.GID())
+				if err != nil {
+					return fmt.Errorf("conn %d: REGISTER_DMB: %w", c, err)
+				}
+				buf, err := d.AllocBuffer(size)
+				if err != nil {
+					return err
+				}
+				defer buf.Free()
+				for i := 0; i < moves; i++ {
+					x := xfer{seed: uint64(c)<<32 | uint64(i)}
+					x.fill(buf.Bytes(), 0)
+					off := (i % 2) * size
+					if err := d.Move(m.Token(), uint32(i%abi.MaxDMBEs), true, uint32(off), buf, 0, size); err != nil {
+						return fmt.Errorf("conn %d move %d: %s (%w)", c, i, statusName(err), err)
+					}
+					select {
+					case <-m.Signalled():
+					case <-e.Ctx.Done():
+						return fmt.Errorf("conn %d move %d: no signal", c, i)
+					}
+					if bits := m.TakeDMBEs(); bits&(1<<(i%abi.MaxDMBEs)) == 0 {
+						return fmt.Errorf("conn %d move %d: DMBE bits %#x", c, i, bits)
+					}
+					got := m.Bytes()[off : off+size]
+					for j := range got {
+						if got[j] != buf.Bytes()[j] {
+							return fmt.Errorf("conn %d move %d: byte %d differs", c, i, j)
+						}
+					}
+				}
+				return d.UnregisterDMB(m)
+			}()
+		}()
+	}
+	var first error
+	for c := 0; c < conns; c++ {
+		if err := <-errs; err != nil && first == nil {
+			first = err
+		}
+	}
+	el := time.Since(start)
+	e.Result("moves", conns*moves)
+	e.Result("elapsed", el)
+	e.Result("moves_per_s", fmt.Sprintf("%.0f", float64(conns*moves)/el.Seconds()))
+	e.Result("forced_kicks", d.ForcedKicks())
+	return first
 }
