@@ -37,10 +37,8 @@ var (
 	ErrChainIndirect = errors.New("vhost-user: bad indirect descriptor")
 	// ErrQueueBroken: the driver moved avail idx by more than the queue
 	// size. Nothing in the ring can be trusted; the queue stays broken
-	// until it is set up again.
+	// (Next gives nothing) until it is set up again.
 	ErrQueueBroken = errors.New("vhost-user: queue broken")
-	// ErrQueueNotReady: the queue has no rings (not set up, stopped).
-	ErrQueueNotReady = errors.New("vhost-user: queue not ready")
 )
 
 // Chain is one descriptor chain taken from the available ring. Readable and
@@ -272,15 +270,18 @@ func (q *Queue) availIdx() uint16 {
 // Next takes the next available chain into c, reusing c's storage. It
 // returns false when the ring is empty. A malformed chain is completed here
 // with used length 0, logged and counted; Next then returns false and the
-// error, and the caller may count it and call Next again. ErrQueueBroken and
-// ErrQueueNotReady mean: stop, nothing more will come.
+// error, and the caller may count it and call Next again. So the loop
+//
+//	for { ok, err := q.Next(c); if err != nil { continue }; if !ok { break }; ... }
+//
+// always ends: an error is reported once per event. ErrQueueBroken is
+// returned once, when the driver moves avail idx by more than the queue
+// size; afterwards, and on a queue that is not Ready, Next returns false
+// with no error (see Broken and Ready).
 func (q *Queue) Next(c *Chain) (bool, error) {
 	c.reset()
-	if q.desc == nil {
-		return false, ErrQueueNotReady
-	}
-	if q.broken {
-		return false, ErrQueueBroken
+	if q.desc == nil || q.broken {
+		return false, nil
 	}
 	avail := q.availIdx()
 	if avail == q.lastAvail {

@@ -77,9 +77,6 @@ func (b *echoBackend) HandleQueue(dev *vhostuser.Device, q *vhostuser.Queue) {
 	for {
 		ok, err := q.Next(c)
 		if err != nil {
-			if errors.Is(err, vhostuser.ErrQueueBroken) || errors.Is(err, vhostuser.ErrQueueNotReady) {
-				break
-			}
 			b.badChains.Add(1)
 			continue
 		}
