@@ -30,6 +30,7 @@ type echoBackend struct {
 	stopped    atomic.Int32
 	closed     atomic.Int32
 	badChains  atomic.Int32
+	calls      atomic.Int32 // HandleQueue calls for queue 0
 	startedDev chan *vhostuser.Device
 
 	// per queue: each queue has its own goroutine
@@ -70,6 +71,9 @@ func (b *echoBackend) Start(dev *vhostuser.Device) error {
 func (b *echoBackend) Stop(*vhostuser.Device) { b.stopped.Add(1) }
 func (b *echoBackend) Close()                 { b.closed.Add(1) }
 func (b *echoBackend) HandleQueue(dev *vhostuser.Device, q *vhostuser.Queue) {
+	if q.Index() == 0 {
+		b.calls.Add(1)
+	}
 	if b.panicOnHQ {
 		panic("test panic")
 	}
@@ -870,6 +874,25 @@ func TestNoLeaks(t *testing.T) {
 			buf := make([]byte, 1<<16)
 			t.Fatalf("goroutines %d (was %d), fds %d (was %d)\n%s", runtime.NumGoroutine(), goroutines,
 				openFDs(t), fds, buf[:runtime.Stack(buf, true)])
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// Queue.Wake makes the queue goroutine call HandleQueue again without a
+// kick from the driver.
+func TestWake(t *testing.T) {
+	e := newEnv(t)
+	path := e.serve(context.Background(), "vm", func() *echoBackend { return &echoBackend{} })
+	f := started(t, path, vhostusertest.StartOptions{})
+	echo(t, f, 0, 64, false)
+	b := e.backends("vm")[0]
+	before := b.calls.Load()
+	e.srv.Device("vm").Queue(0).Wake()
+	deadline := time.Now().Add(vhostusertest.Timeout)
+	for b.calls.Load() == before {
+		if time.Now().After(deadline) {
+			t.Fatal("Wake did not run HandleQueue")
 		}
 		time.Sleep(time.Millisecond)
 	}
