@@ -163,8 +163,11 @@ func finish(args map[string]string) {
 	}
 	if args["poweroff"] == "0" {
 		// Returning would let u-root's init exit and the kernel panic;
-		// stay until the host stops the VM.
-		select {}
+		// stay until the host stops the VM. (Not select{}: with no
+		// other goroutine the runtime calls that a deadlock and exits.)
+		for {
+			time.Sleep(time.Hour)
+		}
 	}
 	syscall.Sync()
 	if err := syscall.Reboot(syscall.LINUX_REBOOT_CMD_POWER_OFF); err != nil {

@@ -4,6 +4,7 @@
 package vm
 
 import (
+	"strings"
 	"testing"
 	"time"
 
@@ -47,17 +48,34 @@ func TestNetPing(t *testing.T) {
 	}
 }
 
-// TestAgentFailureIsReported checks the harness sees a failing scenario (an
-// unknown name) as a failure, so VM tests can fail.
+// TestAgentFailureIsReported checks that every way a scenario can go wrong
+// reaches the host as "ISM-AGENT-END fail" followed by a power-off, so VM
+// tests can fail (guests run side by side to save time).
 func TestAgentFailureIsReported(t *testing.T) {
 	r := vmharness.New(t)
-	vm := r.StartVM(vmharness.VMConfig{Scenario: "no-such-scenario", Timeout: 60 * time.Second})
-	o, _, err := vm.Wait(0)
-	if err != nil {
-		t.Fatal(err)
+	cases := []struct {
+		scenario, mode, want string
+	}{
+		{"no-such-scenario", "", "unknown scenario"},
+		{"agent-selftest", "error", "selftest error"},
+		{"agent-selftest", "panic", "panic: selftest panic"},
+		{"agent-selftest", "gopanic", "scenario process died"},
+		{"agent-selftest", "hang", "timeout after 10s"},
 	}
-	if !o.Began || !o.Ended || o.OK || o.Fail == "" {
-		t.Fatalf("outcome %+v: want BEGIN and END fail", o)
+	vms := make([]*vmharness.VM, len(cases))
+	for i, c := range cases {
+		vms[i] = r.StartVM(vmharness.VMConfig{Scenario: c.scenario, Timeout: 10 * time.Second,
+			Args: map[string]string{"mode": c.mode}})
+	}
+	for i, c := range cases {
+		o, _, err := vms[i].Wait(90 * time.Second)
+		if err != nil {
+			t.Errorf("%s/%s: %v", c.scenario, c.mode, err)
+			continue
+		}
+		if !o.Began || !o.Ended || o.OK || !strings.Contains(o.Fail, c.want) {
+			t.Errorf("%s/%s: outcome %+v; want BEGIN and END fail containing %q", c.scenario, c.mode, o, c.want)
+		}
 	}
 }
 
@@ -71,6 +89,9 @@ func TestKillAndQuit(t *testing.T) {
 		if err := v.WaitSerial("ISM-AGENT-END ok", 90*time.Second); err != nil {
 			t.Fatal(err)
 		}
+	}
+	if st, err := a.Status(); err != nil || st != "running" {
+		t.Fatalf("after END with ism.poweroff=0: status %q, %v; want running", st, err)
 	}
 	if err := a.Quit(); err != nil {
 		t.Fatalf("QMP quit: %v", err)

@@ -523,9 +523,19 @@ func (v *VM) connectQMP(d time.Duration) error {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	mon, err := qmp.NewSocketMonitor("unix", v.QMPPath, 5*time.Second)
-	if err != nil {
-		return err
+	// The socket file appears at bind(), a moment before listen():
+	// "connection refused" until then.
+	var mon *qmp.SocketMonitor
+	var err error
+	for {
+		mon, err = qmp.NewSocketMonitor("unix", v.QMPPath, 5*time.Second)
+		if err == nil {
+			break
+		}
+		if v.Exited() || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 	// Connect has no timeout of its own: it blocks reading the greeting.
 	res := make(chan error, 1)
