@@ -85,12 +85,12 @@ func TestAdvanceCursor(t *testing.T) {
 		want  uint64
 		err   error
 	}{
-		{Cursor{0xFFFF, 900}, prev + 1000, prev, nil},           // no change
-		{Cursor{0xFFFF, 950}, prev + 1000, prev + 50, nil},      // forward
-		{Cursor{0, 100}, prev + 1000, prev + 200, nil},          // across wrap and u16 overflow
-		{Cursor{0, 900}, prev + 1000, prev + 1000, nil},         // a full ring
-		{Cursor{0, 901}, prev + 1000, prev, ErrCursorBeyond},    // one past a full ring
-		{Cursor{0, 100}, prev + 199, prev, ErrCursorBeyond},     // past the limit
+		{Cursor{0xFFFF, 900}, prev + 1000, prev, nil},        // no change
+		{Cursor{0xFFFF, 950}, prev + 1000, prev + 50, nil},   // forward
+		{Cursor{0, 100}, prev + 1000, prev + 200, nil},       // across wrap and u16 overflow
+		{Cursor{0, 900}, prev + 1000, prev + 1000, nil},      // a full ring
+		{Cursor{0, 901}, prev + 1000, prev, ErrCursorBeyond}, // one past a full ring
+		{Cursor{0, 100}, prev + 199, prev, ErrCursorBeyond},  // past the limit
 		{Cursor{0xFFFF, 899}, prev + 1000, prev, ErrCursorBackward},
 		{Cursor{0xFFFE, 950}, prev + 1000, prev, ErrCursorBeyond}, // a wrap behind looks 65535 wraps ahead
 		{Cursor{0xFFFF, 1000}, prev + 1000, prev, ErrCursorRange},
