@@ -37,3 +37,36 @@ func TestDeviceInQueryPCI(t *testing.T) {
 		t.Fatalf("backend exited when the guest went away: %v", err)
 	}
 }
+
+// TestBackendSurvivesGuestKill SIGKILLs a QEMU mid-run (the backend sees its
+// socket drop without any stop message) and then boots a new guest on the
+// same socket: the backend must accept it and complete the handshake again.
+func TestBackendSurvivesGuestKill(t *testing.T) {
+	r := vmharness.New(t)
+	r.RequireBackend()
+	sock := r.Path("vm0.sock")
+	b := r.StartBackend([]string{"-socket-dir", r.Dir, "-vm", "vm0"}, sock)
+	dev := []vmharness.ISMDevice{{Socket: sock}}
+	first := r.StartVM(vmharness.VMConfig{Name: "first", Scenario: "hello", ISM: dev,
+		Args: map[string]string{"poweroff": "0"}})
+	if err := first.WaitSerial("ISM-AGENT-END ok", 90*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	first.Kill()
+	if exited, err := b.Exited(); exited {
+		t.Fatalf("backend exited after QEMU was killed: %v", err)
+	}
+	second := r.StartVM(vmharness.VMConfig{Name: "second", Scenario: "hello", Timeout: 60 * time.Second, ISM: dev})
+	devs, err := second.QueryPCI()
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, d := range devs {
+		found = found || (d.Vendor == 0x1af4 && d.Device == 0x1066)
+	}
+	if !found {
+		t.Fatalf("second guest: no 1af4:1066 in query-pci")
+	}
+	second.RequireOK(0)
+}
