@@ -90,6 +90,9 @@ func TestKillAndQuit(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	if u, err := a.WaitResult("uname", time.Second); err != nil || !strings.HasPrefix(u, "Linux ") {
+		t.Fatalf("WaitResult(uname) = %q, %v", u, err)
+	}
 	if st, err := a.Status(); err != nil || st != "running" {
 		t.Fatalf("after END with ism.poweroff=0: status %q, %v; want running", st, err)
 	}

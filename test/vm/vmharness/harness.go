@@ -794,3 +794,25 @@ func (v *VM) RequireOK(timeout time.Duration) Outcome {
 	t.Logf("%s: %s ok in %.1fs: %v", v.Cfg.Name, o.Scenario, took.Seconds(), o.Results)
 	return o
 }
+
+// WaitResult waits for "ISM-RESULT key=..." from a guest that is still
+// running (e.g. a receiver's token that the sender's command line needs)
+// and returns the value.
+func (v *VM) WaitResult(key string, timeout time.Duration) (string, error) {
+	if err := v.WaitSerial("ISM-RESULT "+key+"=", timeout); err != nil {
+		return "", err
+	}
+	// The line may still be arriving: wait for its newline.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		s := v.Serial()
+		i := strings.Index(s, "ISM-RESULT "+key+"=")
+		if j := strings.IndexByte(s[i:], '\n'); j >= 0 {
+			return ParseSerial(s[:i+j+1]).Results[key], nil
+		}
+		if time.Now().After(deadline) {
+			return "", fmt.Errorf("%s: unterminated ISM-RESULT %s line", v.Cfg.Name, key)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
