@@ -438,10 +438,9 @@ func (c *Conn) Close() error {
 			c.sendCDC()
 		}
 		close(c.quit)
-		c.tcp.Close()
 		<-c.rxDone
 		// Wait for Read and Write, woken above, to leave the ring and
-		// the staging buffer.
+		// the staging buffer before the memory goes back to the device.
 		c.wMu.Lock()
 		c.rMu.Lock()
 		c.dev.UnregisterDMB(c.dmb)
@@ -449,6 +448,7 @@ func (c *Conn) Close() error {
 		c.stage.Free()
 		c.rMu.Unlock()
 		c.wMu.Unlock()
+		c.tcp.Close() // also ends the TCP watcher
 	})
 	if !first {
 		return c.opErr("close", net.ErrClosed)

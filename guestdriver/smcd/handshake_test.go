@@ -336,3 +336,27 @@ func TestHTTPOverSMCD(t *testing.T) {
 		t.Fatalf("%d SMC-D and %d TCP connections", smcConns.Load(), tcpConns.Load())
 	}
 }
+
+func TestIPv6(t *testing.T) {
+	l, err := net.Listen("tcp6", "[::1]:0")
+	if err != nil {
+		t.Skip("no IPv6 loopback:", err)
+	}
+	l.Close()
+	e := twoHosts()
+	ln, err := e.srv.Listen(e.srvDev, "tcp6", "[::1]:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	srvc := acceptAsync(t, ln)
+	c, err := Dial(context.Background(), e.cliDev, "tcp6", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	s := srvc.(*lazyConn).get()
+	defer s.Close()
+	mustSMC(t, c, s)
+	copyBothWays(t, c, s, 1<<20)
+}
