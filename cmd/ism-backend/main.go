@@ -147,7 +147,7 @@ func run(opts *options) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 
-	fabric := ism.NewFabric(opts.chid, log.WithField("chid", fmt.Sprintf("%#x", opts.chid)))
+	fabric := ism.NewFabric(opts.chid, logrus.NewEntry(log)) // adds the chid field itself
 	server := vhostuser.NewServer(log.WithField("component", "vhostuser"))
 
 	// Listen on every socket first, so a failure leaves nothing half-started.

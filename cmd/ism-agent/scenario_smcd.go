@@ -1,0 +1,313 @@
+package main
+
+// Scenarios for the SMC-D stack (guestdriver/smcd) over the ISM device.
+//
+//	smcd-server  listen on ism.listen (default :7000); serve ism.conns
+//	             connections (default 1) in ism.mode sink (default), echo or
+//	             sink-vanish, then exit.
+//	smcd-client  dial ism.connect; ism.conns connections in ism.mode send
+//	             (default), echo or stream (send until the VM is killed).
+//	smcd-local   server and client in this one guest (intra-VM SMC-D: the DMB
+//	             rgid is the device's own GID), over 127.0.0.1.
+//
+// send/sink: connection i sends a 4-byte index, then ism.bytes/ism.conns
+// bytes of the seeded stream (seed ism.seed + i<<40), then half-closes; the
+// server hashes what it read until EOF, writes the 32-byte SHA-256 back and
+// closes. Both report sha_<i>, and the client checks the echoed digest.
+// echo: ism.pairs (default 1000) request/response pairs of ism.msg bytes.
+// sink-vanish: the server expects every connection to end in an error (the
+// client's VM is killed mid-stream) and reports how long that took.
+// ism.decline=<code> makes the server (or, in smcd-client, the client)
+// decline SMC-D: the connection falls back to TCP; smc_<i> tells which.
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/ism-backend/ism-backend/guestdriver/smcd"
+	"github.com/ism-backend/ism-backend/guestdriver/smcdev"
+)
+
+func init() {
+	register("smcd-server", smcdServer)
+	register("smcd-client", smcdClient)
+	register("smcd-local", smcdLocal)
+}
+
+type smcArgs struct {
+	mode    string
+	conns   int
+	bytes   int
+	pairs   int
+	msg     int
+	seed    uint64
+	decline uint32
+	dmbSize int
+}
+
+func smcdArgs(e *Env, defMode string) (smcArgs, error) {
+	a := smcArgs{
+		mode:    e.Arg("mode", defMode),
+		conns:   e.ArgInt("conns", 1),
+		bytes:   e.ArgInt("bytes", 1<<20),
+		pairs:   e.ArgInt("pairs", 1000),
+		msg:     e.ArgInt("msg", 64),
+		dmbSize: e.ArgInt("dmb_size", smcd.DefaultDMBSize),
+	}
+	var err error
+	if a.seed, err = argU64(e, "seed", 1); err != nil {
+		return a, err
+	}
+	d, err := argU64(e, "decline", 0)
+	if err != nil {
+		return a, err
+	}
+	a.decline = uint32(d)
+	if a.conns <= 0 || a.bytes < 0 || a.pairs <= 0 || a.msg <= 0 {
+		return a, fmt.Errorf("bad smcd arguments %+v", a)
+	}
+	return a, nil
+}
+
+func openSMC(e *Env) (smcdev.Device, func(), error) {
+	d, err := openDriver(e)
+	if err != nil {
+		return smcdev.Device{}, nil, err
+	}
+	e.Result("gid", fmt.Sprintf("%#x", d.GID()))
+	return smcdev.New(d), func() { d.Close() }, nil
+}
+
+func smcdServer(e *Env) error {
+	a, err := smcdArgs(e, "sink")
+	if err != nil {
+		return err
+	}
+	dev, closeDev, err := openSMC(e)
+	if err != nil {
+		return err
+	}
+	defer closeDev()
+	srv := &smcd.Server{DMBSize: a.dmbSize, ForceDecline: a.decline, Logf: e.Logf}
+	ln, err := srv.Listen(dev, "tcp", e.Arg("listen", ":7000"))
+	if err != nil {
+		return err
+	}
+	defer ln.Close()
+	e.Result("listening", ln.Addr())
+	return serveConns(e, ln, a)
+}
+
+func smcdClient(e *Env) error {
+	a, err := smcdArgs(e, "send")
+	if err != nil {
+		return err
+	}
+	dev, closeDev, err := openSMC(e)
+	if err != nil {
+		return err
+	}
+	defer closeDev()
+	d := &smcd.Dialer{DMBSize: a.dmbSize, ForceDecline: a.decline}
+	return runClients(e, dev, d, e.Arg("connect", "169.254.7.1:7000"), a)
+}
+
+// smcdLocal runs both ends in this guest on one device.
+func smcdLocal(e *Env) error {
+	a, err := smcdArgs(e, "send")
+	if err != nil {
+		return err
+	}
+	dev, closeDev, err := openSMC(e)
+	if err != nil {
+		return err
+	}
+	defer closeDev()
+	srv := &smcd.Server{DMBSize: a.dmbSize, ForceDecline: a.decline, Logf: e.Logf}
+	ln, err := srv.Listen(dev, "tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	defer ln.Close()
+	sa := a
+	if a.mode == "send" {
+		sa.mode = "sink"
+	}
+	serr := make(chan error, 1)
+	go func() { serr <- serveConns(e, ln, sa) }()
+	cerr := runClients(e, dev, &smcd.Dialer{DMBSize: a.dmbSize}, ln.Addr().String(), a)
+	return errors.Join(cerr, <-serr)
+}
+
+// serveConns accepts a.conns connections and serves each in a.mode.
+func serveConns(e *Env, ln net.Listener, a smcArgs) error {
+	var wg sync.WaitGroup
+	errs := make([]error, a.conns)
+	start := time.Now()
+	for i := range a.conns {
+		c, err := ln.Accept()
+		if err != nil {
+			return fmt.Errorf("accept %d: %w", i, err)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer c.Close()
+			switch a.mode {
+			case "echo":
+				_, errs[i] = io.Copy(c, c)
+			case "sink", "sink-vanish":
+				errs[i] = sink(e, c, a.mode == "sink-vanish", start)
+			default:
+				errs[i] = fmt.Errorf("unknown server mode %q", a.mode)
+			}
+		}()
+	}
+	wg.Wait()
+	e.Result("server_seconds", fmt.Sprintf("%.3f", time.Since(start).Seconds()))
+	return errors.Join(errs...)
+}
+
+// sink hashes one connection's stream and answers with the digest.
+func sink(e *Env, c net.Conn, expectError bool, start time.Time) error {
+	var idx [4]byte
+	if _, err := io.ReadFull(c, idx[:]); err != nil {
+		return fmt.Errorf("reading connection index: %w", err)
+	}
+	i := binary.BigEndian.Uint32(idx[:])
+	e.Result(fmt.Sprintf("smc_%d", i), smcd.IsSMC(c))
+	h := sha256.New()
+	n, err := io.Copy(h, c)
+	e.Result(fmt.Sprintf("bytes_%d", i), n)
+	if expectError {
+		if err == nil {
+			return fmt.Errorf("connection %d: clean EOF after %d bytes, want an error from a vanished peer", i, n)
+		}
+		e.Result(fmt.Sprintf("vanish_error_%d", i), err.Error())
+		e.Result(fmt.Sprintf("vanish_seconds_%d", i), fmt.Sprintf("%.3f", time.Since(start).Seconds()))
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("connection %d after %d bytes: %w", i, n, err)
+	}
+	sum := h.Sum(nil)
+	e.Result(fmt.Sprintf("sha_%d", i), hex.EncodeToString(sum))
+	if _, err := c.Write(sum); err != nil {
+		return fmt.Errorf("connection %d: writing digest: %w", i, err)
+	}
+	return nil
+}
+
+// runClients opens a.conns connections to addr and runs a.mode on each.
+func runClients(e *Env, dev smcd.Device, d *smcd.Dialer, addr string, a smcArgs) error {
+	var wg sync.WaitGroup
+	errs := make([]error, a.conns)
+	per := a.bytes / a.conns
+	start := time.Now()
+	for i := range a.conns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			c, err := d.DialContext(ctx, dev, "tcp", addr)
+			cancel()
+			if err != nil {
+				errs[i] = fmt.Errorf("dial %d: %w", i, err)
+				return
+			}
+			defer c.Close()
+			e.Result(fmt.Sprintf("client_smc_%d", i), smcd.IsSMC(c))
+			switch a.mode {
+			case "send", "stream":
+				errs[i] = send(e, c, i, per, a)
+			case "echo":
+				errs[i] = echo(e, c, i, a)
+			default:
+				errs[i] = fmt.Errorf("unknown client mode %q", a.mode)
+			}
+		}()
+	}
+	wg.Wait()
+	secs := time.Since(start).Seconds()
+	e.Result("client_seconds", fmt.Sprintf("%.3f", secs))
+	if a.mode == "send" && secs > 0 {
+		e.Result("client_mbytes_per_s", fmt.Sprintf("%.2f", float64(per*a.conns)/secs/1e6))
+	}
+	return errors.Join(errs...)
+}
+
+// send writes connection i's seeded stream (forever in stream mode), then
+// checks the digest the server echoes.
+func send(e *Env, c net.Conn, i, n int, a smcArgs) error {
+	var idx [4]byte
+	binary.BigEndian.PutUint32(idx[:], uint32(i))
+	if _, err := c.Write(idx[:]); err != nil {
+		return err
+	}
+	x := xfer{seed: a.seed + uint64(i)<<40}
+	h := sha256.New()
+	buf := make([]byte, 64<<10)
+	for off := 0; a.mode == "stream" || off < n; {
+		m := len(buf)
+		if a.mode != "stream" {
+			m = min(m, n-off)
+		}
+		x.fill(buf[:m], off)
+		h.Write(buf[:m])
+		if _, err := c.Write(buf[:m]); err != nil {
+			return fmt.Errorf("connection %d after %d bytes: %w", i, off, err)
+		}
+		off += m
+		if a.mode == "stream" && off == 1<<20 {
+			e.Result(fmt.Sprintf("streaming_%d", i), 1)
+		}
+	}
+	sum := h.Sum(nil)
+	e.Result(fmt.Sprintf("sha_%d", i), hex.EncodeToString(sum))
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		if err := cw.CloseWrite(); err != nil {
+			return fmt.Errorf("connection %d: half-close: %w", i, err)
+		}
+	}
+	got := make([]byte, sha256.Size)
+	if _, err := io.ReadFull(c, got); err != nil {
+		return fmt.Errorf("connection %d: reading digest: %w", i, err)
+	}
+	if !bytes.Equal(got, sum) {
+		return fmt.Errorf("connection %d: server read sha256 %x, sent %x", i, got, sum)
+	}
+	return nil
+}
+
+// echo runs a.pairs request/response exchanges and checks each reply.
+func echo(e *Env, c net.Conn, i int, a smcArgs) error {
+	x := xfer{seed: a.seed + uint64(i)<<40}
+	req := make([]byte, a.msg)
+	resp := make([]byte, a.msg)
+	start := time.Now()
+	for p := range a.pairs {
+		x.fill(req, p*a.msg)
+		if _, err := c.Write(req); err != nil {
+			return fmt.Errorf("connection %d pair %d: %w", i, p, err)
+		}
+		if _, err := io.ReadFull(c, resp); err != nil {
+			return fmt.Errorf("connection %d pair %d: %w", i, p, err)
+		}
+		if !bytes.Equal(req, resp) {
+			return fmt.Errorf("connection %d pair %d: reply differs", i, p)
+		}
+	}
+	rtt := time.Since(start) / time.Duration(a.pairs)
+	e.Result(fmt.Sprintf("echo_pairs_%d", i), a.pairs)
+	e.Result(fmt.Sprintf("echo_rtt_us_%d", i), rtt.Microseconds())
+	return nil
+}
