@@ -897,3 +897,29 @@ func TestWake(t *testing.T) {
 		time.Sleep(time.Millisecond)
 	}
 }
+
+// RESET_DEVICE stops the device and forgets the rings and their fds; a new
+// start sequence brings it back.
+func TestResetDevice(t *testing.T) {
+	e := newEnv(t)
+	path := e.serve(context.Background(), "vm", func() *echoBackend { return &echoBackend{} })
+	f := started(t, path, vhostusertest.StartOptions{})
+	echo(t, f, 0, 64, false)
+	dev := e.srv.Device("vm")
+	if _, err := f.Request(vhostuser.ReqResetDevice, nil, nil, true); err != nil {
+		t.Fatal(err)
+	}
+	var ready bool
+	dev.WithMemoryLock(func() { ready = dev.Queue(0).Ready() })
+	if dev.Started() || ready || e.backends("vm")[0].stopped.Load() != 1 {
+		t.Fatal("RESET_DEVICE did not stop the device and its rings")
+	}
+	for _, q := range f.Queues {
+		q.Reset()
+	}
+	if err := f.Start(vhostusertest.StartOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	echo(t, f, 0, 64, false)
+	echo(t, f, 1, 64, false)
+}
