@@ -22,7 +22,7 @@ INITRD ?= $(ISM_CACHE)/image/initramfs.cpio
 BACKEND ?= $(CURDIR)/bin/ism-backend
 # Extra flags for the VM tests, e.g. VMTEST_FLAGS='-run TestHello -v'.
 VMTEST_FLAGS ?= -v
-VMTEST_TIMEOUT ?= 30m
+VMTEST_TIMEOUT ?= 60m
 
 GO_SOURCES := $(shell find . -path ./.cache -prune -o -path ./.git -prune -o -name '*.go' -print)
 

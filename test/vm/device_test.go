@@ -49,7 +49,7 @@ func TestBackendSurvivesGuestKill(t *testing.T) {
 	dev := []vmharness.ISMDevice{{Socket: sock}}
 	first := r.StartVM(vmharness.VMConfig{Name: "first", Scenario: "hello", ISM: dev,
 		Args: map[string]string{"poweroff": "0"}})
-	if err := first.WaitSerial("ISM-AGENT-END ok", 90*time.Second); err != nil {
+	if err := first.WaitSerial("ISM-AGENT-END ok", 180*time.Second); err != nil {
 		t.Fatal(err)
 	}
 	first.Kill()

@@ -68,7 +68,7 @@ func TestAgentFailureIsReported(t *testing.T) {
 			Args: map[string]string{"mode": c.mode}})
 	}
 	for i, c := range cases {
-		o, _, err := vms[i].Wait(90 * time.Second)
+		o, _, err := vms[i].Wait(0)
 		if err != nil {
 			t.Errorf("%s/%s: %v", c.scenario, c.mode, err)
 			continue
@@ -86,7 +86,7 @@ func TestKillAndQuit(t *testing.T) {
 	a := r.StartVM(vmharness.VMConfig{Name: "quit", Scenario: "hello", Args: map[string]string{"poweroff": "0"}})
 	k := r.StartVM(vmharness.VMConfig{Name: "kill", Scenario: "hello", Args: map[string]string{"poweroff": "0"}})
 	for _, v := range []*vmharness.VM{a, k} {
-		if err := v.WaitSerial("ISM-AGENT-END ok", 90*time.Second); err != nil {
+		if err := v.WaitSerial("ISM-AGENT-END ok", 180*time.Second); err != nil {
 			t.Fatal(err)
 		}
 	}

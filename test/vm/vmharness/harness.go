@@ -344,7 +344,8 @@ type VMConfig struct {
 	MemMB     int               // guest RAM, memfd-backed and shared; default 512
 	HugePages int               // hugepages=N on the command line; default 8
 	// Timeout is the agent's watchdog (ism.timeout, default 120 s); the
-	// host waits this plus a minute (boot under TCG) before killing QEMU.
+	// host waits this plus two minutes (boot under TCG on a busy machine)
+	// before killing QEMU.
 	Timeout   time.Duration
 	ISM       []ISMDevice
 	Net       *NetEnd
@@ -755,12 +756,12 @@ func (v *VM) WaitSerial(substr string, timeout time.Duration) error {
 }
 
 // Wait waits for QEMU to exit (the agent powers off after its END marker),
-// killing it after timeout (0: the agent's timeout plus a minute), and
+// killing it after timeout (0: the agent's timeout plus two minutes), and
 // returns the agent's outcome, QEMU's run time, and an error if QEMU had to
 // be killed or exited with an error status.
 func (v *VM) Wait(timeout time.Duration) (Outcome, time.Duration, error) {
 	if timeout == 0 {
-		timeout = v.Cfg.Timeout + time.Minute
+		timeout = v.Cfg.Timeout + 2*time.Minute
 	}
 	var err error
 	select {
