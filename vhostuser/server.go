@@ -170,8 +170,10 @@ func (s *Server) newDevice(ctx context.Context, name string, log *logrus.Entry, 
 
 // --- starting and stopping ---------------------------------------------------
 
-// queueRunnable: the queue has rings, is enabled and has a kick fd.
-func (q *Queue) runnable() bool { return q.Ready() && q.kickFD >= 0 }
+// runnable: the front-end set the queue up and enabled it. Its rings may
+// fail to translate for a moment (a memory table being changed region by
+// region); Next then gives nothing, and the device is not stopped for it.
+func (q *Queue) runnable() bool { return q.enabled && q.addrSet && q.size > 0 && q.kickFD >= 0 }
 
 // reconcile starts or stops the device and its queue goroutines to match
 // what the front-end has set up. Start: a memory table and at least one
@@ -183,10 +185,11 @@ func (q *Queue) runnable() bool { return q.Ready() && q.kickFD >= 0 }
 // SET_STATUS 0 or FAILED, RESET_DEVICE/RESET_OWNER, disconnect. Called on
 // the connection goroutine without the lock.
 func (d *Device) reconcile() {
-	any := false
+	any, anyReady := false, false
 	for _, q := range d.queues {
 		if q.runnable() {
 			any = true
+			anyReady = anyReady || q.Ready()
 		}
 	}
 	want := d.mem != nil && any && d.status&StatusFailed == 0
@@ -197,6 +200,9 @@ func (d *Device) reconcile() {
 		return
 	}
 	if !d.started.Load() {
+		if !anyReady {
+			return // nothing to serve yet: start once a ring translates
+		}
 		var err error
 		d.lock(func() {
 			// started is set before Start so that a goroutine Start

@@ -923,3 +923,28 @@ func TestResetDevice(t *testing.T) {
 	echo(t, f, 0, 64, false)
 	echo(t, f, 1, 64, false)
 }
+
+// A memory table changed region by region (the rings' region removed and
+// added back) does not stop the device: Stop would drop device state.
+func TestMemTableChangeKeepsDeviceStarted(t *testing.T) {
+	e := newEnv(t)
+	path := e.serve(context.Background(), "vm", func() *echoBackend { return &echoBackend{} })
+	f := started(t, path, vhostusertest.StartOptions{})
+	echo(t, f, 0, 64, false)
+	dev := e.srv.Device("vm")
+	if err := f.RemMemReg(f.Mem.Regions[0]); err != nil {
+		t.Fatal(err)
+	}
+	var ready bool
+	dev.WithMemoryLock(func() { ready = dev.Queue(0).Ready() })
+	if ready || !dev.Started() {
+		t.Fatalf("rings without memory: ready %v started %v", ready, dev.Started())
+	}
+	if err := f.AddMemReg(f.Mem.Regions[0]); err != nil {
+		t.Fatal(err)
+	}
+	echo(t, f, 0, 64, false)
+	if b := e.backends("vm")[0]; b.stopped.Load() != 0 || b.started.Load() != 1 {
+		t.Errorf("started %d stopped %d", b.started.Load(), b.stopped.Load())
+	}
+}
