@@ -948,3 +948,113 @@ func TestMemTableChangeKeepsDeviceStarted(t *testing.T) {
 		t.Errorf("started %d stopped %d", b.started.Load(), b.stopped.Load())
 	}
 }
+
+// crossBackend copies each request's readable bytes into another VM's guest
+// memory (as an ISM MOVE does) from its own queue goroutine.
+type crossBackend struct {
+	echoBackend
+	srv    *vhostuser.Server
+	target string
+	gpa    uint64
+	copies atomic.Int64
+	misses atomic.Int64
+}
+
+func (b *crossBackend) HandleQueue(dev *vhostuser.Device, q *vhostuser.Queue) {
+	c, buf := &b.chain[q.Index()], b.buf[q.Index()][:]
+	for {
+		ok, err := q.Next(c)
+		if err != nil {
+			continue
+		}
+		if !ok {
+			break
+		}
+		n := c.CopyOut(buf, 0)
+		if peer := b.srv.Device(b.target); peer != nil {
+			if dst, err := peer.Memory().Bytes(b.gpa, uint64(n)); err == nil {
+				// Slowly, yielding: a table change that did not wait
+				// for this copy would unmap dst under it.
+				for i := range dst {
+					dst[i] = buf[i]
+					runtime.Gosched()
+				}
+				b.copies.Add(1)
+			} else {
+				b.misses.Add(1)
+			}
+		}
+		q.Push(c, 0)
+	}
+	q.Notify()
+}
+
+// One VM's queue goroutine writes into another VM's memory while that VM's
+// memory table keeps changing (the target region removed, unmapped and
+// mapped again). The shared memory lock must keep every copy inside a live
+// mapping: a copy into an unmapped region would crash the test binary.
+func TestCrossVMCopyDuringMemTableChanges(t *testing.T) {
+	e := newEnv(t)
+	const target = 1<<20 + 0x10000 + 4096 // in region 1 of b's guest RAM
+	var cb *crossBackend
+	pathA := e.serve(context.Background(), "a", func() *echoBackend { return &echoBackend{} })
+	_ = pathA
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: filepath.Join(e.dir, "x.sock"), Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	serveDone := make(chan struct{})
+	go func() {
+		defer close(serveDone)
+		e.srv.Serve(ctx, "x", ln, func(string) (vhostuser.Backend, error) {
+			cb = &crossBackend{srv: e.srv, target: "a", gpa: target}
+			return cb, nil
+		})
+	}()
+	defer func() { cancel(); <-serveDone }()
+	fa := started(t, pathA, vhostusertest.StartOptions{})
+	fx := started(t, filepath.Join(e.dir, "x.sock"), vhostusertest.StartOptions{})
+
+	stop := make(chan struct{})
+	churn := make(chan error, 1)
+	go func() {
+		r := fa.Mem.Regions[1]
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				churn <- nil
+				return
+			default:
+			}
+			if err := fa.RemMemReg(r); err != nil {
+				churn <- err
+				return
+			}
+			if err := fa.AddMemReg(r); err != nil {
+				churn <- err
+				return
+			}
+		}
+	}()
+	q := fx.Queues[0]
+	in, inHost, _ := fx.Mem.Alloc(64, 8)
+	copy(inHost, "from x to a")
+	for i := 0; i < 2000; i++ {
+		q.Publish(q.AddChain([]vhostusertest.Buf{{GPA: in, Len: 64}}))
+		q.Kick()
+		if _, err := q.WaitUsed(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	close(stop)
+	if err := <-churn; err != nil {
+		t.Fatal(err)
+	}
+	got, _ := fa.Mem.Read(target, 11)
+	t.Logf("copies %d, misses (region absent) %d", cb.copies.Load(), cb.misses.Load())
+	if cb.copies.Load() == 0 || string(got) != "from x to a" {
+		t.Fatalf("no copy reached VM a: %q", got)
+	}
+}
