@@ -26,14 +26,19 @@ import (
 // vhost-user front-end sends what it sends for a real guest: the realize
 // handshake, SET_MEM_TABLE and ring setup at DRIVER_OK, kicks through
 // ioeventfd, and SHMEM_MAP into the shared-memory BAR. QEMU comes from
-// $QEMU or the provisioned ../.cache/qemu; without it the test is skipped.
+// $QEMU or the provisioned $ISM_CACHE/qemu (default ../.cache/qemu); without
+// it, or without its qtest accelerator, the test is skipped.
 func TestRealQEMU(t *testing.T) {
 	if testing.Short() {
 		t.Skip("-short")
 	}
 	qemu := os.Getenv("QEMU")
 	if qemu == "" {
-		qemu = "../.cache/qemu/qemu-system-x86_64"
+		cache := os.Getenv("ISM_CACHE") // the Makefile's provisioning cache
+		if cache == "" {
+			cache = "../.cache"
+		}
+		qemu = filepath.Join(cache, "qemu/qemu-system-x86_64")
 	}
 	if _, err := os.Stat(qemu); err != nil {
 		t.Skipf("no QEMU (%v): run scripts/provision-qemu.sh or set QEMU", err)

@@ -998,7 +998,6 @@ func TestCrossVMCopyDuringMemTableChanges(t *testing.T) {
 	const target = 1<<20 + 0x10000 + 4096 // in region 1 of b's guest RAM
 	var cb *crossBackend
 	pathA := e.serve(context.Background(), "a", func() *echoBackend { return &echoBackend{} })
-	_ = pathA
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: filepath.Join(e.dir, "x.sock"), Net: "unix"})
 	if err != nil {
 		t.Fatal(err)
