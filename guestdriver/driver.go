@@ -52,8 +52,9 @@ var ErrClosed = errors.New("guestdriver: closed")
 // ErrBroken wraps the reason the device was declared broken.
 var ErrBroken = errors.New("guestdriver: device broke the protocol")
 
-// forceKickAfter is how long a request waits before its queue is notified
-// again regardless of suppression.
+// forceKickAfter is how long the request queue may go without a
+// notification while a request waits before it is notified again
+// regardless of suppression.
 const forceKickAfter = 20 * time.Millisecond
 
 // slotSize is the DMA bytes per in-flight request: header, then response.
@@ -79,6 +80,7 @@ type Driver struct {
 	slots     *pci.DMA
 	freeSlots []int
 	pending   []*waiter // by head descriptor
+	lastKick  time.Time // of the request queue, by anyone
 
 	evQ     *pci.Queue
 	evBufs  *pci.DMA
@@ -285,7 +287,8 @@ func (d *Driver) Events() <-chan abi.Event { return d.events }
 func (d *Driver) EventDrops() uint64 { return d.evDrops.Load() }
 
 // ForcedKicks counts notifications sent because a request waited longer
-// than expected: non-zero hints at lost notifications.
+// than expected: non-zero hints at lost notifications, or at a device (or
+// vCPU) that stalled for over 20 ms.
 func (d *Driver) ForcedKicks() uint64 { return d.forcedKicks.Load() }
 
 // PCIAddr is the PCI address of the device.
@@ -367,23 +370,23 @@ func (d *Driver) do(req *abi.Request, data []pci.Seg) (abi.Response, error) {
 	}
 	d.pending[head] = w
 	d.reqQ.Kick()
+	d.lastKick = time.Now()
 	d.reqMu.Unlock()
 	d.poke()
 
 	spin = 0
-	lastKick := time.Now()
 	for !w.done.Load() {
 		if d.reqMu.TryLock() {
 			d.harvestLocked()
 			if !w.done.Load() {
 				if time.Since(start) > d.opts.Timeout {
 					d.failLocked(fmt.Errorf("%v not completed in %v", req.Op, d.opts.Timeout))
-				} else if time.Since(lastKick) > forceKickAfter && !d.closed.Load() {
+				} else if time.Since(d.lastKick) > forceKickAfter && !d.closed.Load() {
 					// Safety net against a lost or wrongly suppressed
 					// notification (EVENT_IDX bookkeeping on either side):
 					// a spurious kick costs one exit.
 					d.reqQ.ForceKick()
-					lastKick = time.Now()
+					d.lastKick = time.Now()
 					d.forcedKicks.Add(1)
 				}
 			}
