@@ -192,12 +192,14 @@ func (d *Device) handle(m *Message) (reply []byte, hasReply bool, err error) {
 		}
 		d.lock(func() {
 			q.size = uint16(n)
-			err = q.translate(d.mem)
+			// The old addresses may not fit the new size; SET_VRING_ADDR
+			// follows and decides.
+			if terr := q.translate(d.mem); terr != nil {
+				d.log.WithError(terr).Debug("ring does not translate with the new size yet")
+			}
 		})
-		if err == nil {
-			d.reconcile()
-		}
-		return nil, false, err
+		d.reconcile()
+		return nil, false, nil
 
 	case ReqSetVringAddr:
 		q, err := d.queueIndex(le32(p[0:4]))
