@@ -215,12 +215,15 @@ func (c *Conn) sendCDC() error {
 	m.Encode(c.cdcBuf.Bytes())
 	err := c.dev.Move(c.peerToken, c.peerDMBE, true, 0, c.cdcBuf, 0, CDCLen)
 	if err != nil {
+		// A peer that said closed may unregister its DMB at once, and
+		// nothing we could still tell it matters. Its CDC saying so
+		// may not have been processed yet (the signal is pending), so
+		// look at the header itself; rx validates it in due course.
+		m, lerr := LoadCDC(c.dmb.Bytes())
 		c.mu.Lock()
-		gone := c.peerState&FlagClosed != 0
+		gone := c.peerState&FlagClosed != 0 || (lerr == nil && m.ConnState&FlagClosed != 0)
 		c.mu.Unlock()
 		if gone {
-			// A peer that said closed may unregister its DMB at once;
-			// nothing we could still tell it matters.
 			return nil
 		}
 		c.fail(fmt.Errorf("smcd: CDC to peer DMB: %w (%w)", err, syscall.ECONNRESET))
