@@ -332,6 +332,16 @@ func (c *Conn) Write(p []byte) (int, error) {
 	c.wMu.Lock()
 	defer c.wMu.Unlock()
 	stage := c.stage.Bytes()
+	if len(p) == 0 {
+		// Nothing to send: report the state, never wait for space.
+		c.mu.Lock()
+		err := c.err
+		if c.closed {
+			err = net.ErrClosed
+		}
+		c.mu.Unlock()
+		return 0, c.opErr("write", err)
+	}
 	n := 0
 	for {
 		space, err := c.waitSpace()

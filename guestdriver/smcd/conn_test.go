@@ -10,6 +10,7 @@ import (
 	"math/rand"
 	"net"
 	"os"
+	"runtime"
 	"sync"
 	"syscall"
 	"testing"
@@ -472,6 +473,39 @@ func TestConcurrentReadWrite(t *testing.T) {
 	for w := 0; w < writers; w++ {
 		if counts[byte('a'+w)] != per*1000 {
 			t.Fatalf("writer %d: %d bytes arrived", w, counts[byte('a'+w)])
+		}
+	}
+}
+
+// TestNoGoroutineLeak: after both ends close, the per-connection goroutines
+// (CDC receiver, TCP watcher) are gone.
+func TestNoGoroutineLeak(t *testing.T) {
+	before := runtime.NumGoroutine()
+	e := twoHosts()
+	for i := 0; i < 5; i++ {
+		ln, err := e.srv.Listen(e.srvDev, "tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv := acceptAsync(t, ln)
+		cli, err := Dial(context.Background(), e.cliDev, "tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		mustSMC(t, cli, srv.(*lazyConn).get())
+		cli.Write([]byte("x"))
+		io.ReadFull(srv, make([]byte, 1))
+		if n, err := cli.Write(nil); n != 0 || err != nil {
+			t.Fatalf("empty write: %d %v", n, err)
+		}
+		cli.Close()
+		srv.Close()
+		ln.Close()
+	}
+	for deadline := time.Now().Add(hangGuard); runtime.NumGoroutine() > before; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			buf := make([]byte, 1<<16)
+			t.Fatalf("%d goroutines before, %d after:\n%s", before, runtime.NumGoroutine(), buf[:runtime.Stack(buf, true)])
 		}
 	}
 }
