@@ -59,6 +59,15 @@ func mapRegion(r MemoryRegion, fd int) (*MemoryRegion, error) {
 	if length < r.Size || length > uint64(maxInt) || base > uint64(maxInt64) {
 		return fail(fmt.Errorf("vhost-user: memory region size %#x too large", r.Size))
 	}
+	// Pages beyond the end of a file raise SIGBUS when touched: refuse a
+	// region its file cannot back (memfd, shm and hugetlbfs files are
+	// regular files with a size).
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err == nil && st.Mode&unix.S_IFMT == unix.S_IFREG &&
+		(st.Size < 0 || uint64(st.Size) < r.MmapOffset || uint64(st.Size)-r.MmapOffset < r.Size) {
+		return fail(fmt.Errorf("vhost-user: memory region %#x+%#x at offset %#x beyond its file of %#x bytes",
+			r.GuestPhysAddr, r.Size, r.MmapOffset, st.Size))
+	}
 	m, err := unix.Mmap(fd, int64(base), int(length), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
 	if err != nil {
 		return fail(fmt.Errorf("vhost-user: mmap region gpa %#x size %#x: %w", r.GuestPhysAddr, r.Size, err))

@@ -197,7 +197,12 @@ func TestMemoryRegionChecks(t *testing.T) {
 		t.Error("wrapping region accepted")
 	}
 	fd, _ = unix.MemfdCreate("r", 0)
-	unix.Ftruncate(fd, 8192)
+	unix.Ftruncate(fd, 4096)
+	if _, err := mapRegion(MemoryRegion{GuestPhysAddr: 0, Size: 8192}, fd); err == nil {
+		t.Error("region larger than its file accepted")
+	}
+	fd, _ = unix.MemfdCreate("r", 0)
+	unix.Ftruncate(fd, 3*4096)
 	r, err := mapRegion(MemoryRegion{GuestPhysAddr: 0x1000, Size: 4096, MmapOffset: 4096 + 16}, fd)
 	if err != nil {
 		t.Fatal(err)

@@ -343,6 +343,10 @@ func (d *Device) wake(i int) {
 }
 
 func (d *Device) runQueue(r *runner) {
+	// A front-end can shrink a guest memory file after it was mapped; a
+	// touch of the missing pages then faults. Make that a panic (recovered
+	// below: this connection closes) instead of the end of the process.
+	debug.SetPanicOnFault(true)
 	defer close(r.done)
 	defer func() {
 		if p := recover(); p != nil {

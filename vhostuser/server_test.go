@@ -1057,3 +1057,27 @@ func TestCrossVMCopyDuringMemTableChanges(t *testing.T) {
 		t.Fatalf("no copy reached VM a: %q", got)
 	}
 }
+
+// A front-end that shrinks guest RAM under a started device makes the
+// device's next access fault: that connection closes, the process and the
+// other VMs go on.
+func TestShrunkGuestMemoryClosesOnlyThatConnection(t *testing.T) {
+	e := newEnv(t)
+	pathA := e.serve(context.Background(), "a", func() *echoBackend { return &echoBackend{} })
+	pathB := e.serve(context.Background(), "b", func() *echoBackend { return &echoBackend{} })
+	fa := started(t, pathA, vhostusertest.StartOptions{})
+	fb := started(t, pathB, vhostusertest.StartOptions{})
+	q := fa.Queues[0]
+	// Buffers in region 1; the rings stay in region 0.
+	r1 := fa.Mem.Regions[1]
+	in, out := r1.GPA+0x1000, r1.GPA+0x2000
+	q.Publish(q.AddChain([]vhostusertest.Buf{{GPA: in, Len: 64}, {GPA: out, Len: 64, Write: true}}))
+	if err := unix.Ftruncate(r1.FD, 0); err != nil {
+		t.Fatal(err)
+	}
+	q.Kick()
+	if !fa.WaitClosed() {
+		t.Fatal("connection not closed after the fault")
+	}
+	echo(t, fb, 0, 64, false)
+}
