@@ -18,10 +18,6 @@ func fatal(err error) error { return fatalError{err} }
 // serve runs the front-end channel until it fails or closes. It is the only
 // goroutine that handles front-end messages for this device.
 func (d *Device) serve() {
-	// Backend.Start/Stop run here and may touch guest memory: a fault on
-	// it (a shrunk memory file) becomes a recovered panic, see runQueue.
-	debug.SetPanicOnFault(true)
-	defer debug.SetPanicOnFault(false) // Serve's goroutine goes on
 	for {
 		m, err := ReadMessage(d.conn)
 		if err != nil {

@@ -114,8 +114,13 @@ func (s *Server) Serve(ctx context.Context, name string, ln *net.UnixListener, n
 		s.mu.Lock()
 		s.devices[name] = d
 		s.mu.Unlock()
+		// Backend.Start/Stop/Close run on this goroutine and may touch
+		// guest memory: a fault on it (a shrunk memory file) becomes a
+		// recovered panic that closes the connection, see runQueue.
+		prev := debug.SetPanicOnFault(true)
 		d.serve()
 		d.teardown()
+		debug.SetPanicOnFault(prev)
 		s.mu.Lock()
 		if s.devices[name] == d {
 			delete(s.devices, name)
