@@ -403,7 +403,7 @@ func (f *Frontend) setStatus(add uint64) error {
 	if err != nil {
 		return err
 	}
-	_, err = f.request(vhostuser.ReqSetStatus, u64(cur|add), nil, true)
+	_, err = f.request(vhostuser.ReqSetStatus, u64(cur|add), nil, false) // QEMU: no NEED_REPLY here
 	return err
 }
 
