@@ -226,3 +226,38 @@ func TestForgedConsumerCannotOverrun(t *testing.T) {
 		t.Fatalf("produced %d, more than the ring %d", c.txProd, ring)
 	}
 }
+
+// FuzzCDC: whatever a peer writes into the header, LoadCDC and
+// AdvanceCursor never panic, and an accepted cursor lies in [prev, limit]
+// and maps back to the wire cursor.
+func FuzzCDC(f *testing.F) {
+	f.Add(cdcBytes(CDC{Prod: Cursor{1, 5}, Cons: Cursor{0, 7}, ProdFlags: FlagWriteBlocked}), uint32(1000), uint64(990), uint32(500))
+	f.Add(make([]byte, CDCLen), uint32(16352), uint64(0), uint32(16352))
+	f.Fuzz(func(t *testing.T, hdr []byte, size uint32, prev uint64, room uint32) {
+		if len(hdr) < CDCLen || size == 0 {
+			return
+		}
+		mem := alignedBytes(CDCLen)
+		copy(mem, hdr)
+		m, err := LoadCDC(mem)
+		if err != nil {
+			return
+		}
+		limit := prev + uint64(min(room, size))
+		if limit < prev {
+			return
+		}
+		for _, c := range []Cursor{m.Prod, m.Cons} {
+			pos, err := AdvanceCursor(size, prev, c, limit)
+			if err != nil {
+				if pos != prev {
+					t.Fatalf("rejected cursor moved the position to %d", pos)
+				}
+				continue
+			}
+			if pos < prev || pos > limit || CursorOf(size, pos) != c {
+				t.Fatalf("cursor %+v accepted as %d outside [%d, %d]", c, pos, prev, limit)
+			}
+		}
+	})
+}
