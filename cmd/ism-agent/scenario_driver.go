@@ -131,7 +131,23 @@ func ismProbe(e *Env) error {
 	// A dead token must now be refused.
 	e.Result("move_dead_token", statusName(d.Move(dmbs[0].Token(), 0, true, 0, nil, 0, 0)))
 	e.Result("unregistered", len(dmbs))
-	return nil
+
+	// Close resets the device; a second Open must bring it up again (the
+	// backend restarts it on the next DRIVER_OK), with fresh tokens.
+	if err := d.Close(); err != nil {
+		return fmt.Errorf("close: %w", err)
+	}
+	d2, err := openDriver(e)
+	if err != nil {
+		return fmt.Errorf("reopen: %w", err)
+	}
+	defer d2.Close()
+	m, err := d2.RegisterDMB(4096, d2.GID())
+	if err != nil {
+		return fmt.Errorf("REGISTER_DMB after reopen: %w", err)
+	}
+	e.Result("reopen", fmt.Sprintf("index=%d token=%#x", m.Index(), m.Token()))
+	return d2.UnregisterDMB(m)
 }
 
 // xfer is the shape of a transfer, the same on both sides.
