@@ -492,3 +492,27 @@ func TestCloseFailsLaterCalls(t *testing.T) {
 		t.Fatal("events channel still open")
 	}
 }
+
+// More events than posted buffers: the poller must hand each back to the
+// device, so all arrive, in order.
+func TestEventsRepost(t *testing.T) {
+	d, _ := newFake(t, 8, nil) // 8 event buffers
+	const n = 100
+	go func() {
+		for i := 0; i < n; i++ {
+			if err := d.Signal(d.GID(), 3, uint64(i)); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+	}()
+	for i := 0; i < n; i++ {
+		ev := <-d.Events()
+		if ev.Type != abi.EventSWR || ev.Code != 3 || ev.Info != uint64(i) {
+			t.Fatalf("event %d: %+v", i, ev)
+		}
+	}
+	if d.EventDrops() != 0 {
+		t.Fatalf("%d events dropped", d.EventDrops())
+	}
+}
