@@ -179,7 +179,8 @@ func (q *Queue) Index() int { return q.index }
 // Size is the ring size set by the driver (0 before SET_VRING_NUM).
 func (q *Queue) Size() int { return int(q.size) }
 
-// Ready reports whether the queue has translated rings and is enabled.
+// Ready reports whether the queue has translated rings and is enabled
+// (Next gives chains only then).
 func (q *Queue) Ready() bool { return q.desc != nil && q.enabled }
 
 // Broken reports whether the queue was marked broken (see ErrQueueBroken).
@@ -281,7 +282,9 @@ func (q *Queue) availIdx() uint16 {
 // with no error (see Broken and Ready).
 func (q *Queue) Next(c *Chain) (bool, error) {
 	c.reset()
-	if q.desc == nil || q.broken {
+	if q.desc == nil || !q.enabled || q.broken {
+		// Not ready: not set up, or stopped (after GET_VRING_BASE the
+		// ring state is the front-end's again).
 		return false, nil
 	}
 	avail := q.availIdx()
@@ -404,7 +407,9 @@ func (q *Queue) walk(c *Chain, head uint16) error {
 }
 
 // Push puts c on the used ring with written bytes written (clamped to the
-// chain's writable length) and publishes the new used idx.
+// chain's writable length) and publishes the new used idx. Push a chain in
+// the same start of the device it came from (a chain kept across Stop and
+// Start would land in the new rings).
 func (q *Queue) Push(c *Chain, written uint32) {
 	if uint64(written) > c.writeLen {
 		written = uint32(c.writeLen)
