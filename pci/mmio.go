@@ -16,7 +16,9 @@ import (
 // may return part of it), and reads may have side effects (the ISR clears
 // on read), so the compiler must neither widen, merge nor drop them. The
 // accessors are small noinline functions that touch the address once
-// through an unsafe pointer of the exact type.
+// through an unsafe pointer of the exact type. Not sync/atomic: on amd64
+// an atomic store is XCHG, a locked read-modify-write, which would read the
+// register too (and TCG emulates it as a load plus a store).
 type MMIO struct {
 	mem  []byte // the window
 	base []byte // the whole mapping, for Unmap; nil for windows
