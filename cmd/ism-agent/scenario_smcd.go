@@ -31,6 +31,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/ism-backend/ism-backend/guestdriver/smcd"
@@ -217,9 +218,7 @@ func runClients(e *Env, dev smcd.Device, d *smcd.Dialer, addr string, a smcArgs)
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-			c, err := d.DialContext(ctx, dev, "tcp", addr)
-			cancel()
+			c, err := dialPeer(dev, d, addr)
 			if err != nil {
 				errs[i] = fmt.Errorf("dial %d: %w", i, err)
 				return
@@ -243,6 +242,22 @@ func runClients(e *Env, dev smcd.Device, d *smcd.Dialer, addr string, a smcArgs)
 		e.Result("client_mbytes_per_s", fmt.Sprintf("%.2f", float64(per*a.conns)/secs/1e6))
 	}
 	return errors.Join(errs...)
+}
+
+// dialPeer dials addr, retrying while the peer guest is still booting
+// (its address not answering ARP yet, or nothing listening yet).
+func dialPeer(dev smcd.Device, d *smcd.Dialer, addr string) (net.Conn, error) {
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		c, err := d.DialContext(ctx, dev, "tcp", addr)
+		cancel()
+		booting := errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.EHOSTUNREACH) || errors.Is(err, syscall.ENETUNREACH)
+		if err == nil || !booting || time.Now().After(deadline) {
+			return c, err
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
 }
 
 // send writes connection i's seeded stream (forever in stream mode), then
