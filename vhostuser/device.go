@@ -148,8 +148,10 @@ func (d *Device) protoAcked(bit uint) bool { return d.ackedProto.Load()&(1<<bit)
 // VIRTIO shared-memory region shmid at shmOffset (VHOST_USER_BACKEND_SHMEM_MAP).
 // It waits for the front-end's reply when REPLY_ACK was acked. It fails with
 // ErrNotStarted while the device is not started. Never call it with the
-// memory lock held (not from HandleQueue, Start or Stop): the front-end
-// sends a SET_MEM_TABLE before it answers, which needs the write lock.
+// memory lock held (not from HandleQueue, Start or Stop), nor while holding
+// a lock that a HandleQueue may wait for: the front-end changes the memory
+// table (ADD_MEM_REG or SET_MEM_TABLE) before it answers, which needs the
+// write lock, which waits for every HandleQueue to return.
 func (d *Device) ShmemMap(shmid uint8, fd int, fdOffset, shmOffset, length uint64, writable bool) error {
 	if err := d.checkShmem(shmid, shmOffset, length); err != nil {
 		return err
