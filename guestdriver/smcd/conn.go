@@ -31,6 +31,7 @@ type Conn struct {
 	peerToken uint64
 	peerDMBE  uint32
 	psize     uint32 // peer ring size
+	maxMove   int    // largest data MOVE the device takes; 0: any
 
 	cdcBuf Buffer // the CDC header we MOVE
 	stage  Buffer // data staging for MOVE
@@ -90,6 +91,9 @@ func newConn(dev Device, tcp net.Conn, dmb DMB, peerGID, peerToken uint64, peerD
 		changed: make(chan struct{}),
 		quit:    make(chan struct{}),
 		rxDone:  make(chan struct{}),
+	}
+	if ml, ok := dev.(MoveLimiter); ok {
+		c.maxMove = max(ml.MaxMoveLen(), 0)
 	}
 	c.readDL.init()
 	c.writeDL.init()
@@ -357,9 +361,9 @@ func (c *Conn) Write(p []byte) (int, error) {
 		pos := uint32(c.txProd % uint64(c.psize))
 		c.mu.Unlock()
 		first := min(chunk, int(c.psize-pos))
-		err = c.dev.Move(c.peerToken, c.peerDMBE, false, CDCLen+pos, c.stage, 0, first)
+		err = c.moveData(CDCLen+pos, 0, first)
 		if err == nil && chunk > first {
-			err = c.dev.Move(c.peerToken, c.peerDMBE, false, CDCLen, c.stage, first, chunk-first)
+			err = c.moveData(CDCLen, first, chunk-first)
 		}
 		if err != nil {
 			err = fmt.Errorf("smcd: data to peer DMB: %w (%w)", err, syscall.ECONNRESET)
@@ -375,6 +379,24 @@ func (c *Conn) Write(p []byte) (int, error) {
 		}
 		n += chunk
 	}
+}
+
+// moveData MOVEs stage[srcOff:srcOff+n] to offset in the peer's DMB without
+// a signal, in pieces the device accepts.
+func (c *Conn) moveData(offset uint32, srcOff, n int) error {
+	for n > 0 {
+		k := n
+		if c.maxMove > 0 {
+			k = min(k, c.maxMove)
+		}
+		if err := c.dev.Move(c.peerToken, c.peerDMBE, false, offset, c.stage, srcOff, k); err != nil {
+			return err
+		}
+		offset += uint32(k)
+		srcOff += k
+		n -= k
+	}
+	return nil
 }
 
 // waitSpace returns the free space in the peer's ring, waiting for the peer

@@ -134,6 +134,17 @@ func TestCopyBothWays(t *testing.T) {
 	}
 }
 
+// TestMoveLimit: a device with a small max_move_len gets data MOVEs split.
+func TestMoveLimit(t *testing.T) {
+	e := twoHosts()
+	e.srvDev.(*Loopback).MaxMove = 4000
+	e.cliDev.(*Loopback).MaxMove = 4000
+	e.srv.DMBSize, e.dial.DMBSize = 256<<10, 256<<10
+	cli, srv := e.pair(t)
+	mustSMC(t, cli, srv)
+	copyBothWays(t, cli, srv, 1<<20+5)
+}
+
 func TestDMBSizes(t *testing.T) {
 	for _, sizes := range [][2]int{{16 << 10, 1 << 20}, {1 << 20, 16 << 10}, {256 << 10, 256 << 10}} {
 		t.Run(fmt.Sprint(sizes), func(t *testing.T) {

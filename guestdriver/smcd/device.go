@@ -34,3 +34,10 @@ type Buffer interface {
 	Bytes() []byte
 	Free()
 }
+
+// MoveLimiter is implemented by a Device whose MOVE data length is bounded
+// (the config space's max_move_len); the stack then splits data MOVEs to
+// fit. A limit <= 0 means none.
+type MoveLimiter interface {
+	MaxMoveLen() int
+}

@@ -62,6 +62,9 @@ type Loopback struct {
 	// MaxDMBs limits the DMBs this device may hold (NOSPACE beyond it). Set
 	// it before use.
 	MaxDMBs int
+	// MaxMove, if positive, limits the data length of one MOVE (RANGE
+	// beyond it), like the config space's max_move_len.
+	MaxMove int
 
 	mu     sync.Mutex
 	own    map[uint64]*loopDMB
@@ -169,6 +172,9 @@ func (d *Loopback) Close() error {
 	return nil
 }
 
+// MaxMoveLen implements MoveLimiter.
+func (d *Loopback) MaxMoveLen() int { return d.MaxMove }
+
 func (d *Loopback) AllocBuffer(size int) (Buffer, error) {
 	if size <= 0 {
 		return nil, abi.StatusRange
@@ -193,6 +199,9 @@ const atomicMoveMax = 64
 
 func (d *Loopback) Move(token uint64, dmbe uint32, signal bool, offset uint32, src Buffer, srcOff, n int) error {
 	if dmbe >= abi.MaxDMBEs {
+		return abi.StatusRange
+	}
+	if d.MaxMove > 0 && n > d.MaxMove {
 		return abi.StatusRange
 	}
 	if src == nil || srcOff < 0 || n < 0 || srcOff > len(src.Bytes()) || n > len(src.Bytes())-srcOff {
