@@ -57,14 +57,13 @@ type Device struct {
 	conn    *net.UnixConn
 	stats   stats
 
-	// ReplyTimeout bounds the wait for a back-end request's reply.
+	// replyTimeout bounds the wait for a back-end request's reply.
 	replyTimeout time.Duration
 
 	// Negotiation state, owned by the connection goroutine. ackedProto is
 	// also read by ShmemMap from other goroutines.
 	offeredFeatures uint64
 	ackedFeatures   uint64
-	featuresSet     bool
 	offeredProto    uint64
 	ackedProto      atomic.Uint64
 	shmemSizes      []uint64

@@ -132,7 +132,7 @@ func (d *Device) handle(m *Message) (reply []byte, hasReply bool, err error) {
 			return nil, false, fmt.Errorf("features %#x not offered (%#x)", f, d.offeredFeatures)
 		}
 		d.lock(func() {
-			d.ackedFeatures, d.featuresSet = f, true
+			d.ackedFeatures = f
 			for _, q := range d.queues {
 				q.eventIdx = f&(1<<FeatureRingEventIdx) != 0
 				q.indirectOK = f&(1<<FeatureRingIndirectDesc) != 0
