@@ -20,7 +20,9 @@ QEMU ?= $(ISM_CACHE)/qemu/qemu-system-x86_64
 KERNEL ?= $(ISM_CACHE)/kernel/vmlinuz
 INITRD ?= $(ISM_CACHE)/image/initramfs.cpio
 BACKEND ?= $(CURDIR)/bin/ism-backend
-# Extra flags for the VM tests, e.g. VMTEST_FLAGS='-run TestHello -v'.
+# Extra flags for the VM tests, e.g. VMTEST_FLAGS='-run TestHello -v'. Only the
+# test/vm package itself: with one package go test streams -v output as it
+# goes (the harness's own unit tests run in `unit`).
 VMTEST_FLAGS ?= -v
 VMTEST_TIMEOUT ?= 60m
 
@@ -73,7 +75,7 @@ vmtest: provision image backend
 	@echo "vmtest: QEMU guests under $$(grep -qE 'vmx|svm' /proc/cpuinfo && [ -w /dev/kvm ] && echo KVM || echo TCG) (several minutes)"
 	ISM_VMTEST=1 ISM_QEMU=$(QEMU) ISM_KERNEL=$(KERNEL) ISM_INITRD=$(INITRD) \
 	ISM_BACKEND=$$([ -x $(BACKEND) ] && echo $(BACKEND)) \
-		$(GO) test -count=1 -timeout $(VMTEST_TIMEOUT) $(VMTEST_FLAGS) ./test/vm/...
+		$(GO) test -count=1 -timeout $(VMTEST_TIMEOUT) $(VMTEST_FLAGS) ./test/vm
 
 bench: bench-device
 
