@@ -314,15 +314,27 @@ func ismSend(e *Env) error {
 		return nil
 	}
 	start := time.Now()
+	progress := false
 	for s := 0; s < n; s++ {
 		if err := waitAck(s - x.slots + 1); err != nil {
+			if e.Arg("expect_gone", "0") == "1" {
+				return survivePeerGone(e, d, err)
+			}
 			return err
+		}
+		if !progress && acked*x.chunk >= 1<<20 {
+			progress = true
+			e.Result("acked_1mib", 1) // the harness may now kill the receiver
 		}
 		l := x.chunkLen(s)
 		x.fill(buf.Bytes()[:l], s*x.chunk)
 		h.Write(buf.Bytes()[:l])
 		if err := d.Move(token, uint32(s%x.slots), true, uint32((s%x.slots)*x.chunk), buf, 0, l); err != nil {
-			return fmt.Errorf("MOVE chunk %d: %s (%w)", s, statusName(err), err)
+			err = fmt.Errorf("MOVE chunk %d: %s (%w)", s, statusName(err), err)
+			if e.Arg("expect_gone", "0") == "1" {
+				return survivePeerGone(e, d, err)
+			}
+			return err
 		}
 	}
 	if err := waitAck(n); err != nil {
@@ -336,6 +348,34 @@ func ismSend(e *Env) error {
 		e.Result("mbit_per_s", fmt.Sprintf("%.1f", float64(x.bytes)*8/el.Seconds()/1e6))
 	}
 	return nil
+}
+
+// survivePeerGone is the end of a transfer whose receiver was killed
+// (ism.expect_gone=1): the sender reports how it learnt, then shows that
+// its own device is still served.
+func survivePeerGone(e *Env, d *guestdriver.Driver, cause error) error {
+	e.Result("peer_gone", cause.Error())
+	if err := d.QueryRGID(d.GID()); err != nil {
+		return fmt.Errorf("after the peer went away, QUERY_RGID self: %w", err)
+	}
+	m, err := d.RegisterDMB(4096, d.GID())
+	if err != nil {
+		return fmt.Errorf("after the peer went away, REGISTER_DMB: %w", err)
+	}
+	buf, err := d.AllocBuffer(64)
+	if err != nil {
+		return err
+	}
+	defer buf.Free()
+	copy(buf.Bytes(), "still served")
+	if err := d.Move(m.Token(), 0, true, 0, buf, 0, 12); err != nil {
+		return fmt.Errorf("after the peer went away, MOVE to self: %w", err)
+	}
+	if string(m.Bytes()[:12]) != "still served" {
+		return errors.New("after the peer went away, a MOVE to self did not land")
+	}
+	e.Result("still_served", 1)
+	return d.UnregisterDMB(m)
 }
 
 func ismForge(e *Env) error {
@@ -360,6 +400,10 @@ func ismForge(e *Env) error {
 	forged ^= 0x5a5a_a5a5_0f0f_f0f0
 	forgedSt := statusName(d.Move(forged, 0, true, 0, buf, 0, 16))
 	e.Result("forged_token_status", forgedSt)
+	if real := forged ^ 0x5a5a_a5a5_0f0f_f0f0; real != 0 {
+		// The real token of another VM's DMB whose rgid is not ours.
+		e.Result("third_gid_status", statusName(d.Move(real, 0, true, 0, buf, 0, 16)))
+	}
 
 	// Our own DMB, writable only by another GID: our MOVE must be refused.
 	other, err := argU64(e, "other", d.GID()^0x1)

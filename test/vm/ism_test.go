@@ -1,0 +1,138 @@
+package vm
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ism-backend/ism-backend/test/vm/vmharness"
+)
+
+// The ISM device itself in real guests: the userspace driver over the real
+// backend (copy mode), before any SMC-D.
+
+const (
+	gidA = "0xa1a1a1a1a1a1a1a1"
+	gidB = "0xb2b2b2b2b2b2b2b2"
+	gidC = "0xc3c3c3c3c3c3c3c3"
+)
+
+// ismFabric starts a backend serving VMs a, b and c with fixed GIDs.
+func ismFabric(t *testing.T, extra ...string) (*vmharness.Run, *vmharness.Backend, map[string]string) {
+	r := vmharness.New(t)
+	r.RequireBackend()
+	socks := map[string]string{"a": r.Path("a.sock"), "b": r.Path("b.sock"), "c": r.Path("c.sock")}
+	args := append([]string{"-socket-dir", r.Dir, "-vm", "a=" + gidA, "-vm", "b=" + gidB, "-vm", "c=" + gidC}, extra...)
+	b := r.StartBackend(args, socks["a"], socks["b"], socks["c"])
+	return r, b, socks
+}
+
+func ismVM(r *vmharness.Run, name, scenario, sock string, timeout time.Duration, args map[string]string) *vmharness.VM {
+	return r.StartVM(vmharness.VMConfig{Name: name, Scenario: scenario, Timeout: timeout, Args: args,
+		ISM: []vmharness.ISMDevice{{Socket: sock}}})
+}
+
+// waitResult waits for the agent's ISM-RESULT key=... line and returns the value.
+func waitResult(t *testing.T, vm *vmharness.VM, key string, timeout time.Duration) string {
+	t.Helper()
+	if err := vm.WaitSerial("ISM-RESULT "+key+"=", timeout); err != nil {
+		t.Fatalf("waiting for %s: %v", key, err)
+	}
+	return vmharness.ParseSerial(vm.Serial()).Results[key]
+}
+
+// TestISMProbe: the driver finds the device, reads GID and CHID from config
+// space, and registers and unregisters DMBs.
+func TestISMProbe(t *testing.T) {
+	r, _, socks := ismFabric(t)
+	o := ismVM(r, "a", "ism-probe", socks["a"], 2*time.Minute, nil).RequireOK(0)
+	if o.Results["gid"] != gidA || o.Results["chid"] != "0xff00" {
+		t.Fatalf("guest read gid %q chid %q, want %s 0xff00", o.Results["gid"], o.Results["chid"], gidA)
+	}
+	if !strings.Contains(o.Results["config"], "version=1") || o.Results["query_self"] != "OK" {
+		t.Fatalf("config %q query_self %q", o.Results["config"], o.Results["query_self"])
+	}
+}
+
+// TestISMTransfer: A registers a DMB for B; B MOVEs 16 MiB of a seeded
+// pattern into it in signalled chunks; both SHA-256s must match. Meanwhile a
+// third VM C tries a forged token and A's real token: both refused.
+func TestISMTransfer(t *testing.T) {
+	r, _, socks := ismFabric(t)
+	const bytes = "16777216"
+	a := ismVM(r, "a", "ism-recv", socks["a"], 4*time.Minute, map[string]string{"peer": gidB, "bytes": bytes})
+	token := waitResult(t, a, "token", 3*time.Minute)
+	b := ismVM(r, "b", "ism-send", socks["b"], 4*time.Minute, map[string]string{"token": token, "peer": gidA, "bytes": bytes})
+	c := ismVM(r, "c", "ism-forge", socks["c"], 4*time.Minute, map[string]string{"token": token})
+
+	oc := c.RequireOK(0)
+	if oc.Results["forged_token_status"] != "NOENTRY" || oc.Results["third_gid_status"] != "PERMISSION" {
+		t.Errorf("third VM: forged token %q (want NOENTRY), A's token from C %q (want PERMISSION)",
+			oc.Results["forged_token_status"], oc.Results["third_gid_status"])
+	}
+	ob := b.RequireOK(0)
+	oa := a.RequireOK(0)
+	if oa.Results["sha256"] == "" || oa.Results["sha256"] != ob.Results["sha256"] || oa.Results["bytes"] != bytes {
+		t.Fatalf("A received %s bytes with sha256 %q; B sent sha256 %q", oa.Results["bytes"], oa.Results["sha256"], ob.Results["sha256"])
+	}
+	t.Logf("16 MiB copy-mode transfer between guests: sha256 %s, %s Mbit/s under emulation", oa.Results["sha256"], ob.Results["mbit_per_s"])
+}
+
+// TestISMKillReceiver: the receiver's QEMU goes away mid-transfer (QMP quit,
+// or SIGKILL as in a crash). The sender learns it (GID event or NOENTRY) and
+// is still served; the dead VM's DMBs are gone from the backend.
+func TestISMKillReceiver(t *testing.T) {
+	for _, how := range []string{"quit", "sigkill"} {
+		t.Run(how, func(t *testing.T) {
+			r, backend, socks := ismFabric(t, "-stats-interval", "500ms")
+			a := ismVM(r, "a", "ism-recv", socks["a"], 4*time.Minute, map[string]string{"peer": gidB, "bytes": fmt.Sprint(1 << 30)})
+			token := waitResult(t, a, "token", 3*time.Minute)
+			b := ismVM(r, "b", "ism-send", socks["b"], 4*time.Minute,
+				map[string]string{"token": token, "peer": gidA, "bytes": fmt.Sprint(1 << 30), "expect_gone": "1"})
+			waitResult(t, b, "acked_1mib", 3*time.Minute)
+			switch how {
+			case "quit":
+				if err := a.Quit(); err != nil {
+					t.Fatalf("QMP quit: %v", err)
+				}
+			case "sigkill":
+				a.Kill()
+			}
+			ob := b.RequireOK(0)
+			if ob.Results["peer_gone"] == "" || ob.Results["still_served"] != "1" {
+				t.Fatalf("sender after the receiver died: %v", ob.Results)
+			}
+			t.Logf("sender learnt: %s", ob.Results["peer_gone"])
+			if exited, err := backend.Exited(); exited {
+				t.Fatalf("backend exited: %v", err)
+			}
+			requireDMBsGone(t, backend)
+		})
+	}
+}
+
+// requireDMBsGone waits for the backend's log to show A's device stopped
+// and, after that, a statistics line with no DMB left on the fabric.
+func requireDMBsGone(t *testing.T, b *vmharness.Backend) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		log := b.Log()
+		i := strings.Index(log, `msg="device stopped: its DMBs are gone"`)
+		if i >= 0 {
+			stopLine := log[strings.LastIndex(log[:i], "\n")+1:]
+			stopLine = stopLine[:strings.IndexByte(stopLine, '\n')+1]
+			if !strings.Contains(stopLine, "vm=a") {
+				t.Fatalf("first device to stop was not a: %s", stopLine)
+			}
+			if strings.Contains(log[i:], "DMBs:0 ") {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("backend log does not show A's DMBs gone:\n%s", log)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
