@@ -129,7 +129,7 @@ func printQEMU(w io.Writer, opts *options) error {
 	}
 	fmt.Fprintf(w, "-object memory-backend-memfd,id=mem,size=<RAM>,share=on -machine q35,memory-backend=mem -m <RAM> "+
 		"-chardev socket,id=ism0,path=%s "+
-		"-device vhost-user-test-device-pci,chardev=ism0,virtio-id=%d,num_vqs=%d,config_size=%d\n",
+		"-device vhost-user-test-device-pci,chardev=ism0,virtio-id=%d,num_vqs=%d,config_size=%d,vq_size=256\n",
 		sock, opts.virtioID, abi.NumQueues, abi.ConfigSize)
 	return nil
 }
