@@ -32,6 +32,7 @@ type Conn struct {
 	peerDMBE  uint32
 	psize     uint32 // peer ring size
 	maxMove   int    // largest data MOVE the device takes; 0: any
+	unwatch   func() // stops the PeerWatcher, if the device has one
 
 	cdcBuf Buffer // the CDC header we MOVE
 	stage  Buffer // data staging for MOVE
@@ -74,6 +75,7 @@ var (
 	errPeerAbort = fmt.Errorf("peer aborted the connection: %w", syscall.ECONNRESET)
 	errVanished  = fmt.Errorf("peer vanished (TCP connection closed without CDC close): %w", syscall.ECONNRESET)
 	errPeerClose = fmt.Errorf("peer closed the connection: %w", syscall.EPIPE)
+	errPeerGone  = fmt.Errorf("peer's ISM device went away: %w", syscall.ECONNRESET)
 	errShutdown  = fmt.Errorf("write after CloseWrite: %w", syscall.EPIPE)
 	errTCPData   = errors.New("smcd: unexpected data on the TCP connection after the CLC handshake")
 )
@@ -94,6 +96,9 @@ func newConn(dev Device, tcp net.Conn, dmb DMB, peerGID, peerToken uint64, peerD
 	}
 	if ml, ok := dev.(MoveLimiter); ok {
 		c.maxMove = max(ml.MaxMoveLen(), 0)
+	}
+	if pw, ok := dev.(PeerWatcher); ok {
+		c.unwatch = pw.WatchPeer(peerGID, func() { c.fail(errPeerGone) })
 	}
 	c.readDL.init()
 	c.writeDL.init()
@@ -471,6 +476,9 @@ func (c *Conn) Close() error {
 		c.mu.Unlock()
 		if !failed {
 			c.sendCDC()
+		}
+		if c.unwatch != nil {
+			c.unwatch()
 		}
 		close(c.quit)
 		<-c.rxDone

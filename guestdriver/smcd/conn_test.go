@@ -520,3 +520,29 @@ func TestNoGoroutineLeak(t *testing.T) {
 		}
 	}
 }
+
+// TestPeerDeviceGone: the peer's device goes away but its TCP connection
+// stays silent (its VM was killed: nothing sends a FIN or RST). The device's
+// GID event must fail the survivor's Read and Write at once.
+func TestPeerDeviceGone(t *testing.T) {
+	e := twoHosts()
+	e.srv.DMBSize, e.dial.DMBSize = MinDMBSize, MinDMBSize
+	cli, srv := e.pair(t)
+	mustSMC(t, cli, srv)
+	readErr := make(chan error, 1)
+	go func() { _, err := io.Copy(io.Discard, cli); readErr <- err }()
+	writeErr := make(chan error, 1)
+	go func() { _, err := cli.Write(make([]byte, 4<<20)); writeErr <- err }()
+	time.Sleep(10 * time.Millisecond)
+	e.srvDev.(*Loopback).Close() // srv's TCP stays open and silent
+	for _, ch := range []chan error{readErr, writeErr} {
+		select {
+		case err := <-ch:
+			if !errors.Is(err, errPeerGone) {
+				t.Fatalf("want the peer-gone error, got %v", err)
+			}
+		case <-time.After(hangGuard):
+			t.Fatal("survivor hangs after the peer's device went away")
+		}
+	}
+}

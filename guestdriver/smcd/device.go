@@ -41,3 +41,13 @@ type Buffer interface {
 type MoveLimiter interface {
 	MaxMoveLen() int
 }
+
+// PeerWatcher is implemented by a Device that learns when a peer's device
+// goes away (the ISM event queue's GID event). The stack then fails that
+// peer's connections at once: when a peer's whole VM dies, its TCP
+// connection says nothing until keepalive gives up, minutes later.
+type PeerWatcher interface {
+	// WatchPeer arranges for gone to be called once, from any goroutine,
+	// if the device with GID gid goes away before cancel is called.
+	WatchPeer(gid uint64, gone func()) (cancel func())
+}

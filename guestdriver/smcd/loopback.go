@@ -69,6 +69,8 @@ type Loopback struct {
 	mu     sync.Mutex
 	own    map[uint64]*loopDMB
 	closed bool
+
+	peers PeerWatchers
 }
 
 type loopDMB struct {
@@ -168,8 +170,21 @@ func (d *Loopback) Close() error {
 	}
 	d.fabric.mu.Lock()
 	delete(d.fabric.devices, d.gid)
+	others := make([]*Loopback, 0, len(d.fabric.devices))
+	for _, o := range d.fabric.devices {
+		others = append(others, o)
+	}
 	d.fabric.mu.Unlock()
+	// As the backend's GID event: every device left hears that d is gone.
+	for _, o := range others {
+		o.peers.Gone(d.gid)
+	}
 	return nil
+}
+
+// WatchPeer implements PeerWatcher.
+func (d *Loopback) WatchPeer(gid uint64, gone func()) (cancel func()) {
+	return d.peers.Watch(gid, gone)
 }
 
 // MaxMoveLen implements MoveLimiter.

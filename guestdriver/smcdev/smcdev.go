@@ -6,18 +6,51 @@ package smcdev
 
 import (
 	"fmt"
+	"sync"
 
+	"github.com/ism-backend/ism-backend/abi"
 	"github.com/ism-backend/ism-backend/guestdriver"
 	"github.com/ism-backend/ism-backend/guestdriver/smcd"
 )
 
-// Device is a *guestdriver.Driver as an smcd.Device.
-type Device struct{ d *guestdriver.Driver }
+// Device is a *guestdriver.Driver as an smcd.Device. It also tells the
+// stack when a peer's device goes away (smcd.PeerWatcher) and how long a
+// MOVE may be (smcd.MoveLimiter). It takes over the driver's event channel.
+type Device struct {
+	d     *guestdriver.Driver
+	peers *smcd.PeerWatchers
+	once  *sync.Once
+}
 
-var _ smcd.Device = Device{}
+var (
+	_ smcd.Device      = Device{}
+	_ smcd.PeerWatcher = Device{}
+	_ smcd.MoveLimiter = Device{}
+)
 
 // New wraps d.
-func New(d *guestdriver.Driver) Device { return Device{d} }
+func New(d *guestdriver.Driver) Device {
+	return Device{d: d, peers: &smcd.PeerWatchers{}, once: &sync.Once{}}
+}
+
+// WatchPeer implements smcd.PeerWatcher from the device's GID events: the
+// backend posts one when a peer's device resets or its VM disconnects.
+func (v Device) WatchPeer(gid uint64, gone func()) (cancel func()) {
+	v.once.Do(func() { go v.dispatch() })
+	return v.peers.Watch(gid, gone)
+}
+
+// dispatch reads events until the driver closes its channel.
+func (v Device) dispatch() {
+	for ev := range v.d.Events() {
+		if ev.Type == abi.EventGID {
+			v.peers.Gone(ev.GID)
+		}
+	}
+}
+
+// MaxMoveLen implements smcd.MoveLimiter from the config space.
+func (v Device) MaxMoveLen() int { return int(v.d.Config().MaxMoveLen) }
 
 // Driver returns the wrapped driver.
 func (v Device) Driver() *guestdriver.Driver { return v.d }
