@@ -352,13 +352,12 @@ func (c *Conn) Write(p []byte) (int, error) {
 		return 0, c.opErr("write", err)
 	}
 	n := 0
-	for {
+	// Stop as soon as p is in the peer's ring: a close the peer sends after
+	// reading it must not turn a delivered write into an error.
+	for n < len(p) {
 		space, err := c.waitSpace()
 		if err != nil {
 			return n, c.opErr("write", err)
-		}
-		if n == len(p) {
-			return n, nil
 		}
 		chunk := min(space, len(p)-n, len(stage))
 		copy(stage, p[n:n+chunk])
@@ -384,6 +383,7 @@ func (c *Conn) Write(p []byte) (int, error) {
 		}
 		n += chunk
 	}
+	return n, nil
 }
 
 // moveData MOVEs stage[srcOff:srcOff+n] to offset in the peer's DMB without

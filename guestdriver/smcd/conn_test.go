@@ -12,6 +12,7 @@ import (
 	"os"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -545,4 +546,54 @@ func TestPeerDeviceGone(t *testing.T) {
 			t.Fatal("survivor hangs after the peer's device went away")
 		}
 	}
+}
+
+// closeOnCDC is a device whose next signalled MOVE (a CDC) runs hook after
+// it lands: it lets a test put the peer's close exactly between a Write's
+// last CDC and its return.
+type closeOnCDC struct {
+	Device
+	hook atomic.Pointer[func()]
+}
+
+func (d *closeOnCDC) Move(token uint64, dmbe uint32, signal bool, offset uint32, src Buffer, srcOff, n int) error {
+	err := d.Device.Move(token, dmbe, signal, offset, src, srcOff, n)
+	if h := d.hook.Swap(nil); signal && h != nil {
+		(*h)()
+	}
+	return err
+}
+
+// TestWriteDeliveredThenPeerCloses: the peer reads a Write's data and closes
+// before the Write returns (seen in a 32-connection VM test); the Write
+// delivered everything and must report success.
+func TestWriteDeliveredThenPeerCloses(t *testing.T) {
+	e := twoHosts()
+	dev := &closeOnCDC{Device: e.srvDev}
+	e.srvDev = dev
+	cli, srv := e.pair(t)
+	mustSMC(t, cli, srv)
+	msg := []byte("the last word")
+	hook := func() {
+		got := make([]byte, len(msg))
+		if _, err := io.ReadFull(cli, got); err != nil {
+			t.Errorf("peer read: %v", err)
+		}
+		cli.Close()
+		sc := srv.(*Conn)
+		for deadline := time.Now().Add(hangGuard); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+			sc.mu.Lock()
+			closed := sc.peerState&FlagClosed != 0
+			sc.mu.Unlock()
+			if closed {
+				return
+			}
+		}
+		t.Error("server never saw the peer's close")
+	}
+	dev.hook.Store(&hook)
+	if n, err := srv.Write(msg); err != nil || n != len(msg) {
+		t.Fatalf("Write of delivered data: %d, %v", n, err)
+	}
+	srv.Close()
 }
