@@ -558,7 +558,10 @@ type closeOnCDC struct {
 
 func (d *closeOnCDC) Move(token uint64, dmbe uint32, signal bool, offset uint32, src Buffer, srcOff, n int) error {
 	err := d.Device.Move(token, dmbe, signal, offset, src, srcOff, n)
-	if h := d.hook.Swap(nil); signal && h != nil {
+	if !signal {
+		return err
+	}
+	if h := d.hook.Swap(nil); h != nil {
 		(*h)()
 	}
 	return err
@@ -594,6 +597,9 @@ func TestWriteDeliveredThenPeerCloses(t *testing.T) {
 	dev.hook.Store(&hook)
 	if n, err := srv.Write(msg); err != nil || n != len(msg) {
 		t.Fatalf("Write of delivered data: %d, %v", n, err)
+	}
+	if dev.hook.Load() != nil {
+		t.Fatal("the hook never ran: the test did not put the close where it means to")
 	}
 	srv.Close()
 }
