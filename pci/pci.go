@@ -131,6 +131,9 @@ func Find(root string, vendor, device uint16) ([]*Device, error) {
 		}
 	}
 	if len(out) == 0 {
+		if root == "" {
+			root = DefaultSysfsRoot
+		}
 		return nil, fmt.Errorf("%w: %04x:%04x under %s", ErrNotFound, vendor, device, root)
 	}
 	return out, nil
