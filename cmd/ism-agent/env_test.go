@@ -1,6 +1,7 @@
 package main
 
 import (
+	"net"
 	"reflect"
 	"testing"
 	"time"
@@ -53,5 +54,13 @@ func TestInetChecksum(t *testing.T) {
 func TestModName(t *testing.T) {
 	if g := modName("kernel/drivers/virtio/virtio_pci-x.ko.xz"); g != "virtio_pci_x" {
 		t.Fatal(g)
+	}
+}
+
+func TestRetryableDial(t *testing.T) {
+	// Nothing listens on port 1 of the loopback: refused, which must retry.
+	_, err := net.Dial("tcp", "127.0.0.1:1")
+	if err == nil || !retryableDial(err) {
+		t.Fatalf("dial of a closed port: %v; want a retryable error", err)
 	}
 }

@@ -16,6 +16,7 @@
 //	ism.ip=<addr/len>       configure eth0 (loads e1000 if needed) and bring it up
 //	ism.dev=<ifname>        interface for ism.ip (default eth0)
 //	ism.modules=<a,b>       extra kernel modules to load first (e.g. virtio_pci)
+//	ism.wait_peer=<ip>      wait until ip answers ICMP before the scenario
 //	ism.poweroff=0          stay up after the scenario (debugging)
 //
 // Everything else under ism.* is for the scenario (Env.Arg).
@@ -147,6 +148,11 @@ func runChild(args map[string]string) (code int) {
 	if !*noSetup {
 		if err := setupGuest(env); err != nil {
 			return end(fmt.Errorf("setup: %w", err))
+		}
+	}
+	if p := env.Arg("wait_peer", ""); p != "" {
+		if err := env.WaitPeer(p); err != nil {
+			return end(err)
 		}
 	}
 	start := time.Now()

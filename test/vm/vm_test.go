@@ -36,7 +36,7 @@ func TestNetPing(t *testing.T) {
 	a := r.StartVM(vmharness.VMConfig{Name: "a", Scenario: "net-ping", Net: &srv, Timeout: 90 * time.Second,
 		Args: map[string]string{"ip": "169.254.7.1/24", "peer": "169.254.7.2"}})
 	b := r.StartVM(vmharness.VMConfig{Name: "b", Scenario: "net-ping", Net: &cli, Timeout: 90 * time.Second,
-		Args: map[string]string{"ip": "169.254.7.2/24", "peer": "169.254.7.1"}})
+		Args: map[string]string{"ip": "169.254.7.2/24", "peer": "169.254.7.1", "wait_peer": "169.254.7.1"}})
 	start := time.Now()
 	oa := a.RequireOK(0)
 	ob := b.RequireOK(0)
