@@ -383,7 +383,11 @@ func kernelArgs(c VMConfig) string {
 	}
 	sort.Strings(keys)
 	for _, k := range keys {
-		a = append(a, "ism."+k+"="+c.Args[k])
+		v := c.Args[k]
+		if strings.ContainsAny(v, " \t") {
+			v = `"` + v + `"` // the agent splits the command line as the kernel does
+		}
+		a = append(a, "ism."+k+"="+v)
 	}
 	return strings.Join(append(a, c.Append...), " ")
 }

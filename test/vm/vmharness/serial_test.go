@@ -20,8 +20,8 @@ func TestParseSerial(t *testing.T) {
 }
 
 func TestKernelArgs(t *testing.T) {
-	got := kernelArgs(VMConfig{Scenario: "hello", HugePages: 8, Timeout: 90e9, Args: map[string]string{"peer": "169.254.7.2", "ip": "169.254.7.1/24"}, Append: []string{"loglevel=3"}})
-	want := "console=ttyS0 panic=-1 quiet hugepages=8 ism.scenario=hello ism.timeout=90 ism.ip=169.254.7.1/24 ism.peer=169.254.7.2 loglevel=3"
+	got := kernelArgs(VMConfig{Scenario: "hello", HugePages: 8, Timeout: 90e9, Args: map[string]string{"peer": "169.254.7.2", "ip": "169.254.7.1/24", "msg": "a b"}, Append: []string{"loglevel=3"}})
+	want := "console=ttyS0 panic=-1 quiet hugepages=8 ism.scenario=hello ism.timeout=90 ism.ip=169.254.7.1/24 ism.msg=\"a b\" ism.peer=169.254.7.2 loglevel=3"
 	if got != want {
 		t.Fatalf("kernelArgs:\n got %q\nwant %q", got, want)
 	}
