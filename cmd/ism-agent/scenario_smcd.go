@@ -88,18 +88,29 @@ func openSMC(e *Env) (smcdev.Device, func(), error) {
 	return smcdev.New(d), func() { d.Close() }, nil
 }
 
-func smcdServer(e *Env) error {
-	a, err := smcdArgs(e, "sink")
-	if err != nil {
-		return err
+// setupSMC parses the scenario's arguments and opens the ISM device as an
+// smcd.Device; closeDev resets it.
+func setupSMC(e *Env, defMode string) (a smcArgs, dev smcdev.Device, closeDev func(), err error) {
+	if a, err = smcdArgs(e, defMode); err != nil {
+		return a, dev, nil, err
 	}
-	dev, closeDev, err := openSMC(e)
+	dev, closeDev, err = openSMC(e)
+	return a, dev, closeDev, err
+}
+
+// listenSMC listens on addr with the scenario's server options.
+func listenSMC(e *Env, a smcArgs, dev smcd.Device, addr string) (net.Listener, error) {
+	srv := &smcd.Server{DMBSize: a.dmbSize, ForceDecline: a.decline, Logf: e.Logf}
+	return srv.Listen(dev, "tcp", addr)
+}
+
+func smcdServer(e *Env) error {
+	a, dev, closeDev, err := setupSMC(e, "sink")
 	if err != nil {
 		return err
 	}
 	defer closeDev()
-	srv := &smcd.Server{DMBSize: a.dmbSize, ForceDecline: a.decline, Logf: e.Logf}
-	ln, err := srv.Listen(dev, "tcp", e.Arg("listen", ":7000"))
+	ln, err := listenSMC(e, a, dev, e.Arg("listen", ":7000"))
 	if err != nil {
 		return err
 	}
@@ -109,11 +120,7 @@ func smcdServer(e *Env) error {
 }
 
 func smcdClient(e *Env) error {
-	a, err := smcdArgs(e, "send")
-	if err != nil {
-		return err
-	}
-	dev, closeDev, err := openSMC(e)
+	a, dev, closeDev, err := setupSMC(e, "send")
 	if err != nil {
 		return err
 	}
@@ -124,17 +131,12 @@ func smcdClient(e *Env) error {
 
 // smcdLocal runs both ends in this guest on one device.
 func smcdLocal(e *Env) error {
-	a, err := smcdArgs(e, "send")
-	if err != nil {
-		return err
-	}
-	dev, closeDev, err := openSMC(e)
+	a, dev, closeDev, err := setupSMC(e, "send")
 	if err != nil {
 		return err
 	}
 	defer closeDev()
-	srv := &smcd.Server{DMBSize: a.dmbSize, ForceDecline: a.decline, Logf: e.Logf}
-	ln, err := srv.Listen(dev, "tcp", "127.0.0.1:0")
+	ln, err := listenSMC(e, a, dev, "127.0.0.1:0")
 	if err != nil {
 		return err
 	}
