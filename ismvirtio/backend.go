@@ -141,11 +141,17 @@ func (b *Backend) HandleQueue(vdev *vhostuser.Device, q *vhostuser.Queue) {
 	}
 }
 
-// serveRequests completes every available request chain. It allocates
-// nothing per request: the chain, header and data slices are reused.
+// serveRequests completes the available request chains, at most one ring's
+// worth per call: HandleQueue holds the memory read lock, which every VM's
+// memory-table change waits for (and, once one waits, every VM's queues), so
+// a guest that keeps its ring full must not keep the lock for ever. When the
+// batch ends with chains possibly left, the queue wakes itself to go on
+// after the lock was released. It allocates nothing per request: the chain,
+// header and data slices are reused.
 func (b *Backend) serveRequests(q *vhostuser.Queue) {
 	c := &b.chain
-	for {
+	n := 0
+	for ; n < q.Size(); n++ {
 		ok, err := q.Next(c)
 		if err != nil {
 			continue // malformed chain: vhostuser completed and logged it
@@ -156,6 +162,9 @@ func (b *Backend) serveRequests(q *vhostuser.Queue) {
 		q.Push(c, b.serve(c))
 	}
 	q.Notify()
+	if n == q.Size() {
+		q.Wake()
+	}
 }
 
 // serve handles one request chain and returns the bytes written into it.
@@ -224,7 +233,11 @@ func (b *Backend) flushEvents(q *vhostuser.Queue) {
 	}
 	c := &b.evChain
 	sent := 0
-	for sent < len(b.pending) {
+	// At most one ring's worth of chains per call, as in serveRequests: a
+	// guest posting malformed buffers as fast as they are taken must not
+	// keep this loop (and the memory read lock) for ever.
+	n := 0
+	for ; sent < len(b.pending) && n < q.Size(); n++ {
 		ok, err := q.Next(c)
 		if err != nil {
 			continue
@@ -246,6 +259,9 @@ func (b *Backend) flushEvents(q *vhostuser.Queue) {
 	if sent > 0 {
 		b.pending = b.pending[:copy(b.pending, b.pending[sent:])]
 		q.Notify()
+	}
+	if n == q.Size() && len(b.pending) > 0 {
+		q.Wake()
 	}
 }
 

@@ -28,6 +28,13 @@ type fabricServer struct {
 
 func newFabricServer(t testing.TB, vms map[string]uint64) *fabricServer {
 	t.Helper()
+	return newWrappedFabricServer(t, vms, nil)
+}
+
+// newWrappedFabricServer is newFabricServer with each VM's Backend passed
+// through wrap (nil: none), for tests that watch the Backend's calls.
+func newWrappedFabricServer(t testing.TB, vms map[string]uint64, wrap func(*Backend) vhostuser.Backend) *fabricServer {
+	t.Helper()
 	log := logrus.New()
 	log.SetLevel(logrus.WarnLevel)
 	if testing.Verbose() {
@@ -50,7 +57,11 @@ func newFabricServer(t testing.TB, vms map[string]uint64) *fabricServer {
 		go func() {
 			defer s.wg.Done()
 			s.server.Serve(ctx, name, ln, func(name string) (vhostuser.Backend, error) {
-				return New(s.fabric, name, gid, log.WithField("vm", name)), nil
+				b := New(s.fabric, name, gid, log.WithField("vm", name))
+				if wrap != nil {
+					return wrap(b), nil
+				}
+				return b, nil
 			})
 		}()
 	}

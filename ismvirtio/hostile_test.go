@@ -1,0 +1,110 @@
+package ismvirtio
+
+import (
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"github.com/ism-backend/ism-backend/abi"
+	"github.com/ism-backend/ism-backend/ism"
+	"github.com/ism-backend/ism-backend/vhostuser"
+	fe "github.com/ism-backend/ism-backend/vhostuser/vhostusertest"
+)
+
+// countingBackend counts the HandleQueue calls of the request queue.
+type countingBackend struct {
+	*Backend
+	calls atomic.Int64
+}
+
+func (c *countingBackend) HandleQueue(d *vhostuser.Device, q *vhostuser.Queue) {
+	if q.Index() == abi.RequestQueue {
+		c.calls.Add(1)
+	}
+	c.Backend.HandleQueue(d, q)
+}
+
+// publishingPeer is a fabric device whose driver is the test: each event it
+// gets (a SIGNAL from guest a) makes a publish one more request on its ring,
+// as a guest that never lets its ring run empty does.
+type publishingPeer struct {
+	calls   *atomic.Int64
+	publish func()
+	total   int
+	got     int
+	perCall map[int64]int
+	done    chan struct{}
+}
+
+func (p *publishingPeer) Interrupt() {}
+
+func (p *publishingPeer) PostEvent(ev abi.Event) {
+	p.got++
+	p.perCall[p.calls.Load()]++
+	if p.got < p.total {
+		p.publish()
+	} else if p.got == p.total {
+		close(p.done)
+	}
+}
+
+// TestRequestBatchBounded: a guest that keeps refilling its request ring
+// must not keep one HandleQueue call (and with it the memory read lock every
+// VM's memory-table change waits for) for ever: one call serves at most a
+// ring's worth of chains, and the rest is served after the lock was let go.
+func TestRequestBatchBounded(t *testing.T) {
+	const gidP = 0xD000_0000_0000_000D
+	backends := make(chan *countingBackend, 1)
+	s := newWrappedFabricServer(t, map[string]uint64{"a": gidA}, func(b *Backend) vhostuser.Backend {
+		cb := &countingBackend{Backend: b}
+		backends <- cb
+		return cb
+	})
+	a := s.connect("a")
+	cb := <-backends
+	ring := a.req.Size
+	sig := abi.Request{Op: abi.OpSignal, GID: gidP, Index: 1}
+	sig.Encode(a.hdr)
+	head := a.req.AddChain([]fe.Buf{
+		{GPA: a.hdrGPA, Len: abi.RequestSize},
+		{GPA: a.respGPA, Len: abi.ResponseSize, Write: true},
+	})
+	var mu sync.Mutex // the VQ's own state is not shared memory
+	publish := func() {
+		mu.Lock()
+		a.req.Publish(head)
+		mu.Unlock()
+	}
+	peer := &publishingPeer{
+		calls:   &cb.calls,
+		publish: publish,
+		total:   3 * int(ring),
+		perCall: map[int64]int{},
+		done:    make(chan struct{}),
+	}
+	mem, err := ism.NewSliceMemory(ism.Region{GPA: 0, Data: make([]byte, 4096)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.fabric.Connect("peer", gidP, mem, peer); err != nil {
+		t.Fatal(err)
+	}
+	publish()
+	if err := a.req.Kick(); err != nil {
+		t.Fatal(err)
+	}
+	for range peer.total {
+		if _, err := a.req.WaitUsed(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	<-peer.done
+	for call, n := range peer.perCall {
+		if n > int(ring) {
+			t.Fatalf("HandleQueue call %d served %d requests of a ring of %d", call, n, ring)
+		}
+	}
+	if len(peer.perCall) < 3 {
+		t.Fatalf("%d requests in %d HandleQueue calls", peer.total, len(peer.perCall))
+	}
+}
