@@ -1,0 +1,101 @@
+package main
+
+import (
+	"context"
+	"net"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ism-backend/ism-backend/guestdriver/smcd"
+)
+
+func testEnv(t *testing.T, args map[string]string) *Env {
+	f, err := os.Create(t.TempDir() + "/out")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return &Env{Args: args, Ctx: context.Background(), out: f}
+}
+
+// TestBenchLocal runs every measurement over every local transport (SMC-D
+// on the in-process loopback device) and checks that each reports a figure.
+func TestBenchLocal(t *testing.T) {
+	e := testEnv(t, map[string]string{"dur": "100ms", "rounds": "2", "http_conns": "2"})
+	c, err := benchConfigOf(e, "smcd,tcp,unix")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]benchSample{}
+	var order []string
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	err = benchLocal(ctx, e, smcd.NewLoopback(), smcd.DefaultDMBSize, c, func(s benchSample) {
+		got[s.key()] = s
+		order = append(order, s.key())
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, test := range benchTests {
+		for _, tr := range []string{"smcd", "tcp", "unix"} {
+			for r := range 2 {
+				s, ok := got[benchSample{test: test, transport: tr, round: r}.key()]
+				if !ok || !(s.value > 0) {
+					t.Errorf("%s %s round %d: %+v (present %v)", test, tr, r, s, ok)
+				}
+			}
+		}
+	}
+	// Rotated order: round 0 starts with smcd, round 1 with tcp.
+	if len(order) < 6 || order[0] != "bench.tput.smcd.0" || order[3] != "bench.tput.tcp.1" {
+		t.Errorf("order %v", order)
+	}
+}
+
+// TestRequireSMC: a connection that fell back to TCP must not count as SMC-D.
+func TestRequireSMC(t *testing.T) {
+	dev := smcd.NewLoopback()
+	srv := &smcd.Server{ForceDecline: smcd.DeclineNoSMCDDev}
+	ln, err := srv.Listen(dev, "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { defer c.Close(); serveRaw(c, func() {}) }()
+		}
+	}()
+	d := &smcd.Dialer{}
+	dial := requireSMC(func(ctx context.Context) (net.Conn, error) {
+		return d.DialContext(ctx, dev, "tcp", ln.Addr().String())
+	})
+	_, _, err = measureStream(context.Background(), dial, 100, 10*time.Millisecond)
+	if err == nil || !strings.Contains(err.Error(), "fell back") {
+		t.Fatalf("measureStream over a declined connection: %v, want a fallback error", err)
+	}
+}
+
+func TestBenchConfig(t *testing.T) {
+	e := testEnv(t, map[string]string{"tests": "lat, http", "transports": "tcp"})
+	c, err := benchConfigOf(e, "smcd,tcp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Join(c.tests, ",") != "lat,http" || strings.Join(c.transports, ",") != "tcp" || c.dur != 2*time.Second || c.rounds != 3 || c.latMsg != 14 {
+		t.Fatalf("config %+v", c)
+	}
+	if _, err := benchConfigOf(testEnv(t, map[string]string{"tests": "tput,bogus"}), "tcp"); err == nil {
+		t.Fatal("unknown test accepted")
+	}
+	if _, err := benchConfigOf(testEnv(t, map[string]string{"rounds": "0"}), "tcp"); err == nil {
+		t.Fatal("rounds=0 accepted")
+	}
+}
