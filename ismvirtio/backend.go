@@ -12,6 +12,7 @@ package ismvirtio
 
 import (
 	"sync"
+	"time"
 
 	"github.com/sirupsen/logrus"
 
@@ -33,6 +34,11 @@ type Backend struct {
 	log    *logrus.Entry
 	config [abi.ConfigSize]byte
 
+	// Guest-caused warnings are rate-limited (see warnGuest); now is the
+	// limiter's clock, fixed by tests.
+	lim logLimiter
+	now func() time.Time
+
 	// Set by Start, cleared by Stop; both run under vhostuser's memory write
 	// lock, so HandleQueue (read lock) never sees them change.
 	vdev *vhostuser.Device
@@ -53,7 +59,7 @@ type Backend struct {
 
 // New returns the Backend for one connection of VM name with the given GID.
 func New(f *ism.Fabric, name string, gid uint64, log *logrus.Entry) *Backend {
-	b := &Backend{fabric: f, name: name, gid: gid, log: log}
+	b := &Backend{fabric: f, name: name, gid: gid, log: log, now: time.Now}
 	cfg := abi.Config{
 		Magic:      abi.Magic,
 		Version:    abi.Version,
@@ -170,7 +176,7 @@ func (b *Backend) serveRequests(q *vhostuser.Queue) {
 // serve handles one request chain and returns the bytes written into it.
 func (b *Backend) serve(c *vhostuser.Chain) uint32 {
 	if c.WritableLen() < abi.ResponseSize {
-		b.log.WithField("writable", c.WritableLen()).Warn("request without room for a response")
+		b.warnGuest(logrus.Fields{"writable": c.WritableLen()}, "request without room for a response")
 		return 0
 	}
 	var resp abi.Response
@@ -246,7 +252,7 @@ func (b *Backend) flushEvents(q *vhostuser.Queue) {
 			break
 		}
 		if c.WritableLen() < abi.EventSize {
-			b.log.WithField("writable", c.WritableLen()).Warn("event buffer too small")
+			b.warnGuest(logrus.Fields{"writable": c.WritableLen()}, "event buffer too small")
 			q.Push(c, 0)
 			continue
 		}

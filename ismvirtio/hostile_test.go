@@ -4,6 +4,10 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	logtest "github.com/sirupsen/logrus/hooks/test"
 
 	"github.com/ism-backend/ism-backend/abi"
 	"github.com/ism-backend/ism-backend/ism"
@@ -106,5 +110,42 @@ func TestRequestBatchBounded(t *testing.T) {
 	}
 	if len(peer.perCall) < 3 {
 		t.Fatalf("%d requests in %d HandleQueue calls", peer.total, len(peer.perCall))
+	}
+}
+
+// TestGuestWarningsRateLimited: a guest that sends request chains without
+// room for a response (or too small event buffers) cannot flood the host's
+// log: one line per chain was logged before.
+func TestGuestWarningsRateLimited(t *testing.T) {
+	logger, hook := logtest.NewNullLogger()
+	s := newWrappedFabricServer(t, map[string]uint64{"a": gidA}, func(b *Backend) vhostuser.Backend {
+		b.log = logrus.NewEntry(logger)
+		now := time.Unix(1700000000, 0)
+		b.now = func() time.Time { return now } // no token comes back
+		return b
+	})
+	a := s.connect("a")
+	const chains = 100
+	for range chains {
+		head := a.req.AddChain([]fe.Buf{{GPA: a.hdrGPA, Len: abi.RequestSize}})
+		if _, n := a.submit(head); n != 0 {
+			t.Fatalf("chain without response room: used len %d", n)
+		}
+	}
+	warns := 0
+	for _, e := range hook.AllEntries() {
+		if e.Level <= logrus.WarnLevel {
+			warns++
+		}
+	}
+	if warns > logBurst {
+		t.Fatalf("%d bad chains gave %d warnings, want at most %d", chains, warns, logBurst)
+	}
+	if warns == 0 {
+		t.Fatal("no warning at all")
+	}
+	// The device still serves good requests.
+	if st := a.do(abi.Request{Op: abi.OpQueryRGID, GID: gidA}, nil).Status; st != abi.StatusOK {
+		t.Fatalf("QUERY_RGID after the bad chains: %v", st)
 	}
 }
