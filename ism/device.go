@@ -303,10 +303,7 @@ func (d *Device) Move(token uint64, dmbe uint32, offset uint64, signal bool, dat
 	if dmb.CheckRange(offset, n, e.size) != nil {
 		return d.refuse(moveReq(token, dmbe, offset, n, signal), abi.StatusRange, "offset+len past the DMB")
 	}
-	o := e.owner
-	o.mu.RLock()
-	st, raised := o.moveLocked(e, dmbe, offset, n, signal, data)
-	o.mu.RUnlock()
+	st, raised := e.owner.moveShared(e, dmbe, offset, n, signal, data)
 	if st != abi.StatusOK {
 		return d.refuse(moveReq(token, dmbe, offset, n, signal), st, moveWhy(st))
 	}
@@ -316,7 +313,7 @@ func (d *Device) Move(token uint64, dmbe uint32, offset uint64, signal bool, dat
 		d.stats.signals.Add(1)
 	}
 	if raised {
-		o.stats.interrupts.Add(1)
+		e.owner.stats.interrupts.Add(1)
 	}
 	return nil
 }
@@ -339,6 +336,17 @@ func moveWhy(st abi.Status) string {
 		return "owner's DMB or SBA no longer in guest RAM"
 	}
 	return "owner's memory view is broken"
+}
+
+// moveShared runs moveLocked with o.mu held shared. The unlock is deferred:
+// the copy touches two guests' RAM, and a fault there (a memory file the
+// front-end shrank) is a panic the transport recovers from, which must not
+// leave the owner's lock held, or the owner's Disconnect (and everything
+// waiting for it) would hang for ever.
+func (o *Device) moveShared(e *dmbEntry, dmbe uint32, offset, n uint64, signal bool, data [][]byte) (abi.Status, bool) {
+	o.mu.RLock()
+	defer o.mu.RUnlock()
+	return o.moveLocked(e, dmbe, offset, n, signal, data)
 }
 
 // moveLocked does the part of a MOVE that touches the owner's RAM; o.mu is
