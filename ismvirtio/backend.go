@@ -141,9 +141,12 @@ func (b *Backend) HandleQueue(vdev *vhostuser.Device, q *vhostuser.Queue) {
 	case abi.RequestQueue:
 		b.serveRequests(q)
 	case abi.EventQueue:
+		// Deferred: the flush touches guest RAM, and a fault there is a
+		// panic vhostuser recovers from; a held evMu would then hang
+		// Stop (under the memory write lock) and every VM with it.
 		b.evMu.Lock()
+		defer b.evMu.Unlock()
 		b.flushEvents(q)
-		b.evMu.Unlock()
 	}
 }
 

@@ -8,6 +8,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 	logtest "github.com/sirupsen/logrus/hooks/test"
+	"golang.org/x/sys/unix"
 
 	"github.com/ism-backend/ism-backend/abi"
 	"github.com/ism-backend/ism-backend/ism"
@@ -147,5 +148,43 @@ func TestGuestWarningsRateLimited(t *testing.T) {
 	// The device still serves good requests.
 	if st := a.do(abi.Request{Op: abi.OpQueryRGID, GID: gidA}, nil).Status; st != abi.StatusOK {
 		t.Fatalf("QUERY_RGID after the bad chains: %v", st)
+	}
+}
+
+// TestEventQueueFaultDoesNotHang: when a front-end shrinks its guest RAM
+// under the mapping, the fault in the event-queue flush closes that VM's
+// connection (a recovered panic); the event lock must not stay held, or the
+// teardown (Stop takes it under the memory write lock) hangs and with it
+// every other VM.
+func TestEventQueueFaultDoesNotHang(t *testing.T) {
+	s := newFabricServer(t, map[string]uint64{"a": gidA, "b": gidB})
+	a, b := s.connect("a"), s.connect("b")
+	// An event for B with no buffer posted: it is held.
+	if st := a.do(abi.Request{Op: abi.OpSignal, GID: gidB, Index: 7}, nil).Status; st != abi.StatusOK {
+		t.Fatalf("SIGNAL: %v", st)
+	}
+	gpa, _, err := b.mem.Alloc(abi.EventSize, 8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.ev.Publish(b.ev.AddChain([]fe.Buf{{GPA: gpa, Len: abi.EventSize, Write: true}}))
+	for _, r := range b.mem.Regions {
+		if err := unix.Ftruncate(r.FD, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := b.ev.Kick(); err != nil { // the flush faults on B's rings
+		t.Fatal(err)
+	}
+	// B's connection goes away; A goes on being served.
+	for range 3 {
+		if st := a.do(abi.Request{Op: abi.OpQueryRGID, GID: gidA}, nil).Status; st != abi.StatusOK {
+			t.Fatalf("QUERY_RGID: %v", st)
+		}
+	}
+	for s.server.Device("b") != nil {
+		if st := a.do(abi.Request{Op: abi.OpQueryRGID, GID: gidA}, nil).Status; st != abi.StatusOK {
+			t.Fatalf("QUERY_RGID: %v", st)
+		}
 	}
 }
