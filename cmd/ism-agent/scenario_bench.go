@@ -329,8 +329,9 @@ func measureStream(ctx context.Context, dial dialFunc, size int, dur time.Durati
 }
 
 // measurePingPong runs size-byte request/response pairs for dur (after a
-// short warm-up) and returns the number of round trips and their time.
-func measurePingPong(ctx context.Context, dial dialFunc, size int, dur time.Duration) (int, time.Duration, error) {
+// short warm-up) and returns the number of round trips and their time; it
+// stores the slowest round trip in *slowest.
+func measurePingPong(ctx context.Context, dial dialFunc, size int, dur time.Duration, slowest *time.Duration) (int, time.Duration, error) {
 	c, err := dial(ctx)
 	if err != nil {
 		return 0, 0, err
@@ -364,11 +365,14 @@ func measurePingPong(ctx context.Context, dial dialFunc, size int, dur time.Dura
 	n := 0
 	start := time.Now()
 	end := start.Add(dur)
-	for time.Now().Before(end) {
+	for t0 := start; t0.Before(end); {
 		if err := one(n); err != nil {
 			return n, 0, fmt.Errorf("round trip %d: %w", n, err)
 		}
 		n++
+		t1 := time.Now()
+		*slowest = max(*slowest, t1.Sub(t0))
+		t0 = t1
 	}
 	return n, time.Since(start), nil
 }
@@ -476,14 +480,16 @@ func measure(ctx context.Context, c benchConfig, test string, t benchTransport) 
 		msgs := n / int64(c.msg)
 		return float64(msgs) / el.Seconds(), fmt.Sprintf("%d msgs of %d B in %v", msgs, c.msg, el.Round(time.Millisecond)), nil
 	case "lat":
-		n, el, err := measurePingPong(ctx, t.raw, c.latMsg, c.dur)
+		var slowest time.Duration
+		n, el, err := measurePingPong(ctx, t.raw, c.latMsg, c.dur, &slowest)
 		if err != nil {
 			return 0, "", err
 		}
 		if n == 0 {
 			return 0, "", errors.New("no round trip completed")
 		}
-		return float64(el.Microseconds()) / float64(n), fmt.Sprintf("%d round trips of %d B in %v", n, c.latMsg, el.Round(time.Millisecond)), nil
+		return float64(el.Microseconds()) / float64(n), fmt.Sprintf("%d round trips of %d B in %v, slowest %v",
+			n, c.latMsg, el.Round(time.Millisecond), slowest.Round(time.Microsecond)), nil
 	case "http":
 		n, el, err := measureHTTP(ctx, t.http, c.httpConns, c.httpBody, c.dur)
 		if err != nil {

@@ -1,0 +1,294 @@
+package bench
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ism-backend/ism-backend/test/vm/vmharness"
+)
+
+// TestBench is `make bench`'s VM part. It runs only with ISM_BENCH=1 (and the
+// ISM_VMTEST=1 / ISM_QEMU / ISM_KERNEL / ISM_INITRD / ISM_BACKEND variables
+// the VM harness reads), since it takes minutes:
+//
+//	inter-VM  guests a (bench-server) and b (bench-client) on one backend,
+//	          CLC over an e1000 link between them: smcd and tcp
+//	intra-VM  one guest (bench-local): smcd, tcp over 127.0.0.1, unix
+//
+// Knobs: ISM_BENCH_DUR (per measurement, default 2s), ISM_BENCH_ROUNDS
+// (default 3), ISM_BENCH_DMB (SMC-D DMB size, default the stack's),
+// ISM_BENCH_TESTS (tput,lat,msgrate,http), ISM_BENCH_SCOPES (inter,intra),
+// ISM_BENCH_OUT (directory for the JSON and CSV, default bench-results/ at
+// the top of the module).
+func TestBench(t *testing.T) {
+	if os.Getenv("ISM_BENCH") != "1" {
+		t.Skip("ISM_BENCH=1 not set (make bench)")
+	}
+	started := time.Now()
+	dur := envOr("ISM_BENCH_DUR", "2s")
+	d, err := time.ParseDuration(dur)
+	if err != nil || d <= 0 {
+		t.Fatalf("ISM_BENCH_DUR=%q: %v", dur, err)
+	}
+	rounds, err := strconv.Atoi(envOr("ISM_BENCH_ROUNDS", "3"))
+	if err != nil || rounds <= 0 {
+		t.Fatalf("ISM_BENCH_ROUNDS: %v", err)
+	}
+	tests := envOr("ISM_BENCH_TESTS", "tput,lat,msgrate,http")
+	scopes := envOr("ISM_BENCH_SCOPES", "inter,intra")
+	args := map[string]string{"dur": dur, "rounds": strconv.Itoa(rounds), "tests": tests}
+	if dmb := os.Getenv("ISM_BENCH_DMB"); dmb != "" {
+		args["dmb_size"] = dmb
+	}
+	nTests := len(strings.Split(tests, ","))
+	accel := vmharness.DetectAccel()
+	qemu := qemuVersion(os.Getenv("ISM_QEMU"))
+
+	// Estimate: each measurement is dur plus about a second of set-up
+	// under TCG; a guest boots in ~15 s.
+	est := func(transports int) time.Duration {
+		return time.Duration(nTests*rounds*transports)*(d+time.Second) + 40*time.Second
+	}
+	var total time.Duration
+	if strings.Contains(scopes, "inter") {
+		total += est(2)
+	}
+	if strings.Contains(scopes, "intra") {
+		total += est(3)
+	}
+	say("accelerator: %s (%s); %s", accel, accelNote(accel), qemu)
+	say("plan: %s; tests %s; %d rounds x %s per measurement; about %v in all",
+		scopes, tests, rounds, dur, total.Round(10*time.Second))
+
+	var samples []Sample
+	config := map[string]string{}
+	// Per phase the guest's own watchdog: the estimate with a wide margin.
+	if strings.Contains(scopes, "inter") {
+		t.Run("inter", func(t *testing.T) {
+			s, cfg := runInter(t, args, 3*est(2)+2*time.Minute)
+			samples = append(samples, s...)
+			config["inter-VM"] = cfg
+		})
+	}
+	if strings.Contains(scopes, "intra") {
+		t.Run("intra", func(t *testing.T) {
+			s, cfg := runIntra(t, args, 3*est(3)+2*time.Minute)
+			samples = append(samples, s...)
+			config["intra-VM"] = cfg
+		})
+	}
+	if len(samples) == 0 {
+		t.Fatal("no samples")
+	}
+	r := NewReport(samples)
+	r.Started, r.Accel, r.QEMU, r.Config = started.UTC(), accel, qemu, config
+	r.Host = hostInfo()
+	r.Duration = time.Since(started).Round(time.Second).String()
+
+	fmt.Printf("\n== VM benchmark: SMC-D vs TCP (vs UNIX sockets inside one guest), accelerator %s ==\n", accel)
+	fmt.Printf("%d rounds x %s per cell, transports interleaved; 1 vCPU per guest; %s\n", rounds, dur, qemu)
+	for _, sc := range Scopes {
+		if c, ok := config[sc]; ok {
+			fmt.Printf("%s guest config: %s\n", sc, c)
+		}
+	}
+	if accel != "kvm" {
+		fmt.Println("TCG: every guest instruction is emulated; absolute figures mean little, read the ratios.")
+	}
+	fmt.Println()
+	r.WriteTable(os.Stdout)
+	dir, err := writeFiles(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Printf("\nbench: %s/latest.{json,csv} (and a time-stamped copy); took %s\n", dir, r.Duration)
+	if t.Failed() {
+		fmt.Println("bench: INCOMPLETE: a phase failed, see above")
+	}
+}
+
+func envOr(k, def string) string {
+	if v := os.Getenv(k); v != "" {
+		return v
+	}
+	return def
+}
+
+func say(format string, a ...any) {
+	fmt.Printf("bench: "+format+"\n", a...)
+}
+
+func accelNote(a string) string {
+	if a == "kvm" {
+		return "CPU has vmx/svm and /dev/kvm opens"
+	}
+	if os.Getenv("ISM_ACCEL") != "" {
+		return "forced by ISM_ACCEL"
+	}
+	return "no vmx/svm on this CPU: emulated"
+}
+
+func qemuVersion(q string) string {
+	if q == "" {
+		return "qemu ?"
+	}
+	out, err := exec.Command(q, "--version").Output()
+	if err != nil {
+		return "qemu ?"
+	}
+	return strings.TrimSpace(strings.SplitN(string(out), "\n", 2)[0])
+}
+
+func hostInfo() string {
+	n := 0
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		n = strings.Count(string(b), "\nprocessor")
+		if strings.HasPrefix(string(b), "processor") {
+			n++
+		}
+	}
+	h, _ := os.Hostname()
+	return fmt.Sprintf("%s, %d CPUs", h, n)
+}
+
+// follow prints the guest's "bench ..." progress lines while it runs.
+func follow(v *vmharness.VM, label string) (stop func()) {
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		printed := 0
+		tick := time.NewTicker(time.Second)
+		defer tick.Stop()
+		for {
+			lines := strings.Split(v.Serial(), "\n")
+			if len(lines) > 0 {
+				lines = lines[:len(lines)-1] // maybe incomplete
+			}
+			for _, l := range lines[min(printed, len(lines)):] {
+				if i := strings.Index(l, "ism-agent: bench"); i >= 0 {
+					fmt.Printf("  %s: %s\n", label, strings.TrimPrefix(l[i:], "ism-agent: "))
+				}
+			}
+			printed = max(printed, len(lines))
+			select {
+			case <-done:
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	return func() { close(done); wg.Wait() }
+}
+
+func runInter(t *testing.T, args map[string]string, timeout time.Duration) ([]Sample, string) {
+	r := vmharness.New(t)
+	r.RequireBackend()
+	sa, sb := r.Path("a.sock"), r.Path("b.sock")
+	r.StartBackend([]string{"-socket-dir", r.Dir, "-vm", "a", "-vm", "b"}, sa, sb)
+	srv, cli := r.NetPair()
+	serverArgs := map[string]string{"ip": "169.254.7.1/24"}
+	if v, ok := args["dmb_size"]; ok {
+		serverArgs["dmb_size"] = v
+	}
+	clientArgs := map[string]string{"ip": "169.254.7.2/24", "connect": "169.254.7.1"}
+	for k, v := range args {
+		clientArgs[k] = v
+	}
+	say("inter-VM: booting guests a (bench-server) and b (bench-client), CLC over e1000")
+	a := r.StartVM(vmharness.VMConfig{Name: "a", Scenario: "bench-server", Net: &srv, Timeout: timeout,
+		HugePages: 32, Args: serverArgs, ISM: []vmharness.ISMDevice{{Socket: sa}}})
+	b := r.StartVM(vmharness.VMConfig{Name: "b", Scenario: "bench-client", Net: &cli, Timeout: timeout,
+		HugePages: 32, Args: clientArgs, ISM: []vmharness.ISMDevice{{Socket: sb}}})
+	stop := follow(b, "inter-VM")
+	ob := b.RequireOK(0)
+	stop()
+	a.RequireOK(0)
+	s, err := ParseResults("inter-VM", ob.Results)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s, ob.Results["bench.config"]
+}
+
+func runIntra(t *testing.T, args map[string]string, timeout time.Duration) ([]Sample, string) {
+	r := vmharness.New(t)
+	r.RequireBackend()
+	sock := r.Path("a.sock")
+	r.StartBackend([]string{"-socket-dir", r.Dir, "-vm", "a"}, sock)
+	say("intra-VM: booting one guest (bench-local)")
+	a := r.StartVM(vmharness.VMConfig{Name: "a", Scenario: "bench-local", Timeout: timeout, HugePages: 32,
+		Args: args, ISM: []vmharness.ISMDevice{{Socket: sock}}})
+	stop := follow(a, "intra-VM")
+	o := a.RequireOK(0)
+	stop()
+	s, err := ParseResults("intra-VM", o.Results)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s, o.Results["bench.config"]
+}
+
+// writeFiles writes the report as JSON and CSV, time-stamped and as
+// latest.*, into ISM_BENCH_OUT or bench-results/ at the module's top (which
+// ignores itself for git).
+func writeFiles(r *Report) (string, error) {
+	dir := os.Getenv("ISM_BENCH_OUT")
+	if dir == "" {
+		top, err := moduleRoot()
+		if err != nil {
+			return "", err
+		}
+		dir = filepath.Join(top, "bench-results")
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", err
+	}
+	if err := os.WriteFile(filepath.Join(dir, ".gitignore"), []byte("# written by test/bench: results stay out of git\n*\n"), 0o644); err != nil {
+		return "", err
+	}
+	js, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return "", err
+	}
+	var csvBuf strings.Builder
+	if err := r.WriteCSV(&csvBuf); err != nil {
+		return "", err
+	}
+	stamp := r.Started.Format("20060102T150405Z")
+	for _, name := range []string{"vm-" + stamp, "latest"} {
+		if err := os.WriteFile(filepath.Join(dir, name+".json"), append(js, '\n'), 0o644); err != nil {
+			return "", err
+		}
+		if err := os.WriteFile(filepath.Join(dir, name+".csv"), []byte(csvBuf.String()), 0o644); err != nil {
+			return "", err
+		}
+	}
+	return dir, nil
+}
+
+func moduleRoot() (string, error) {
+	d, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(d, "go.mod")); err == nil {
+			return d, nil
+		}
+		p := filepath.Dir(d)
+		if p == d {
+			return "", fmt.Errorf("no go.mod above the working directory")
+		}
+		d = p
+	}
+}
