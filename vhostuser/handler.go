@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"runtime/debug"
+
+	"golang.org/x/sys/unix"
 )
 
 // errFatal marks handler errors after which the connection is closed.
@@ -277,6 +279,17 @@ func (d *Device) handle(m *Message) (reply []byte, hasReply bool, err error) {
 				d.log.Warnf("queue %d: polling mode (no kick fd) is not supported", q.index)
 			}
 		case ReqSetVringCall:
+			// Interrupt writes the call fd from any VM's queue
+			// goroutine with the memory read lock held: a write that
+			// blocks (a full pipe given as call fd) would stall every
+			// VM. Nonblocking, a full fd just means an interrupt is
+			// already pending.
+			if fd >= 0 {
+				if err := unix.SetNonblock(fd, true); err != nil {
+					closeFD(fd)
+					return nil, false, fmt.Errorf("queue %d call fd: %w", q.index, err)
+				}
+			}
 			d.lock(func() {
 				if q.callFD >= 0 {
 					closeFD(q.callFD)
