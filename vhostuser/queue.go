@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync/atomic"
+	"time"
 	"unsafe"
 
 	"github.com/sirupsen/logrus"
@@ -156,14 +157,21 @@ type Queue struct {
 	signalValid   bool
 	pushed        bool // something was pushed since the last notification
 	broken        bool
-	badChains     uint64 // for log rate limiting
+	badChains     uint64 // malformed chains and broken-queue events so far
+
+	// Guest-caused log lines are rate-limited (see logLimiter); both
+	// survive resetState, so a guest cannot renew its allowance by
+	// resetting the device. now is the limiter's clock, fixed by tests.
+	lim *logLimiter
+	now func() time.Time
 
 	one   [8]byte // eventfd increment, kept here so Notify does not allocate
 	fence uint32
 }
 
 func newQueue(d *Device, i int) *Queue {
-	q := &Queue{index: i, dev: d, kickFD: -1, callFD: -1, errFD: -1, maxChainLen: DefaultMaxChainLen}
+	q := &Queue{index: i, dev: d, kickFD: -1, callFD: -1, errFD: -1, maxChainLen: DefaultMaxChainLen,
+		lim: &logLimiter{}, now: time.Now}
 	if d != nil {
 		q.log = d.log.WithField("queue", i)
 	} else {
@@ -243,7 +251,8 @@ func (q *Queue) translate(m *Memory) error {
 func (q *Queue) resetState() {
 	q.closeFDs()
 	max := q.maxChainLen
-	*q = Queue{index: q.index, dev: q.dev, log: q.log, kickFD: -1, callFD: -1, errFD: -1, maxChainLen: max, one: q.one}
+	*q = Queue{index: q.index, dev: q.dev, log: q.log, kickFD: -1, callFD: -1, errFD: -1, maxChainLen: max, one: q.one,
+		lim: q.lim, now: q.now}
 }
 
 func closeFD(fd int) { unix.Close(fd) }
@@ -305,7 +314,9 @@ func (q *Queue) Next(c *Chain) (bool, error) {
 	if avail-q.lastAvail > q.size {
 		q.broken = true
 		q.countBadChain()
-		q.log.Errorf("avail idx %d jumped more than the queue size from %d: queue broken until reset", avail, q.lastAvail)
+		if ok, suppressed := q.lim.allow(q.now()); ok {
+			q.log.WithField("suppressed", suppressed).Errorf("avail idx %d jumped more than the queue size from %d: queue broken until reset", avail, q.lastAvail)
+		}
 		return false, ErrQueueBroken
 	}
 	slot := 4 + 2*int(q.lastAvail&q.mask)
@@ -319,8 +330,9 @@ func (q *Queue) Next(c *Chain) (bool, error) {
 		// completion also sees the count.
 		q.countBadChain()
 		q.pushUsed(head, 0)
-		if q.badChains <= 10 || q.badChains%1000 == 0 {
-			q.log.WithField("head", head).Warnf("malformed chain completed with length 0 (%d so far): %v", q.badChains, err)
+		if ok, suppressed := q.lim.allow(q.now()); ok {
+			q.log.WithFields(logrus.Fields{"head": head, "suppressed": suppressed}).
+				Warnf("malformed chain completed with length 0 (%d so far): %v", q.badChains, err)
 		}
 		return false, err
 	}

@@ -4,9 +4,11 @@ import (
 	"encoding/binary"
 	"errors"
 	"testing"
+	"time"
 	"unsafe"
 
 	"github.com/sirupsen/logrus"
+	logtest "github.com/sirupsen/logrus/hooks/test"
 	"golang.org/x/sys/unix"
 )
 
@@ -492,5 +494,38 @@ func TestDecodeFrontend(t *testing.T) {
 	}
 	if _, known, err := DecodeFrontend(msg(77, 1, 3, []byte{1, 2, 3}), nil); known || err != nil {
 		t.Errorf("unknown request: known %v err %v", known, err)
+	}
+}
+
+// TestBadChainLogRateLimited: a guest completing malformed chains in a loop
+// cannot flood the host's log: the lines are rate-limited in time, not one
+// per thousand chains, and a device reset does not renew the allowance.
+func TestBadChainLogRateLimited(t *testing.T) {
+	mem := testMemory(t, 0, 0x20000)
+	r := newTestRing(t, mem, 16)
+	logger, hook := logtest.NewNullLogger()
+	r.q.log = logrus.NewEntry(logger)
+	now := time.Unix(1700000000, 0)
+	r.q.now = func() time.Time { return now } // no token comes back
+	var c Chain
+	const chains = 5000
+	for i := range chains {
+		if i == chains/2 {
+			r.q.resetState()
+			r.q.size = 16
+			r.q.addrSet, r.q.enabled = true, true
+			r.q.descAddr, r.q.availAddr, r.q.usedAddr = userAddr(t, mem, ringDescGPA), userAddr(t, mem, ringAvailGPA), userAddr(t, mem, ringUsedGPA)
+			if err := r.q.translate(mem); err != nil {
+				t.Fatal(err)
+			}
+			r.q.lastAvail, r.q.usedIdx = r.availIdx, r.availIdx
+		}
+		r.publish(1000) // head out of range
+		if ok, err := r.q.Next(&c); ok || !errors.Is(err, ErrChainIndex) {
+			t.Fatalf("chain %d: ok %v err %v", i, ok, err)
+		}
+	}
+	if n := len(hook.AllEntries()); n > logBurst {
+		t.Fatalf("%d malformed chains gave %d log lines, want at most %d", chains, n, logBurst)
 	}
 }
