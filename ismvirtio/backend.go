@@ -171,7 +171,7 @@ func (b *Backend) serveRequests(q *vhostuser.Queue) {
 		q.Push(c, b.serve(c))
 	}
 	q.Notify()
-	if n == q.Size() {
+	if n > 0 && n == q.Size() {
 		q.Wake()
 	}
 }
@@ -269,7 +269,7 @@ func (b *Backend) flushEvents(q *vhostuser.Queue) {
 		b.pending = b.pending[:copy(b.pending, b.pending[sent:])]
 		q.Notify()
 	}
-	if n == q.Size() && len(b.pending) > 0 {
+	if n > 0 && n == q.Size() && len(b.pending) > 0 {
 		q.Wake()
 	}
 }
