@@ -468,6 +468,17 @@ func (r *Run) StartVM(c VMConfig) *VM {
 		LogPath:    r.Path(c.Name + ".qemu.log"),
 		QMPPath:    r.Path(c.Name + ".qmp"),
 	}
+	r.mu.Lock()
+	for _, o := range r.vms {
+		if o.Cfg.Name == c.Name && !o.Exited() {
+			r.mu.Unlock()
+			t.Fatalf("StartVM: a VM named %q is still running", c.Name)
+		}
+	}
+	r.mu.Unlock()
+	// A name may be reused after its VM exited: QEMU will not bind over
+	// the old QMP socket.
+	os.Remove(v.QMPPath)
 	args := r.qemuArgs(c, v.SerialPath, v.QMPPath)
 	v.cmd = exec.Command(r.Cfg.QEMU, args...)
 	v.Started = time.Now()
