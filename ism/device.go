@@ -343,10 +343,47 @@ func moveWhy(st abi.Status) string {
 // front-end shrank) is a panic the transport recovers from, which must not
 // leave the owner's lock held, or the owner's Disconnect (and everything
 // waiting for it) would hang for ever.
-func (o *Device) moveShared(e *dmbEntry, dmbe uint32, offset, n uint64, signal bool, data [][]byte) (abi.Status, bool) {
+//
+// A fault in the owner's RAM is the owner's front-end's doing, not the
+// sender's: it becomes StatusFault for this MOVE instead of a panic that
+// would end the sender's connection. A fault in the sender's own data
+// panics on, to its own transport.
+func (o *Device) moveShared(e *dmbEntry, dmbe uint32, offset, n uint64, signal bool, data [][]byte) (st abi.Status, raised bool) {
+	defer func() {
+		if r := recover(); r != nil {
+			if !faultOutside(r, data) {
+				panic(r)
+			}
+			st, raised = abi.StatusFault, false
+		}
+	}()
 	o.mu.RLock()
 	defer o.mu.RUnlock()
 	return o.moveLocked(e, dmbe, offset, n, signal, data)
+}
+
+// faultOutside reports whether r is a memory fault (debug.SetPanicOnFault)
+// at an address outside the segments segs and away from the zero page (so
+// that a nil dereference, a bug, still panics).
+func faultOutside(r any, segs [][]byte) bool {
+	f, ok := r.(interface{ Addr() uintptr })
+	if !ok {
+		return false
+	}
+	a := f.Addr()
+	if a < 1<<16 {
+		return false
+	}
+	for _, s := range segs {
+		if len(s) == 0 {
+			continue
+		}
+		p := uintptr(unsafe.Pointer(&s[0]))
+		if a >= p && a-p < uintptr(len(s)) {
+			return false
+		}
+	}
+	return true
 }
 
 // moveLocked does the part of a MOVE that touches the owner's RAM; o.mu is
