@@ -11,6 +11,7 @@
 package ismvirtio
 
 import (
+	"fmt"
 	"sync"
 	"time"
 
@@ -221,9 +222,15 @@ func (b *Backend) Interrupt() {
 
 // PostEvent delivers ev into the next event buffer, or holds it until the
 // driver posts one.
+//
+// It runs on other VMs' goroutines (a SIGNAL, a peer's disconnect). A fault
+// in this VM's rings or buffers (its front-end shrank a memory file) is
+// this VM's problem: it closes this VM's connection instead of panicking on
+// in the other VM's goroutine, which would end that VM's connection.
 func (b *Backend) PostEvent(ev abi.Event) {
 	b.evMu.Lock()
 	defer b.evMu.Unlock()
+	defer b.closeOnFault()
 	if len(b.pending) >= MaxPendingEvents {
 		copy(b.pending, b.pending[1:])
 		b.pending = b.pending[:len(b.pending)-1]
@@ -232,6 +239,22 @@ func (b *Backend) PostEvent(ev abi.Event) {
 	b.pending = append(b.pending, ev)
 	if b.vdev != nil {
 		b.flushEvents(b.vdev.Queue(abi.EventQueue))
+	}
+}
+
+// closeOnFault, deferred, turns a memory fault (debug.SetPanicOnFault) in
+// this VM's memory into closing this VM's connection; other panics go on.
+func (b *Backend) closeOnFault() {
+	r := recover()
+	if r == nil {
+		return
+	}
+	if _, ok := r.(interface{ Addr() uintptr }); !ok {
+		panic(r)
+	}
+	b.warnGuest(logrus.Fields{"fault": fmt.Sprint(r)}, "fault in this VM's memory while delivering an event: closing its connection")
+	if b.vdev != nil {
+		b.vdev.Close()
 	}
 }
 

@@ -188,3 +188,30 @@ func TestEventQueueFaultDoesNotHang(t *testing.T) {
 		}
 	}
 }
+
+// TestEventFaultClosesOnlyTheReceiver: A signals B after B's front-end
+// shrank B's memory with an event buffer posted, so the delivery (on A's
+// goroutine) faults in B's rings. That is B's problem: B's connection
+// closes, A's goes on and its SIGNAL is answered.
+func TestEventFaultClosesOnlyTheReceiver(t *testing.T) {
+	s := newFabricServer(t, map[string]uint64{"a": gidA, "b": gidB})
+	a, b := s.connect("a"), s.connect("b")
+	gpa, _, err := b.mem.Alloc(abi.EventSize, 8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.ev.Publish(b.ev.AddChain([]fe.Buf{{GPA: gpa, Len: abi.EventSize, Write: true}}))
+	for _, r := range b.mem.Regions {
+		if err := unix.Ftruncate(r.FD, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The fault happens on A's goroutine; A gets its answer.
+	a.do(abi.Request{Op: abi.OpSignal, GID: gidB, Index: 7}, nil)
+	if !b.fe.WaitClosed() {
+		t.Fatal("B's connection not closed after the fault in its memory")
+	}
+	if st := a.do(abi.Request{Op: abi.OpQueryRGID, GID: gidA}, nil).Status; st != abi.StatusOK {
+		t.Fatalf("A after B's fault: %v", st)
+	}
+}
