@@ -44,7 +44,9 @@ lint:
 unit:
 	$(GO) test -race ./...
 
-test: lint unit vmtest
+# Provisioning comes before the unit tests so that vhostuser's TestRealQEMU
+# (qtest against the real QEMU) runs instead of skipping.
+test: lint provision unit vmtest
 
 provision: provision-qemu provision-kernel
 

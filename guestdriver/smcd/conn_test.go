@@ -31,13 +31,22 @@ type env struct {
 // twoHosts is two devices with different GIDs on one fabric.
 func twoHosts() env {
 	f := NewFabric(0xFF00)
-	return env{srvDev: f.NewDevice(), cliDev: f.NewDevice()}
+	return withTestTimeouts(env{srvDev: f.NewDevice(), cliDev: f.NewDevice()})
+}
+
+// withTestTimeouts lets CLC wait longer than Linux's 6 s: a loaded machine
+// running -race must not turn a handshake into a fallback in tests that are
+// not about timeouts (those set their own).
+func withTestTimeouts(e env) env {
+	e.srv.HandshakeTimeout = time.Minute
+	e.dial.HandshakeTimeout = time.Minute
+	return e
 }
 
 // oneHost is both ends on one loopback device (rgid = own GID).
 func oneHost() env {
 	d := NewLoopback()
-	return env{srvDev: d, cliDev: d}
+	return withTestTimeouts(env{srvDev: d, cliDev: d})
 }
 
 // pair returns a connected client and server.
@@ -229,7 +238,7 @@ func TestConcurrentConns(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			c, err := Dial(context.Background(), e.cliDev, "tcp", ln.Addr().String())
+			c, err := e.dial.DialContext(context.Background(), e.cliDev, "tcp", ln.Addr().String())
 			if err != nil {
 				errs <- err
 				return
@@ -500,7 +509,7 @@ func TestNoGoroutineLeak(t *testing.T) {
 			t.Fatal(err)
 		}
 		srv := acceptAsync(t, ln)
-		cli, err := Dial(context.Background(), e.cliDev, "tcp", ln.Addr().String())
+		cli, err := e.dial.DialContext(context.Background(), e.cliDev, "tcp", ln.Addr().String())
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -350,7 +350,7 @@ func TestIPv6(t *testing.T) {
 	}
 	defer ln.Close()
 	srvc := acceptAsync(t, ln)
-	c, err := Dial(context.Background(), e.cliDev, "tcp6", ln.Addr().String())
+	c, err := e.dial.DialContext(context.Background(), e.cliDev, "tcp6", ln.Addr().String())
 	if err != nil {
 		t.Fatal(err)
 	}
