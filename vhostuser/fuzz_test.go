@@ -165,3 +165,115 @@ func inside(m *Memory, s []byte) bool {
 	}
 	return false
 }
+
+var fuzzSparse *Memory
+
+// fuzzSparseMemory is three regions: two GPA-contiguous at 0, and one near
+// the top of the address space, so that ranges cross region ends, fall in
+// holes and wrap around 2^64.
+func fuzzSparseMemory() *Memory {
+	if fuzzSparse == nil {
+		lo := testMemory(&testing.T{}, 0, 0x1000, 0x2000)
+		hi := testMemory(&testing.T{}, 1<<64-0x3000, 0x1000)
+		fuzzSparse = &Memory{regions: append(append([]*MemoryRegion(nil), lo.regions...), hi.regions...)}
+	}
+	return fuzzSparse
+}
+
+// FuzzMemoryTranslate checks the GPA and user-address translations against
+// a direct walk of the regions: every slice returned is exactly the range
+// asked for, inside one region, at the right place, and a range that is not
+// entirely inside guest RAM (or wraps) is refused.
+func FuzzMemoryTranslate(f *testing.F) {
+	f.Add(uint64(0), uint64(0x3000))
+	f.Add(uint64(0xfff), uint64(2))
+	f.Add(uint64(0x2fff), uint64(2))
+	f.Add(uint64(1<<64-0x2001), uint64(2))
+	f.Add(uint64(1<<64-0x3000), uint64(0x1000))
+	f.Add(uint64(1<<64-1), uint64(1))
+	f.Add(uint64(0x10), uint64(1<<64-1))
+	f.Fuzz(func(t *testing.T, gpa, n uint64) {
+		m := fuzzSparseMemory()
+		// where returns the host address of gpa, or false.
+		where := func(a uint64) (uintptr, bool) {
+			for _, r := range m.regions {
+				if a >= r.GuestPhysAddr && a-r.GuestPhysAddr < r.Size {
+					return uintptr(unsafe.Pointer(&r.host[0])) + uintptr(a-r.GuestPhysAddr), true
+				}
+			}
+			return 0, false
+		}
+		// inRAM: every byte of [gpa, gpa+n) is guest RAM (n small enough
+		// to walk only when it fits the RAM there is).
+		inRAM := gpa+n >= gpa
+		if inRAM && n > 0 {
+			if n > 0x4000 {
+				inRAM = false
+			} else {
+				for a := gpa; a < gpa+n; a++ {
+					if _, ok := where(a); !ok {
+						inRAM = false
+						break
+					}
+				}
+			}
+		}
+		if n == 0 {
+			_, inRAM = where(gpa)
+		}
+
+		segs, err := m.AppendSegments(nil, gpa, n)
+		if (err == nil) != (inRAM || n == 0) {
+			t.Fatalf("AppendSegments(%#x, %#x): err %v, in RAM %v", gpa, n, err, inRAM)
+		}
+		if err == nil {
+			a := gpa
+			for _, s := range segs {
+				if len(s) == 0 {
+					t.Fatal("empty segment")
+				}
+				p, ok := where(a)
+				if !ok || uintptr(unsafe.Pointer(&s[0])) != p || !inside(m, s) {
+					t.Fatalf("segment for %#x at the wrong place", a)
+				}
+				a += uint64(len(s))
+			}
+			if a-gpa != n {
+				t.Fatalf("segments cover %#x bytes, want %#x", a-gpa, n)
+			}
+		}
+		var seen uint64
+		serr := m.Segments(gpa, n, func(s []byte) error { seen += uint64(len(s)); return nil })
+		if (serr == nil) != (err == nil) || (serr == nil && seen != n) {
+			t.Fatalf("Segments(%#x, %#x): err %v (AppendSegments %v), %#x bytes", gpa, n, serr, err, seen)
+		}
+
+		b, berr := m.Bytes(gpa, n)
+		if berr == nil {
+			if uint64(len(b)) != n || uint64(cap(b)) != n || !inside(m, b) {
+				t.Fatalf("Bytes(%#x, %#x): %d bytes (cap %d)", gpa, n, len(b), cap(b))
+			}
+			if n > 0 {
+				if p, _ := where(gpa); uintptr(unsafe.Pointer(&b[0])) != p {
+					t.Fatalf("Bytes(%#x, %#x) at the wrong place", gpa, n)
+				}
+			}
+			if err != nil || len(segs) > 1 {
+				t.Fatalf("Bytes(%#x, %#x) gave one slice where the range is not in one region", gpa, n)
+			}
+		} else if err == nil && len(segs) == 1 && n > 0 {
+			t.Fatalf("Bytes(%#x, %#x) refused a range inside one region: %v", gpa, n, berr)
+		}
+
+		// User addresses: the regions' user address is their host address.
+		if p, ok := where(gpa); ok {
+			u, uerr := m.UserBytes(uint64(p), n)
+			if (uerr == nil) != (berr == nil) {
+				t.Fatalf("UserBytes and Bytes disagree on %#x+%#x: %v / %v", gpa, n, uerr, berr)
+			}
+			if uerr == nil && (uint64(len(u)) != n || !inside(m, u)) {
+				t.Fatalf("UserBytes(%#x, %#x): %d bytes", p, n, len(u))
+			}
+		}
+	})
+}
