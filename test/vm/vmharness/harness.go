@@ -305,6 +305,7 @@ type ISMDevice struct {
 	VirtioID   int    // default 38 (see notes/vhost-user-qemu11.md)
 	NumVQs     int    // default 2
 	ConfigSize int    // default 64
+	VQSize     int    // ring size, default 256 (as ism-backend -print-qemu; QEMU's own default is 64)
 }
 
 // NetEnd is one side of a guest network link between two QEMUs: an e1000 on
@@ -410,8 +411,8 @@ func (r *Run) qemuArgs(c VMConfig, serial, qmpSock string) []string {
 	for i, d := range c.ISM {
 		a = append(a,
 			"-chardev", fmt.Sprintf("socket,id=ism%d,path=%s", i, d.Socket),
-			"-device", fmt.Sprintf("vhost-user-test-device-pci,chardev=ism%d,virtio-id=%d,num_vqs=%d,config_size=%d",
-				i, d.VirtioID, d.NumVQs, d.ConfigSize))
+			"-device", fmt.Sprintf("vhost-user-test-device-pci,chardev=ism%d,virtio-id=%d,num_vqs=%d,config_size=%d,vq_size=%d",
+				i, d.VirtioID, d.NumVQs, d.ConfigSize, d.VQSize))
 	}
 	if n := c.Net; n != nil {
 		srv := "off"
@@ -451,6 +452,9 @@ func (r *Run) StartVM(c VMConfig) *VM {
 		}
 		if d.NumVQs == 0 {
 			d.NumVQs = 2
+		}
+		if d.VQSize == 0 {
+			d.VQSize = 256
 		}
 		if d.ConfigSize == 0 {
 			d.ConfigSize = 64
