@@ -85,6 +85,11 @@ type Device struct {
 	bcMu    sync.Mutex
 
 	closeOnce sync.Once
+
+	// lim rate-limits the warnings about refused front-end messages: a
+	// guest can make QEMU send some (a queue size that is not a power of
+	// two), once per device start.
+	lim logLimiter
 }
 
 // Name is the VM name the Server was given for this socket.

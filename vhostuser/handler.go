@@ -70,7 +70,9 @@ func (d *Device) dispatch(m *Message) (goOn bool) {
 			d.log.WithError(err).Warnf("%s: closing the connection", RequestName(m.Request))
 			return false
 		}
-		d.log.WithError(err).Warnf("%s refused", RequestName(m.Request))
+		if ok, suppressed := d.lim.allow(d.srv.now()); ok {
+			d.log.WithError(err).WithField("suppressed", suppressed).Warnf("%s refused", RequestName(m.Request))
+		}
 	}
 	if hasReply {
 		if werr := WriteMessage(d.conn, m.Request, flagVersion|flagReply, reply, nil); werr != nil {

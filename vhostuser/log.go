@@ -5,10 +5,10 @@ import (
 	"time"
 )
 
-// Complaints about a guest's rings (malformed chains, a broken queue) are
-// logged at most logBurst at once and then one per logEvery per queue, so
-// that a guest cannot flood the host's log; the count of lines left out
-// goes with the next line.
+// Complaints a guest can cause (malformed chains and a broken queue, per
+// queue; refused front-end messages, per connection) are logged at most
+// logBurst at once and then one per logEvery, so that a guest cannot flood
+// the host's log; the count of lines left out goes with the next line.
 const (
 	logBurst = 10
 	logEvery = time.Second

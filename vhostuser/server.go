@@ -47,6 +47,8 @@ type Server struct {
 
 	mu      sync.Mutex
 	devices map[string]*Device
+
+	now func() time.Time // the log rate limiters' clock; tests fix it
 }
 
 // NewServer returns a Server that logs to log.
@@ -54,7 +56,7 @@ func NewServer(log *logrus.Entry) *Server {
 	if log == nil {
 		log = logrus.NewEntry(logrus.StandardLogger())
 	}
-	return &Server{log: log, devices: map[string]*Device{}}
+	return &Server{log: log, devices: map[string]*Device{}, now: time.Now}
 }
 
 // Device returns the device currently connected for VM name, or nil.

@@ -1,0 +1,79 @@
+package vhostuser
+
+import (
+	"context"
+	"encoding/binary"
+	"net"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	logtest "github.com/sirupsen/logrus/hooks/test"
+)
+
+type nopBackend struct{}
+
+func (nopBackend) Features() uint64                 { return 0 }
+func (nopBackend) NumQueues() int                   { return 2 }
+func (nopBackend) ReadConfig(uint32, []byte) error  { return nil }
+func (nopBackend) WriteConfig(uint32, []byte) error { return nil }
+func (nopBackend) ShmemSizes() []uint64             { return nil }
+func (nopBackend) Start(*Device) error              { return nil }
+func (nopBackend) Stop(*Device)                     {}
+func (nopBackend) Close()                           {}
+func (nopBackend) HandleQueue(*Device, *Queue)      {}
+
+// TestRefusedMessagesLogRateLimited: a guest can make QEMU send a message
+// the back-end refuses (a ring size that is not a power of two, which QEMU
+// passes on as the guest wrote it) once per device start, in a loop. The
+// warnings are rate-limited per connection: one line per message before.
+func TestRefusedMessagesLogRateLimited(t *testing.T) {
+	logger, hook := logtest.NewNullLogger()
+	s := NewServer(logrus.NewEntry(logger))
+	now := time.Unix(1700000000, 0)
+	s.now = func() time.Time { return now } // no token comes back
+	path := filepath.Join(t.TempDir(), "vm.sock")
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		s.Serve(ctx, "vm", ln, func(string) (Backend, error) { return nopBackend{}, nil })
+	}()
+	defer func() { cancel(); <-done }()
+
+	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	const msgs = 100
+	p := make([]byte, 8)
+	binary.LittleEndian.PutUint32(p[4:], 100) // not a power of two
+	for range msgs {
+		if err := WriteMessage(c, ReqSetVringNum, flagVersion, p, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A request with a reply: every message before it was handled.
+	if err := WriteMessage(c, ReqGetFeatures, flagVersion, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ReadMessage(c); err != nil {
+		t.Fatal(err)
+	}
+	refused := 0
+	for _, e := range hook.AllEntries() {
+		if strings.Contains(e.Message, "refused") {
+			refused++
+		}
+	}
+	if refused == 0 || refused > logBurst {
+		t.Fatalf("%d refused messages gave %d warnings, want 1 to %d", msgs, refused, logBurst)
+	}
+}
