@@ -290,6 +290,7 @@ func (d *Device) teardown() {
 type runner struct {
 	q    *Queue
 	kick *os.File // a nonblocking dup of the kick fd: Close wakes the reader
+	fd   int      // kick's fd, for wake's raw writes (closed only after the runner is unregistered)
 	stop atomic.Bool
 	done chan struct{}
 }
@@ -311,7 +312,7 @@ func (d *Device) startRunner(q *Queue) {
 		d.log.WithError(err).Errorf("queue %d: kick fd", q.index)
 		return
 	}
-	r := &runner{q: q, kick: os.NewFile(uintptr(fd), fmt.Sprintf("kick%d", q.index)), done: make(chan struct{})}
+	r := &runner{q: q, kick: os.NewFile(uintptr(fd), fmt.Sprintf("kick%d", q.index)), fd: fd, done: make(chan struct{})}
 	d.runMu.Lock()
 	d.runners[q.index] = r
 	d.runMu.Unlock()
@@ -339,13 +340,20 @@ func (d *Device) stopAllRunners() {
 	}
 }
 
+// wake writes the kick fd of queue i's runner. The write is a raw
+// nonblocking one, never one that waits: wake is called from HandleQueue
+// with the memory read lock held, and the kick fd is the front-end's
+// choice; one that is not an eventfd and fills up (a socket) must not stall
+// every VM. A failed write leaves the queue to the driver's next kick.
 func (d *Device) wake(i int) {
 	d.runMu.Lock()
 	defer d.runMu.Unlock()
 	if i >= 0 && i < len(d.runners) && d.runners[i] != nil {
 		var one [8]byte
 		one[0] = 1
-		d.runners[i].kick.Write(one[:])
+		// Safe under runMu: stopRunner closes the fd only after it
+		// took the runner out of d.runners.
+		unix.Write(d.runners[i].fd, one[:])
 	}
 }
 
