@@ -28,6 +28,10 @@ package main
 //
 //	ISM-RESULT bench.<test>.<transport>.<round>=<value>
 //
+// A failed measurement (an error, or no answer within ism.dur + 30 s) is
+// reported as bench.<test>.<transport>.<round>.error=<error> and the run goes
+// on; the third failure ends it.
+//
 // SMC-D connections must really be SMC-D: a fallback to TCP fails the run.
 // ism.dmb_size sets the SMC-D receive buffer (default smcd.DefaultDMBSize).
 //
@@ -44,6 +48,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"runtime/pprof"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -288,7 +293,7 @@ func measureStream(ctx context.Context, dial dialFunc, size int, dur time.Durati
 		return 0, 0, err
 	}
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(dur + 60*time.Second))
+	c.SetDeadline(time.Now().Add(dur + 30*time.Second))
 	cw, ok := c.(closeWriter)
 	if !ok {
 		return 0, 0, fmt.Errorf("%T cannot half-close", c)
@@ -337,7 +342,7 @@ func measurePingPong(ctx context.Context, dial dialFunc, size int, dur time.Dura
 		return 0, 0, err
 	}
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(dur + 60*time.Second))
+	c.SetDeadline(time.Now().Add(dur + 30*time.Second))
 	hdr := []byte{opEcho, 0, 0, 0, 0}
 	binary.BigEndian.PutUint32(hdr[1:], uint32(size))
 	if _, err := c.Write(hdr); err != nil {
@@ -396,7 +401,7 @@ func measureHTTP(ctx context.Context, dial dialFunc, conns, body int, dur time.D
 			IdleConnTimeout:     time.Minute,
 		}
 		defer tr.CloseIdleConnections()
-		clients[i] = &http.Client{Transport: tr, Timeout: 60 * time.Second}
+		clients[i] = &http.Client{Transport: tr, Timeout: dur + 30*time.Second}
 	}
 	get := func(cl *http.Client) error {
 		r, err := cl.Get("http://bench/")
@@ -500,13 +505,20 @@ func measure(ctx context.Context, c benchConfig, test string, t benchTransport) 
 	return 0, "", fmt.Errorf("unknown test %q", test)
 }
 
+// maxBenchFailures ends a run early: a transport that keeps failing would
+// only burn the guest's time.
+const maxBenchFailures = 3
+
 // runBench runs every test, round and transport and reports each sample
 // (through report) as it is measured. The order of transports rotates by
-// round.
-func runBench(ctx context.Context, c benchConfig, ts []benchTransport, report func(benchSample)) error {
+// round. A failed measurement is reported (fail) and the run goes on, so one
+// stalled connection does not cost every other figure; after
+// maxBenchFailures it stops with an error.
+func runBench(ctx context.Context, c benchConfig, ts []benchTransport, report func(benchSample), fail func(benchSample, error)) error {
 	if c.latMsg < 4 {
 		return fmt.Errorf("lat_msg %d: at least 4 bytes", c.latMsg)
 	}
+	failures := 0
 	for _, test := range c.tests {
 		for r := range c.rounds {
 			for k := range ts {
@@ -514,11 +526,18 @@ func runBench(ctx context.Context, c benchConfig, ts []benchTransport, report fu
 				if err := ctx.Err(); err != nil {
 					return err
 				}
+				s := benchSample{test: test, transport: t.name, round: r}
 				v, detail, err := measure(ctx, c, test, t)
 				if err != nil {
-					return fmt.Errorf("%s over %s, round %d: %w", test, t.name, r, err)
+					failures++
+					fail(s, err)
+					if failures >= maxBenchFailures {
+						return fmt.Errorf("%d failed measurements, the last %s over %s, round %d: %w", failures, test, t.name, r, err)
+					}
+					continue
 				}
-				report(benchSample{test: test, transport: t.name, round: r, value: v, detail: detail})
+				s.value, s.detail = v, detail
+				report(s)
 			}
 		}
 	}
@@ -529,6 +548,28 @@ func reportTo(e *Env) func(benchSample) {
 	return func(s benchSample) {
 		e.Logf("bench %s %s round %d: %.4g (%s)", s.test, s.transport, s.round, s.value, s.detail)
 		e.Result(s.key(), fmt.Sprintf("%.4g", s.value))
+	}
+}
+
+// failTo reports a failed measurement as bench.<test>.<transport>.<round>.error
+// and, the first time, the goroutines of this process (grouped by stack), for
+// whoever debugs the stall.
+func failTo(e *Env) func(benchSample, error) {
+	dumped := false
+	return func(s benchSample, err error) {
+		e.Logf("bench %s %s round %d FAILED: %v", s.test, s.transport, s.round, err)
+		e.Result(s.key()+".error", err.Error())
+		if dumped {
+			return
+		}
+		dumped = true
+		var b strings.Builder
+		pprof.Lookup("goroutine").WriteTo(&b, 1)
+		for _, l := range strings.Split(b.String(), "\n") {
+			if l != "" {
+				e.println("ism-agent: stacks: " + l)
+			}
+		}
 	}
 }
 
@@ -621,7 +662,7 @@ func benchClientScenario(e *Env) error {
 	defer sendQuit(ctl)
 	reportBenchConfig(e, c, dmb)
 	e.Logf("bench: %d tests x %d rounds x %d transports x %v", len(c.tests), c.rounds, len(ts), c.dur)
-	return runBench(e.Ctx, c, ts, reportTo(e))
+	return runBench(e.Ctx, c, ts, reportTo(e), failTo(e))
 }
 
 // waitListening dials addr over TCP until something accepts (the peer guest
@@ -720,7 +761,7 @@ func localTransports(dev smcd.Device, dmb int, names []string) ([]benchListeners
 
 // benchLocal runs server and client in one process; the client's error
 // comes first, and the server is told to quit in any case.
-func benchLocal(ctx context.Context, e *Env, dev smcd.Device, dmb int, c benchConfig, report func(benchSample)) error {
+func benchLocal(ctx context.Context, e *Env, dev smcd.Device, dmb int, c benchConfig, report func(benchSample), fail func(benchSample, error)) error {
 	lns, ts, err := localTransports(dev, dmb, c.transports)
 	if err != nil {
 		return err
@@ -729,7 +770,7 @@ func benchLocal(ctx context.Context, e *Env, dev smcd.Device, dmb int, c benchCo
 	defer cancel()
 	serr := make(chan error, 1)
 	go func() { serr <- benchServe(sctx, e, lns, c.httpBody) }()
-	cerr := runBench(ctx, c, ts, report)
+	cerr := runBench(ctx, c, ts, report, fail)
 	// Quit over the first transport's raw port.
 	if qc, err := ts[0].raw(ctx); err == nil {
 		qc.Write([]byte{opQuit})
@@ -761,5 +802,5 @@ func benchLocalScenario(e *Env) error {
 	dmb := e.ArgInt("dmb_size", smcd.DefaultDMBSize)
 	reportBenchConfig(e, c, dmb)
 	e.Logf("bench: %d tests x %d rounds x %d transports x %v", len(c.tests), c.rounds, len(c.transports), c.dur)
-	return benchLocal(e.Ctx, e, dev, dmb, c, reportTo(e))
+	return benchLocal(e.Ctx, e, dev, dmb, c, reportTo(e), failTo(e))
 }

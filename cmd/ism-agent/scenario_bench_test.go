@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"net"
 	"os"
 	"strings"
@@ -35,7 +36,7 @@ func TestBenchLocal(t *testing.T) {
 	err = benchLocal(ctx, e, smcd.NewLoopback(), smcd.DefaultDMBSize, c, func(s benchSample) {
 		got[s.key()] = s
 		order = append(order, s.key())
-	})
+	}, func(s benchSample, err error) { t.Errorf("%s: %v", s.key(), err) })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -97,5 +98,40 @@ func TestBenchConfig(t *testing.T) {
 	}
 	if _, err := benchConfigOf(testEnv(t, map[string]string{"rounds": "0"}), "tcp"); err == nil {
 		t.Fatal("rounds=0 accepted")
+	}
+}
+
+// TestRunBenchFailures: failed measurements are reported and skipped; the
+// third ends the run.
+func TestRunBenchFailures(t *testing.T) {
+	c := benchConfig{tests: []string{"lat"}, transports: []string{"bad", "tcp"}, dur: 50 * time.Millisecond, rounds: 5, latMsg: 14}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { defer c.Close(); serveRaw(c, func() {}) }()
+		}
+	}()
+	var nd net.Dialer
+	good := func(ctx context.Context) (net.Conn, error) { return nd.DialContext(ctx, "tcp", ln.Addr().String()) }
+	bad := func(ctx context.Context) (net.Conn, error) { return nil, errors.New("no route") }
+	var ok, failed []string
+	err = runBench(context.Background(), c, []benchTransport{{name: "bad", raw: bad}, {name: "tcp", raw: good}},
+		func(s benchSample) { ok = append(ok, s.key()) },
+		func(s benchSample, err error) { failed = append(failed, s.key()) })
+	if err == nil || !strings.Contains(err.Error(), "3 failed") {
+		t.Fatalf("runBench: %v, want the third failure to end it", err)
+	}
+	// Rotation: round 0 bad, tcp; round 1 tcp, bad; round 2 bad (third
+	// failure: the end), so tcp ran twice.
+	if len(failed) != 3 || len(ok) != 2 || failed[2] != "bench.lat.bad.2" || ok[1] != "bench.lat.tcp.1" {
+		t.Fatalf("ok %v, failed %v", ok, failed)
 	}
 }

@@ -24,7 +24,8 @@ import (
 //	intra-VM  one guest (bench-local): smcd, tcp over 127.0.0.1, unix
 //
 // Knobs: ISM_BENCH_DUR (per measurement, default 2s), ISM_BENCH_ROUNDS
-// (default 3), ISM_BENCH_DMB (SMC-D DMB size, default the stack's),
+// (default 5), ISM_BENCH_DMB (SMC-D DMB size in bytes, default 1 MiB;
+// "default": the stack's smcd.DefaultDMBSize),
 // ISM_BENCH_TESTS (tput,lat,msgrate,http), ISM_BENCH_SCOPES (inter,intra),
 // ISM_BENCH_OUT (directory for the JSON and CSV, default bench-results/ at
 // the top of the module).
@@ -38,24 +39,28 @@ func TestBench(t *testing.T) {
 	if err != nil || d <= 0 {
 		t.Fatalf("ISM_BENCH_DUR=%q: %v", dur, err)
 	}
-	rounds, err := strconv.Atoi(envOr("ISM_BENCH_ROUNDS", "3"))
+	rounds, err := strconv.Atoi(envOr("ISM_BENCH_ROUNDS", "5"))
 	if err != nil || rounds <= 0 {
 		t.Fatalf("ISM_BENCH_ROUNDS: %v", err)
 	}
 	tests := envOr("ISM_BENCH_TESTS", "tput,lat,msgrate,http")
 	scopes := envOr("ISM_BENCH_SCOPES", "inter,intra")
-	args := map[string]string{"dur": dur, "rounds": strconv.Itoa(rounds), "tests": tests}
-	if dmb := os.Getenv("ISM_BENCH_DMB"); dmb != "" {
+	// The guests get 32 huge pages (64 MiB); the driver may use 24 of them
+	// for DMA (rings and DMBs: 1 MiB DMBs need more than the default 8).
+	args := map[string]string{"dur": dur, "rounds": strconv.Itoa(rounds), "tests": tests, "hugepages": "24"}
+	// 1 MiB DMBs, as the SMC-D loopback figures used 1 MB buffers;
+	// ISM_BENCH_DMB=default: the stack's own default (smcd.DefaultDMBSize).
+	if dmb := envOr("ISM_BENCH_DMB", "1048576"); dmb != "default" {
 		args["dmb_size"] = dmb
 	}
 	nTests := len(strings.Split(tests, ","))
 	accel := vmharness.DetectAccel()
 	qemu := qemuVersion(os.Getenv("ISM_QEMU"))
 
-	// Estimate: each measurement is dur plus about a second of set-up
-	// under TCG; a guest boots in ~15 s.
+	// Estimate: each measurement is dur plus about half a second of
+	// set-up under TCG; a phase boots its guests in ~40 s.
 	est := func(transports int) time.Duration {
-		return time.Duration(nTests*rounds*transports)*(d+time.Second) + 40*time.Second
+		return time.Duration(nTests*rounds*transports)*(d+d/4) + 45*time.Second
 	}
 	var total time.Duration
 	if strings.Contains(scopes, "inter") {
@@ -65,23 +70,28 @@ func TestBench(t *testing.T) {
 		total += est(3)
 	}
 	say("accelerator: %s (%s); %s", accel, accelNote(accel), qemu)
+	load0 := loadAvg()
 	say("plan: %s; tests %s; %d rounds x %s per measurement; about %v in all",
 		scopes, tests, rounds, dur, total.Round(10*time.Second))
+	say("host load average before: %s (other work on the host skews single rounds: see the spread column)", load0)
 
 	var samples []Sample
+	var failures []Failure
 	config := map[string]string{}
 	// Per phase the guest's own watchdog: the estimate with a wide margin.
 	if strings.Contains(scopes, "inter") {
 		t.Run("inter", func(t *testing.T) {
-			s, cfg := runInter(t, args, 3*est(2)+2*time.Minute)
+			s, f, cfg := runInter(t, args, 3*est(2)+2*time.Minute)
 			samples = append(samples, s...)
+			failures = append(failures, f...)
 			config["inter-VM"] = cfg
 		})
 	}
 	if strings.Contains(scopes, "intra") {
 		t.Run("intra", func(t *testing.T) {
-			s, cfg := runIntra(t, args, 3*est(3)+2*time.Minute)
+			s, f, cfg := runIntra(t, args, 3*est(3)+2*time.Minute)
 			samples = append(samples, s...)
+			failures = append(failures, f...)
 			config["intra-VM"] = cfg
 		})
 	}
@@ -89,12 +99,15 @@ func TestBench(t *testing.T) {
 		t.Fatal("no samples")
 	}
 	r := NewReport(samples)
+	r.Failures = failures
 	r.Started, r.Accel, r.QEMU, r.Config = started.UTC(), accel, qemu, config
 	r.Host = hostInfo()
+	r.Load = load0 + " -> " + loadAvg()
 	r.Duration = time.Since(started).Round(time.Second).String()
 
 	fmt.Printf("\n== VM benchmark: SMC-D vs TCP (vs UNIX sockets inside one guest), accelerator %s ==\n", accel)
 	fmt.Printf("%d rounds x %s per cell, transports interleaved; 1 vCPU per guest; %s\n", rounds, dur, qemu)
+	fmt.Printf("host: %s; load average (1/5/15 min) before -> after: %s\n", r.Host, r.Load)
 	for _, sc := range Scopes {
 		if c, ok := config[sc]; ok {
 			fmt.Printf("%s guest config: %s\n", sc, c)
@@ -110,8 +123,11 @@ func TestBench(t *testing.T) {
 		t.Fatal(err)
 	}
 	fmt.Printf("\nbench: %s/latest.{json,csv} (and a time-stamped copy); took %s\n", dir, r.Duration)
+	if len(failures) > 0 {
+		t.Errorf("%d measurements failed (listed under the table)", len(failures))
+	}
 	if t.Failed() {
-		fmt.Println("bench: INCOMPLETE: a phase failed, see above")
+		fmt.Println("bench: INCOMPLETE: a phase or a measurement failed, see above")
 	}
 }
 
@@ -145,6 +161,18 @@ func qemuVersion(q string) string {
 		return "qemu ?"
 	}
 	return strings.TrimSpace(strings.SplitN(string(out), "\n", 2)[0])
+}
+
+func loadAvg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "?"
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "?"
+	}
+	return strings.Join(f[:3], " ")
 }
 
 func hostInfo() string {
@@ -190,13 +218,13 @@ func follow(v *vmharness.VM, label string) (stop func()) {
 	return func() { close(done); wg.Wait() }
 }
 
-func runInter(t *testing.T, args map[string]string, timeout time.Duration) ([]Sample, string) {
+func runInter(t *testing.T, args map[string]string, timeout time.Duration) ([]Sample, []Failure, string) {
 	r := vmharness.New(t)
 	r.RequireBackend()
 	sa, sb := r.Path("a.sock"), r.Path("b.sock")
 	r.StartBackend([]string{"-socket-dir", r.Dir, "-vm", "a", "-vm", "b"}, sa, sb)
 	srv, cli := r.NetPair()
-	serverArgs := map[string]string{"ip": "169.254.7.1/24"}
+	serverArgs := map[string]string{"ip": "169.254.7.1/24", "hugepages": args["hugepages"]}
 	if v, ok := args["dmb_size"]; ok {
 		serverArgs["dmb_size"] = v
 	}
@@ -210,17 +238,31 @@ func runInter(t *testing.T, args map[string]string, timeout time.Duration) ([]Sa
 	b := r.StartVM(vmharness.VMConfig{Name: "b", Scenario: "bench-client", Net: &cli, Timeout: timeout,
 		HugePages: 32, Args: clientArgs, ISM: []vmharness.ISMDevice{{Socket: sb}}})
 	stop := follow(b, "inter-VM")
-	ob := b.RequireOK(0)
+	ob := waitAgent(t, b)
 	stop()
-	a.RequireOK(0)
-	s, err := ParseResults("inter-VM", ob.Results)
+	waitAgent(t, a)
+	s, f, err := ParseResults("inter-VM", ob.Results)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return s, ob.Results["bench.config"]
+	return s, f, ob.Results["bench.config"]
 }
 
-func runIntra(t *testing.T, args map[string]string, timeout time.Duration) ([]Sample, string) {
+// waitAgent waits for the guest to finish and fails the test (keeping what it
+// reported) unless its agent ended ok.
+func waitAgent(t *testing.T, v *vmharness.VM) vmharness.Outcome {
+	t.Helper()
+	o, took, err := v.Wait(0)
+	switch {
+	case err != nil:
+		t.Errorf("%s: %v", v.Cfg.Name, err)
+	case !o.OK:
+		t.Errorf("%s: scenario %s failed after %v: %s", v.Cfg.Name, v.Cfg.Scenario, took.Round(time.Second), o.Fail)
+	}
+	return o
+}
+
+func runIntra(t *testing.T, args map[string]string, timeout time.Duration) ([]Sample, []Failure, string) {
 	r := vmharness.New(t)
 	r.RequireBackend()
 	sock := r.Path("a.sock")
@@ -229,13 +271,13 @@ func runIntra(t *testing.T, args map[string]string, timeout time.Duration) ([]Sa
 	a := r.StartVM(vmharness.VMConfig{Name: "a", Scenario: "bench-local", Timeout: timeout, HugePages: 32,
 		Args: args, ISM: []vmharness.ISMDevice{{Socket: sock}}})
 	stop := follow(a, "intra-VM")
-	o := a.RequireOK(0)
+	o := waitAgent(t, a)
 	stop()
-	s, err := ParseResults("intra-VM", o.Results)
+	s, f, err := ParseResults("intra-VM", o.Results)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return s, o.Results["bench.config"]
+	return s, f, o.Results["bench.config"]
 }
 
 // writeFiles writes the report as JSON and CSV, time-stamped and as

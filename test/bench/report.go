@@ -51,32 +51,58 @@ type Sample struct {
 	Value     float64 `json:"value"`
 }
 
+// Failure is a measurement the guest reported as failed.
+type Failure struct {
+	Scope     string `json:"scope"`
+	Test      string `json:"test"`
+	Transport string `json:"transport"`
+	Round     int    `json:"round"`
+	Error     string `json:"error"`
+}
+
 // ParseResults picks the samples out of a guest's ISM-RESULT map: keys
-// bench.<test>.<transport>.<round> with a numeric value. Other bench.* keys
-// (bench.config, bench.listening) are not samples; a key of the sample shape
-// with a bad round or value is an error, as is an unknown test.
-func ParseResults(scope string, results map[string]string) ([]Sample, error) {
+// bench.<test>.<transport>.<round> with a numeric value, and failed
+// measurements: bench.<test>.<transport>.<round>.error. Other bench.* keys
+// (bench.config, bench.listening) are neither; a key of either shape with a
+// bad round or value, or an unknown test, is an error.
+func ParseResults(scope string, results map[string]string) ([]Sample, []Failure, error) {
 	var out []Sample
+	var fails []Failure
 	for k, v := range results {
 		parts := strings.Split(k, ".")
-		if len(parts) != 4 || parts[0] != "bench" {
+		isFail := len(parts) == 5 && parts[4] == "error"
+		if parts[0] != "bench" || (len(parts) != 4 && !isFail) {
 			continue
 		}
 		if testByName(parts[1]) == nil {
-			return nil, fmt.Errorf("result %s: unknown test %q", k, parts[1])
+			return nil, nil, fmt.Errorf("result %s: unknown test %q", k, parts[1])
 		}
 		r, err := strconv.Atoi(parts[3])
 		if err != nil || r < 0 {
-			return nil, fmt.Errorf("result %s: bad round %q", k, parts[3])
+			return nil, nil, fmt.Errorf("result %s: bad round %q", k, parts[3])
+		}
+		if isFail {
+			fails = append(fails, Failure{Scope: scope, Test: parts[1], Transport: parts[2], Round: r, Error: v})
+			continue
 		}
 		f, err := strconv.ParseFloat(v, 64)
 		if err != nil || math.IsNaN(f) || math.IsInf(f, 0) || f < 0 {
-			return nil, fmt.Errorf("result %s: bad value %q", k, v)
+			return nil, nil, fmt.Errorf("result %s: bad value %q", k, v)
 		}
 		out = append(out, Sample{Scope: scope, Test: parts[1], Transport: parts[2], Round: r, Value: f})
 	}
 	sortSamples(out)
-	return out, nil
+	sort.Slice(fails, func(i, j int) bool {
+		a, b := fails[i], fails[j]
+		if a.Test != b.Test {
+			return testIndex(a.Test) < testIndex(b.Test)
+		}
+		if a.Round != b.Round {
+			return a.Round < b.Round
+		}
+		return a.Transport < b.Transport
+	})
+	return out, fails, nil
 }
 
 func testByName(n string) *Test {
@@ -245,10 +271,12 @@ type Report struct {
 	Accel    string            `json:"accel"`
 	QEMU     string            `json:"qemu"`
 	Host     string            `json:"host"`
-	Config   map[string]string `json:"config"` // per scope: the guest's bench.config
+	Load     string            `json:"load_average"` // host's, before -> after
+	Config   map[string]string `json:"config"`       // per scope: the guest's bench.config
 	Samples  []Sample          `json:"samples"`
 	Cells    []Cell            `json:"cells"`
 	Ratios   []Ratio           `json:"ratios"`
+	Failures []Failure         `json:"failures"`
 	Duration string            `json:"duration"`
 }
 
@@ -366,6 +394,9 @@ func (r *Report) WriteTable(w io.Writer) error {
 			}
 			fmt.Fprintln(w, strings.Repeat("-", total))
 		}
+	}
+	for _, f := range r.Failures {
+		fmt.Fprintf(w, "FAILED: %s %s over %s, round %d: %s\n", f.Scope, f.Test, f.Transport, f.Round, f.Error)
 	}
 	_, err := fmt.Fprintln(w, "Medians of the rounds. Ratios are medians divided; \"+\" marks where the first transport did better\n"+
 		"(higher, or lower for latency). spread: the largest (max-min)/median of one cell's rounds in the row.")

@@ -9,15 +9,16 @@ import (
 )
 
 func TestParseResults(t *testing.T) {
-	got, err := ParseResults("inter-VM", map[string]string{
-		"bench.tput.tcp.1":    "50",
-		"bench.tput.smcd.0":   "120.5",
-		"bench.tput.tcp.0":    "40",
-		"bench.lat.smcd.0":    "900",
-		"bench.config":        "dur=2s",
-		"bench.listening":     "7100",
-		"client_seconds":      "3",
-		"agent.scenario_secs": "1",
+	got, fails, err := ParseResults("inter-VM", map[string]string{
+		"bench.http.smcd.2.error": "Get: timeout",
+		"bench.tput.tcp.1":        "50",
+		"bench.tput.smcd.0":       "120.5",
+		"bench.tput.tcp.0":        "40",
+		"bench.lat.smcd.0":        "900",
+		"bench.config":            "dur=2s",
+		"bench.listening":         "7100",
+		"client_seconds":          "3",
+		"agent.scenario_secs":     "1",
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -36,14 +37,18 @@ func TestParseResults(t *testing.T) {
 			t.Errorf("sample %d: got %+v, want %+v", i, got[i], want[i])
 		}
 	}
+	if len(fails) != 1 || fails[0] != (Failure{"inter-VM", "http", "smcd", 2, "Get: timeout"}) {
+		t.Errorf("failures %+v", fails)
+	}
 	for _, bad := range []map[string]string{
 		{"bench.tput.smcd.x": "1"},
 		{"bench.tput.smcd.0": "fast"},
 		{"bench.tput.smcd.0": "NaN"},
 		{"bench.tput.smcd.0": "-1"},
 		{"bench.bogus.smcd.0": "1"},
+		{"bench.tput.smcd.x.error": "e"},
 	} {
-		if s, err := ParseResults("x", bad); err == nil {
+		if s, _, err := ParseResults("x", bad); err == nil {
 			t.Errorf("ParseResults(%v) = %v, want an error", bad, s)
 		}
 	}
@@ -131,7 +136,9 @@ func TestAggregateAndRatios(t *testing.T) {
 
 func TestWriteTable(t *testing.T) {
 	var b bytes.Buffer
-	if err := NewReport(samples()).WriteTable(&b); err != nil {
+	r := NewReport(samples())
+	r.Failures = []Failure{{"inter-VM", "http", "smcd", 4, "timeout"}}
+	if err := r.WriteTable(&b); err != nil {
 		t.Fatal(err)
 	}
 	out := b.String()
@@ -150,6 +157,7 @@ func TestWriteTable(t *testing.T) {
 		"2.00",   // intra lat smcd/tcp, worse: no mark
 		"2.73",   // intra lat smcd/unix
 		"67%",    // intra lat spread (smcd 20..40 around 30)
+		"FAILED: inter-VM http over smcd, round 4: timeout",
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("table lacks %q:\n%s", want, out)
