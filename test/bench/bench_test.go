@@ -122,7 +122,7 @@ func TestBench(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	fmt.Printf("\nbench: %s/latest.{json,csv} (and a time-stamped copy); took %s\n", dir, r.Duration)
+	fmt.Printf("\nbench: %s/latest.{json,csv} (and a time-stamped copy), guest consoles %s/*.serial; took %s\n", dir, dir, r.Duration)
 	if len(failures) > 0 {
 		t.Errorf("%d measurements failed (listed under the table)", len(failures))
 	}
@@ -241,9 +241,15 @@ func runInter(t *testing.T, args map[string]string, timeout time.Duration) ([]Sa
 	ob := waitAgent(t, b)
 	stop()
 	waitAgent(t, a)
+	keepSerial(t, "inter-VM", a, b)
 	s, f, err := ParseResults("inter-VM", ob.Results)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if len(f) > 0 {
+		// Fails the phase, so the harness dumps the consoles (with the
+		// agent's goroutine dump) and the backend log.
+		t.Errorf("%d inter-VM measurements failed", len(f))
 	}
 	return s, f, ob.Results["bench.config"]
 }
@@ -273,24 +279,52 @@ func runIntra(t *testing.T, args map[string]string, timeout time.Duration) ([]Sa
 	stop := follow(a, "intra-VM")
 	o := waitAgent(t, a)
 	stop()
+	keepSerial(t, "intra-VM", a)
 	s, f, err := ParseResults("intra-VM", o.Results)
 	if err != nil {
 		t.Fatal(err)
 	}
+	if len(f) > 0 {
+		t.Errorf("%d intra-VM measurements failed", len(f))
+	}
 	return s, f, o.Results["bench.config"]
+}
+
+// keepSerial saves the guests' consoles as <out>/<scope>-<vm>.serial (the
+// harness removes its run directory).
+func keepSerial(t *testing.T, scope string, vms ...*vmharness.VM) {
+	dir, err := outDir()
+	if err == nil {
+		err = os.MkdirAll(dir, 0o755)
+	}
+	for _, v := range vms {
+		if err == nil {
+			err = os.WriteFile(filepath.Join(dir, scope+"-"+v.Cfg.Name+".serial"), []byte(v.Serial()), 0o644)
+		}
+	}
+	if err != nil {
+		t.Logf("keeping the consoles: %v", err)
+	}
+}
+
+func outDir() (string, error) {
+	if dir := os.Getenv("ISM_BENCH_OUT"); dir != "" {
+		return dir, nil
+	}
+	top, err := moduleRoot()
+	if err != nil {
+		return "", err
+	}
+	return filepath.Join(top, "bench-results"), nil
 }
 
 // writeFiles writes the report as JSON and CSV, time-stamped and as
 // latest.*, into ISM_BENCH_OUT or bench-results/ at the module's top (which
 // ignores itself for git).
 func writeFiles(r *Report) (string, error) {
-	dir := os.Getenv("ISM_BENCH_OUT")
-	if dir == "" {
-		top, err := moduleRoot()
-		if err != nil {
-			return "", err
-		}
-		dir = filepath.Join(top, "bench-results")
+	dir, err := outDir()
+	if err != nil {
+		return "", err
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return "", err
