@@ -194,12 +194,12 @@ func follow(v *vmharness.VM, label string) (stop func()) {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		printed := 0
+		printed, last := 0, false
 		tick := time.NewTicker(time.Second)
 		defer tick.Stop()
 		for {
 			lines := strings.Split(v.Serial(), "\n")
-			if len(lines) > 0 {
+			if len(lines) > 0 && !last {
 				lines = lines[:len(lines)-1] // maybe incomplete
 			}
 			for _, l := range lines[min(printed, len(lines)):] {
@@ -208,9 +208,12 @@ func follow(v *vmharness.VM, label string) (stop func()) {
 				}
 			}
 			printed = max(printed, len(lines))
+			if last {
+				return
+			}
 			select {
 			case <-done:
-				return
+				last = true // one more pass: the lines since the last tick
 			case <-tick.C:
 			}
 		}
