@@ -231,13 +231,22 @@ func serveRaw(c net.Conn, quit func()) error {
 		quit()
 		return nil
 	case opSink:
-		n, err := io.CopyBuffer(io.Discard, c, make([]byte, benchChunk))
-		if err != nil {
-			return fmt.Errorf("sink after %d bytes: %w", n, err)
+		// A plain loop: io.Copy to io.Discard would read in 8 KiB pieces.
+		buf := make([]byte, benchChunk)
+		var n int64
+		for {
+			m, err := c.Read(buf)
+			n += int64(m)
+			if err == io.EOF {
+				break
+			}
+			if err != nil {
+				return fmt.Errorf("sink after %d bytes: %w", n, err)
+			}
 		}
 		var b [8]byte
 		binary.BigEndian.PutUint64(b[:], uint64(n))
-		_, err = c.Write(b[:])
+		_, err := c.Write(b[:])
 		return err
 	case opEcho:
 		var sz [4]byte
