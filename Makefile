@@ -3,6 +3,7 @@
 #   make test        lint + unit tests (-race) + vmtest (provisions what it needs)
 #   make vmtest      QEMU guests against the real backend (TCG; minutes)
 #   make bench-device  device-model benchmarks (no VM)
+#   make bench       bench-device, then SMC-D vs TCP/UNIX in QEMU guests (table; bench-results/)
 #
 # Downloads go to $(ISM_CACHE) (default .cache/ in the repo); every step is
 # idempotent. QEMU=/path/qemu-system-x86_64 and KERNEL=/path/vmlinuz override
@@ -79,7 +80,11 @@ vmtest: provision image backend
 	ISM_BACKEND=$$([ -x $(BACKEND) ] && echo $(BACKEND)) \
 		$(GO) test -count=1 -timeout $(VMTEST_TIMEOUT) $(VMTEST_FLAGS) ./test/vm
 
-bench: bench-device
+# Device figures first, then the VM table (test/bench; ~5 min under TCG).
+bench: bench-device provision image backend
+	ISM_BENCH=1 ISM_VMTEST=1 ISM_QEMU=$(QEMU) ISM_KERNEL=$(KERNEL) ISM_INITRD=$(INITRD) \
+	ISM_BACKEND=$$([ -x $(BACKEND) ] && echo $(BACKEND)) \
+		$(GO) test -count=1 -timeout 30m -v -run '^TestBench$$' ./test/bench
 
 bench-device:
 	$(GO) test -run='^$$' -bench=. -benchmem ./ism ./ismvirtio
