@@ -2,53 +2,22 @@ package ism
 
 import (
 	"fmt"
-	"sync"
-	"time"
 
 	"github.com/sirupsen/logrus"
 
 	"github.com/ism-backend/ism-backend/abi"
+	"github.com/ism-backend/ism-backend/internal/ratelog"
 )
 
 // Refusals are logged at most logBurst at once and then one per logEvery per
 // device, so that a hostile guest cannot flood the host's log; the count of
 // lines left out goes with the next line.
 const (
-	logBurst = 10
-	logEvery = time.Second
+	logBurst = ratelog.Burst
+	logEvery = ratelog.Every
 )
 
-// limiter is a token bucket of log lines.
-type limiter struct {
-	mu         sync.Mutex
-	tokens     int
-	last       time.Time
-	suppressed uint64
-}
-
-// allow takes a token if there is one. When it does, it also returns how
-// many lines were suppressed since the last allowed one.
-func (l *limiter) allow(now time.Time) (bool, uint64) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.last.IsZero() {
-		l.tokens, l.last = logBurst, now
-	} else if k := now.Sub(l.last) / logEvery; k > 0 {
-		l.tokens += int(min(k, logBurst))
-		l.last = l.last.Add(k * logEvery)
-		if l.tokens >= logBurst {
-			l.tokens, l.last = logBurst, now
-		}
-	}
-	if l.tokens == 0 {
-		l.suppressed++
-		return false, 0
-	}
-	l.tokens--
-	s := l.suppressed
-	l.suppressed = 0
-	return true, s
-}
+type limiter = ratelog.Limiter
 
 // refuse counts a refused request, logs it (rate-limited) and returns st as
 // the error to give the driver.
@@ -60,7 +29,7 @@ func (d *Device) refuse(req abi.Request, st abi.Status, why string) error {
 	if !d.log.Logger.IsLevelEnabled(level) {
 		return st
 	}
-	ok, suppressed := d.lim.allow(d.f.now())
+	ok, suppressed := d.lim.Allow(d.f.now())
 	if !ok {
 		return st
 	}

@@ -10,39 +10,6 @@ import (
 	"github.com/ism-backend/ism-backend/abi"
 )
 
-func TestLimiter(t *testing.T) {
-	var l limiter
-	t0 := time.Unix(1000, 0)
-	for i := range logBurst {
-		if ok, _ := l.allow(t0); !ok {
-			t.Fatalf("line %d of the burst refused", i)
-		}
-	}
-	for range 5 {
-		if ok, _ := l.allow(t0.Add(logEvery / 2)); ok {
-			t.Fatal("line past the burst allowed")
-		}
-	}
-	ok, suppressed := l.allow(t0.Add(logEvery))
-	if !ok || suppressed != 5 {
-		t.Fatalf("after one period: ok=%v suppressed=%d, want true 5", ok, suppressed)
-	}
-	if ok, _ := l.allow(t0.Add(logEvery)); ok {
-		t.Fatal("one period gave more than one line")
-	}
-	// A long quiet time refills the burst, not more.
-	t1 := t0.Add(time.Hour)
-	n := 0
-	for range 3 * logBurst {
-		if ok, _ := l.allow(t1); ok {
-			n++
-		}
-	}
-	if n != logBurst {
-		t.Fatalf("after an hour %d lines, want %d", n, logBurst)
-	}
-}
-
 // A hostile guest's flood of refusals gives a bounded number of log lines,
 // each naming the VM and its GID; refusals are all counted.
 func TestRefusalLogging(t *testing.T) {

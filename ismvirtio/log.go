@@ -1,55 +1,24 @@
 package ismvirtio
 
 import (
-	"sync"
-	"time"
-
 	"github.com/sirupsen/logrus"
+
+	"github.com/ism-backend/ism-backend/internal/ratelog"
 )
 
 // Complaints about a guest's buffers are logged at most logBurst at once and
 // then one per logEvery per connection, so that a guest cannot flood the
 // host's log; the count of lines left out goes with the next line.
 const (
-	logBurst = 10
-	logEvery = time.Second
+	logBurst = ratelog.Burst
+	logEvery = ratelog.Every
 )
 
-// logLimiter is a token bucket of log lines.
-type logLimiter struct {
-	mu         sync.Mutex
-	tokens     int
-	last       time.Time
-	suppressed uint64
-}
-
-// allow takes a token if there is one. When it does, it also returns how
-// many lines were suppressed since the last allowed one.
-func (l *logLimiter) allow(now time.Time) (bool, uint64) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.last.IsZero() {
-		l.tokens, l.last = logBurst, now
-	} else if k := now.Sub(l.last) / logEvery; k > 0 {
-		l.tokens += int(min(k, logBurst))
-		l.last = l.last.Add(k * logEvery)
-		if l.tokens >= logBurst {
-			l.tokens, l.last = logBurst, now
-		}
-	}
-	if l.tokens == 0 {
-		l.suppressed++
-		return false, 0
-	}
-	l.tokens--
-	s := l.suppressed
-	l.suppressed = 0
-	return true, s
-}
+type logLimiter = ratelog.Limiter
 
 // warnGuest logs a complaint about the guest's buffers, rate-limited.
 func (b *Backend) warnGuest(fields logrus.Fields, msg string) {
-	ok, suppressed := b.lim.allow(b.now())
+	ok, suppressed := b.lim.Allow(b.now())
 	if !ok {
 		return
 	}

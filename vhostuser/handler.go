@@ -70,7 +70,7 @@ func (d *Device) dispatch(m *Message) (goOn bool) {
 			d.log.WithError(err).Warnf("%s: closing the connection", RequestName(m.Request))
 			return false
 		}
-		if ok, suppressed := d.lim.allow(d.srv.now()); ok {
+		if ok, suppressed := d.lim.Allow(d.srv.now()); ok {
 			d.log.WithError(err).WithField("suppressed", suppressed).Warnf("%s refused", RequestName(m.Request))
 		}
 	}

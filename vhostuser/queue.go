@@ -314,7 +314,7 @@ func (q *Queue) Next(c *Chain) (bool, error) {
 	if avail-q.lastAvail > q.size {
 		q.broken = true
 		q.countBadChain()
-		if ok, suppressed := q.lim.allow(q.now()); ok {
+		if ok, suppressed := q.lim.Allow(q.now()); ok {
 			q.log.WithField("suppressed", suppressed).Errorf("avail idx %d jumped more than the queue size from %d: queue broken until reset", avail, q.lastAvail)
 		}
 		return false, ErrQueueBroken
@@ -330,7 +330,7 @@ func (q *Queue) Next(c *Chain) (bool, error) {
 		// completion also sees the count.
 		q.countBadChain()
 		q.pushUsed(head, 0)
-		if ok, suppressed := q.lim.allow(q.now()); ok {
+		if ok, suppressed := q.lim.Allow(q.now()); ok {
 			q.log.WithFields(logrus.Fields{"head": head, "suppressed": suppressed}).
 				Warnf("malformed chain completed with length 0 (%d so far): %v", q.badChains, err)
 		}
