@@ -305,17 +305,25 @@ func TestStartWithDriverOKStatus(t *testing.T) {
 
 // Without CONFIGURE_MEM_SLOTS QEMU sends SET_MEM_TABLE.
 func TestStartWithSetMemTable(t *testing.T) {
+	f := startedWithout(t, vhostuser.ProtocolConfigureMemSlots)
+	echo(t, f, 0, 64, false)
+	echo(t, f, 1, 64, true)
+}
+
+// startedWithout starts an echo device whose front-end does not ack
+// protocol feature bit.
+func startedWithout(t *testing.T, bit uint) *vhostusertest.Frontend {
+	t.Helper()
 	e := newEnv(t)
 	path := e.serve(context.Background(), "vm", func() *echoBackend { return &echoBackend{} })
 	f := dial(t, path, newMem(t))
-	if err := f.Handshake(vhostusertest.HandshakeOptions{ProtocolMask: ^uint64(1 << vhostuser.ProtocolConfigureMemSlots)}); err != nil {
+	if err := f.Handshake(vhostusertest.HandshakeOptions{ProtocolMask: ^uint64(1 << bit)}); err != nil {
 		t.Fatal(err)
 	}
 	if err := f.Start(vhostusertest.StartOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	echo(t, f, 0, 64, false)
-	echo(t, f, 1, 64, true)
+	return f
 }
 
 // Guest reset as QEMU 11.1.3 does it: rings disabled, then GET_VRING_BASE.
@@ -346,15 +354,7 @@ func TestGuestResetAndRestart(t *testing.T) {
 }
 
 func TestStartWithoutStatus(t *testing.T) {
-	e := newEnv(t)
-	path := e.serve(context.Background(), "vm", func() *echoBackend { return &echoBackend{} })
-	f := dial(t, path, newMem(t))
-	if err := f.Handshake(vhostusertest.HandshakeOptions{ProtocolMask: ^uint64(1 << vhostuser.ProtocolStatus)}); err != nil {
-		t.Fatal(err)
-	}
-	if err := f.Start(vhostusertest.StartOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	f := startedWithout(t, vhostuser.ProtocolStatus)
 	echo(t, f, 0, 64, false)
 }
 

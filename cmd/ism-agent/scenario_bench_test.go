@@ -65,15 +65,7 @@ func TestRequireSMC(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { defer c.Close(); serveRaw(c, func() {}) }()
-		}
-	}()
+	go serveRawAll(ln)
 	d := &smcd.Dialer{}
 	dial := requireSMC(func(ctx context.Context) (net.Conn, error) {
 		return d.DialContext(ctx, dev, "tcp", ln.Addr().String())
@@ -110,15 +102,7 @@ func TestRunBenchFailures(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { defer c.Close(); serveRaw(c, func() {}) }()
-		}
-	}()
+	go serveRawAll(ln)
 	var nd net.Dialer
 	good := func(ctx context.Context) (net.Conn, error) { return nd.DialContext(ctx, "tcp", ln.Addr().String()) }
 	bad := func(ctx context.Context) (net.Conn, error) { return nil, errors.New("no route") }
@@ -133,5 +117,16 @@ func TestRunBenchFailures(t *testing.T) {
 	// failure: the end), so tcp ran twice.
 	if len(failed) != 3 || len(ok) != 2 || failed[2] != "bench.lat.bad.2" || ok[1] != "bench.lat.tcp.1" {
 		t.Fatalf("ok %v, failed %v", ok, failed)
+	}
+}
+
+// serveRawAll serves every connection ln accepts with serveRaw, until ln closes.
+func serveRawAll(ln net.Listener) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go func() { defer c.Close(); serveRaw(c, func() {}) }()
 	}
 }
