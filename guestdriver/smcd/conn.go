@@ -106,7 +106,9 @@ func newConn(dev Device, tcp net.Conn, dmb DMB, peerGID, peerToken uint64, peerD
 	return c
 }
 
-func stageSize(peerRing int) int { return min(peerRing, maxStage) }
+// stageSize is the staging buffer for a connection: the client knows the
+// server's ring when it allocates, the server only its own.
+func stageSize(ring int) int { return min(ring, maxStage) }
 
 // rxLoop handles the peer's CDCs as Linux's CDC tasklet does, independent of
 // whether the application is reading: it wakes readers and writers and

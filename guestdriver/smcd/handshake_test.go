@@ -9,10 +9,13 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/ism-backend/ism-backend/abi"
 )
 
 // fallbackPair dials through e and returns both ends, which must have fallen
@@ -359,4 +362,176 @@ func TestIPv6(t *testing.T) {
 	defer s.Close()
 	mustSMC(t, c, s)
 	copyBothWays(t, c, s, 1<<20)
+}
+
+// allocFailer is a device whose failAt-th AllocBuffer (1-based) fails, and
+// which counts the buffers it handed out that were not freed.
+type allocFailer struct {
+	Device
+	failAt      int32
+	calls, live atomic.Int32
+}
+
+func (d *allocFailer) AllocBuffer(size int) (Buffer, error) {
+	if d.calls.Add(1) == d.failAt {
+		return nil, abi.StatusInternal
+	}
+	b, err := d.Device.AllocBuffer(size)
+	if err != nil {
+		return nil, err
+	}
+	d.live.Add(1)
+	return &countedBuffer{Buffer: b, live: &d.live}, nil
+}
+
+type countedBuffer struct {
+	Buffer
+	live *atomic.Int32
+	once sync.Once
+}
+
+func (b *countedBuffer) Free() {
+	b.once.Do(func() { b.live.Add(-1); b.Buffer.Free() })
+}
+
+// TestServerAllocFailsBeforeAccept (issue 7): the server's connection
+// buffers used to be allocated after the client's Confirm, so a failure
+// there sent a Decline to a client that was already using SMC-D, and gave
+// the server's application a TCP fallback that never got data. The failure
+// must come before the Accept: both ends fall back, data intact, nothing
+// left allocated.
+func TestServerAllocFailsBeforeAccept(t *testing.T) {
+	for _, c := range []struct {
+		name   string
+		failAt int32
+	}{{"CDC buffer", 1}, {"staging buffer", 2}} {
+		t.Run(c.name, func(t *testing.T) {
+			e := twoHosts()
+			lo := e.srvDev
+			dev := &allocFailer{Device: lo, failAt: c.failAt}
+			e.srvDev = dev
+			cli, srv := fallbackPair(t, e)
+			if r := srv.Reason; r.Remote || r.Code != DeclineMem {
+				t.Fatalf("server's reason %v, want its own decline %#x", r, DeclineMem)
+			}
+			if r := cli.Reason; !r.Remote || r.Code != DeclineMem {
+				t.Fatalf("client's reason %v, want the server's decline %#x", r, DeclineMem)
+			}
+			if n := loopDMBs(lo); n != 0 {
+				t.Fatalf("server left %d DMBs registered", n)
+			}
+			if n := dev.live.Load(); n != 0 {
+				t.Fatalf("server left %d buffers allocated", n)
+			}
+		})
+	}
+}
+
+// rawAccepted is a hand-driven client that has sent a Proposal and read the
+// server's Accept; accepted receives what the listener hands its application.
+type rawAccepted struct {
+	raw      net.Conn
+	acc      *AcceptConfirm
+	srvDev   Device
+	ln       net.Listener
+	accepted chan net.Conn
+}
+
+func rawToAccept(t *testing.T, s Server) *rawAccepted {
+	t.Helper()
+	e := twoHosts()
+	ln, err := s.Listen(e.srvDev, "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			close(accepted)
+			return
+		}
+		accepted <- c
+	}()
+	raw, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { raw.Close() })
+	raw.SetDeadline(time.Now().Add(hangGuard))
+	prop := Proposal{TypeV1: SMCTypeD, SMCDArea: true, GID: e.cliDev.GID(), CHID: e.cliDev.CHID()}
+	setPrefix(&prop, raw.LocalAddr())
+	pb, err := prop.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := raw.Write(pb); err != nil {
+		t.Fatal(err)
+	}
+	typ, msg, err := ReadCLC(raw)
+	if err != nil || typ != CLCAccept {
+		t.Fatalf("want an accept: type %d, %v", typ, err)
+	}
+	acc, err := DecodeAcceptConfirm(msg, CLCAccept)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &rawAccepted{raw: raw, acc: acc, srvDev: e.srvDev, ln: ln, accepted: accepted}
+}
+
+// TestServerFailsAfterAccept: once the Accept is out, the client may be
+// using SMC-D already, so anything but its Confirm or Decline (an unusable
+// Confirm, another message, garbage, silence) must fail the connection: no
+// Decline into a stream the client no longer reads as CLC, no fallback
+// connection for the server's application, the DMB released.
+func TestServerFailsAfterAccept(t *testing.T) {
+	confirm := func(edit func(*AcceptConfirm)) func(*rawAccepted) []byte {
+		return func(r *rawAccepted) []byte {
+			c := AcceptConfirm{Type: CLCConfirm, FirstContact: true, GID: r.acc.GID, Token: 42, DMBESize: 2, LinkID: 7}
+			edit(&c)
+			b, _ := c.Encode()
+			return b
+		}
+	}
+	for _, c := range []struct {
+		name string
+		send func(*rawAccepted) []byte
+	}{
+		// The Proposal's GID is the client's; the Confirm must carry it.
+		{"confirm from another GID", confirm(func(c *AcceptConfirm) { c.GID++ })},
+		{"confirm without token", confirm(func(c *AcceptConfirm) { c.Token = 0 })},
+		{"confirm with size beyond 1 MiB", confirm(func(c *AcceptConfirm) { c.DMBESize = 7 })},
+		{"malformed confirm", func(r *rawAccepted) []byte {
+			b := confirm(func(*AcceptConfirm) {})(r)
+			b[len(b)-1] ^= 1 // bad trailer
+			return b
+		}},
+		{"proposal instead of confirm", func(*rawAccepted) []byte { b, _ := sampleProposal().Encode(); return b }},
+		{"silence", nil},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			r := rawToAccept(t, Server{HandshakeTimeout: 2 * time.Second})
+			if c.send != nil {
+				if _, err := r.raw.Write(c.send(r)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			var b [64]byte
+			n, err := r.raw.Read(b[:])
+			if n > 0 || err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+				t.Fatalf("want the server to close the connection, got %d bytes % x, %v", n, b[:n], err)
+			}
+			// The server closed TCP only after its handshake gave up, so
+			// it has released everything and will hand nothing over.
+			if n := loopDMBs(r.srvDev); n != 0 {
+				t.Fatalf("server left %d DMBs registered", n)
+			}
+			r.ln.Close()
+			if sc, ok := <-r.accepted; ok {
+				sc.Close()
+				t.Fatalf("the server's application got a %T", sc)
+			}
+		})
+	}
 }

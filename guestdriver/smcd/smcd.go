@@ -53,7 +53,8 @@ type Server struct {
 	// ForceDecline, if non-zero, makes the server decline every Proposal
 	// with this diagnosis code (for tests).
 	ForceDecline uint32
-	// Logf, if set, receives one line per fallback to TCP.
+	// Logf, if set, receives one line per fallback to TCP, and one per
+	// handshake that failed after the Accept.
 	Logf func(format string, args ...any)
 }
 
@@ -170,13 +171,13 @@ func fallback(tcp net.Conn, reason *DeclineError, replay []byte) (net.Conn, erro
 	return &FallbackConn{Conn: tcp, Reason: reason, replay: replay}, nil
 }
 
-// connBuffers allocates the CDC and staging buffers.
-func connBuffers(dev Device, peerSize int) (Buffer, Buffer, error) {
+// connBuffers allocates the CDC buffer and a staging buffer of stageLen bytes.
+func connBuffers(dev Device, stageLen int) (Buffer, Buffer, error) {
 	cdc, err := dev.AllocBuffer(CDCLen)
 	if err != nil {
 		return nil, nil, err
 	}
-	stage, err := dev.AllocBuffer(stageSize(peerSize - CDCLen))
+	stage, err := dev.AllocBuffer(stageLen)
 	if err != nil {
 		cdc.Free()
 		return nil, nil, err
@@ -260,7 +261,7 @@ func (d *Dialer) handshake(ctx context.Context, dev Device, tcp net.Conn, size i
 		return decline(declineCode(err), err)
 	}
 	clear(dmb.Bytes()[:CDCLen])
-	cdcBuf, stage, err := connBuffers(dev, peerSize)
+	cdcBuf, stage, err := connBuffers(dev, stageSize(peerSize-CDCLen))
 	if err != nil {
 		dev.UnregisterDMB(dmb)
 		return decline(declineCode(err), err)
@@ -485,12 +486,28 @@ func (s *Server) handshake(ctx context.Context, dev Device, tcp net.Conn) (net.C
 	if !prefixMatch(prop, tcp.LocalAddr()) {
 		return decline(DeclineDiffPrefix, fmt.Errorf("client prefix %v/%d", net.IP(prop.Subnet[:]), prop.PrefixLen))
 	}
+	// Everything the connection needs on our side exists before the Accept
+	// goes out, as Linux's smc_listen_work runs smc_buf_create before
+	// smc_clc_send_accept: a client that has our Accept may Confirm and be
+	// using SMC-D at once, so nothing may fail here after it.
 	dmb, err := dev.RegisterDMB(size, prop.GID)
 	if err != nil {
 		return decline(declineCode(err), err)
 	}
 	clear(dmb.Bytes()[:CDCLen])
-	release := func() { dev.UnregisterDMB(dmb) }
+	// The peer's ring size comes only with its Confirm, so the staging
+	// buffer follows our own ring, as Linux sizes the sndbuf locally;
+	// Write copies through a staging buffer of any size.
+	cdcBuf, stage, err := connBuffers(dev, stageSize(size-CDCLen))
+	if err != nil {
+		dev.UnregisterDMB(dmb)
+		return decline(declineCode(err), err)
+	}
+	release := func() {
+		dev.UnregisterDMB(dmb)
+		cdcBuf.Free()
+		stage.Free()
+	}
 	acc := AcceptConfirm{Type: CLCAccept, FirstContact: true, GID: dev.GID(), Token: dmb.Token(),
 		DMBESize: code, LinkID: uint32(random64())}
 	ab, _ := acc.Encode()
@@ -498,14 +515,26 @@ func (s *Server) handshake(ctx context.Context, dev Device, tcp net.Conn) (net.C
 		release()
 		return nil, err
 	}
+	// From here the client may already be using SMC-D: only its Decline
+	// lets both ends fall back. Anything else (a timeout, garbage, another
+	// message, an unusable Confirm) fails the connection with no Decline,
+	// as Linux's smc_listen_decline does for a negative reason code. A
+	// Decline would reach a confirmed client as stray TCP bytes while our
+	// application waited on a fallback that never gets data; closing TCP
+	// instead tells that client its peer vanished, and a client that
+	// declined sees its connection end.
+	fail := func(err error) (net.Conn, error) {
+		release()
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		s.logf("smcd: %v: handshake failed after accept: %v", tcp.RemoteAddr(), err)
+		return nil, err
+	}
 	typ, msg, err = ReadCLC(tcp)
 	switch {
-	case err != nil && (errors.Is(err, ErrCLC) || errors.Is(err, os.ErrDeadlineExceeded)):
-		release()
-		return decline(clcReadCode(err), err)
 	case err != nil:
-		release()
-		return nil, err
+		return fail(err)
 	case typ == CLCDecline:
 		release()
 		dl, err := DecodeDecline(msg)
@@ -515,27 +544,18 @@ func (s *Server) handshake(ctx context.Context, dev Device, tcp net.Conn) (net.C
 		s.logf("smcd: %v: client declined with %#08x", tcp.RemoteAddr(), dl.Diagnosis)
 		return fallback(tcp, &DeclineError{Code: dl.Diagnosis, Remote: true}, nil)
 	case typ != CLCConfirm:
-		release()
-		return decline(DeclineCnfErr, clcErr("type %d instead of confirm", typ))
+		return fail(clcErr("type %d instead of confirm", typ))
 	}
 	conf, err := DecodeAcceptConfirm(msg, CLCConfirm)
 	if err != nil {
-		release()
-		return decline(DeclineCnfErr, err)
+		return fail(err)
 	}
 	peerSize, err := DMBESize(conf.DMBESize)
 	if err != nil || conf.GID != prop.GID || conf.Token == 0 || uint32(conf.DMBEIndex) >= abi.MaxDMBEs {
-		release()
-		return decline(DeclineCnfErr, fmt.Errorf("unusable confirm %+v", conf))
-	}
-	cdcBuf, stage, err := connBuffers(dev, peerSize)
-	if err != nil {
-		release()
-		return decline(declineCode(err), err)
+		return fail(clcErr("unusable confirm %+v", conf))
 	}
 	if err := tcp.SetDeadline(time.Time{}); err != nil {
-		release()
-		return nil, err
+		return fail(err)
 	}
 	return newConn(dev, tcp, dmb, conf.GID, conf.Token, uint32(conf.DMBEIndex), peerSize, cdcBuf, stage), nil
 }
