@@ -10,6 +10,9 @@ package abi
 import (
 	"encoding/binary"
 	"fmt"
+	"math/bits"
+	"sync/atomic"
+	"unsafe"
 )
 
 // Magic opens the config space: "ISMv" read as a little-endian u32. A driver
@@ -17,8 +20,10 @@ import (
 // is a setting and may be shared with a foreign device.
 const Magic uint32 = 0x764D5349
 
-// Version is the ABI version this package speaks.
-const Version uint16 = 1
+// Version is the ABI version this package speaks. Version 2 replaced the
+// signalling block of version 1, whose words both sides read-modify-wrote
+// (see SBA), with one that only the device writes.
+const Version uint16 = 2
 
 // DefaultVirtioID is the virtio device id offered by default. QEMU 11.1
 // accepts it for vhost-user-test-device-pci and no Linux driver claims it.
@@ -336,17 +341,114 @@ func DecodeEvent(b []byte) (Event, error) {
 }
 
 // The signalling block (SBA) lives in guest RAM at the GPA given by SET_SBA,
-// SBASize bytes, 8-byte aligned, contiguous. A signalled MOVE into DMB index i
-// with DMBE index e does, in this order, atomically:
+// SBASize bytes, 4096-byte aligned, contiguous. From SET_SBA until the device
+// is reset only the device writes it; the driver reads it and compares what it
+// reads with its own copies (as a driver compares the used ring's idx with its
+// last-seen one). The driver hands the block over zeroed. Every field is a
+// little-endian u32 counter that wraps; a signalled MOVE into DMB index i with
+// DMBE index e adds one to, in this order:
 //
-//	mask[i] |= 1 << e                     (u32 at SBAMaskOffset + 4*i)
-//	bits[i/64] |= 1 << (i%64)             (u64 at SBABitsOffset + 8*(i/64))
+//	dmbe[i][e]   u16 at SBADMBEOffset + 64*i + 2*e   (in its aligned u32)
+//	seq[i]       u32 at SBASeqOffset + 4*i
+//	group[i/64]  u32 at SBAGroupOffset + 4*(i/64)
+//	sum          u32 at SBASumOffset
 //
-// A driver claims signals by swapping a bits word with 0, then swapping each
-// set index's mask with 0.
+// A driver reads in the reverse order (sum, then the groups that changed,
+// then the seqs of their DMBs, then the DMBE counts of the DMBs whose seq
+// changed) and so never misses a signal: whatever it sees of a later field
+// was preceded by the earlier ones. Version 1 had the device OR bits into
+// words the driver claimed by swapping them with zero; QEMU's single-threaded
+// TCG makes that swap a plain load and store, which loses the device's bits
+// (../shared/notes/tcg-shared-memory.md).
 const (
-	SBABitsOffset = 0
-	SBABitsWords  = 32 // 2048 bits; indices below MaxDMBs are used
-	SBAMaskOffset = SBABitsOffset + 8*SBABitsWords
-	SBASize       = SBAMaskOffset + 4*MaxDMBs // 7936
+	SBASumOffset   = 0
+	SBAGroupOffset = 64
+	SBAGroups      = (MaxDMBs + 63) / 64 // 30
+	SBASeqOffset   = SBAGroupOffset + 4*32
+	SBADMBEOffset  = 8192
+	SBASize        = SBADMBEOffset + 2*MaxDMBEs*MaxDMBs // 131072
+	SBAAlign       = 4096                               // SET_SBA's GPA is a multiple of it
 )
+
+// SBA is a view of a signalling block. The device side calls Signal; the
+// driver side only loads. All accesses are atomic on aligned words, so the
+// view needs a 4-byte aligned start (NewSBA checks).
+type SBA struct{ b []byte }
+
+// NewSBA returns a view of b, which must be at least SBASize bytes and
+// 4-byte aligned in host memory.
+func NewSBA(b []byte) (SBA, error) {
+	if len(b) < SBASize {
+		return SBA{}, fmt.Errorf("abi: SBA of %d bytes, want %d", len(b), SBASize)
+	}
+	if uintptr(unsafe.Pointer(&b[0]))%4 != 0 {
+		return SBA{}, fmt.Errorf("abi: SBA view is not 4-byte aligned")
+	}
+	return SBA{b[:SBASize]}, nil
+}
+
+func (s SBA) word(off int) *uint32 { return (*uint32)(unsafe.Pointer(&s.b[off])) }
+
+// load reads a little-endian counter atomically.
+func (s SBA) load(off int) uint32 { return fromLE32(atomic.LoadUint32(s.word(off))) }
+
+// add adds one to the little-endian counter at off (a multiple of 4).
+func (s SBA) add(off int) {
+	if !bigEndianHost {
+		atomic.AddUint32(s.word(off), 1)
+		return
+	}
+	w := s.word(off)
+	for {
+		old := atomic.LoadUint32(w)
+		if atomic.CompareAndSwapUint32(w, old, toLE32(fromLE32(old)+1)) {
+			return
+		}
+	}
+}
+
+// Signal records a signal of DMBE e (< MaxDMBEs) of DMB index i (< MaxDMBs),
+// in the order the ABI gives. Only the device calls it; the device may call it
+// from many goroutines at once (its writes are atomic), the driver never.
+func (s SBA) Signal(i, e uint32) {
+	off := SBADMBEOffset + 2*(MaxDMBEs*int(i)+int(e))
+	w := s.word(off &^ 3)
+	shift := 16 * uint(off&2/2) // the u16's place in its little-endian u32
+	for {
+		old := atomic.LoadUint32(w)
+		v := fromLE32(old)
+		v = v&^(0xffff<<shift) | (v>>shift+1)&0xffff<<shift
+		if atomic.CompareAndSwapUint32(w, old, toLE32(v)) {
+			break
+		}
+	}
+	s.add(SBASeqOffset + 4*int(i))
+	s.add(SBAGroupOffset + 4*int(i/64))
+	s.add(SBASumOffset)
+}
+
+// Sum is the count of all signals.
+func (s SBA) Sum() uint32 { return s.load(SBASumOffset) }
+
+// Group is the count of signals into DMB indices 64*g .. 64*g+63.
+func (s SBA) Group(g int) uint32 { return s.load(SBAGroupOffset + 4*g) }
+
+// Seq is the count of signals into DMB index i.
+func (s SBA) Seq(i uint32) uint32 { return s.load(SBASeqOffset + 4*int(i)) }
+
+// DMBECount is the count (mod 65536) of signals of DMBE e of DMB index i.
+func (s SBA) DMBECount(i, e uint32) uint16 {
+	off := SBADMBEOffset + 2*(MaxDMBEs*int(i)+int(e))
+	return uint16(s.load(off&^3) >> (16 * uint(off&2/2)))
+}
+
+var bigEndianHost = binary.NativeEndian.Uint16([]byte{0, 1}) == 1
+
+func toLE32(v uint32) uint32 {
+	if bigEndianHost {
+		return bits.ReverseBytes32(v)
+	}
+	return v
+}
+
+func fromLE32(v uint32) uint32 { return toLE32(v) }

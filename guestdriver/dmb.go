@@ -3,11 +3,9 @@ package guestdriver
 import (
 	"errors"
 	"fmt"
-	"math/bits"
 	"runtime"
 	"sync/atomic"
 	"time"
-	"unsafe"
 
 	"github.com/ism-backend/ism-backend/abi"
 	"github.com/ism-backend/ism-backend/pci"
@@ -23,8 +21,9 @@ type DMB struct {
 	rgid    uint64
 	token   atomic.Uint64
 	sig     chan struct{}
-	pending atomic.Uint32 // DMBE bits claimed from the SBA, not yet taken
+	pending atomic.Uint32 // DMBE bits seen signalled, not yet taken
 	dead    atomic.Bool
+	seen    dmbSignals // the SBA counters as the poller last saw them; the poller's alone once published
 }
 
 // Token is the DMB's token (what a peer MOVEs to).
@@ -76,7 +75,9 @@ func (d *Driver) RegisterDMB(size int, rgid uint64) (*DMB, error) {
 		}
 	}
 	if found {
-		d.maskWord(m.index).Store(0) // stale bits of a previous owner of the index
+		// The counters keep counting across owners of an index: start
+		// from where they are (no MOVE reaches an unregistered index).
+		m.seen = d.signals.baseline(m.index)
 		d.dmbs[m.index].Store(m)
 	}
 	d.dmbMu.Unlock()
@@ -204,49 +205,25 @@ func (d *Driver) QueryRGID(rgid uint64) error {
 	return err
 }
 
-// bitsWord and maskWord address the SBA for atomic access. The SBA chunk is
-// 4096-aligned, so every word is naturally aligned.
-func (d *Driver) bitsWord(w int) *atomic.Uint64 {
-	return (*atomic.Uint64)(unsafe.Pointer(&d.sba.Bytes()[abi.SBABitsOffset+8*w]))
+// scanSignals wakes the DMBs whose SBA counters moved and reports whether
+// any signal came in since the last scan.
+func (d *Driver) scanSignals() bool {
+	return d.signals.scan(func(i uint32) signalTarget {
+		if m := d.dmbs[i].Load(); m != nil {
+			return m
+		}
+		return nil
+	})
 }
 
-func (d *Driver) maskWord(i uint32) *atomic.Uint32 {
-	return (*atomic.Uint32)(unsafe.Pointer(&d.sba.Bytes()[abi.SBAMaskOffset+4*int(i)]))
-}
+func (m *DMB) copies() *dmbSignals { return &m.seen }
 
-// claimSignals claims set SBA bits (swap the bits word, then each set
-// index's mask, as the ABI says) and wakes the DMBs. It reports whether it
-// found anything.
-func (d *Driver) claimSignals() bool {
-	found := false
-	words := (int(d.maxDMBs) + 63) / 64
-	for w := 0; w < words; w++ {
-		bw := d.bitsWord(w)
-		if bw.Load() == 0 {
-			continue
-		}
-		v := bw.Swap(0)
-		for v != 0 {
-			b := bits.TrailingZeros64(v)
-			v &^= 1 << b
-			idx := uint32(64*w + b)
-			if idx >= d.maxDMBs {
-				continue // the device set a bit it has no business setting
-			}
-			found = true
-			mask := d.maskWord(idx).Swap(0)
-			m := d.dmbs[idx].Load()
-			if m == nil {
-				continue
-			}
-			m.pending.Or(mask)
-			select {
-			case m.sig <- struct{}{}:
-			default:
-			}
-		}
+func (m *DMB) signalled(dmbes uint32) {
+	m.pending.Or(dmbes)
+	select {
+	case m.sig <- struct{}{}:
+	default:
 	}
-	return found
 }
 
 // postEvent makes event buffer i available to the device.
@@ -292,30 +269,23 @@ func (d *Driver) reapEvents() (bool, error) {
 	return found, nil
 }
 
-// poll is the one goroutine that watches the SBA and the event queue.
+// poll is the one goroutine that watches the SBA and the event queue. After
+// activity it spins a while (a reply often follows soon), then either
+// sleeps on the interrupt or backs off to 1 ms sleeps.
 func (d *Driver) poll() {
 	defer close(d.polled)
 	defer close(d.events)
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
 	idle := 0
+	intr := d.intx != nil
 	for {
 		select {
 		case <-d.stop:
 			return
 		default:
 		}
-		active := d.claimSignals()
-		if d.broken.Load() == nil {
-			got, err := d.reapEvents()
-			if err != nil {
-				d.reqMu.Lock()
-				d.failLocked(fmt.Errorf("event queue: %v", err))
-				d.reqMu.Unlock()
-			}
-			active = active || got
-		}
-		if active {
+		if d.look() {
 			idle = 0
 			continue
 		}
@@ -324,12 +294,22 @@ func (d *Driver) poll() {
 			runtime.Gosched()
 			continue
 		}
-		pause := min(time.Microsecond<<min((idle-200)/8, 10), time.Millisecond)
-		if pause == time.Millisecond && idle%64 == 0 && d.broken.Load() == nil {
-			// Idle for a while: re-notify the event queue in case a
-			// notification of re-posted buffers was lost.
-			d.evQ.ForceKick()
+		if intr {
+			if err := d.sleepOnInterrupt(); err != nil {
+				select {
+				case <-d.stop:
+					return
+				default:
+				}
+				// Not Close: the interrupt path failed. Poll from now
+				// on rather than stop noticing signals.
+				d.opts.Logf("guestdriver: waiting for an interrupt: %v; polling from now on", err)
+				intr = false
+			}
+			idle = 0
+			continue
 		}
+		pause := min(time.Microsecond<<min((idle-200)/8, 10), time.Millisecond)
 		timer.Reset(pause)
 		select {
 		case <-d.stop:
@@ -341,4 +321,40 @@ func (d *Driver) poll() {
 		case <-timer.C:
 		}
 	}
+}
+
+// look scans the SBA and reaps the event queue once; it reports whether
+// anything came in.
+func (d *Driver) look() bool {
+	active := d.scanSignals()
+	if d.broken.Load() == nil {
+		got, err := d.reapEvents()
+		if err != nil {
+			d.reqMu.Lock()
+			d.failLocked(fmt.Errorf("event queue: %v", err))
+			d.reqMu.Unlock()
+		}
+		active = active || got
+	}
+	return active
+}
+
+// sleepOnInterrupt waits for the device's next interrupt unless something
+// came in meanwhile. The order makes a lost wake-up impossible: the ISR read
+// acknowledges what was signalled before it, so the look after it sees that;
+// what comes after it raises INTx again, which the unmask lets through (or
+// the look after the unmask sees it). The unmask is also the full fence
+// between the used_event stores of the looks and the loads of the last one.
+func (d *Driver) sleepOnInterrupt() error {
+	d.vio.ReadISR()
+	if d.look() {
+		return nil
+	}
+	if err := d.intx.unmask(); err != nil {
+		return err
+	}
+	if d.look() {
+		return nil
+	}
+	return d.intx.wait()
 }

@@ -4,16 +4,16 @@
 // Requests go on queue 0 as descriptor chains (48-byte header, MOVE data,
 // 16-byte response). Many may be in flight: a caller submits under a lock,
 // kicks, then waits for its own completion flag; whichever waiter gets the
-// lock harvests the used ring for everyone (no dedicated goroutine, no
-// interrupts). One poller goroutine watches the SBA and the event queue,
-// spinning briefly after activity and backing off to 1 ms when idle.
+// lock harvests the used ring for everyone (no dedicated goroutine).
 //
-// Interrupts are not used. They could be: bind the device to
-// uio_pci_generic (INTx only, and it refuses devices whose INTx is masked
-// by MSI-X; virtio's ISR status register is the INTx source) and block on
-// reads of /dev/uioN, re-enabling with a write; or VFIO with MSI-X
-// eventfds, which needs an IOMMU or noiommu mode. The poller's wait is the
-// one place that would change.
+// One poller goroutine watches the SBA and the event queue. With
+// interrupts (WaitInterrupts, the default where the guest can) it spins
+// briefly after activity and then sleeps on the device's INTx through the
+// kernel's uio_pci_generic: an idle driver uses no CPU. With WaitPoll it
+// spins and then backs off to 1 ms sleeps, for the lowest latency.
+//
+// The driver writes no word the device writes (ABI v2): it compares the
+// SBA's counters and the used rings' indices with its own copies.
 //
 // Everything read from the device is checked: used-ring indices, ids and
 // lengths (in package pci), response status values, echoed indices and
@@ -43,7 +43,46 @@ type Options struct {
 	MaxHugePages int           // DMA memory limit in 2 MiB pages; default 8
 	Timeout      time.Duration // for one request; default 30s (TCG is slow)
 	NoEventIdx   bool          // do not negotiate VIRTIO_RING_F_EVENT_IDX (flags-based suppression only)
+	Wait         WaitMode      // how the poller waits for signals and events; default WaitAuto
+	DevRoot      string        // where uio nodes are; default /dev
 	Logf         func(format string, args ...any)
+}
+
+// WaitMode says how the driver waits for DMB signals and device events.
+type WaitMode int
+
+const (
+	// WaitAuto uses interrupts if the device can be bound to
+	// uio_pci_generic, and polls otherwise (logged).
+	WaitAuto WaitMode = iota
+	// WaitPoll spins, then sleeps up to 1 ms between looks: the lowest
+	// latency, and a busy CPU while connections are idle.
+	WaitPoll
+	// WaitInterrupts sleeps on the device's INTx (uio_pci_generic); Open
+	// fails if that is not possible.
+	WaitInterrupts
+)
+
+func (w WaitMode) String() string {
+	switch w {
+	case WaitAuto:
+		return "auto"
+	case WaitPoll:
+		return "poll"
+	case WaitInterrupts:
+		return "interrupts"
+	}
+	return fmt.Sprintf("WaitMode(%d)", int(w))
+}
+
+// ParseWaitMode reads "auto", "poll" or "interrupts".
+func ParseWaitMode(s string) (WaitMode, error) {
+	for _, w := range []WaitMode{WaitAuto, WaitPoll, WaitInterrupts} {
+		if s == w.String() {
+			return w, nil
+		}
+	}
+	return 0, fmt.Errorf("guestdriver: wait mode %q: want auto, poll or interrupts", s)
 }
 
 // ErrClosed is returned by calls on a closed driver.
@@ -51,11 +90,6 @@ var ErrClosed = errors.New("guestdriver: closed")
 
 // ErrBroken wraps the reason the device was declared broken.
 var ErrBroken = errors.New("guestdriver: device broke the protocol")
-
-// forceKickAfter is how long the request queue may go without a
-// notification while a request waits before it is notified again
-// regardless of suppression.
-const forceKickAfter = 20 * time.Millisecond
 
 // slotSize is the DMA bytes per in-flight request: header, then response.
 const slotSize = abi.RequestSize + abi.ResponseSize
@@ -74,13 +108,15 @@ type Driver struct {
 	cfg   abi.Config
 	alloc *pci.Allocator
 	sba   *pci.DMA
+	intx  *intx // nil: the poller polls
+
+	signals signalReader // the poller's alone
 
 	reqMu     sync.Mutex
 	reqQ      *pci.Queue
 	slots     *pci.DMA
 	freeSlots []int
 	pending   []*waiter // by head descriptor
-	lastKick  time.Time // of the request queue, by anyone
 
 	evQ     *pci.Queue
 	evBufs  *pci.DMA
@@ -93,8 +129,6 @@ type Driver struct {
 	nextIndex uint32
 	maxDMBs   uint32
 	live      atomic.Int64 // DMBs and Buffers handed out and not freed
-
-	forcedKicks atomic.Uint64
 
 	broken atomic.Pointer[error]
 	closed atomic.Bool
@@ -123,6 +157,9 @@ func Open(opts Options) (*Driver, error) {
 	}
 	if opts.Logf == nil {
 		opts.Logf = func(string, ...any) {}
+	}
+	if opts.DevRoot == "" {
+		opts.DevRoot = "/dev"
 	}
 	if opts.VirtioID < 0 || opts.VirtioID > 0xffff-pci.VirtioDeviceBase {
 		return nil, fmt.Errorf("guestdriver: virtio id %d out of range", opts.VirtioID)
@@ -166,6 +203,9 @@ func open(dev *pci.Device, opts Options) (*Driver, error) {
 		if d.alloc != nil {
 			_ = d.alloc.Close()
 		}
+		if d.intx != nil {
+			_ = d.intx.close()
+		}
 		_ = vio.Close()
 	}()
 
@@ -192,6 +232,20 @@ func open(dev *pci.Device, opts Options) (*Driver, error) {
 	}
 	d.cfg = cfg
 	d.maxDMBs = min(cfg.MaxDMBs, abi.MaxDMBs)
+
+	// Bind for interrupts before the device is started: the kernel's
+	// driver enables the device, and a failed bind leaves it untouched.
+	if opts.Wait != WaitPoll {
+		x, err := openINTx(dev.Path, opts.DevRoot)
+		switch {
+		case err == nil:
+			d.intx = x
+		case opts.Wait == WaitInterrupts:
+			return nil, err
+		default:
+			opts.Logf("guestdriver: %s: polling: %v", dev.Addr, err)
+		}
+	}
 
 	started = true
 	wanted := uint64(1<<pci.FeatureRingEventIdx | 1<<pci.FeatureAccessPlatform)
@@ -224,7 +278,7 @@ func open(dev *pci.Device, opts Options) (*Driver, error) {
 		d.freeSlots = append(d.freeSlots, i)
 	}
 	d.pending = make([]*waiter, n)
-	if d.sba, err = d.alloc.Alloc(abi.SBASize, 4096); err != nil {
+	if err := d.allocSBA(); err != nil {
 		return nil, err
 	}
 	nev := min(opts.EventBufs, int(d.evQ.Size()))
@@ -242,8 +296,22 @@ func open(dev *pci.Device, opts Options) (*Driver, error) {
 	}
 	step("SBA set")
 	ok = true
-	opts.Logf("guestdriver: %s: gid %#x chid %#x, queues %d/%d, features %#x", dev.Addr, cfg.GID, cfg.CHID, d.reqQ.Size(), d.evQ.Size(), vio.Features())
+	opts.Logf("guestdriver: %s: gid %#x chid %#x, queues %d/%d, features %#x, waits by %s", dev.Addr, cfg.GID, cfg.CHID, d.reqQ.Size(), d.evQ.Size(), vio.Features(), d.waitName())
 	return d, nil
+}
+
+// allocSBA allocates the SBA and points the signal reader at it. Fresh DMA
+// memory is zero, as the ABI wants the SBA handed over.
+func (d *Driver) allocSBA() error {
+	var err error
+	if d.sba, err = d.alloc.Alloc(abi.SBASize, abi.SBAAlign); err != nil {
+		return err
+	}
+	if d.signals.sba, err = abi.NewSBA(d.sba.Bytes()); err != nil {
+		return err
+	}
+	d.signals.n = d.maxDMBs
+	return nil
 }
 
 // start posts nev event buffers, starts the poller and sets the SBA. The
@@ -255,16 +323,22 @@ func (d *Driver) start(nev int) error {
 			return err
 		}
 	}
-	d.evQ.ForceKick()
+	// Event buffers are the only used buffers the driver wants to hear of,
+	// and only when it sleeps on interrupts.
+	d.evQ.SetInterrupts(d.intx != nil)
+	d.evQ.Kick()
 	d.dmbs = make([]atomic.Pointer[DMB], d.maxDMBs)
 	d.events = make(chan abi.Event, 256)
 	d.wake = make(chan struct{}, 1)
 	d.stop = make(chan struct{})
 	d.polled = make(chan struct{})
 	go d.poll()
-	if _, err := d.do(&abi.Request{Op: abi.OpSetSBA, Addr: d.sba.GPA()}, nil); err != nil {
-		close(d.stop)
-		<-d.polled
+	var flags uint16
+	if d.intx != nil {
+		flags = abi.FlagInterrupts
+	}
+	if _, err := d.do(&abi.Request{Op: abi.OpSetSBA, Addr: d.sba.GPA(), Flags: flags}, nil); err != nil {
+		d.stopPoller()
 		return fmt.Errorf("SET_SBA: %w", err)
 	}
 	return nil
@@ -286,10 +360,16 @@ func (d *Driver) Events() <-chan abi.Event { return d.events }
 // EventDrops is the number of events dropped because Events was not drained.
 func (d *Driver) EventDrops() uint64 { return d.evDrops.Load() }
 
-// ForcedKicks counts notifications sent because a request waited longer
-// than expected: non-zero hints at lost notifications, or at a device (or
-// vCPU) that stalled for over 20 ms.
-func (d *Driver) ForcedKicks() uint64 { return d.forcedKicks.Load() }
+// Interrupts reports whether the driver sleeps on the device's interrupt
+// (true) or polls.
+func (d *Driver) Interrupts() bool { return d.intx != nil }
+
+func (d *Driver) waitName() string {
+	if d.intx != nil {
+		return "interrupts (IRQ " + d.intx.irq + ")"
+	}
+	return "polling"
+}
 
 // PCIAddr is the PCI address of the device.
 func (d *Driver) PCIAddr() string {
@@ -370,7 +450,6 @@ func (d *Driver) do(req *abi.Request, data []pci.Seg) (abi.Response, error) {
 	}
 	d.pending[head] = w
 	d.reqQ.Kick()
-	d.lastKick = time.Now()
 	d.reqMu.Unlock()
 	d.poke()
 
@@ -378,17 +457,8 @@ func (d *Driver) do(req *abi.Request, data []pci.Seg) (abi.Response, error) {
 	for !w.done.Load() {
 		if d.reqMu.TryLock() {
 			d.harvestLocked()
-			if !w.done.Load() {
-				if time.Since(start) > d.opts.Timeout {
-					d.failLocked(fmt.Errorf("%v not completed in %v", req.Op, d.opts.Timeout))
-				} else if time.Since(d.lastKick) > forceKickAfter && !d.closed.Load() {
-					// Safety net against a lost or wrongly suppressed
-					// notification (EVENT_IDX bookkeeping on either side):
-					// a spurious kick costs one exit.
-					d.reqQ.ForceKick()
-					d.lastKick = time.Now()
-					d.forcedKicks.Add(1)
-				}
+			if !w.done.Load() && time.Since(start) > d.opts.Timeout {
+				d.failLocked(fmt.Errorf("%v not completed in %v", req.Op, d.opts.Timeout))
 			}
 			d.reqMu.Unlock()
 			if w.done.Load() {
@@ -461,6 +531,15 @@ func (d *Driver) poke() {
 	}
 }
 
+// stopPoller ends the poller and waits for it.
+func (d *Driver) stopPoller() {
+	close(d.stop)
+	if d.intx != nil {
+		_ = d.intx.close() // ends a wait on the interrupt
+	}
+	<-d.polled
+}
+
 // Close resets the device, which makes the backend drop this guest's DMBs,
 // and stops the poller. DMA memory is returned only when no DMB or Buffer
 // is still held, so stale slices never point at unmapped memory.
@@ -468,8 +547,7 @@ func (d *Driver) Close() error {
 	if !d.closed.CompareAndSwap(false, true) {
 		return ErrClosed
 	}
-	close(d.stop)
-	<-d.polled
+	d.stopPoller()
 	var err error
 	if d.vio != nil { // nil only in tests
 		err = d.vio.Reset(5 * time.Second)

@@ -165,10 +165,11 @@ func (f *fakeISM) handle(c *chain) uint32 {
 		default:
 			copy(m.mem[r.Offset:], data)
 			if r.Flags&abi.FlagSignal != 0 {
-				mask := (*uint32)(unsafe.Pointer(&f.g.at(f.sba+abi.SBAMaskOffset+4*uint64(m.index), 4)[0]))
-				word := (*uint64)(unsafe.Pointer(&f.g.at(f.sba+8*uint64(m.index/64), 8)[0]))
-				atomic.OrUint32(mask, 1<<r.Index)
-				atomic.OrUint64(word, 1<<(m.index%64))
+				sba, err := abi.NewSBA(f.g.at(f.sba, abi.SBASize))
+				if err != nil {
+					panic(err)
+				}
+				sba.Signal(m.index, r.Index)
 			}
 		}
 	case abi.OpSignal:
@@ -262,7 +263,7 @@ func newFake(t *testing.T, qsize uint16, tamper func(abi.Request, []byte, *uint3
 		d.freeSlots = append(d.freeSlots, i)
 	}
 	d.pending = make([]*waiter, n)
-	if d.sba, err = alloc.Alloc(abi.SBASize, 4096); err != nil {
+	if err := d.allocSBA(); err != nil {
 		t.Fatal(err)
 	}
 	nev := min(16, n)
@@ -498,19 +499,26 @@ func TestCloseFailsLaterCalls(t *testing.T) {
 func TestEventsRepost(t *testing.T) {
 	d, _ := newFake(t, 8, nil) // 8 event buffers
 	const n = 100
+	sent := make(chan error, 1)
 	go func() {
 		for i := 0; i < n; i++ {
 			if err := d.Signal(d.GID(), 3, uint64(i)); err != nil {
-				t.Error(err)
+				sent <- err
 				return
 			}
 		}
+		sent <- nil
 	}()
 	for i := 0; i < n; i++ {
 		ev := <-d.Events()
 		if ev.Type != abi.EventSWR || ev.Code != 3 || ev.Info != uint64(i) {
 			t.Fatalf("event %d: %+v", i, ev)
 		}
+	}
+	// The last event can arrive before its SIGNAL's reply is harvested:
+	// wait for the sender before the driver is closed.
+	if err := <-sent; err != nil {
+		t.Fatal(err)
 	}
 	if d.EventDrops() != 0 {
 		t.Fatalf("%d events dropped", d.EventDrops())

@@ -1,8 +1,6 @@
 package ism
 
 import (
-	"encoding/binary"
-	"math/bits"
 	"sync"
 	"sync/atomic"
 	"unsafe"
@@ -146,7 +144,7 @@ func statusOf(err error) abi.Status {
 }
 
 // SetSBA sets where the device's signalling block lives in guest RAM
-// (abi.SBASize bytes, 8-byte aligned) and whether signals raise interrupts.
+// (abi.SBASize bytes, abi.SBAAlign-aligned) and whether signals raise interrupts.
 // The device does not clear the block: it is the driver's memory.
 func (d *Device) SetSBA(gpa uint64, interrupts bool) error {
 	var flags uint16
@@ -157,8 +155,8 @@ func (d *Device) SetSBA(gpa uint64, interrupts bool) error {
 	if d.closed.Load() {
 		return d.refuse(req, abi.StatusNotReady, "device disconnected")
 	}
-	if gpa%8 != 0 {
-		return d.refuse(req, abi.StatusInvalid, "SBA not 8-byte aligned")
+	if gpa%abi.SBAAlign != 0 {
+		return d.refuse(req, abi.StatusInvalid, "SBA not page-aligned")
 	}
 	if dmb.AddOverflows(gpa, abi.SBASize) {
 		return d.refuse(req, abi.StatusFault, "SBA wraps the address space")
@@ -175,7 +173,7 @@ func (d *Device) SetSBA(gpa uint64, interrupts bool) error {
 		}
 		// The atomics of a signal need the host view aligned too; a
 		// mapping is page-aligned, so this fails only on a broken Memory.
-		if uintptr(unsafe.Pointer(&sba[0]))%8 != 0 {
+		if _, err := abi.NewSBA(sba); err != nil {
 			return abi.StatusInternal, "host view of the SBA is misaligned"
 		}
 		d.sbaGPA, d.sbaSet, d.interrupts = gpa, true, interrupts
@@ -277,9 +275,8 @@ func (d *Device) UnregisterDMB(token uint64) error {
 
 // Move copies data (its segments in order, len = their total) into the DMB
 // with that token at offset, on behalf of this device, which must be the
-// DMB's rgid. With signal it then sets DMBE bit dmbe in the owner's SBA mask
-// and the DMB's bit, and interrupts the owner if it asked for interrupts and
-// the DMB bit was clear (signals coalesce until the driver claims the bit).
+// DMB's rgid. With signal it then counts the signal in the owner's SBA
+// (abi.SBA.Signal) and interrupts the owner if it asked for interrupts.
 //
 // A refused MOVE changes nothing: every check, including the translation of
 // the owner's DMB and SBA, happens before the first byte is copied. In
@@ -392,20 +389,18 @@ func (o *Device) moveLocked(e *dmbEntry, dmbe uint32, offset, n uint64, signal b
 	if !e.live {
 		return abi.StatusNoEntry, false
 	}
-	var mask *uint32
-	var word *uint64
+	var sba abi.SBA
 	if signal {
 		if !o.sbaSet {
 			return abi.StatusNotReady, false
 		}
 		// Translated per MOVE: the memory table may have changed since
 		// SET_SBA (SetMemory), and a stale view must never be written.
-		sba, err := o.mem.Bytes(o.sbaGPA, abi.SBASize)
+		b, err := o.mem.Bytes(o.sbaGPA, abi.SBASize)
 		if err != nil {
 			return abi.StatusFault, false
 		}
-		var ok bool
-		if mask, word, ok = sbaWords(sba, e.index); !ok {
+		if sba, err = abi.NewSBA(b); err != nil {
 			return abi.StatusInternal, false
 		}
 	}
@@ -425,50 +420,16 @@ func (o *Device) moveLocked(e *dmbEntry, dmbe uint32, offset, n uint64, signal b
 	if !signal {
 		return abi.StatusOK, false
 	}
-	// Mask before bit: a driver that sees the bit finds the mask set.
-	atomic.OrUint32(mask, le32(1<<dmbe))
-	bit := le64(1 << (e.index % 64))
-	old := atomic.OrUint64(word, bit)
-	if old&bit != 0 || !o.interrupts {
+	// Counters only the device writes (ABI v2): the driver compares them
+	// with its own copies, so nothing it does can lose this signal. The
+	// interrupt is raised for every signal: coalescing it on a word the
+	// driver clears would bring back a word both sides write.
+	sba.Signal(e.index, dmbe)
+	if !o.interrupts {
 		return abi.StatusOK, false
 	}
 	o.n.Interrupt()
 	return abi.StatusOK, true
-}
-
-// sbaWords returns the DMBE mask word and the bits word of DMB index i in a
-// host view of an SBA, or false if they are out of bounds or misaligned
-// (atomics on a misaligned address fault on some hosts).
-func sbaWords(sba []byte, i uint32) (*uint32, *uint64, bool) {
-	mo := abi.SBAMaskOffset + 4*uint64(i)
-	bo := abi.SBABitsOffset + 8*uint64(i/64)
-	if i >= abi.MaxDMBs || mo+4 > uint64(len(sba)) || bo+8 > uint64(len(sba)) {
-		return nil, nil, false
-	}
-	mp := unsafe.Pointer(&sba[mo])
-	bp := unsafe.Pointer(&sba[bo])
-	if uintptr(mp)%4 != 0 || uintptr(bp)%8 != 0 {
-		return nil, nil, false
-	}
-	return (*uint32)(mp), (*uint64)(bp), true
-}
-
-// The SBA is little-endian. ORing a byte-swapped mask into a native word sets
-// the same bits a little-endian OR would, so big-endian hosts swap the mask.
-var bigEndianHost = binary.NativeEndian.Uint16([]byte{0, 1}) == 1
-
-func le32(v uint32) uint32 {
-	if bigEndianHost {
-		return bits.ReverseBytes32(v)
-	}
-	return v
-}
-
-func le64(v uint64) uint64 {
-	if bigEndianHost {
-		return bits.ReverseBytes64(v)
-	}
-	return v
 }
 
 // Signal posts a software event (abi.EventSWR with this device's GID, code

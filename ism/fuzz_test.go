@@ -2,7 +2,6 @@ package ism
 
 import (
 	"bytes"
-	"encoding/binary"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -31,8 +30,8 @@ func FuzzHandle(f *testing.F) {
 
 const (
 	fzLowGPA   = 0x0
-	fzLowSize  = 0x8000
-	fzHighGPA  = 0x10000
+	fzLowSize  = 0x40000
+	fzHighGPA  = 0x80000
 	fzHighSize = 0x10000
 )
 
@@ -165,10 +164,7 @@ func runFuzzHandle(t *testing.T, in []byte) Stats {
 				}
 				if sig {
 					o := e.owner
-					m := o.model(o.sba+abi.SBAMaskOffset+4*uint64(e.index), 4)
-					binary.LittleEndian.PutUint32(m, binary.LittleEndian.Uint32(m)|1<<req.Index)
-					w := o.model(o.sba+abi.SBABitsOffset+8*uint64(e.index/64), 8)
-					binary.LittleEndian.PutUint64(w, binary.LittleEndian.Uint64(w)|1<<(e.index%64))
+					modelSignal(o.model(o.sba, abi.SBASize), e.index, req.Index)
 				}
 			}
 		case abi.OpSignal:
@@ -176,7 +172,7 @@ func runFuzzHandle(t *testing.T, in []byte) Stats {
 		case abi.OpQueryRGID:
 			ok = req.Flags == 0 && byGID(req.GID) != nil
 		case abi.OpSetSBA:
-			ok = req.Flags&^abi.FlagInterrupts == 0 && req.Addr%8 == 0 && g.model(req.Addr, abi.SBASize) != nil
+			ok = req.Flags&^abi.FlagInterrupts == 0 && req.Addr%abi.SBAAlign == 0 && g.model(req.Addr, abi.SBASize) != nil
 			apply = func(abi.Response) {
 				g.sbaSet, g.sba, g.intr = true, req.Addr, req.Flags&abi.FlagInterrupts != 0
 			}
@@ -232,7 +228,7 @@ func TestWriteFuzzHandleCorpus(t *testing.T) {
 			fzRecord(b, 0, mv(0, 32, 0), pat[:32])),
 		"move-wrong-rgid": cat(fzRecord(a, 0, sba, nil), fzRecord(a, 0, regAB, nil), fzRecord(a, 0, mv(0, 8, 1), pat[:8])),
 		"intra-vm": cat(fzRecord(a, 0, sba, nil),
-			fzRecord(a, 0, abi.Request{Op: abi.OpRegisterDMB, Addr: 0x2000, Len: 0x1000, GID: 0xA, Index: 1919}, nil),
+			fzRecord(a, 0, abi.Request{Op: abi.OpRegisterDMB, Addr: 0x30000, Len: 0x1000, GID: 0xA, Index: 1919}, nil),
 			fzRecord(a, 1, mv(0xff0, 16, abi.FlagSignal), pat[:16])),
 		"unregister-then-move": cat(fzRecord(a, 0, sba, nil), fzRecord(a, 0, regAB, nil),
 			fzRecord(b, 0, abi.Request{Op: abi.OpUnregisterDMB, Token: 0}, nil),

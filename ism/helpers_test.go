@@ -39,7 +39,7 @@ func (n *notifier) snapshot() (int, []abi.Event) {
 // that ranges crossing a region end are refused.
 const (
 	lowGPA   = 0x0
-	lowSize  = 64 << 10
+	lowSize  = 256 << 10
 	highGPA  = 0x100000
 	highSize = 4 << 20
 	sbaGPA   = 0x1000 // in the low region
@@ -78,12 +78,25 @@ func (g *guest) at(t testing.TB, gpa, n uint64) []byte {
 	return b
 }
 
-func (g *guest) sbaBits(t testing.TB, sba uint64, index uint32) uint64 {
-	return binary.LittleEndian.Uint64(g.at(t, sba+abi.SBABitsOffset+8*uint64(index/64), 8))
+// sbaSeq and sbaDMBE read the SBA's counters for DMB index i by their
+// documented offsets (not through abi.SBA, which is what is under test).
+func (g *guest) sbaSeq(t testing.TB, sba uint64, i uint32) uint32 {
+	return binary.LittleEndian.Uint32(g.at(t, sba+abi.SBASeqOffset+4*uint64(i), 4))
 }
 
-func (g *guest) sbaMask(t testing.TB, sba uint64, index uint32) uint32 {
-	return binary.LittleEndian.Uint32(g.at(t, sba+abi.SBAMaskOffset+4*uint64(index), 4))
+func (g *guest) sbaDMBE(t testing.TB, sba uint64, i, e uint32) uint16 {
+	return binary.LittleEndian.Uint16(g.at(t, sba+abi.SBADMBEOffset+64*uint64(i)+2*uint64(e), 2))
+}
+
+// modelSignal is the ABI's signal written out by hand on a model of guest
+// RAM holding an SBA at its start: four little-endian counters go up by one.
+func modelSignal(sba []byte, i, e uint32) {
+	inc16 := func(b []byte) { binary.LittleEndian.PutUint16(b, binary.LittleEndian.Uint16(b)+1) }
+	inc32 := func(b []byte) { binary.LittleEndian.PutUint32(b, binary.LittleEndian.Uint32(b)+1) }
+	inc16(sba[abi.SBADMBEOffset+64*int(i)+2*int(e):])
+	inc32(sba[abi.SBASeqOffset+4*int(i):])
+	inc32(sba[abi.SBAGroupOffset+4*int(i/64):])
+	inc32(sba[abi.SBASumOffset:])
 }
 
 func quietLog() *logrus.Entry {

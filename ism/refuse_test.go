@@ -63,7 +63,7 @@ func TestRefusals(t *testing.T) {
 		{"SBA misaligned", a.dev, abi.Request{Op: abi.OpSetSBA, Addr: sbaGPA + 4}, nil, abi.StatusInvalid},
 		{"SBA across a region end", a.dev, abi.Request{Op: abi.OpSetSBA, Addr: lowGPA + lowSize - 4096}, nil, abi.StatusFault},
 		{"SBA outside RAM", a.dev, abi.Request{Op: abi.OpSetSBA, Addr: 1 << 40}, nil, abi.StatusFault},
-		{"SBA wraps", a.dev, abi.Request{Op: abi.OpSetSBA, Addr: max &^ 7}, nil, abi.StatusFault},
+		{"SBA wraps", a.dev, abi.Request{Op: abi.OpSetSBA, Addr: max &^ (abi.SBAAlign - 1)}, nil, abi.StatusFault},
 		{"SBA flags", a.dev, abi.Request{Op: abi.OpSetSBA, Addr: sbaGPA, Flags: 2}, nil, abi.StatusInvalid},
 		// UNREGISTER
 		{"unregister by non-owner", b.dev, abi.Request{Op: abi.OpUnregisterDMB, Token: tok}, nil, abi.StatusPermission},

@@ -18,7 +18,7 @@ func TestSmokeMove(t *testing.T) {
 	if got := a.at(t, dmbGPA+100, uint64(len(data))); !bytes.Equal(got, data) {
 		t.Fatalf("DMB holds %q", got)
 	}
-	if a.sbaMask(t, sbaGPA, 77) != 1<<5 || a.sbaBits(t, sbaGPA, 77) != 1<<(77%64) {
+	if a.sbaDMBE(t, sbaGPA, 77, 5) != 1 || a.sbaSeq(t, sbaGPA, 77) != 1 {
 		t.Fatal("SBA not set")
 	}
 	if n, _ := a.n.snapshot(); n != 1 {

@@ -64,11 +64,12 @@ func TestMoveIntoPeerDMB(t *testing.T) {
 		}
 		t.Fatalf("A's DMB differs from what B sent, first at byte %d", i)
 	}
-	if !sbaBit(sba, idx) || sbaMask(sba, idx) != 1 {
-		t.Fatalf("SBA bit %v mask %#x, want set and 1", sbaBit(sba, idx), sbaMask(sba, idx))
+	signals := uint32(4 * len(sizes))
+	if sbaSeq(sba, idx) != signals || sbaDMBE(sba, idx, 0) != uint16(signals) {
+		t.Fatalf("SBA seq %d DMBE 0 count %d, want %d", sbaSeq(sba, idx), sbaDMBE(sba, idx, 0), signals)
 	}
-	if sbaBit(sba, idx+1) || sbaBit(sba, idx-1) {
-		t.Fatal("neighbouring SBA bits set")
+	if sbaSeq(sba, idx+1) != 0 || sbaSeq(sba, idx-1) != 0 {
+		t.Fatal("neighbouring SBA counters moved")
 	}
 }
 
@@ -319,7 +320,7 @@ func TestIntraVM(t *testing.T) {
 	if st := a.move(token, 4096, []byte("self"), true); st != abi.StatusOK {
 		t.Fatalf("intra-VM MOVE: %v", st)
 	}
-	if string(dmb[4096:4100]) != "self" || !sbaBit(sba, 5) {
+	if string(dmb[4096:4100]) != "self" || sbaSeq(sba, 5) != 1 {
 		t.Fatal("intra-VM MOVE did not land or signal")
 	}
 }

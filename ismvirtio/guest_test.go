@@ -2,6 +2,7 @@ package ismvirtio
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
 	"net"
 	"path/filepath"
@@ -242,13 +243,13 @@ func (g *guest) waitEvent(buf []byte) abi.Event {
 	return ev
 }
 
-func sbaBit(sba []byte, idx uint32) bool {
-	return sba[abi.SBABitsOffset+8*(idx/64)+(idx%64)/8]&(1<<(idx%8)) != 0
+// sbaSeq and sbaDMBE read an SBA's counters by their documented offsets.
+func sbaSeq(sba []byte, idx uint32) uint32 {
+	return binary.LittleEndian.Uint32(sba[abi.SBASeqOffset+4*idx:])
 }
 
-func sbaMask(sba []byte, idx uint32) uint32 {
-	o := abi.SBAMaskOffset + 4*idx
-	return uint32(sba[o]) | uint32(sba[o+1])<<8 | uint32(sba[o+2])<<16 | uint32(sba[o+3])<<24
+func sbaDMBE(sba []byte, idx, e uint32) uint16 {
+	return binary.LittleEndian.Uint16(sba[abi.SBADMBEOffset+64*idx+2*e:])
 }
 
 func name(i int) string { return fmt.Sprintf("vm%d", i) }

@@ -19,6 +19,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 )
 
 // DefaultSysfsRoot is where Linux lists PCI devices.
@@ -160,9 +161,17 @@ func (d *Device) WriteConfig(off int64, b []byte) error {
 }
 
 // Enable writes 1 to the sysfs enable attribute, which turns on decoding of
-// the BARs (the kernel keeps a count; it stays on until disabled).
+// the BARs (the kernel keeps a count; it stays on until disabled). The
+// kernel refuses the write (EBUSY) while a driver is bound; such a driver
+// (uio_pci_generic, for interrupts) has enabled the device itself.
 func (d *Device) Enable() error {
-	return os.WriteFile(filepath.Join(d.Path, "enable"), []byte("1"), 0)
+	err := os.WriteFile(filepath.Join(d.Path, "enable"), []byte("1"), 0)
+	if errors.Is(err, syscall.EBUSY) {
+		if b, rerr := os.ReadFile(filepath.Join(d.Path, "enable")); rerr == nil && strings.TrimSpace(string(b)) != "0" {
+			return nil
+		}
+	}
+	return err
 }
 
 // SetBusMaster sets the command register's bus-master and memory bits so

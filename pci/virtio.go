@@ -266,6 +266,10 @@ func (v *Virtio) MapSharedMem(r SharedMemRegion) (*MMIO, error) {
 	return v.bars[r.BAR].Window(r.Offset, r.Length)
 }
 
+// ReadISR reads (and so clears) the ISR status: bit 0 a queue interrupt,
+// bit 1 a config change. The read also deasserts the device's INTx line.
+func (v *Virtio) ReadISR() uint8 { return v.isr.Read8(0) }
+
 // Status reads device_status.
 func (v *Virtio) Status() uint8 { return v.common.Read8(commonStatus) }
 

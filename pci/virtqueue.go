@@ -24,7 +24,6 @@ const (
 	descFlagWrite = 2
 
 	availFlagNoInterrupt = 1
-	usedFlagNoNotify     = 1
 )
 
 // Seg is one buffer of a chain: a physical address and a length.
@@ -51,6 +50,7 @@ type Queue struct {
 	usedOff  int
 	eventIdx bool
 	notify   func()
+	intr     bool // the driver wants used-buffer notifications (interrupts)
 
 	freeHead  uint16
 	numFree   uint16
@@ -97,10 +97,36 @@ func NewQueue(index, size uint16, mem *DMA, eventIdx bool, notify func()) (*Queu
 	for i := 0; i < n; i++ {
 		q.next[i] = uint16((i + 1) % n)
 	}
-	// Polling driver: ask for no interrupts. With EVENT_IDX the flag is
-	// ignored and used_event stays 0, which is harmless for a poller.
-	atomic.StoreUint32((*uint32)(mem.ptr(q.availOff)), availFlagNoInterrupt)
+	q.SetInterrupts(false)
 	return q, nil
+}
+
+// SetInterrupts says whether the driver wants the device to notify it of
+// used buffers (an interrupt). Off (the default), it sets the avail ring's
+// NO_INTERRUPT flag and keeps used_event half the index space ahead of the
+// used idx, where the device does not reach it.
+func (q *Queue) SetInterrupts(on bool) {
+	q.intr = on
+	var flags uint32
+	if !on {
+		flags = availFlagNoInterrupt
+	}
+	w := (*uint32)(q.mem.ptr(q.availOff))
+	atomic.StoreUint32(w, atomic.LoadUint32(w)&^0xffff|flags)
+	q.publishUsedEvent()
+}
+
+// publishUsedEvent writes used_event (EVENT_IDX): the used idx after which
+// the device notifies.
+func (q *Queue) publishUsedEvent() {
+	if !q.eventIdx {
+		return
+	}
+	ev := q.lastUsed
+	if !q.intr {
+		ev += 0x8000
+	}
+	atomic.StoreUint32((*uint32)(q.mem.ptr(q.availOff+4+2*int(q.size))), uint32(ev))
 }
 
 // Size is the number of entries.
@@ -175,27 +201,22 @@ func (q *Queue) Add(out, in []Seg) (uint16, error) {
 	return head, nil
 }
 
-// Kick notifies the device of new chains, unless it asked not to be.
+// Kick notifies the device of chains made available since the last Kick.
+//
+// It ignores the device's suppression hints (avail_event, NO_NOTIFY), which
+// the spec allows. Honouring them is a store-load handshake: the driver
+// stores avail idx and then loads avail_event, the device stores
+// avail_event and then loads avail idx, and each side needs a full fence
+// between the two or both can miss the other's store. QEMU's TCG with one
+// vCPU emits no host fence for the guest's (it assumes no other thread
+// sees guest memory), so a kick was lost now and then and the request
+// waited until a 20 ms safety-net kick. A requester waits for its reply, so
+// the device is mostly idle when a request comes and suppression saved
+// little.
 func (q *Queue) Kick() {
 	if q.availIdx == q.kickedIdx {
 		return
 	}
-	old := q.kickedIdx
-	q.kickedIdx = q.availIdx
-	if q.eventIdx {
-		// avail_event: notify if it lies in (old, new].
-		ev := uint16(atomic.LoadUint32((*uint32)(q.mem.ptr(q.usedOff + 4 + 8*int(q.size)))))
-		if q.availIdx-ev-1 >= q.availIdx-old {
-			return
-		}
-	} else if atomic.LoadUint32((*uint32)(q.mem.ptr(q.usedOff)))&usedFlagNoNotify != 0 {
-		return
-	}
-	q.notify()
-}
-
-// ForceKick notifies the device regardless of suppression.
-func (q *Queue) ForceKick() {
 	q.kickedIdx = q.availIdx
 	q.notify()
 }
@@ -232,11 +253,7 @@ func (q *Queue) Poll() (head uint16, written uint32, ok bool, err error) {
 	}
 	q.lastUsed++
 	q.release(uint16(id))
-	if q.eventIdx {
-		// used_event: we poll, but keep it current so an interrupt-driven
-		// future does not miss one.
-		atomic.StoreUint32((*uint32)(q.mem.ptr(q.availOff+4+2*int(q.size))), uint32(q.lastUsed))
-	}
+	q.publishUsedEvent()
 	return uint16(id), n, true, nil
 }
 

@@ -8,11 +8,13 @@ set -euo pipefail
 CACHE=${ISM_CACHE:-$(cd "$(dirname "$0")/.." && pwd)/.cache}
 DIR=$CACHE/kernel
 STAMP=$DIR/.stamp
-# Modules for the guest network (e1000) and, for tests that want the kernel
-# to own the device, virtio_pci. Dependencies are added from modules.dep.
-MODULES=${ISM_KERNEL_MODULES:-"e1000 virtio_pci"}
+# Modules for the guest network (e1000), for the ISM driver's interrupts
+# (uio_pci_generic) and, for tests that want the kernel to own the device,
+# virtio_pci. Dependencies are added from modules.dep.
+MODULES=${ISM_KERNEL_MODULES:-"e1000 uio_pci_generic virtio_pci"}
 
-if [ -f "$STAMP" ] && [ -f "$DIR/vmlinuz" ]; then
+# The stamp names the module list, so a changed list provisions again.
+if [ -f "$STAMP" ] && [ -f "$DIR/vmlinuz" ] && [ "$(cat "$STAMP")" = "$MODULES" ]; then
 	echo "kernel: up to date ($(cat "$DIR/version"))"
 	exit 0
 fi
@@ -86,5 +88,5 @@ rm -f "$dest/modules.dep.bin"
 cp "$tmp/x/boot/vmlinuz-$ver" "$DIR/vmlinuz"
 echo "$ver" >"$DIR/version"
 echo "kernel: $ver; modules: $(cut -d: -f1 "$dest/modules.dep" | xargs -n1 basename | tr '\n' ' ')"
-touch "$STAMP"
+echo "$MODULES" >"$STAMP"
 echo "kernel: done in $(($(date +%s) - start)) s"

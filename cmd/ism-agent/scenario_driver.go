@@ -54,12 +54,33 @@ func init() {
 	register("virtio-rng", virtioRNG)
 }
 
+// openDriver opens the ISM device with the options the kernel command line
+// gives: ism.wait=auto|poll|interrupts (default auto: interrupts through
+// uio_pci_generic, which it loads), ism.pci, ism.hugepages, ism.event_idx.
 func openDriver(e *Env) (*guestdriver.Driver, error) {
+	return openDriverWait(e, e.Arg("wait", "auto"))
+}
+
+// openDriverWait is openDriver with the wait mode given.
+func openDriverWait(e *Env, mode string) (*guestdriver.Driver, error) {
+	wait, err := guestdriver.ParseWaitMode(mode)
+	if err != nil {
+		return nil, err
+	}
+	if wait != guestdriver.WaitPoll {
+		if err := loadModule("uio_pci_generic"); err != nil {
+			if wait == guestdriver.WaitInterrupts {
+				return nil, err
+			}
+			e.Logf("no interrupts: %v", err)
+		}
+	}
 	d, err := guestdriver.Open(guestdriver.Options{
 		VirtioID:     e.ArgInt("virtio_id", abi.DefaultVirtioID),
 		Addr:         e.Arg("pci", ""),
 		MaxHugePages: e.ArgInt("hugepages", 8),
 		NoEventIdx:   e.Arg("event_idx", "1") == "0",
+		Wait:         wait,
 		Logf:         e.Logf,
 	})
 	if err != nil {
@@ -569,6 +590,6 @@ func ismStress(e *Env) error {
 	e.Result("moves", conns*moves)
 	e.Result("elapsed", el)
 	e.Result("moves_per_s", fmt.Sprintf("%.0f", float64(conns*moves)/el.Seconds()))
-	e.Result("forced_kicks", d.ForcedKicks())
+	e.Result("waits_by", map[bool]string{true: "interrupts", false: "polling"}[d.Interrupts()])
 	return first
 }

@@ -15,6 +15,7 @@ var (
 	virtioID  = flag.Int("virtio-id", abi.DefaultVirtioID, "virtio device id of the ISM device")
 	pciAddr   = flag.String("pci", "", "PCI address of the ISM device (default: the first one found)")
 	hugePages = flag.Int("hugepages", 8, "most 2 MiB huge pages the driver may use for DMBs and buffers")
+	waitMode  = flag.String("wait", "auto", "how the driver waits for signals: interrupts (needs uio_pci_generic loaded), poll (lowest latency, busy CPU), or auto")
 )
 
 // openDevice returns the ISM device smcat runs over: the guest's virtio ISM
@@ -23,7 +24,11 @@ func openDevice() (smcd.Device, error) {
 	if *loopback {
 		return smcd.NewLoopback(), nil
 	}
-	d, err := guestdriver.Open(guestdriver.Options{VirtioID: *virtioID, Addr: *pciAddr, MaxHugePages: *hugePages})
+	wait, err := guestdriver.ParseWaitMode(*waitMode)
+	if err != nil {
+		return nil, err
+	}
+	d, err := guestdriver.Open(guestdriver.Options{VirtioID: *virtioID, Addr: *pciAddr, MaxHugePages: *hugePages, Wait: wait})
 	if err != nil {
 		return nil, fmt.Errorf("ISM device: %w (use -loopback without one)", err)
 	}
