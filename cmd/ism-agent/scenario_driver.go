@@ -29,14 +29,25 @@ package main
 // copy. Both print sha256 of the bytes (sent / received) and the harness
 // compares them. The sender's GID must be known to the harness before the
 // receiver starts: GIDs are stable per VM name (or run ism-probe first).
+// With ism.hold=1 the receiver keeps its DMB registered after the transfer
+// and prints "ISM-RESULT holding=1" until the host writes the line
+// "release" to its control port (ttyS1, vmharness VMConfig.Control), so a
+// third VM can probe the DMB while it certainly exists, whichever guest
+// boots or finishes first.
 
 import (
+	"bufio"
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"os"
 	"strconv"
+	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/ism-backend/ism-backend/abi"
 	"github.com/ism-backend/ism-backend/guestdriver"
@@ -234,6 +245,15 @@ func ismRecv(e *Env) error {
 	if err != nil {
 		return err
 	}
+	var ctl *hostControl
+	if e.Arg("hold", "0") == "1" {
+		// Opened before the token is printed: the host may send
+		// "release" any time after it has seen the token.
+		if ctl, err = openHostControl(); err != nil {
+			return err
+		}
+		defer ctl.Close()
+	}
 	reportConfig(e, d)
 	m, err := d.RegisterDMB(x.slots*x.chunk, peer)
 	if err != nil {
@@ -279,11 +299,85 @@ func ismRecv(e *Env) error {
 	e.Result("bytes", x.bytes)
 	e.Result("sha256", hex.EncodeToString(h.Sum(nil)))
 	e.Result("elapsed", el)
+	if ctl != nil {
+		e.Result("holding", 1)
+		if err := ctl.WaitLine(e.Ctx, "release"); err != nil {
+			return fmt.Errorf("holding the DMB for the host: %w", err)
+		}
+	}
 	if err := d.UnregisterDMB(m); err != nil {
 		return fmt.Errorf("UNREGISTER_DMB: %w", err)
 	}
 	return nil
 }
+
+// hostControl is the line channel from the host test into this guest: the
+// second serial port, on a socket the harness writes (VMConfig.Control).
+type hostControl struct {
+	f *os.File
+	r *bufio.Reader
+}
+
+const hostControlTTY = "/dev/ttyS1"
+
+// openHostControl opens the control port in raw mode. Open it before
+// telling the host you listen: opening resets the UART's FIFO.
+func openHostControl() (*hostControl, error) {
+	// O_NONBLOCK: do not wait for a carrier that a socket-backed port
+	// may never raise; Go's poller makes reads block anyway.
+	f, err := os.OpenFile(hostControlTTY, os.O_RDWR|unix.O_NOCTTY|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, fmt.Errorf("host control port: %w", err)
+	}
+	fd := int(f.Fd())
+	t, err := unix.IoctlGetTermios(fd, unix.TCGETS)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("host control port: %w", err)
+	}
+	// Raw bytes: no echo back to the host, no CR/NL rewriting, no
+	// signals; CLOCAL so the missing modem lines do not matter.
+	t.Iflag &^= unix.IGNBRK | unix.BRKINT | unix.PARMRK | unix.ISTRIP | unix.INLCR | unix.IGNCR | unix.ICRNL | unix.IXON
+	t.Oflag &^= unix.OPOST
+	t.Lflag &^= unix.ECHO | unix.ECHONL | unix.ICANON | unix.ISIG | unix.IEXTEN
+	t.Cflag = t.Cflag&^(unix.CSIZE|unix.PARENB) | unix.CS8 | unix.CLOCAL | unix.CREAD
+	t.Cc[unix.VMIN], t.Cc[unix.VTIME] = 1, 0
+	if err := unix.IoctlSetTermios(fd, unix.TCSETS, t); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("host control port: %w", err)
+	}
+	return &hostControl{f: f, r: bufio.NewReader(f)}, nil
+}
+
+// WaitLine reads lines from the host until one is want (others are
+// skipped) or ctx ends.
+func (h *hostControl) WaitLine(ctx context.Context, want string) error {
+	got := make(chan error, 1)
+	go func() {
+		for {
+			l, err := h.r.ReadString('\n')
+			if strings.TrimSpace(l) == want {
+				got <- nil
+				return
+			}
+			if err != nil {
+				got <- err
+				return
+			}
+		}
+	}()
+	select {
+	case err := <-got:
+		if err != nil {
+			return fmt.Errorf("host control port: %w before %q", err, want)
+		}
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("host never sent %q on %s: %w", want, hostControlTTY, ctx.Err())
+	}
+}
+
+func (h *hostControl) Close() error { return h.f.Close() }
 
 func ismSend(e *Env) error {
 	d, err := openDriver(e)

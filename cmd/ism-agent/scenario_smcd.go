@@ -19,6 +19,9 @@ package main
 // client's VM is killed mid-stream) and reports how long that took.
 // ism.decline=<code> makes the server (or, in smcd-client, the client)
 // decline SMC-D: the connection falls back to TCP; smc_<i> tells which.
+// ism.clc_timeout bounds each CLC handshake (default: until the watchdog;
+// Linux's 6 s would let the speed of a TCG guest on a loaded host decide
+// between SMC-D and a TCP fallback, and the tests check which one ran).
 
 import (
 	"bytes"
@@ -53,6 +56,7 @@ type smcArgs struct {
 	seed    uint64
 	decline uint32
 	dmbSize int
+	clc     time.Duration // CLC handshake bound (smcd's HandshakeTimeout)
 }
 
 func smcdArgs(e *Env, defMode string) (smcArgs, error) {
@@ -73,6 +77,11 @@ func smcdArgs(e *Env, defMode string) (smcArgs, error) {
 		return a, err
 	}
 	a.decline = uint32(d)
+	var left time.Duration
+	if dl, ok := e.Ctx.Deadline(); ok {
+		left = time.Until(dl)
+	}
+	a.clc = e.ArgDuration("clc_timeout", left)
 	if a.conns <= 0 || a.bytes < 0 || a.pairs <= 0 || a.msg <= 0 {
 		return a, fmt.Errorf("bad smcd arguments %+v", a)
 	}
@@ -100,7 +109,7 @@ func setupSMC(e *Env, defMode string) (a smcArgs, dev smcdev.Device, closeDev fu
 
 // listenSMC listens on addr with the scenario's server options.
 func listenSMC(e *Env, a smcArgs, dev smcd.Device, addr string) (net.Listener, error) {
-	srv := &smcd.Server{DMBSize: a.dmbSize, ForceDecline: a.decline, Logf: e.Logf}
+	srv := &smcd.Server{DMBSize: a.dmbSize, ForceDecline: a.decline, HandshakeTimeout: a.clc, Logf: e.Logf}
 	return srv.Listen(dev, "tcp", addr)
 }
 
@@ -125,7 +134,7 @@ func smcdClient(e *Env) error {
 		return err
 	}
 	defer closeDev()
-	d := &smcd.Dialer{DMBSize: a.dmbSize, ForceDecline: a.decline}
+	d := &smcd.Dialer{DMBSize: a.dmbSize, ForceDecline: a.decline, HandshakeTimeout: a.clc}
 	return runClients(e, dev, d, e.Arg("connect", "169.254.7.1:7000"), a)
 }
 
@@ -147,7 +156,7 @@ func smcdLocal(e *Env) error {
 	}
 	serr := make(chan error, 1)
 	go func() { serr <- serveConns(e, ln, sa) }()
-	cerr := runClients(e, dev, &smcd.Dialer{DMBSize: a.dmbSize}, ln.Addr().String(), a)
+	cerr := runClients(e, dev, &smcd.Dialer{DMBSize: a.dmbSize, HandshakeTimeout: a.clc}, ln.Addr().String(), a)
 	return errors.Join(cerr, <-serr)
 }
 
@@ -220,7 +229,7 @@ func runClients(e *Env, dev smcd.Device, d *smcd.Dialer, addr string, a smcArgs)
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			c, err := dialPeer(dev, d, addr)
+			c, err := dialPeer(e.Ctx, dev, d, addr)
 			if err != nil {
 				errs[i] = fmt.Errorf("dial %d: %w", i, err)
 				return
@@ -247,18 +256,23 @@ func runClients(e *Env, dev smcd.Device, d *smcd.Dialer, addr string, a smcArgs)
 }
 
 // dialPeer dials addr, retrying while the peer guest is still booting
-// (its address not answering ARP yet, or nothing listening yet).
-func dialPeer(dev smcd.Device, d *smcd.Dialer, addr string) (net.Conn, error) {
-	deadline := time.Now().Add(90 * time.Second)
+// (its address not answering ARP yet, or nothing listening yet), for as
+// long as ctx (the watchdog) allows: the peer may boot minutes later on a
+// loaded host, and a fixed bound here failed the client alone. No bound
+// per attempt either: a cut-off handshake would leave the server half a
+// connection, and TCP resends a lost SYN by itself.
+func dialPeer(ctx context.Context, dev smcd.Device, d *smcd.Dialer, addr string) (net.Conn, error) {
 	for {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		c, err := d.DialContext(ctx, dev, "tcp", addr)
-		cancel()
 		booting := errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.EHOSTUNREACH) || errors.Is(err, syscall.ENETUNREACH)
-		if err == nil || !booting || time.Now().After(deadline) {
+		if err == nil || !booting || ctx.Err() != nil {
 			return c, err
 		}
-		time.Sleep(250 * time.Millisecond)
+		select {
+		case <-time.After(250 * time.Millisecond):
+		case <-ctx.Done():
+			return nil, fmt.Errorf("%w (peer still not up: %w)", ctx.Err(), err)
+		}
 	}
 }
 

@@ -2,6 +2,7 @@ package vm
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -33,13 +34,15 @@ func ismVM(r *vmharness.Run, name, scenario, sock string, timeout time.Duration,
 		ISM: []vmharness.ISMDevice{{Socket: sock}}})
 }
 
-// waitResult waits for the agent's ISM-RESULT key=... line and returns the value.
+// waitResult waits for the agent's whole ISM-RESULT key=... line (the
+// console may have written only part of a token yet) and returns the value.
 func waitResult(t *testing.T, vm *vmharness.VM, key string, timeout time.Duration) string {
 	t.Helper()
-	if err := vm.WaitSerial("ISM-RESULT "+key+"=", timeout); err != nil {
+	v, err := vm.WaitResult(key, timeout)
+	if err != nil {
 		t.Fatalf("waiting for %s: %v", key, err)
 	}
-	return vmharness.ParseSerial(vm.Serial()).Results[key]
+	return v
 }
 
 // TestISMProbe: the driver finds the device, reads GID and CHID from config
@@ -50,7 +53,7 @@ func TestISMProbe(t *testing.T) {
 	if o.Results["gid"] != gidA || o.Results["chid"] != "0xff00" {
 		t.Fatalf("guest read gid %q chid %q, want %s 0xff00", o.Results["gid"], o.Results["chid"], gidA)
 	}
-	if !strings.Contains(o.Results["config"], "version=1") || o.Results["query_self"] != "OK" {
+	if !strings.Contains(o.Results["config"], "version=2") || o.Results["query_self"] != "OK" {
 		t.Fatalf("config %q query_self %q", o.Results["config"], o.Results["query_self"])
 	}
 }
@@ -58,21 +61,40 @@ func TestISMProbe(t *testing.T) {
 // TestISMTransfer: A registers a DMB for B; B MOVEs 16 MiB of a seeded
 // pattern into it in signalled chunks; both SHA-256s must match. Meanwhile a
 // third VM C tries a forged token and A's real token: both refused.
+//
+// C's probe of A's token means PERMISSION only while A's DMB exists, and
+// B's transfer can end before C has even booted. So A holds its DMB
+// (ism.hold=1) until the host, having C's results, sends it "release" on its
+// control port.
 func TestISMTransfer(t *testing.T) {
 	r, _, socks := ismFabric(t)
 	const bytes = "16777216"
-	a := ismVM(r, "a", "ism-recv", socks["a"], 4*time.Minute, map[string]string{"peer": gidB, "bytes": bytes})
+	a := r.StartVM(vmharness.VMConfig{Name: "a", Scenario: "ism-recv", Timeout: 4 * time.Minute, Control: true,
+		Args: map[string]string{"peer": gidB, "bytes": bytes, "hold": "1"},
+		ISM:  []vmharness.ISMDevice{{Socket: socks["a"]}}})
 	token := waitResult(t, a, "token", 3*time.Minute)
 	b := ismVM(r, "b", "ism-send", socks["b"], 4*time.Minute, map[string]string{"token": token, "peer": gidA, "bytes": bytes})
 	c := ismVM(r, "c", "ism-forge", socks["c"], 4*time.Minute, map[string]string{"token": token})
 
 	oc := c.RequireOK(0)
+	if s := a.Outcome(); s.Ended {
+		// Cannot happen while A holds; if it does, C's verdict is void.
+		t.Fatalf("A ended before C's probes were checked: %+v", s)
+	}
 	if oc.Results["forged_token_status"] != "NOENTRY" || oc.Results["third_gid_status"] != "PERMISSION" {
 		t.Errorf("third VM: forged token %q (want NOENTRY), A's token from C %q (want PERMISSION)",
 			oc.Results["forged_token_status"], oc.Results["third_gid_status"])
 	}
+	// A opened its control port before printing the token, so the line
+	// cannot be lost; it reads it once the transfer is done.
+	if err := a.Send("release"); err != nil {
+		t.Fatal(err)
+	}
 	ob := b.RequireOK(0)
 	oa := a.RequireOK(0)
+	if oa.Results["holding"] != "1" {
+		t.Errorf("A did not hold its DMB for the host: %v", oa.Results)
+	}
 	if oa.Results["sha256"] == "" || oa.Results["sha256"] != ob.Results["sha256"] || oa.Results["bytes"] != bytes {
 		t.Fatalf("A received %s bytes with sha256 %q; B sent sha256 %q", oa.Results["bytes"], oa.Results["sha256"], ob.Results["sha256"])
 	}
@@ -107,32 +129,40 @@ func TestISMKillReceiver(t *testing.T) {
 			if exited, err := backend.Exited(); exited {
 				t.Fatalf("backend exited: %v", err)
 			}
-			requireDMBsGone(t, backend)
+			requireDMBsGone(t, r, backend)
 		})
 	}
 }
 
 // requireDMBsGone waits for the backend's log to show A's device stopped
-// and, after that, a statistics line with no DMB left on the fabric.
-func requireDMBsGone(t *testing.T, b *vmharness.Backend) {
+// and, after that, a statistics line with no DMB left on the fabric. It
+// looks for A's line wherever it is: B's device stops too, once B has
+// learnt of A's end and powered off, and the order of those log lines is
+// the backend's scheduling, not what this test is about.
+func requireDMBsGone(t *testing.T, r *vmharness.Run, b *vmharness.Backend) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(r.Scaled(10 * time.Second))
 	for {
 		log := b.Log()
-		i := strings.Index(log, `msg="device stopped: its DMBs are gone"`)
-		if i >= 0 {
-			stopLine := log[strings.LastIndex(log[:i], "\n")+1:]
-			stopLine = stopLine[:strings.IndexByte(stopLine, '\n')+1]
-			if !strings.Contains(stopLine, "vm=a") {
-				t.Fatalf("first device to stop was not a: %s", stopLine)
-			}
-			if strings.Contains(log[i:], "DMBs:0 ") {
-				return
-			}
+		if i := stopLineOf(log, "a"); i >= 0 && strings.Contains(log[i:], "DMBs:0 ") {
+			return
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("backend log does not show A's DMBs gone:\n%s", log)
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
+}
+
+// stopLineOf returns where the backend's "device stopped" line for vm
+// starts in log, or -1.
+func stopLineOf(log, vm string) int {
+	off := 0
+	for _, l := range strings.SplitAfter(log, "\n") {
+		if strings.Contains(l, `msg="device stopped: its DMBs are gone"`) && slices.Contains(strings.Fields(l), "vm="+vm) {
+			return off
+		}
+		off += len(l)
+	}
+	return -1
 }

@@ -4,6 +4,7 @@
 package vm
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -60,7 +61,7 @@ func TestAgentFailureIsReported(t *testing.T) {
 		{"agent-selftest", "error", "selftest error"},
 		{"agent-selftest", "panic", "panic: selftest panic"},
 		{"agent-selftest", "gopanic", "scenario process died"},
-		{"agent-selftest", "hang", "timeout after 10s"},
+		{"agent-selftest", "hang", "timeout after %v"}, // the scaled ism.timeout
 	}
 	// Two guests at a time: the machines have two cores, and five TCG
 	// boots at once on a loaded host overran the harness's timeouts.
@@ -77,8 +78,12 @@ func TestAgentFailureIsReported(t *testing.T) {
 				t.Errorf("%s/%s: %v", c.scenario, c.mode, err)
 				continue
 			}
-			if !o.Began || !o.Ended || o.OK || !strings.Contains(o.Fail, c.want) {
-				t.Errorf("%s/%s: outcome %+v; want BEGIN and END fail containing %q", c.scenario, c.mode, o, c.want)
+			want := c.want
+			if strings.Contains(want, "%v") {
+				want = fmt.Sprintf(want, vms[i].Cfg.Timeout)
+			}
+			if !o.Began || !o.Ended || o.OK || !strings.Contains(o.Fail, want) {
+				t.Errorf("%s/%s: outcome %+v; want BEGIN and END fail containing %q", c.scenario, c.mode, o, want)
 			}
 		}
 	}

@@ -16,6 +16,32 @@
 //	ISM_BACKEND          ism-backend binary; empty: tests that need it skip
 //	ISM_ACCEL            force "tcg" or "kvm" (default: detected)
 //	ISM_VMTEST_KEEP=1    keep the run directory (sockets, logs) after the test
+//	ISM_TIMEOUT_SCALE    multiply every timeout by this (default: from the load)
+//
+// # Timeouts
+//
+// Every duration a test gives the harness (VMConfig.Timeout, the timeout of
+// WaitSerial, WaitResult, Wait and RequireOK) and every wait of the
+// harness's own is nominal: what suffices for TCG guests on an otherwise
+// idle 2-core machine. The harness multiplies each by one factor,
+// Config.TimeoutScale: ISM_TIMEOUT_SCALE when set (any positive number),
+// else (loadavg1 + 1) / CPUs clamped to [1, 4], read once per test binary,
+// because a TCG vCPU thread gets about CPUs/(load+1) of a core, so
+// a guest runs that much slower than on an idle machine (the cap keeps a
+// hung guest reported within go test's -timeout). The guest's watchdog
+// (ism.timeout) is scaled too, rounded up to whole seconds; VM.Cfg.Timeout
+// holds the value the guest got. Tests with waits of their own use
+// Run.Scaled. A timeout is only the bound on a failing run: tests wait for
+// states (a result line, an exited guest), never for a duration.
+//
+// # Host-to-guest signals
+//
+// VMConfig.Control gives a guest a second serial port (ttyS1) on a unix
+// socket, and VM.Send writes a line to it: how a test tells a running guest
+// that something elsewhere has happened ("C has probed your DMB, you may
+// unregister it"). The guest must open ttyS1 before it announces (with an
+// ISM-RESULT line) that it waits: the 8250 driver clears the UART's FIFO
+// when the port is opened, so bytes sent earlier are lost.
 package vmharness
 
 import (
@@ -27,7 +53,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -44,6 +72,52 @@ type Config struct {
 	Backend              string // empty when no backend binary was given
 	Accel                string // "tcg" or "kvm"
 	Keep                 bool   // keep the run directory
+	// TimeoutScale multiplies every timeout (see the package doc).
+	TimeoutScale float64
+	// ScaleSource says where TimeoutScale came from (for the test log).
+	ScaleSource string
+}
+
+// loadScale is the default TimeoutScale, from the 1-minute load average
+// when the first test of the binary starts (later tests would see our own
+// guests' load, which the nominal timeouts already allow for).
+var loadScale = sync.OnceValues(func() (float64, string) {
+	ncpu := runtime.NumCPU()
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return 1, fmt.Sprintf("default, no load average: %v", err)
+	}
+	f := strings.Fields(string(b))
+	if len(f) == 0 {
+		return 1, "default, empty /proc/loadavg"
+	}
+	load, err := strconv.ParseFloat(f[0], 64)
+	if err != nil {
+		return 1, fmt.Sprintf("default, /proc/loadavg: %v", err)
+	}
+	s := min(max((load+1)/float64(ncpu), 1), 4)
+	return s, fmt.Sprintf("from load %.2f on %d CPUs; set ISM_TIMEOUT_SCALE to override", load, ncpu)
+})
+
+// timeoutScale reads ISM_TIMEOUT_SCALE, else the load-based default.
+func timeoutScale() (float64, string, error) {
+	if v := os.Getenv("ISM_TIMEOUT_SCALE"); v != "" {
+		s, err := strconv.ParseFloat(v, 64)
+		if err != nil || !(s > 0) || s > 1000 {
+			return 0, "", fmt.Errorf("ISM_TIMEOUT_SCALE=%q: want a number in (0, 1000]", v)
+		}
+		return s, "ISM_TIMEOUT_SCALE", nil
+	}
+	s, src := loadScale()
+	return s, src, nil
+}
+
+// Scaled returns d multiplied by the timeout scale (see the package doc).
+func (c Config) Scaled(d time.Duration) time.Duration {
+	if c.TimeoutScale <= 0 {
+		return d
+	}
+	return time.Duration(float64(d) * c.TimeoutScale)
 }
 
 // ConfigFromEnv reads the ISM_* variables. It skips the test unless
@@ -60,6 +134,10 @@ func ConfigFromEnv(t testing.TB) Config {
 		Backend: os.Getenv("ISM_BACKEND"),
 		Accel:   DetectAccel(),
 		Keep:    os.Getenv("ISM_VMTEST_KEEP") == "1",
+	}
+	var err error
+	if c.TimeoutScale, c.ScaleSource, err = timeoutScale(); err != nil {
+		t.Fatal(err)
 	}
 	for name, p := range map[string]string{"ISM_QEMU": c.QEMU, "ISM_KERNEL": c.Kernel, "ISM_INITRD": c.Initrd} {
 		if p == "" {
@@ -143,9 +221,13 @@ func New(t testing.TB) *Run {
 		}
 		os.RemoveAll(dir)
 	})
-	t.Logf("vmharness: run dir %s, accel %s, qemu %s", dir, cfg.Accel, cfg.QEMU)
+	t.Logf("vmharness: run dir %s, accel %s, qemu %s, timeout scale %.2f (%s)", dir, cfg.Accel, cfg.QEMU, cfg.TimeoutScale, cfg.ScaleSource)
 	return r
 }
+
+// Scaled returns the nominal duration d multiplied by the run's timeout
+// scale, for waits a test does itself (see the package doc).
+func (r *Run) Scaled(d time.Duration) time.Duration { return r.Cfg.Scaled(d) }
 
 // RequireBackend skips the test when no backend binary was given.
 func (r *Run) RequireBackend() {
@@ -212,7 +294,7 @@ type Backend struct {
 
 // StartBackend runs ISM_BACKEND with args (paths usually from r.Path) and
 // waits until each of sockets exists, failing the test if the backend exits
-// or the sockets don't appear within 10 s. QEMU must only start after that:
+// or the sockets don't appear within 10 s (scaled). QEMU must only start after that:
 // the vhost-user handshake runs while QEMU realizes the device.
 func (r *Run) StartBackend(args []string, sockets ...string) *Backend {
 	t := r.T
@@ -240,7 +322,8 @@ func (r *Run) StartBackend(args []string, sockets ...string) *Backend {
 			t.Logf("=== backend log %s ===\n%s", b.LogPath, readTail(b.LogPath, 200))
 		}
 	})
-	deadline := time.Now().Add(10 * time.Second)
+	limit := r.Scaled(10 * time.Second)
+	deadline := time.Now().Add(limit)
 	for _, s := range sockets {
 		for {
 			if fi, err := os.Stat(s); err == nil && fi.Mode()&os.ModeSocket != 0 {
@@ -250,7 +333,7 @@ func (r *Run) StartBackend(args []string, sockets ...string) *Backend {
 				t.Fatalf("backend exited before creating %s: %v\n%s", s, err, readTail(b.LogPath, 50))
 			}
 			if time.Now().After(deadline) {
-				t.Fatalf("backend did not create %s within 10s\n%s", s, readTail(b.LogPath, 50))
+				t.Fatalf("backend did not create %s within %v\n%s", s, limit, readTail(b.LogPath, 50))
 			}
 			time.Sleep(20 * time.Millisecond)
 		}
@@ -274,22 +357,23 @@ func (b *Backend) Log() string {
 	return string(s)
 }
 
-// Stop sends SIGTERM, waits up to 5 s, then SIGKILLs the process group.
-// It returns the exit error (nil for a clean exit after SIGTERM).
+// Stop sends SIGTERM, waits up to 5 s (scaled), then SIGKILLs the process
+// group. It returns the exit error (nil for a clean exit after SIGTERM).
 func (b *Backend) Stop() error {
 	if exited, err := b.Exited(); exited {
 		return err
 	}
 	b.stopped.Store(true)
 	_ = b.cmd.Process.Signal(syscall.SIGTERM)
+	limit := b.r.Scaled(5 * time.Second)
 	select {
 	case <-b.done:
 		return *b.waitErr
-	case <-time.After(5 * time.Second):
+	case <-time.After(limit):
 	}
 	killGroup(b.cmd, syscall.SIGKILL)
 	<-b.done
-	return fmt.Errorf("backend ignored SIGTERM for 5s, killed: %v", *b.waitErr)
+	return fmt.Errorf("backend ignored SIGTERM for %v, killed: %v", limit, *b.waitErr)
 }
 
 // Kill SIGKILLs the backend's process group and waits for it.
@@ -344,12 +428,19 @@ type VMConfig struct {
 	Append    []string          // raw extra kernel arguments
 	MemMB     int               // guest RAM, memfd-backed and shared; default 512
 	HugePages int               // hugepages=N on the command line; default 8
-	// Timeout is the agent's watchdog (ism.timeout, default 120 s); the
-	// host waits this plus two minutes (boot under TCG on a busy machine)
-	// before killing QEMU.
-	Timeout   time.Duration
-	ISM       []ISMDevice
-	Net       *NetEnd
+	// CPUs is the number of vCPUs (-smp); default 1, the harshest case
+	// for shared-memory races (the device and the driver never run at
+	// once on the guest side).
+	CPUs int
+	// Timeout is the agent's watchdog (ism.timeout, default 120 s), nominal:
+	// StartVM scales it (see the package doc) and VM.Cfg.Timeout holds the
+	// scaled value. The host waits this plus two minutes (scaled; boot
+	// under TCG on a busy machine) before killing QEMU.
+	Timeout time.Duration
+	ISM     []ISMDevice
+	Net     *NetEnd
+	// Control adds the host-to-guest line channel (ttyS1; VM.Send).
+	Control   bool
 	ExtraArgs []string // appended to QEMU's command line
 }
 
@@ -361,13 +452,19 @@ type VM struct {
 	SerialPath string
 	LogPath    string // QEMU's own stdout/stderr
 	QMPPath    string
-	Started    time.Time
-	done       chan struct{}
-	waitErr    *error
+	// ControlPath is the unix socket behind the guest's ttyS1 (only with
+	// VMConfig.Control).
+	ControlPath string
+	Started     time.Time
+	done        chan struct{}
+	waitErr     *error
 
 	mon    *qmp.SocketMonitor
 	evMu   sync.Mutex
 	events []qmp.Event
+
+	ctlMu sync.Mutex
+	ctl   net.Conn // to ControlPath, opened by the first Send
 }
 
 func kernelArgs(c VMConfig) string {
@@ -393,9 +490,9 @@ func kernelArgs(c VMConfig) string {
 	return strings.Join(append(a, c.Append...), " ")
 }
 
-func (r *Run) qemuArgs(c VMConfig, serial, qmpSock string) []string {
+func (r *Run) qemuArgs(c VMConfig, serial, qmpSock, control string) []string {
 	a := []string{
-		"-accel", r.Cfg.Accel, "-m", fmt.Sprint(c.MemMB), "-smp", "1",
+		"-accel", r.Cfg.Accel, "-m", fmt.Sprint(c.MemMB), "-smp", fmt.Sprint(max(c.CPUs, 1)),
 		"-nodefaults", "-display", "none", "-no-reboot",
 		// Guest RAM must be shared memory for the vhost-user backend to map it.
 		"-object", fmt.Sprintf("memory-backend-memfd,id=mem,size=%dM,share=on", c.MemMB),
@@ -404,6 +501,13 @@ func (r *Run) qemuArgs(c VMConfig, serial, qmpSock string) []string {
 		"-qmp", "unix:" + qmpSock + ",server=on,wait=off",
 		"-kernel", r.Cfg.Kernel, "-initrd", r.Cfg.Initrd,
 		"-append", kernelArgs(c),
+	}
+	if c.Control {
+		// The second -serial is COM2 (ttyS1 in the guest). QEMU listens
+		// and does not wait: the host connects on its first Send.
+		a = append(a,
+			"-chardev", "socket,id=ctl0,path="+control+",server=on,wait=off",
+			"-serial", "chardev:ctl0")
 	}
 	if r.Cfg.Accel == "kvm" {
 		a = append(a, "-cpu", "host")
@@ -442,9 +546,15 @@ func (r *Run) StartVM(c VMConfig) *VM {
 	if c.HugePages == 0 {
 		c.HugePages = 8
 	}
+	if c.CPUs == 0 {
+		c.CPUs = 1
+	}
 	if c.Timeout == 0 {
 		c.Timeout = 120 * time.Second
 	}
+	// Whole seconds, rounded up: what the guest is told (ism.timeout=N)
+	// and what it reports ("timeout after Ns") must match c.Timeout.
+	c.Timeout = (r.Scaled(c.Timeout) + time.Second - 1).Truncate(time.Second)
 	for i := range c.ISM {
 		d := &c.ISM[i]
 		if d.VirtioID == 0 {
@@ -462,7 +572,7 @@ func (r *Run) StartVM(c VMConfig) *VM {
 	}
 	if c.Net != nil && !c.Net.Server {
 		// The stream client fails if nobody listens yet.
-		if err := waitListening(c.Net.Port, 20*time.Second); err != nil {
+		if err := waitListening(c.Net.Port, r.Scaled(20*time.Second)); err != nil {
 			t.Fatalf("%s: %v (start the NetPair server VM first)", c.Name, err)
 		}
 	}
@@ -471,6 +581,9 @@ func (r *Run) StartVM(c VMConfig) *VM {
 		SerialPath: r.Path(c.Name + ".serial"),
 		LogPath:    r.Path(c.Name + ".qemu.log"),
 		QMPPath:    r.Path(c.Name + ".qmp"),
+	}
+	if c.Control {
+		v.ControlPath = r.Path(c.Name + ".ctl")
 	}
 	r.mu.Lock()
 	for _, o := range r.vms {
@@ -483,7 +596,10 @@ func (r *Run) StartVM(c VMConfig) *VM {
 	// A name may be reused after its VM exited: QEMU will not bind over
 	// the old QMP socket.
 	os.Remove(v.QMPPath)
-	args := r.qemuArgs(c, v.SerialPath, v.QMPPath)
+	if v.ControlPath != "" {
+		os.Remove(v.ControlPath)
+	}
+	args := r.qemuArgs(c, v.SerialPath, v.QMPPath, v.ControlPath)
 	v.cmd = exec.Command(r.Cfg.QEMU, args...)
 	v.Started = time.Now()
 	done, werr, err := startProcess(v.cmd, v.LogPath)
@@ -499,13 +615,18 @@ func (r *Run) StartVM(c VMConfig) *VM {
 		if v.mon != nil {
 			v.mon.Disconnect()
 		}
+		v.ctlMu.Lock()
+		if v.ctl != nil {
+			v.ctl.Close()
+		}
+		v.ctlMu.Unlock()
 		if t.Failed() {
 			t.Logf("=== %s: %s %s", c.Name, r.Cfg.QEMU, strings.Join(args, " "))
 			t.Logf("=== %s QEMU output ===\n%s", c.Name, readTail(v.LogPath, 50))
 			t.Logf("=== %s serial ===\n%s", c.Name, readTail(v.SerialPath, 150))
 		}
 	})
-	if err := v.connectQMP(15 * time.Second); err != nil {
+	if err := v.connectQMP(r.Scaled(15 * time.Second)); err != nil {
 		t.Fatalf("%s: QMP: %v", c.Name, err)
 	}
 	return v
@@ -587,7 +708,7 @@ func (v *VM) connectQMP(d time.Duration) error {
 }
 
 // QMP runs a command (with args marshalled to JSON, nil for none) and returns
-// its "return" value. It fails after 10 s (e.g. QEMU wedged).
+// its "return" value. It fails after 10 s, scaled (e.g. QEMU wedged).
 func (v *VM) QMP(command string, args any) (json.RawMessage, error) {
 	if v.mon == nil {
 		return nil, errors.New("no QMP connection")
@@ -621,8 +742,8 @@ func (v *VM) QMP(command string, args any) (json.RawMessage, error) {
 			return nil, fmt.Errorf("QMP %s: %w", command, err)
 		}
 		return r.Return, nil
-	case <-time.After(10 * time.Second):
-		return nil, fmt.Errorf("QMP %s: no reply in 10s", command)
+	case <-time.After(v.r.Scaled(10 * time.Second)):
+		return nil, fmt.Errorf("QMP %s: no reply in %v", command, v.r.Scaled(10*time.Second))
 	}
 }
 
@@ -710,17 +831,48 @@ func (v *VM) Events() []qmp.Event {
 }
 
 // Quit asks QEMU to exit through QMP (as if the host stopped the VM) and
-// waits up to 10 s for it.
+// waits up to 10 s (scaled) for it.
 func (v *VM) Quit() error {
 	if _, err := v.QMP("quit", nil); err != nil && !v.Exited() {
 		return err
 	}
+	limit := v.r.Scaled(10 * time.Second)
 	select {
 	case <-v.done:
 		return nil
-	case <-time.After(10 * time.Second):
-		return errors.New("QEMU still running 10s after quit")
+	case <-time.After(limit):
+		return fmt.Errorf("QEMU still running %v after quit", limit)
 	}
+}
+
+// Send writes line and a newline to the guest's control port (ttyS1; needs
+// VMConfig.Control). Send only once the guest has said it listens (see the
+// package doc): earlier bytes can be lost.
+func (v *VM) Send(line string) error {
+	if v.ControlPath == "" {
+		return fmt.Errorf("%s: Send needs VMConfig.Control", v.Cfg.Name)
+	}
+	if strings.ContainsAny(line, "\r\n") {
+		return fmt.Errorf("%s: Send: %q is more than one line", v.Cfg.Name, line)
+	}
+	v.ctlMu.Lock()
+	defer v.ctlMu.Unlock()
+	if v.ctl == nil {
+		// Kept open until the VM's cleanup: QEMU reads the socket only as
+		// fast as the UART takes bytes, and a hang-up could drop the rest.
+		c, err := net.DialTimeout("unix", v.ControlPath, v.r.Scaled(5*time.Second))
+		if err != nil {
+			return fmt.Errorf("%s: control port: %w", v.Cfg.Name, err)
+		}
+		v.ctl = c
+	}
+	if err := v.ctl.SetWriteDeadline(time.Now().Add(v.r.Scaled(10 * time.Second))); err != nil {
+		return err
+	}
+	if _, err := v.ctl.Write([]byte(line + "\n")); err != nil {
+		return fmt.Errorf("%s: control port: %w", v.Cfg.Name, err)
+	}
+	return nil
 }
 
 // Kill SIGKILLs QEMU's process group (a crashed host process, as far as the
@@ -754,8 +906,9 @@ func (v *VM) Outcome() Outcome { return ParseSerial(v.Serial()) }
 
 // WaitSerial waits until the serial output contains substr (for acting on a
 // guest mid-run, e.g. after "ISM-RESULT ready=1"). It returns an error on
-// timeout or when QEMU exits first.
+// timeout (nominal: scaled here) or when QEMU exits first.
 func (v *VM) WaitSerial(substr string, timeout time.Duration) error {
+	timeout = v.r.Scaled(timeout)
 	deadline := time.Now().Add(timeout)
 	for {
 		if strings.Contains(v.Serial(), substr) {
@@ -775,12 +928,15 @@ func (v *VM) WaitSerial(substr string, timeout time.Duration) error {
 }
 
 // Wait waits for QEMU to exit (the agent powers off after its END marker),
-// killing it after timeout (0: the agent's timeout plus two minutes), and
-// returns the agent's outcome, QEMU's run time, and an error if QEMU had to
-// be killed or exited with an error status.
+// killing it after timeout from its start (nominal, scaled here; 0: the
+// agent's timeout plus two minutes), and returns the agent's outcome,
+// QEMU's run time, and an error if QEMU had to be killed or exited with an
+// error status.
 func (v *VM) Wait(timeout time.Duration) (Outcome, time.Duration, error) {
 	if timeout == 0 {
-		timeout = v.Cfg.Timeout + 2*time.Minute
+		timeout = v.Cfg.Timeout + v.r.Scaled(2*time.Minute) // Cfg.Timeout is already scaled
+	} else {
+		timeout = v.r.Scaled(timeout)
 	}
 	var err error
 	select {
@@ -823,7 +979,7 @@ func (v *VM) WaitResult(key string, timeout time.Duration) (string, error) {
 		return "", err
 	}
 	// The line may still be arriving: wait for its newline.
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(v.r.Scaled(5 * time.Second))
 	for {
 		s := v.Serial()
 		i := strings.Index(s, "ISM-RESULT "+key+"=")

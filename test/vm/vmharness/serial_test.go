@@ -1,6 +1,10 @@
 package vmharness
 
-import "testing"
+import (
+	"strings"
+	"testing"
+	"time"
+)
 
 func TestParseSerial(t *testing.T) {
 	o := ParseSerial("junk\r\nISM-AGENT-BEGIN hello\r\n[ 1.0] kernel says\nISM-RESULT a=1\nISM-RESULT b=x=y\nISM-RESULT a=2\nISM-AGENT-END ok\r\n[ 6.1] reboot: Power down\n")
@@ -24,5 +28,47 @@ func TestKernelArgs(t *testing.T) {
 	want := "console=ttyS0 panic=-1 quiet hugepages=8 ism.scenario=hello ism.timeout=90 ism.ip=169.254.7.1/24 ism.msg=\"a b\" ism.peer=169.254.7.2 loglevel=3"
 	if got != want {
 		t.Fatalf("kernelArgs:\n got %q\nwant %q", got, want)
+	}
+}
+
+func TestQEMUArgs(t *testing.T) {
+	r := &Run{Cfg: Config{Accel: "tcg", Kernel: "k", Initrd: "i"}}
+	has := func(a []string, seq ...string) bool {
+		for i := 0; i+len(seq) <= len(a); i++ {
+			if strings.Join(a[i:i+len(seq)], "\x00") == strings.Join(seq, "\x00") {
+				return true
+			}
+		}
+		return false
+	}
+	one := r.qemuArgs(VMConfig{MemMB: 512}, "s", "q", "")
+	if !has(one, "-smp", "1") || has(one, "-chardev", "socket,id=ctl0,path=,server=on,wait=off") {
+		t.Errorf("default: %q", one)
+	}
+	two := r.qemuArgs(VMConfig{MemMB: 512, CPUs: 2, Control: true}, "s", "q", "/d/a.ctl")
+	if !has(two, "-smp", "2") || !has(two, "-chardev", "socket,id=ctl0,path=/d/a.ctl,server=on,wait=off", "-serial", "chardev:ctl0") {
+		t.Errorf("CPUs 2 with control: %q", two)
+	}
+}
+
+func TestScaled(t *testing.T) {
+	c := Config{TimeoutScale: 2.5}
+	if got := c.Scaled(4 * time.Second); got != 10*time.Second {
+		t.Errorf("Scaled(4s) at 2.5 = %v", got)
+	}
+	if got := (Config{}).Scaled(time.Second); got != time.Second {
+		t.Errorf("Scaled with no scale = %v", got)
+	}
+	t.Setenv("ISM_TIMEOUT_SCALE", "3")
+	if s, _, err := timeoutScale(); err != nil || s != 3 {
+		t.Errorf("ISM_TIMEOUT_SCALE=3: %v, %v", s, err)
+	}
+	t.Setenv("ISM_TIMEOUT_SCALE", "-1")
+	if _, _, err := timeoutScale(); err == nil {
+		t.Error("ISM_TIMEOUT_SCALE=-1 accepted")
+	}
+	t.Setenv("ISM_TIMEOUT_SCALE", "")
+	if s, src, err := timeoutScale(); err != nil || s < 1 || s > 4 {
+		t.Errorf("default scale %v (%s), %v; want within [1, 4]", s, src, err)
 	}
 }
