@@ -15,8 +15,13 @@ import (
 const smcBytes = 64 << 20
 
 // smcPair boots a server guest "a" and a client guest "b" on one backend,
-// linked by a network; it returns them unstarted-waited.
+// linked by a network, with one vCPU each; it returns them unstarted-waited.
 func smcPair(t *testing.T, serverArgs, clientArgs map[string]string, timeout time.Duration) (r *vmharness.Run, a, b *vmharness.VM) {
+	return smcPairCPUs(t, 1, serverArgs, clientArgs, timeout)
+}
+
+// smcPairCPUs is smcPair with cpus vCPUs per guest.
+func smcPairCPUs(t *testing.T, cpus int, serverArgs, clientArgs map[string]string, timeout time.Duration) (r *vmharness.Run, a, b *vmharness.VM) {
 	r = vmharness.New(t)
 	r.RequireBackend()
 	sa, sb := r.Path("a.sock"), r.Path("b.sock")
@@ -25,9 +30,9 @@ func smcPair(t *testing.T, serverArgs, clientArgs map[string]string, timeout tim
 	serverArgs["ip"] = "169.254.7.1/24"
 	clientArgs["ip"] = "169.254.7.2/24"
 	clientArgs["connect"] = "169.254.7.1:7000"
-	a = r.StartVM(vmharness.VMConfig{Name: "a", Scenario: "smcd-server", Net: &srv, Timeout: timeout,
+	a = r.StartVM(vmharness.VMConfig{Name: "a", Scenario: "smcd-server", Net: &srv, Timeout: timeout, CPUs: cpus,
 		HugePages: 32, Args: serverArgs, ISM: []vmharness.ISMDevice{{Socket: sa}}})
-	b = r.StartVM(vmharness.VMConfig{Name: "b", Scenario: "smcd-client", Net: &cli, Timeout: timeout,
+	b = r.StartVM(vmharness.VMConfig{Name: "b", Scenario: "smcd-client", Net: &cli, Timeout: timeout, CPUs: cpus,
 		HugePages: 32, Args: clientArgs, ISM: []vmharness.ISMDevice{{Socket: sb}}})
 	return r, a, b
 }
@@ -47,35 +52,65 @@ func checkDigests(t *testing.T, server, client vmharness.Outcome, conns int, wan
 	}
 }
 
+// smcCase is one configuration of the SMC-D transfer tests: connections,
+// vCPUs per guest (1 is the harshest for shared-memory races, 2 brings
+// concurrency inside the guest), and how the guest driver waits for signals
+// (the default, interrupts, or polling).
+type smcCase struct {
+	conns, cpus int
+	wait        string // "" = the driver's default
+}
+
+func (c smcCase) String() string {
+	s := fmt.Sprintf("conns=%d", c.conns)
+	if c.cpus > 1 {
+		s += fmt.Sprintf(",cpus=%d", c.cpus)
+	}
+	if c.wait != "" {
+		s += ",wait=" + c.wait
+	}
+	return s
+}
+
+// args adds the case's guest arguments to m.
+func (c smcCase) args(m map[string]string) map[string]string {
+	m["conns"] = strconv.Itoa(c.conns)
+	if c.wait != "" {
+		m["wait"] = c.wait
+	}
+	return m
+}
+
+var smcCases = []smcCase{{conns: 1}, {conns: 32}, {conns: 32, cpus: 2}, {conns: 32, wait: "poll"}}
+
 func TestSMCDInterVM(t *testing.T) {
-	for _, conns := range []int{1, 32} {
-		t.Run(fmt.Sprintf("conns=%d", conns), func(t *testing.T) {
-			n := strconv.Itoa(conns)
-			_, a, b := smcPair(t,
-				map[string]string{"conns": n},
-				map[string]string{"conns": n, "bytes": strconv.Itoa(smcBytes)}, 5*time.Minute)
+	for _, c := range smcCases {
+		t.Run(c.String(), func(t *testing.T) {
+			_, a, b := smcPairCPUs(t, c.cpus,
+				c.args(map[string]string{}),
+				c.args(map[string]string{"bytes": strconv.Itoa(smcBytes)}), 5*time.Minute)
 			ob := b.RequireOK(0)
 			oa := a.RequireOK(0)
-			checkDigests(t, oa, ob, conns, true)
+			checkDigests(t, oa, ob, c.conns, true)
 			t.Logf("%d MiB over %d SMC-D connection(s) between guests: client %ss (%s MB/s under emulation)",
-				smcBytes>>20, conns, ob.Results["client_seconds"], ob.Results["client_mbytes_per_s"])
+				smcBytes>>20, c.conns, ob.Results["client_seconds"], ob.Results["client_mbytes_per_s"])
 		})
 	}
 }
 
 func TestSMCDIntraVM(t *testing.T) {
-	for _, conns := range []int{1, 32} {
-		t.Run(fmt.Sprintf("conns=%d", conns), func(t *testing.T) {
+	for _, c := range smcCases[:3] {
+		t.Run(c.String(), func(t *testing.T) {
 			r := vmharness.New(t)
 			r.RequireBackend()
 			sock := r.Path("a.sock")
 			r.StartBackend([]string{"-socket-dir", r.Dir, "-vm", "a"}, sock)
 			a := r.StartVM(vmharness.VMConfig{Name: "a", Scenario: "smcd-local", Timeout: 5 * time.Minute, HugePages: 48,
-				Args: map[string]string{"conns": strconv.Itoa(conns), "bytes": strconv.Itoa(smcBytes)},
-				ISM:  []vmharness.ISMDevice{{Socket: sock}}})
+				CPUs: c.cpus, Args: c.args(map[string]string{"bytes": strconv.Itoa(smcBytes)}),
+				ISM: []vmharness.ISMDevice{{Socket: sock}}})
 			o := a.RequireOK(0)
-			checkDigests(t, o, o, conns, true)
-			t.Logf("%d MiB over %d SMC-D connection(s) inside one guest: %ss", smcBytes>>20, conns, o.Results["client_seconds"])
+			checkDigests(t, o, o, c.conns, true)
+			t.Logf("%d MiB over %d SMC-D connection(s) inside one guest: %ss", smcBytes>>20, c.conns, o.Results["client_seconds"])
 		})
 	}
 }
