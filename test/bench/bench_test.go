@@ -26,9 +26,15 @@ import (
 // Knobs: ISM_BENCH_DUR (per measurement, default 2s), ISM_BENCH_ROUNDS
 // (default 5), ISM_BENCH_DMB (SMC-D DMB size in bytes, default 1 MiB;
 // "default": the stack's smcd.DefaultDMBSize),
-// ISM_BENCH_TESTS (tput,lat,msgrate,http), ISM_BENCH_SCOPES (inter,intra),
-// ISM_BENCH_OUT (directory for the JSON and CSV, default bench-results/ at
-// the top of the module).
+// ISM_BENCH_TESTS (tput,lat,msgrate,http), ISM_BENCH_SCOPES (inter,intra,idle),
+// ISM_BENCH_WAIT (how the guest driver waits for signals: auto, the driver's
+// default, which is interrupts; or poll), ISM_BENCH_IDLE (the idle phase's
+// window per wait mode, default 60s), ISM_BENCH_OUT (directory for the JSON
+// and CSV, default bench-results/ at the top of the module).
+//
+//	idle      one guest, 4 idle intra-VM SMC-D connections: the guest's busy
+//	          CPU time over ISM_BENCH_IDLE with the driver polling, then
+//	          sleeping on interrupts
 func TestBench(t *testing.T) {
 	if os.Getenv("ISM_BENCH") != "1" {
 		t.Skip("ISM_BENCH=1 not set (make bench)")
@@ -44,10 +50,15 @@ func TestBench(t *testing.T) {
 		t.Fatalf("ISM_BENCH_ROUNDS: %v", err)
 	}
 	tests := envOr("ISM_BENCH_TESTS", "tput,lat,msgrate,http")
-	scopes := envOr("ISM_BENCH_SCOPES", "inter,intra")
+	scopes := envOr("ISM_BENCH_SCOPES", "inter,intra,idle")
+	idleDur, err := time.ParseDuration(envOr("ISM_BENCH_IDLE", "60s"))
+	if err != nil || idleDur <= 0 {
+		t.Fatalf("ISM_BENCH_IDLE: %v", err)
+	}
+	wait := envOr("ISM_BENCH_WAIT", "auto")
 	// The guests get 32 huge pages (64 MiB); the driver may use 24 of them
 	// for DMA (rings and DMBs: 1 MiB DMBs need more than the default 8).
-	args := map[string]string{"dur": dur, "rounds": strconv.Itoa(rounds), "tests": tests, "hugepages": "24"}
+	args := map[string]string{"dur": dur, "rounds": strconv.Itoa(rounds), "tests": tests, "hugepages": "24", "wait": wait}
 	// 1 MiB DMBs, as the SMC-D loopback figures used 1 MB buffers;
 	// ISM_BENCH_DMB=default: the stack's own default (smcd.DefaultDMBSize).
 	if dmb := envOr("ISM_BENCH_DMB", "1048576"); dmb != "default" {
@@ -68,6 +79,9 @@ func TestBench(t *testing.T) {
 	}
 	if strings.Contains(scopes, "intra") {
 		total += est(3)
+	}
+	if strings.Contains(scopes, "idle") {
+		total += 2*idleDur + 45*time.Second
 	}
 	say("accelerator: %s (%s); %s", accel, accelNote(accel), qemu)
 	load0 := loadAvg()
@@ -95,7 +109,14 @@ func TestBench(t *testing.T) {
 			config["intra-VM"] = cfg
 		})
 	}
-	if len(samples) == 0 {
+	var idle []string
+	if strings.Contains(scopes, "idle") {
+		t.Run("idle", func(t *testing.T) {
+			idle = runIdle(t, idleDur)
+			config["idle"] = strings.Join(idle, "; ")
+		})
+	}
+	if len(samples) == 0 && len(idle) == 0 {
 		t.Fatal("no samples")
 	}
 	r := NewReport(samples)
@@ -116,8 +137,17 @@ func TestBench(t *testing.T) {
 	if accel != "kvm" {
 		fmt.Println("TCG: every guest instruction is emulated; absolute figures mean little, read the ratios.")
 	}
+	fmt.Printf("guest driver waits by: %s\n", wait)
 	fmt.Println()
-	r.WriteTable(os.Stdout)
+	if len(samples) > 0 {
+		r.WriteTable(os.Stdout)
+	}
+	if len(idle) > 0 {
+		fmt.Println("\nidle SMC-D connections, guest CPU time (1 vCPU):")
+		for _, l := range idle {
+			fmt.Println("  " + l)
+		}
+	}
 	dir, err := writeFiles(r)
 	if err != nil {
 		t.Fatal(err)
@@ -227,7 +257,7 @@ func runInter(t *testing.T, args map[string]string, timeout time.Duration) ([]Sa
 	sa, sb := r.Path("a.sock"), r.Path("b.sock")
 	r.StartBackend([]string{"-socket-dir", r.Dir, "-vm", "a", "-vm", "b"}, sa, sb)
 	srv, cli := r.NetPair()
-	serverArgs := map[string]string{"ip": "169.254.7.1/24", "hugepages": args["hugepages"]}
+	serverArgs := map[string]string{"ip": "169.254.7.1/24", "hugepages": args["hugepages"], "wait": args["wait"]}
 	if v, ok := args["dmb_size"]; ok {
 		serverArgs["dmb_size"] = v
 	}
@@ -291,6 +321,33 @@ func runIntra(t *testing.T, args map[string]string, timeout time.Duration) ([]Sa
 		t.Errorf("%d intra-VM measurements failed", len(f))
 	}
 	return s, f, o.Results["bench.config"]
+}
+
+// runIdle measures what 4 idle SMC-D connections cost the guest's CPU with
+// the driver polling and with it sleeping on interrupts (scenario smcd-idle),
+// in one guest, one mode after the other.
+func runIdle(t *testing.T, window time.Duration) []string {
+	r := vmharness.New(t)
+	r.RequireBackend()
+	sock := r.Path("a.sock")
+	r.StartBackend([]string{"-socket-dir", r.Dir, "-vm", "a"}, sock)
+	say("idle: booting one guest (smcd-idle), 4 idle SMC-D connections, %v per wait mode", window)
+	a := r.StartVM(vmharness.VMConfig{Name: "a", Scenario: "smcd-idle", Timeout: 2*window + 3*time.Minute,
+		Args: map[string]string{"idle": window.String(), "conns": "4"}, ISM: []vmharness.ISMDevice{{Socket: sock}}})
+	o := waitAgent(t, a)
+	keepSerial(t, "idle", a)
+	var lines []string
+	for _, mode := range []string{"poll", "interrupts"} {
+		g, ok := o.Results["idle."+mode+".guest_cpu_ms"]
+		if !ok {
+			t.Errorf("idle: no figure for %s", mode)
+			continue
+		}
+		ms, _ := strconv.ParseFloat(g, 64)
+		lines = append(lines, fmt.Sprintf("%-10s guest busy %6s ms in %ss (%.1f%% of the vCPU), ism-agent %s ms",
+			mode, g, o.Results["idle."+mode+".seconds"], ms/window.Seconds()/10, o.Results["idle."+mode+".agent_cpu_ms"]))
+	}
+	return lines
 }
 
 // keepSerial saves the guests' consoles as <out>/<scope>-<vm>.serial (the
