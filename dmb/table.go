@@ -70,7 +70,7 @@ func (t *Table[V]) Range(fn func(token uint64, v V) bool) {
 	}
 }
 
-// IndexSet is the set of DMB indices (SBA bit numbers) one device uses.
+// IndexSet is the set of DMB indices (their places in the SBA) one device uses.
 // It is not safe for concurrent use; the device's lock guards it.
 type IndexSet struct {
 	w [(abi.MaxDMBs + 63) / 64]uint64

@@ -39,7 +39,7 @@ func (m *DMB) RGID() uint64 { return m.rgid }
 // after a signal, and mind that a peer may be writing other parts.
 func (m *DMB) Bytes() []byte { return m.mem.Bytes()[:m.size] }
 
-// Signalled receives (coalesced) when the DMB's SBA bit was seen set.
+// Signalled receives (coalesced) when the DMB's SBA counter was seen to move.
 func (m *DMB) Signalled() <-chan struct{} { return m.sig }
 
 // TakeDMBEs returns the DMBE bits signalled since the last call and clears

@@ -302,7 +302,7 @@ func TestRegisterMoveSignal(t *testing.T) {
 	if err := d.Move(m.Token(), 5, true, 1000, buf, 100, 7); err != nil {
 		t.Fatal(err)
 	}
-	<-m.Signalled() // the poller must see the SBA bit; the test times out otherwise
+	<-m.Signalled() // the poller must see the SBA counter move; the test times out otherwise
 	if got := m.TakeDMBEs(); got != 1<<5 {
 		t.Fatalf("DMBE bits %#x, want bit 5", got)
 	}

@@ -78,7 +78,7 @@ func BenchmarkHandleMove64B(b *testing.B) {
 
 // BenchmarkMove64BParallel: several senders into one owner's DMBs at once,
 // which is where the token table and the owner's lock are shared; with
-// signal they also share the owner's SBA bits word (one cache line).
+// signal they also count up the owner's SBA group and sum counters.
 func BenchmarkMove64BParallel(b *testing.B)         { benchMoveParallel(b, true) }
 func BenchmarkMove64BParallelNoSignal(b *testing.B) { benchMoveParallel(b, false) }
 

@@ -88,7 +88,7 @@ type dmbEntry struct {
 	rgid  uint64 // the only GID that may MOVE into it
 	gpa   uint64 // in the owner's guest RAM
 	size  uint64
-	index uint32 // DMB index: the owner's SBA bit
+	index uint32 // DMB index: its counters in the owner's SBA
 	live  bool   // guarded by owner.mu: false once unregistered
 }
 
