@@ -133,13 +133,13 @@ func DecodeConfig(b []byte) (Config, error) {
 type Op uint16
 
 const (
-	OpRegisterDMB   Op = 1 // Addr=GPA (copy mode), Len, GID=rgid, Index=DMB index -> Value=token
+	OpRegisterDMB   Op = 1 // Addr=GPA (copy mode; 0 with FlagAttach), Len, GID=rgid, Index=DMB index -> Value=token (attach mode: Index=region offset in ShmPages)
 	OpUnregisterDMB Op = 2 // Token
 	OpMove          Op = 3 // Token, Index=DMBE, Offset, Len, Flags&FlagSignal; data follows the header
 	OpSignal        Op = 4 // GID=rgid, Index=event code, Offset=info: a software event for rgid
 	OpQueryRGID     Op = 5 // GID=rgid: OK if reachable through this device
 	OpSetSBA        Op = 6 // Addr=GPA of the SBA (SBASize bytes), Flags&FlagInterrupts
-	OpAttachDMB     Op = 7 // Token of a peer DMB -> Value=offset in the shared-memory region (attach mode)
+	OpAttachDMB     Op = 7 // Token of an attach-mode DMB whose rgid is the caller -> Value=offset in the shared-memory region, Index=DMB length
 	OpDetachDMB     Op = 8 // Token
 )
 
@@ -169,7 +169,15 @@ func (o Op) String() string {
 const (
 	FlagSignal     uint16 = 1 << 0 // MOVE: set the DMBE bit and interrupt the owner
 	FlagInterrupts uint16 = 1 << 0 // SET_SBA: raise the event-queue interrupt on signals
+	FlagAttach     uint16 = 1 << 0 // REGISTER_DMB: attach mode (host memory in the shared-memory region; Addr 0)
 )
+
+// ShmPage is the unit of the shared-memory region: every attach-mode DMB
+// is mapped at a multiple of it and occupies whole pages. An attach-mode
+// REGISTER_DMB returns the owner's offset in these units in Response.Index,
+// so that the response stays 16 bytes (Value is the token); 32 bits of
+// pages cover regions up to 16 TiB.
+const ShmPage = 4096
 
 // RequestSize is the size of the request header at the start of every chain.
 const RequestSize = 48
@@ -227,7 +235,7 @@ const ResponseSize = 16
 // Response is written into the device-writable part of a request chain.
 type Response struct {
 	Status Status
-	Index  uint32 // REGISTER: the DMB index, echoed
+	Index  uint32 // REGISTER: the DMB index, echoed (attach mode, on success: the region offset in ShmPages); ATTACH: the DMB length
 	Value  uint64 // REGISTER: token; ATTACH: shared-memory offset
 }
 
@@ -261,12 +269,12 @@ const (
 	StatusOK          Status = 0
 	StatusInvalid     Status = 1  // malformed request: sizes, flags, alignment
 	StatusUnsupported Status = 2  // unknown op, or a mode the device does not offer
-	StatusNoEntry     Status = 3  // unknown token, or rgid not reachable
+	StatusNoEntry     Status = 3  // unknown token, rgid not reachable, or DETACH of a DMB not attached
 	StatusPermission  Status = 4  // not the DMB's rgid, or not its owner
 	StatusRange       Status = 5  // offset/length outside the DMB, or over a limit
 	StatusFault       Status = 6  // a guest-physical address outside guest RAM
 	StatusNoSpace     Status = 7  // DMB limit reached
-	StatusBusy        Status = 8  // DMB index already in use
+	StatusBusy        Status = 8  // DMB index already in use, or DMB already attached
 	StatusNotReady    Status = 9  // SBA not set, or device not started
 	StatusInternal    Status = 10 // the backend failed; logged on the host
 )
@@ -296,7 +304,7 @@ func (s Status) Error() string {
 type EventType uint16
 
 const (
-	EventDMB EventType = 0 // a DMB the driver attached or wrote to is gone: Token
+	EventDMB EventType = 0 // a DMB the driver attached or wrote to is gone (and unmapped from its region): Token, GID = owner
 	EventGID EventType = 1 // a peer device is gone: GID
 	EventSWR EventType = 2 // a software event from SIGNAL: GID (sender), Code, Info
 )

@@ -2,8 +2,7 @@
 // not depend on the device model: token allocation, overflow-safe range
 // checks, the token table and the per-device DMB index set; for attach mode,
 // memfd-backed DMB buffers (Buffer) and the allocator of offsets in a
-// device's shared-memory region (RegionAllocator). The ism package does not
-// use the attach-mode pieces yet: ATTACH_DMB answers StatusUnsupported.
+// device's shared-memory region (RegionAllocator).
 package dmb
 
 import (

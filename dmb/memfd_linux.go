@@ -54,6 +54,18 @@ func (b *Buffer) FD() int {
 	return b.fd
 }
 
+// DupFD returns a new close-on-exec descriptor of the memfd, which the
+// caller owns: a SHMEM_MAP in flight keeps its fd even when the DMB is
+// unregistered (and the Buffer closed) meanwhile.
+func (b *Buffer) DupFD() (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.fd < 0 {
+		return -1, os.ErrClosed
+	}
+	return unix.FcntlInt(uintptr(b.fd), unix.F_DUPFD_CLOEXEC, 0)
+}
+
 // Bytes is the backend's mapping of the buffer; invalid after Close.
 func (b *Buffer) Bytes() []byte {
 	b.mu.Lock()

@@ -36,8 +36,20 @@ func TestBuffer(t *testing.T) {
 	if err := unix.Ftruncate(b.FD(), 4096); err == nil {
 		t.Fatal("sealed memfd shrank")
 	}
+	// A dup outlives Close: a SHMEM_MAP in flight still has its fd.
+	dup, err := b.DupFD()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(dup)
 	if err := b.Close(); err != nil {
 		t.Fatal(err)
+	}
+	if st, err := unix.FcntlInt(uintptr(dup), unix.F_GET_SEALS, 0); err != nil || st&unix.F_SEAL_SHRINK == 0 {
+		t.Fatalf("dup after Close: seals %#x %v", st, err)
+	}
+	if _, err := b.DupFD(); err == nil {
+		t.Fatal("DupFD after Close")
 	}
 	if err := b.Close(); err != nil || b.FD() != -1 || b.Bytes() != nil {
 		t.Fatal("second Close")

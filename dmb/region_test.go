@@ -86,3 +86,75 @@ func TestRegionAllocatorRandom(t *testing.T) {
 		live[off] = pages
 	}
 }
+
+// TestRegionAllocatorFragmentation: a region cut into a checkerboard of
+// used and free pages refuses what fits no hole even though enough bytes are
+// free in total, fills every hole with what fits, and gives the whole region
+// back as one range once everything is freed in a scrambled order.
+func TestRegionAllocatorFragmentation(t *testing.T) {
+	const page, pages = 4096, 64
+	a, _ := NewRegionAllocator(pages*page, page)
+	offs := make([]uint64, pages)
+	for i := range offs {
+		off, err := a.Alloc(page)
+		if err != nil || off != uint64(i)*page {
+			t.Fatalf("page %d: %d %v", i, off, err)
+		}
+		offs[i] = off
+	}
+	for i := 0; i < pages; i += 2 { // free every other page
+		if err := a.Free(offs[i]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if a.Used() != pages/2*page {
+		t.Fatalf("used %d", a.Used())
+	}
+	if _, err := a.Alloc(2 * page); err != abi.StatusNoSpace {
+		t.Fatalf("2 pages in a region of 1-page holes: %v", err)
+	}
+	// Free two neighbours of one hole: a 3-page hole at pages 8..10.
+	if a.Free(offs[9]) != nil {
+		t.Fatal("Free")
+	}
+	if off, err := a.Alloc(3 * page); err != nil || off != 8*page {
+		t.Fatalf("3 pages: %d %v, want the merged hole at %d", off, err, 8*page)
+	}
+	// Every remaining 1-page hole is still usable, and then nothing is.
+	n := 0
+	for {
+		off, err := a.Alloc(1)
+		if err == abi.StatusNoSpace {
+			break
+		}
+		if err != nil || off%(2*page) != 0 {
+			t.Fatalf("hole at %d: %v", off, err)
+		}
+		offs[off/page] = off
+		n++
+	}
+	if n != pages/2-2 || a.Used() != pages*page {
+		t.Fatalf("filled %d holes, used %d", n, a.Used())
+	}
+	// Free all in a scrambled order (the 3-page range by its start).
+	rng := rand.New(rand.NewPCG(5, 6))
+	starts := []uint64{}
+	for i := 0; i < pages; i++ {
+		if i == 9 || i == 10 {
+			continue
+		}
+		starts = append(starts, uint64(i)*page)
+	}
+	rng.Shuffle(len(starts), func(i, j int) { starts[i], starts[j] = starts[j], starts[i] })
+	for _, off := range starts {
+		if err := a.Free(off); err != nil {
+			t.Fatalf("Free(%d): %v", off, err)
+		}
+	}
+	if a.Used() != 0 || len(a.free) != 1 {
+		t.Fatalf("used %d, %d free ranges after freeing all", a.Used(), len(a.free))
+	}
+	if off, err := a.Alloc(pages * page); err != nil || off != 0 {
+		t.Fatalf("whole region: %d %v", off, err)
+	}
+}
