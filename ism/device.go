@@ -20,6 +20,12 @@ type Device struct {
 	n    Notifier
 	log  *logrus.Entry
 
+	// Fixed at connect: the modes offered and attach mode's mapper and limit.
+	modes     uint16
+	mapper    Mapper
+	maxMapped uint64
+	att       attachState // guarded by f.amu
+
 	closed         atomic.Bool // set at the start of Disconnect
 	disconnectOnce sync.Once
 
@@ -51,7 +57,17 @@ func (d *Device) Stats() Stats {
 	d.mu.RLock()
 	s.DMBs = uint64(len(d.dmbs))
 	d.mu.RUnlock()
+	d.f.amu.Lock()
+	d.gaugesLocked(&s)
+	d.f.amu.Unlock()
 	return s
+}
+
+// gaugesLocked fills in the attach-mode gauges; f.amu is held.
+func (d *Device) gaugesLocked(s *Stats) {
+	s.AttachDMBs += uint64(d.att.owned)
+	s.Attached += uint64(len(d.att.attached))
+	s.MappedBytes += d.att.mapped
 }
 
 // Handle carries out one request from the device's driver. data are the MOVE
@@ -67,11 +83,20 @@ func (d *Device) Handle(req abi.Request, data [][]byte) abi.Response {
 	switch req.Op {
 	case abi.OpRegisterDMB:
 		resp.Index = req.Index
-		if req.Flags != 0 {
+		switch {
+		case req.Flags&^abi.FlagAttach != 0:
 			err = d.refuse(req, abi.StatusInvalid, "unknown flags")
-			break
+		case req.Flags&abi.FlagAttach == 0:
+			resp.Value, err = d.RegisterDMB(req.Addr, req.Len, req.GID, req.Index)
+		case req.Addr != 0:
+			err = d.refuse(req, abi.StatusInvalid, "attach-mode DMB with a guest address")
+		default:
+			var off uint64
+			resp.Value, off, err = d.RegisterAttachDMB(req.Len, req.GID, req.Index)
+			if err == nil {
+				resp.Index = uint32(off / abi.ShmPage) // the region is at most 16 TiB (ConnectDevice)
+			}
 		}
-		resp.Value, err = d.RegisterDMB(req.Addr, req.Len, req.GID, req.Index)
 	case abi.OpUnregisterDMB:
 		if req.Flags != 0 {
 			err = d.refuse(req, abi.StatusInvalid, "unknown flags")
@@ -111,15 +136,28 @@ func (d *Device) Handle(req abi.Request, data [][]byte) abi.Response {
 		}
 		err = d.SetSBA(req.Addr, req.Flags&abi.FlagInterrupts != 0)
 	case abi.OpAttachDMB:
-		resp.Value, err = d.Attach(req.Token)
+		if req.Flags != 0 {
+			err = d.refuse(req, abi.StatusInvalid, "unknown flags")
+			break
+		}
+		var n uint64
+		resp.Value, n, err = d.Attach(req.Token)
+		resp.Index = uint32(n) // at most abi.MaxDMBSize
 	case abi.OpDetachDMB:
+		if req.Flags != 0 {
+			err = d.refuse(req, abi.StatusInvalid, "unknown flags")
+			break
+		}
 		err = d.Detach(req.Token)
 	default:
 		err = d.refuse(req, abi.StatusUnsupported, "unknown op")
 	}
 	resp.Status = statusOf(err)
-	if resp.Status != abi.StatusOK && req.Op == abi.OpRegisterDMB {
+	if resp.Status != abi.StatusOK {
 		resp.Value = 0
+		if req.Op != abi.OpRegisterDMB {
+			resp.Index = 0
+		}
 	}
 	return resp
 }
@@ -194,6 +232,9 @@ func (d *Device) RegisterDMB(gpa, length, rgid uint64, index uint32) (uint64, er
 	if d.closed.Load() {
 		return 0, d.refuse(req, abi.StatusNotReady, "device disconnected")
 	}
+	if d.modes&abi.ModeCopy == 0 {
+		return 0, d.refuse(req, abi.StatusUnsupported, "copy mode not offered")
+	}
 	if rgid == 0 {
 		return 0, d.refuse(req, abi.StatusInvalid, "rgid 0")
 	}
@@ -257,6 +298,9 @@ func (d *Device) UnregisterDMB(token uint64) error {
 	}
 	if e.owner != d {
 		return d.refuse(req, abi.StatusPermission, "not the DMB's owner")
+	}
+	if e.buf != nil {
+		return d.unregisterAttach(req, e)
 	}
 	d.mu.Lock()
 	live := e.live
@@ -404,7 +448,13 @@ func (o *Device) moveLocked(e *dmbEntry, dmbe uint32, offset, n uint64, signal b
 			return abi.StatusInternal, false
 		}
 	}
-	if n > 0 {
+	if n > 0 && e.buf != nil {
+		// Attach mode: the memfd, open while e.live (offset+n <= e.size).
+		dst := e.buf.Bytes()[offset : offset+n]
+		for _, s := range data {
+			dst = dst[copy(dst, s):]
+		}
+	} else if n > 0 {
 		// e.gpa+e.size did not wrap at register time and offset+n <= e.size.
 		dst, err := o.mem.Bytes(e.gpa+offset, n)
 		if err != nil {
@@ -471,16 +521,6 @@ func (d *Device) QueryRGID(rgid uint64) error {
 	return nil
 }
 
-// Attach is attach mode's ATTACH_DMB; not offered yet.
-func (d *Device) Attach(token uint64) (uint64, error) {
-	return 0, d.refuse(abi.Request{Op: abi.OpAttachDMB, Token: token}, abi.StatusUnsupported, "attach mode not offered")
-}
-
-// Detach is attach mode's DETACH_DMB; not offered yet.
-func (d *Device) Detach(token uint64) error {
-	return d.refuse(abi.Request{Op: abi.OpDetachDMB, Token: token}, abi.StatusUnsupported, "attach mode not offered")
-}
-
 // SetMemory replaces the device's view of its guest RAM (a new memory table).
 // When it returns, no call of this package uses the old Memory any more.
 // DMBs and the SBA keep their guest-physical addresses and are translated
@@ -509,15 +549,24 @@ func (d *Device) dropDMBsLocked() map[uint64]*dmbEntry {
 
 // Reset is a device reset by the driver (or the transport): all DMBs go away
 // (their rgid peers get an abi.EventDMB each) and the SBA is forgotten; the
-// device stays connected with its GID.
+// device stays connected with its GID. Attach mode: the front-end dropped
+// this device's mappings with the reset (a virtio reset does), so its
+// attachments are only forgotten; other devices' mappings of its DMBs are
+// unmapped.
 func (d *Device) Reset() {
+	d.f.amu.Lock()
 	d.mu.Lock()
 	if d.gone {
 		d.mu.Unlock()
+		d.f.amu.Unlock()
 		return
 	}
 	old := d.dropDMBsLocked()
+	revoked, bufs := d.dropAttachLocked(old, false)
 	d.mu.Unlock()
+	d.f.amu.Unlock()
+	closeBuffers(bufs)
+	afterRevoke(revoked, false)
 	for tok, e := range old {
 		if e.rgid == d.gid {
 			continue
@@ -525,6 +574,43 @@ func (d *Device) Reset() {
 		if p := d.f.device(e.rgid); p != nil {
 			p.post(abi.Event{Type: abi.EventDMB, Token: tok, GID: d.gid})
 		}
+	}
+}
+
+// dropAttachLocked ends the attach-mode state of a device that was reset
+// (gone false) or disconnected: old are its dead DMBs. f.amu and d.mu are
+// held. It returns the other devices' mappings of those DMBs, for
+// afterRevoke, and their buffers, to close once no lock is held (no MOVE
+// uses them: they are dead under d.mu).
+func (d *Device) dropAttachLocked(old map[uint64]*dmbEntry, gone bool) ([]*attachment, []*dmb.Buffer) {
+	var revoked []*attachment
+	var bufs []*dmb.Buffer
+	for _, e := range old {
+		if e.buf == nil {
+			continue
+		}
+		for _, a := range e.revokeLocked() {
+			if a.dev != d { // our own mappings went with the reset
+				revoked = append(revoked, a)
+			}
+		}
+		bufs = append(bufs, e.buf)
+	}
+	for _, a := range d.att.attached {
+		delete(a.e.attachers, d)
+	}
+	st := attachState{gen: d.att.gen + 1}
+	if !gone && d.attachOffered() {
+		st.region, _ = dmb.NewRegionAllocator(d.att.region.Size(), abi.ShmPage)
+		st.attached = make(map[uint64]*attachment)
+	}
+	d.att = st
+	return revoked, bufs
+}
+
+func closeBuffers(bufs []*dmb.Buffer) {
+	for _, b := range bufs {
+		b.Close()
 	}
 }
 
@@ -547,11 +633,16 @@ func (d *Device) disconnect() {
 	}
 	f.mu.Unlock()
 
+	f.amu.Lock()
 	d.mu.Lock()
 	old := d.dropDMBsLocked()
+	revoked, bufs := d.dropAttachLocked(old, true)
 	d.gone = true
 	d.mem = nil
 	d.mu.Unlock()
+	f.amu.Unlock()
+	closeBuffers(bufs)
+	afterRevoke(revoked, true)
 
 	peers := make(map[*Device]struct{})
 	for _, e := range old {
@@ -572,7 +663,7 @@ func (d *Device) disconnect() {
 		p.post(abi.Event{Type: abi.EventGID, GID: d.gid})
 	}
 
-	s := d.stats.snapshot()
+	s := d.stats.snapshot() // counters only: the gauges are 0 now
 	f.mu.Lock()
 	f.retired.addStats(s)
 	f.mu.Unlock()

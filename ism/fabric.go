@@ -4,8 +4,11 @@
 // counters. It knows nothing of virtqueues: a transport decodes requests,
 // hands them to Device.Handle and delivers Notifier calls to the guest.
 //
-// Copy mode only for now: a DMB is owner guest RAM and MOVE copies the
-// sender's data into it. docs/device-abi.md is the normative description.
+// A copy-mode DMB is owner guest RAM and MOVE copies the sender's data into
+// it; an attach-mode DMB is a sealed memfd that the transport maps into the
+// shared-memory regions of its owner and of each device that attaches it
+// (Mapper), and MOVE copies into the memfd. docs/device-abi.md is the
+// normative description.
 //
 // Where docs/device-abi.md is silent, this model decides (following ISM and
 // Linux where they say something):
@@ -19,6 +22,13 @@
 //     StatusInvalid; a SIGNAL code over 16 bits is StatusRange; a refused
 //     REGISTER_DMB still echoes the index, with value 0.
 //   - Requests on a disconnected device get StatusNotReady.
+//   - Attach mode: ATTACH_DMB of an unknown or dead token is StatusNoEntry,
+//     of a copy-mode DMB (or on a device without attach mode)
+//     StatusUnsupported, by a GID other than the rgid StatusPermission, a
+//     second time StatusBusy; DETACH_DMB of a DMB not attached is
+//     StatusNoEntry (StatusPermission if not the rgid). UNREGISTER of an
+//     attach-mode DMB, and its owner's reset or disconnect, unmap it from
+//     every attacher's region and send each an EventDMB (token, GID = owner).
 //   - Disconnect sends EventGID to the rgids of the device's DMBs and to the
 //     owners of DMBs whose rgid is the device (never to itself); Reset sends
 //     EventDMB (token, GID = owner) to the rgid of each DMB; UNREGISTER sends
@@ -30,7 +40,10 @@
 // Disconnect (which take it exclusively) wait for in-flight MOVEs and none
 // touches the owner's RAM after they return. A device lock may be taken
 // before the fabric's or the table's lock, never after, and no code holds two
-// device locks at once.
+// device locks at once. Attach-mode bookkeeping (who maps which DMB where,
+// region allocators, mapped bytes) is under the fabric's attach lock (amu),
+// which comes before any device lock; it is never held across a
+// Mapper.Map, and the MOVE path does not take it.
 package ism
 
 import (
@@ -76,20 +89,28 @@ type Fabric struct {
 
 	dmbs dmb.Table[*dmbEntry] // every live DMB, by token
 
+	amu sync.Mutex // attach-mode bookkeeping of every device (see the package doc)
+
 	mu      sync.RWMutex
 	devices map[uint64]*Device // connected devices by GID
 	retired counters           // counters of disconnected devices
 }
 
-// dmbEntry is one registered copy-mode DMB. All fields but live are fixed
-// once the entry is in the token table.
+// dmbEntry is one registered DMB. owner, rgid, gpa, size, index and buf are
+// fixed once the entry is in the token table.
 type dmbEntry struct {
 	owner *Device
-	rgid  uint64 // the only GID that may MOVE into it
-	gpa   uint64 // in the owner's guest RAM
+	rgid  uint64 // the only GID that may MOVE into it (and attach it)
+	gpa   uint64 // copy mode: in the owner's guest RAM
 	size  uint64
 	index uint32 // DMB index: its counters in the owner's SBA
-	live  bool   // guarded by owner.mu: false once unregistered
+	live  bool   // guarded by owner.mu (and, in attach mode, f.amu): false once unregistered
+
+	// Attach mode: the host memory (nil in copy mode), open while live;
+	// the owner's mapping and the attachers' (guarded by f.amu).
+	buf       *dmb.Buffer
+	own       *attachment
+	attachers map[*Device]*attachment
 }
 
 // NewFabric returns an empty fabric with channel id chid. log may be nil.
@@ -131,20 +152,52 @@ func (f *Fabric) Limits() Limits {
 // the guest's RAM and n reaches its driver. The GID must be non-zero and not
 // connected already.
 func (f *Fabric) Connect(name string, gid uint64, mem Memory, n Notifier) (*Device, error) {
+	return f.ConnectDevice(name, gid, mem, n, DeviceConfig{Modes: abi.ModeCopy})
+}
+
+// MaxRegionSize is the largest shared-memory region: an attach-mode
+// REGISTER_DMB returns the offset in 32 bits of abi.ShmPage units.
+const MaxRegionSize = abi.ShmPage << 32
+
+// ConnectDevice is Connect with the modes the device offers and, for
+// attach mode, its Mapper and limits.
+func (f *Fabric) ConnectDevice(name string, gid uint64, mem Memory, n Notifier, cfg DeviceConfig) (*Device, error) {
 	if gid == 0 {
 		return nil, ErrGIDZero
 	}
 	if mem == nil || n == nil {
 		return nil, errors.New("ism: Connect needs a Memory and a Notifier")
 	}
+	if cfg.Modes == 0 {
+		cfg.Modes = abi.ModeCopy
+	}
+	if cfg.Modes&^(abi.ModeCopy|abi.ModeAttach) != 0 {
+		return nil, fmt.Errorf("ism: unknown modes %#x", cfg.Modes)
+	}
 	d := &Device{
-		f:    f,
-		name: name,
-		gid:  gid,
-		n:    n,
-		mem:  mem,
-		dmbs: make(map[uint64]*dmbEntry),
-		log:  f.log.WithFields(logrus.Fields{"vm": name, "gid": fmt.Sprintf("%#016x", gid)}),
+		f:     f,
+		name:  name,
+		gid:   gid,
+		n:     n,
+		mem:   mem,
+		modes: cfg.Modes,
+		dmbs:  make(map[uint64]*dmbEntry),
+		log:   f.log.WithFields(logrus.Fields{"vm": name, "gid": fmt.Sprintf("%#016x", gid)}),
+	}
+	if cfg.Modes&abi.ModeAttach != 0 {
+		if cfg.Mapper == nil || cfg.RegionSize < abi.ShmPage || cfg.RegionSize > MaxRegionSize {
+			return nil, errors.New("ism: attach mode needs a Mapper and a region of 4 KiB to 16 TiB")
+		}
+		region, err := dmb.NewRegionAllocator(cfg.RegionSize, abi.ShmPage)
+		if err != nil {
+			return nil, err
+		}
+		d.mapper = cfg.Mapper
+		d.maxMapped = cfg.MaxMapped
+		if d.maxMapped == 0 || d.maxMapped > region.Size() {
+			d.maxMapped = region.Size()
+		}
+		d.att = attachState{region: region, attached: make(map[uint64]*attachment)}
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -176,6 +229,11 @@ func (f *Fabric) Stats() Stats {
 	for _, d := range devs {
 		s.add(d.stats.snapshot())
 	}
+	f.amu.Lock()
+	for _, d := range devs {
+		d.gaugesLocked(&s)
+	}
+	f.amu.Unlock()
 	s.Devices = len(devs)
 	s.DMBs = uint64(f.dmbs.Len())
 	return s
@@ -191,12 +249,19 @@ type Stats struct {
 	DMBs       uint64 // live DMBs
 	Registered uint64 // successful REGISTER_DMB
 	Moves      uint64 // successful MOVEs sent
-	MoveBytes  uint64 // bytes those MOVEs copied
+	MoveBytes  uint64 // bytes those MOVEs copied (the backend's copies, into copy- and attach-mode DMBs)
 	Signals    uint64 // successful signalled MOVEs sent
 	SWEvents   uint64 // successful SIGNAL requests sent
 	Interrupts uint64 // interrupts raised to this device's driver
 	Events     uint64 // events posted to this device's driver
+	Maps       uint64 // SHMEM_MAPs into this device's region the front-end did
+	Unmaps     uint64 // SHMEM_UNMAPs of this device's region the front-end did
 	Refused    [NumStatus]uint64
+
+	// Attach-mode gauges, now: connected devices only.
+	AttachDMBs  uint64 // own live attach-mode DMBs
+	Attached    uint64 // DMBs attached (ATTACH_DMB) and not detached
+	MappedBytes uint64 // bytes mapped in the region: own attach-mode DMBs and attachments
 }
 
 // RefusedTotal is the number of refused requests, whatever the status.
@@ -216,6 +281,8 @@ func (s *Stats) add(o Stats) {
 	s.SWEvents += o.SWEvents
 	s.Interrupts += o.Interrupts
 	s.Events += o.Events
+	s.Maps += o.Maps
+	s.Unmaps += o.Unmaps
 	for i := range s.Refused {
 		s.Refused[i] += o.Refused[i]
 	}
@@ -231,6 +298,8 @@ type counters struct {
 	swEvents   atomic.Uint64
 	interrupts atomic.Uint64
 	events     atomic.Uint64
+	maps       atomic.Uint64
+	unmaps     atomic.Uint64
 	refused    [NumStatus]atomic.Uint64
 }
 
@@ -243,6 +312,8 @@ func (c *counters) snapshot() Stats {
 		SWEvents:   c.swEvents.Load(),
 		Interrupts: c.interrupts.Load(),
 		Events:     c.events.Load(),
+		Maps:       c.maps.Load(),
+		Unmaps:     c.unmaps.Load(),
 	}
 	for i := range c.refused {
 		s.Refused[i] = c.refused[i].Load()
@@ -258,6 +329,8 @@ func (c *counters) addStats(s Stats) {
 	c.swEvents.Add(s.SWEvents)
 	c.interrupts.Add(s.Interrupts)
 	c.events.Add(s.Events)
+	c.maps.Add(s.Maps)
+	c.unmaps.Add(s.Unmaps)
 	for i := range c.refused {
 		c.refused[i].Add(s.Refused[i])
 	}
