@@ -15,6 +15,7 @@ import (
 // holds a few thousand, so nothing cleverer is needed.
 type RegionAllocator struct {
 	align uint64
+	size  uint64
 
 	mu   sync.Mutex
 	free []extent          // sorted by off, never adjacent (coalesced)
@@ -33,7 +34,7 @@ func NewRegionAllocator(size, align uint64) (*RegionAllocator, error) {
 		return nil, errors.New("dmb: alignment must be a power of two")
 	}
 	size &^= align - 1
-	a := &RegionAllocator{align: align, used: make(map[uint64]uint64)}
+	a := &RegionAllocator{align: align, size: size, used: make(map[uint64]uint64)}
 	if size > 0 {
 		a.free = []extent{{0, size}}
 	}
@@ -93,6 +94,9 @@ func (a *RegionAllocator) Free(off uint64) error {
 	}
 	return nil
 }
+
+// Size is the usable size of the region (rounded down to the alignment).
+func (a *RegionAllocator) Size() uint64 { return a.size }
 
 // Used is the number of bytes allocated.
 func (a *RegionAllocator) Used() uint64 {

@@ -11,6 +11,7 @@
 package ismvirtio
 
 import (
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -40,10 +41,19 @@ type Backend struct {
 	lim logLimiter
 	now func() time.Time
 
+	opts Options
+
 	// Set by Start, cleared by Stop; both run under vhostuser's memory write
 	// lock, so HandleQueue (read lock) never sees them change.
 	vdev *vhostuser.Device
 	dev  *ism.Device
+	sess *session
+
+	// The attach-mode request the mapping worker is serving (nil: none).
+	// While it is set the request queue's goroutine takes no chain, so
+	// responses stay in order and only the worker touches the queue.
+	asyncMu sync.Mutex
+	async   bool
 
 	// Request-queue state, used only by the request queue's goroutine.
 	chain vhostuser.Chain
@@ -58,22 +68,68 @@ type Backend struct {
 	droppedEvents uint64
 }
 
-// New returns the Backend for one connection of VM name with the given GID.
+// DefaultShmSize is the shared-memory region of attach mode unless
+// Options say otherwise: 64 DMBs of the largest size.
+const DefaultShmSize = 64 << 20
+
+// Options are what the device offers one VM.
+type Options struct {
+	Modes     uint16 // abi.ModeCopy | abi.ModeAttach; 0 means both
+	ShmSize   uint64 // attach mode's region in bytes, a multiple of abi.ShmPage (0: DefaultShmSize)
+	MaxMapped uint64 // bytes of DMBs mapped in the region at once (0: ShmSize)
+}
+
+// Check fills in defaults and checks o.
+func (o *Options) Check() error {
+	if o.Modes == 0 {
+		o.Modes = abi.ModeCopy | abi.ModeAttach
+	}
+	if o.Modes&^(abi.ModeCopy|abi.ModeAttach) != 0 {
+		return fmt.Errorf("ismvirtio: unknown modes %#x", o.Modes)
+	}
+	if o.Modes&abi.ModeAttach == 0 {
+		o.ShmSize, o.MaxMapped = 0, 0
+		return nil
+	}
+	if o.ShmSize == 0 {
+		o.ShmSize = DefaultShmSize
+	}
+	if o.ShmSize%abi.ShmPage != 0 || o.ShmSize > ism.MaxRegionSize {
+		return fmt.Errorf("ismvirtio: shared-memory size %d: want a multiple of %d up to %d", o.ShmSize, abi.ShmPage, uint64(ism.MaxRegionSize))
+	}
+	if o.MaxMapped == 0 || o.MaxMapped > o.ShmSize {
+		o.MaxMapped = o.ShmSize
+	}
+	return nil
+}
+
+// New returns the Backend for one connection of VM name with the given GID,
+// offering both modes with the default region.
 func New(f *ism.Fabric, name string, gid uint64, log *logrus.Entry) *Backend {
-	b := &Backend{fabric: f, name: name, gid: gid, log: log, now: time.Now}
+	b, _ := NewWithOptions(f, name, gid, log, Options{})
+	return b
+}
+
+// NewWithOptions is New with the modes and attach-mode limits of opts.
+func NewWithOptions(f *ism.Fabric, name string, gid uint64, log *logrus.Entry, opts Options) (*Backend, error) {
+	if err := opts.Check(); err != nil {
+		return nil, err
+	}
+	b := &Backend{fabric: f, name: name, gid: gid, log: log, now: time.Now, opts: opts}
 	cfg := abi.Config{
 		Magic:      abi.Magic,
 		Version:    abi.Version,
-		Modes:      abi.ModeCopy,
+		Modes:      opts.Modes,
 		GID:        gid,
 		CHID:       f.CHID(),
 		MaxDMBs:    abi.MaxDMBs,
 		MaxDMBSize: abi.MaxDMBSize,
 		MaxMoveLen: abi.MaxDMBSize,
+		ShmSize:    opts.ShmSize,
 		QueueSize:  vhostuser.MaxQueueSize,
 	}
 	cfg.Encode(b.config[:])
-	return b
+	return b, nil
 }
 
 // Features: the ISM device has no device-specific feature bits yet.
@@ -102,16 +158,44 @@ func (b *Backend) WriteConfig(offset uint32, data []byte) error {
 	return nil
 }
 
-// ShmemSizes: copy mode needs no shared-memory region.
-func (b *Backend) ShmemSizes() []uint64 { return nil }
+// ShmemSizes is attach mode's region (shmid 0), so that QEMU creates the
+// BAR; copy mode alone needs none.
+func (b *Backend) ShmemSizes() []uint64 {
+	if b.opts.Modes&abi.ModeAttach == 0 {
+		return nil
+	}
+	return []uint64{b.opts.ShmSize}
+}
 
-// Start connects the VM's device to the fabric.
+// Start connects the VM's device to the fabric and starts its mapping
+// worker. Attach mode needs the front-end to have acked SHMEM, BACKEND_REQ
+// and BACKEND_SEND_FD; without them the device offers copy mode only
+// (attach-mode requests get StatusUnsupported).
 func (b *Backend) Start(vdev *vhostuser.Device) error {
-	dev, err := b.fabric.Connect(b.name, b.gid, guestMemory{vdev}, b)
+	cfg := ism.DeviceConfig{Modes: b.opts.Modes}
+	var s *session
+	need := uint64(1<<vhostuser.ProtocolShmem | 1<<vhostuser.ProtocolBackendReq | 1<<vhostuser.ProtocolBackendSendFD)
+	if cfg.Modes&abi.ModeAttach != 0 {
+		if vdev.AckedProtocolFeatures()&need == need {
+			s = newSession(b, vdev)
+			cfg.Mapper, cfg.RegionSize, cfg.MaxMapped = s, b.opts.ShmSize, b.opts.MaxMapped
+		} else {
+			b.log.Warn("front-end did not ack shared memory: attach mode not available")
+			cfg.Modes &^= abi.ModeAttach
+		}
+	}
+	if cfg.Modes == 0 {
+		return errors.New("ismvirtio: no mode left to offer")
+	}
+	dev, err := b.fabric.ConnectDevice(b.name, b.gid, guestMemory{vdev}, b, cfg)
 	if err != nil {
 		return err
 	}
-	b.vdev, b.dev = vdev, dev
+	b.vdev, b.dev, b.sess = vdev, dev, s
+	if s != nil {
+		s.dev = dev
+		go s.run()
+	}
 	b.log.Info("device started")
 	return nil
 }
@@ -121,10 +205,19 @@ func (b *Backend) Stop(vdev *vhostuser.Device) {
 	if b.dev == nil {
 		return
 	}
+	if b.sess != nil {
+		// The front-end dropped this VM's mappings with the stop; the
+		// worker finishes what it is doing (a map in flight fails or is
+		// void) without touching the rings again, and sends nothing more.
+		b.sess.stop()
+	}
 	st := b.dev.Stats()
 	b.dev.Disconnect()
 	b.log.WithField("stats", st).Info("device stopped: its DMBs are gone")
-	b.dev, b.vdev = nil, nil
+	b.dev, b.vdev, b.sess = nil, nil, nil
+	b.asyncMu.Lock()
+	b.async = false
+	b.asyncMu.Unlock()
 	b.evMu.Lock()
 	b.pending = b.pending[:0]
 	b.evMu.Unlock()
@@ -158,7 +251,14 @@ func (b *Backend) HandleQueue(vdev *vhostuser.Device, q *vhostuser.Queue) {
 // batch ends with chains possibly left, the queue wakes itself to go on
 // after the lock was released. It allocates nothing per request: the chain,
 // header and data slices are reused.
+//
+// An attach-mode REGISTER_DMB or an ATTACH_DMB waits for the front-end's
+// SHMEM_MAP reply, which cannot happen here (see async): the chain goes to
+// the mapping worker and the batch ends there.
 func (b *Backend) serveRequests(q *vhostuser.Queue) {
+	if b.asyncBusy() {
+		return // the worker completes its chain, then wakes the queue
+	}
 	c := &b.chain
 	n := 0
 	for ; n < q.Size(); n++ {
@@ -168,6 +268,11 @@ func (b *Backend) serveRequests(q *vhostuser.Queue) {
 		}
 		if !ok {
 			break
+		}
+		if req, ok := b.mapsMemory(c); ok {
+			b.startAsync(q, c.Head, req)
+			q.Notify()
+			return
 		}
 		q.Push(c, b.serve(c))
 	}

@@ -418,6 +418,28 @@ func (q *Queue) walk(c *Chain, head uint16) error {
 	}
 }
 
+// Retake fills c again with the chain at head, translated through the
+// current memory table, for a Backend that completes a chain after
+// HandleQueue returned (the table may have changed since, and c's old slices
+// with it): inside Device.WithMemoryLock it retakes the chain, writes its
+// response and Pushes it. head must be the Head of a chain Next returned in
+// this start of the device and not yet pushed. The descriptors are read and
+// checked again (the driver may have changed them meanwhile); on an error
+// c has no buffers and the caller pushes it with length 0.
+func (q *Queue) Retake(c *Chain, head uint16) error {
+	c.reset()
+	c.Head = head
+	if q.desc == nil {
+		return errors.New("vhost-user: queue not set up")
+	}
+	if err := q.walk(c, head); err != nil {
+		c.reset()
+		c.Head = head
+		return err
+	}
+	return nil
+}
+
 // Push puts c on the used ring with written bytes written (clamped to the
 // chain's writable length) and publishes the new used idx. Push a chain in
 // the same start of the device it came from (a chain kept across Stop and

@@ -34,6 +34,8 @@ type ShmemRequest struct {
 	Len       uint64
 	Flags     uint64
 	HadFD     bool
+	// Seals of the fd that came with a MAP (F_GET_SEALS), -1 if none.
+	Seals int
 }
 
 // Frontend plays QEMU on one connection.
@@ -58,6 +60,9 @@ type Frontend struct {
 	shmemMu sync.Mutex
 	shmem   []ShmemRequest
 	shmemCh chan ShmemRequest
+	// The front-end's mappings of SHMEM_MAP fds by shared-memory offset
+	// (region 0), as QEMU maps them into the BAR; UNMAP removes them.
+	shmMaps map[uint64][]byte
 	// BeforeShmemReply, if set, runs before a SHMEM_MAP/UNMAP is answered
 	// (QEMU sends a SET_MEM_TABLE at that point). Set it before Handshake.
 	BeforeShmemReply func(f *Frontend, r ShmemRequest) error
@@ -85,6 +90,7 @@ func (f *Frontend) Close() {
 		f.bc.Close()
 		<-f.bcDone
 	}
+	f.DropShmem()
 	for _, q := range f.Queues {
 		q.closeFDs()
 	}
@@ -585,15 +591,16 @@ func (f *Frontend) serveBackend() {
 		if err != nil {
 			return
 		}
-		r := ShmemRequest{Request: m.Request, NeedReply: m.Flags&FlagNeedReply != 0, HadFD: len(m.FDs) > 0}
-		m.CloseFDs()
+		r := ShmemRequest{Request: m.Request, NeedReply: m.Flags&FlagNeedReply != 0, HadFD: len(m.FDs) > 0, Seals: -1}
 		if (m.Request == vhostuser.BackendReqShmemMap || m.Request == vhostuser.BackendReqShmemUnmap) && len(m.Payload) == 40 {
 			r.ShmID = m.Payload[0]
 			r.FDOffset = binary.LittleEndian.Uint64(m.Payload[8:])
 			r.ShmOffset = binary.LittleEndian.Uint64(m.Payload[16:])
 			r.Len = binary.LittleEndian.Uint64(m.Payload[24:])
 			r.Flags = binary.LittleEndian.Uint64(m.Payload[32:])
+			f.shmemMap(&r, m.FDs)
 		}
+		m.CloseFDs()
 		status := f.ShmemStatus
 		if hook := f.BeforeShmemReply; hook != nil {
 			if err := hook(f, r); err != nil {
@@ -612,6 +619,72 @@ func (f *Frontend) serveBackend() {
 				return
 			}
 		}
+	}
+}
+
+// shmemMap keeps the front-end's view of region 0: a MAP's fd mapped, an
+// UNMAP's range dropped.
+func (f *Frontend) shmemMap(r *ShmemRequest, fds []int) {
+	f.shmemMu.Lock()
+	defer f.shmemMu.Unlock()
+	if f.shmMaps == nil {
+		f.shmMaps = map[uint64][]byte{}
+	}
+	if r.Request == vhostuser.BackendReqShmemUnmap {
+		if b, ok := f.shmMaps[r.ShmOffset]; ok {
+			unix.Munmap(b)
+			delete(f.shmMaps, r.ShmOffset)
+		}
+		return
+	}
+	if len(fds) != 1 || r.Len == 0 || r.Len > 1<<30 {
+		return
+	}
+	if s, err := unix.FcntlInt(uintptr(fds[0]), unix.F_GET_SEALS, 0); err == nil {
+		r.Seals = s
+	}
+	b, err := unix.Mmap(fds[0], int64(r.FDOffset), int(r.Len), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err == nil {
+		if old, ok := f.shmMaps[r.ShmOffset]; ok {
+			unix.Munmap(old)
+		}
+		f.shmMaps[r.ShmOffset] = b
+	}
+}
+
+// Shmem returns the front-end's mapping at offset off of shared-memory
+// region 0 (what the guest sees in its BAR there), or nil if nothing is
+// mapped at off.
+func (f *Frontend) Shmem(off uint64) []byte {
+	f.shmemMu.Lock()
+	defer f.shmemMu.Unlock()
+	return f.shmMaps[off]
+}
+
+// ShmemMapped is the number of mappings in region 0.
+func (f *Frontend) ShmemMapped() int {
+	f.shmemMu.Lock()
+	defer f.shmemMu.Unlock()
+	return len(f.shmMaps)
+}
+
+// DropShmem forgets every mapping, as QEMU does when the device stops.
+func (f *Frontend) DropShmem() {
+	f.shmemMu.Lock()
+	defer f.shmemMu.Unlock()
+	for off, b := range f.shmMaps {
+		unix.Munmap(b)
+		delete(f.shmMaps, off)
+	}
+}
+
+// WaitShmem waits for the next back-end request and returns it.
+func (f *Frontend) WaitShmem() (ShmemRequest, error) {
+	select {
+	case r := <-f.shmemCh:
+		return r, nil
+	case <-time.After(Timeout):
+		return ShmemRequest{}, errors.New("no SHMEM request")
 	}
 }
 

@@ -1,0 +1,211 @@
+package ismvirtio
+
+import (
+	"errors"
+	"fmt"
+	"runtime/debug"
+	"sync"
+	"sync/atomic"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/ism-backend/ism-backend/abi"
+	"github.com/ism-backend/ism-backend/ism"
+	"github.com/ism-backend/ism-backend/vhostuser"
+)
+
+// Attach mode and the memory lock.
+//
+// A SHMEM_MAP waits for QEMU's reply, and QEMU sends a SET_MEM_TABLE (which
+// takes vhostuser's memory write lock) before it replies. The request
+// queue's goroutine holds the memory read lock in HandleQueue, so it must
+// never wait for a map: it would deadlock against that SET_MEM_TABLE. So
+// each start of the device has a session with a mapping worker goroutine:
+//
+//   - An attach-mode REGISTER_DMB or an ATTACH_DMB is taken off the ring by
+//     the queue goroutine, which hands the header and the chain's head to
+//     the worker and stops taking chains (Backend.async). The worker runs
+//     ism.Device.Handle, which blocks in session.Map with no lock held,
+//     then, inside Device.WithMemoryLock, takes the chain again through the
+//     current memory table (Queue.Retake: the table may have changed during
+//     the map), writes the response, pushes it, and wakes the queue. Only
+//     one request is ever with the worker, and chains complete in order, as
+//     the ABI says; the queue stalls for one map round trip (well under a
+//     millisecond with QEMU).
+//   - Unmaps (DETACH_DMB, UNREGISTER_DMB, a peer gone) are queued to the
+//     worker from any goroutine and carried out in order after the request
+//     it may be serving, so a revoked attach is unmapped after its map.
+//   - Stop marks the session stopped under the memory write lock. From then
+//     on the worker sends no SHMEM_MAP/UNMAP (QEMU 11.1.3 crashes on a map
+//     to a stopped device, and it dropped the mappings itself), completes
+//     no chain (the rings are gone), and exits once idle. Stop does not wait
+//     for it: a map in flight may still be waiting for its reply. Mappings
+//     are not restored on the next start: the DMBs died with the stop
+//     (the device left the fabric) and the peers were told.
+type session struct {
+	b    *Backend
+	vdev *vhostuser.Device
+	dev  *ism.Device // set by Start before the worker runs
+
+	stopped atomic.Bool
+
+	mu   sync.Mutex
+	jobs []func()
+	wake chan struct{} // capacity 1: there are jobs, or the session stopped
+}
+
+func newSession(b *Backend, vdev *vhostuser.Device) *session {
+	return &session{b: b, vdev: vdev, wake: make(chan struct{}, 1)}
+}
+
+func (s *session) poke() {
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (s *session) enqueue(job func()) {
+	s.mu.Lock()
+	s.jobs = append(s.jobs, job)
+	s.mu.Unlock()
+	s.poke()
+}
+
+func (s *session) stop() {
+	s.stopped.Store(true)
+	s.poke()
+}
+
+// run is the mapping worker: it carries out jobs in order until the session
+// stopped and no job is left.
+func (s *session) run() {
+	// A job touches guest memory (the response): a fault there (a shrunk
+	// memory file) must close this VM's connection, not end the process.
+	debug.SetPanicOnFault(true)
+	for range s.wake {
+		for {
+			s.mu.Lock()
+			if len(s.jobs) == 0 {
+				s.mu.Unlock()
+				break
+			}
+			job := s.jobs[0]
+			s.jobs[0] = nil
+			s.jobs = s.jobs[1:]
+			s.mu.Unlock()
+			s.runJob(job)
+		}
+		if s.stopped.Load() {
+			s.mu.Lock()
+			idle := len(s.jobs) == 0
+			s.mu.Unlock()
+			if idle {
+				return
+			}
+		}
+	}
+}
+
+func (s *session) runJob(job func()) {
+	defer func() {
+		r := recover()
+		if r == nil {
+			return
+		}
+		if _, ok := r.(interface{ Addr() uintptr }); !ok {
+			panic(r)
+		}
+		s.b.warnGuest(logrus.Fields{"fault": fmt.Sprint(r)}, "fault in this VM's memory in the mapping worker: closing its connection")
+		s.vdev.Close()
+	}()
+	job()
+}
+
+// Map implements ism.Mapper; it runs on the worker (inside Handle).
+func (s *session) Map(fd int, off, size uint64) error {
+	if s.stopped.Load() {
+		return abi.StatusNotReady
+	}
+	err := s.vdev.ShmemMap(0, fd, 0, off, size, true)
+	if errors.Is(err, vhostuser.ErrNotStarted) {
+		return abi.StatusNotReady
+	}
+	return err
+}
+
+// Unmap implements ism.Mapper: queued to the worker, never blocking.
+func (s *session) Unmap(off, size uint64, done func(bool)) {
+	if s.stopped.Load() {
+		done(false)
+		return
+	}
+	s.enqueue(func() {
+		if s.stopped.Load() {
+			done(false)
+			return
+		}
+		err := s.vdev.ShmemUnmap(0, off, size)
+		if err != nil && !errors.Is(err, vhostuser.ErrNotStarted) {
+			s.b.log.WithError(err).Warn("SHMEM_UNMAP failed")
+		}
+		done(err == nil)
+	})
+}
+
+func (b *Backend) asyncBusy() bool {
+	b.asyncMu.Lock()
+	defer b.asyncMu.Unlock()
+	return b.async
+}
+
+// mapsMemory reports whether chain c is a request that waits for a map
+// (attach-mode REGISTER_DMB, ATTACH_DMB), and decodes it. A chain that
+// cannot be one (short, no room for the response, data after the header)
+// is left to serve, which refuses it.
+func (b *Backend) mapsMemory(c *vhostuser.Chain) (abi.Request, bool) {
+	if b.sess == nil || c.WritableLen() < abi.ResponseSize || c.ReadableLen() != abi.RequestSize {
+		return abi.Request{}, false
+	}
+	if c.CopyOut(b.hdr[:], 0) < abi.RequestSize {
+		return abi.Request{}, false
+	}
+	req, _ := abi.DecodeRequest(b.hdr[:])
+	if req.Op == abi.OpAttachDMB || req.Op == abi.OpRegisterDMB && req.Flags&abi.FlagAttach != 0 {
+		return req, true
+	}
+	return abi.Request{}, false
+}
+
+// startAsync hands the request of the chain at head to the worker; the
+// queue takes no chain until the worker pushed it.
+func (b *Backend) startAsync(q *vhostuser.Queue, head uint16, req abi.Request) {
+	s, dev := b.sess, b.dev
+	b.asyncMu.Lock()
+	b.async = true
+	b.asyncMu.Unlock()
+	s.enqueue(func() {
+		resp := dev.Handle(req, nil)
+		s.vdev.WithMemoryLock(func() {
+			if s.stopped.Load() {
+				return // the rings are gone; Stop cleared async
+			}
+			var c vhostuser.Chain
+			var n uint32
+			if err := q.Retake(&c, head); err == nil && c.WritableLen() >= abi.ResponseSize {
+				var out [abi.ResponseSize]byte
+				resp.Encode(out[:])
+				c.CopyIn(out[:], 0)
+				n = abi.ResponseSize
+			} else {
+				b.warnGuest(nil, "request chain changed while its map was in flight")
+			}
+			q.Push(&c, n)
+			q.Notify()
+			b.asyncMu.Lock()
+			b.async = false
+			b.asyncMu.Unlock()
+		})
+		q.Wake()
+	})
+}
