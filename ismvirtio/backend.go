@@ -270,8 +270,8 @@ func (b *Backend) serveRequests(q *vhostuser.Queue) {
 			break
 		}
 		if req, ok := b.mapsMemory(c); ok {
+			q.Notify() // before the worker may touch the queue
 			b.startAsync(q, c.Head, req)
-			q.Notify()
 			return
 		}
 		q.Push(c, b.serve(c))

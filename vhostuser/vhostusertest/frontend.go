@@ -602,7 +602,10 @@ func (f *Frontend) serveBackend() {
 		}
 		m.CloseFDs()
 		status := f.ShmemStatus
-		if hook := f.BeforeShmemReply; hook != nil {
+		f.shmemMu.Lock()
+		hook := f.BeforeShmemReply
+		f.shmemMu.Unlock()
+		if hook != nil {
 			if err := hook(f, r); err != nil {
 				status = 1
 			}
@@ -685,6 +688,24 @@ func (f *Frontend) WaitShmem() (ShmemRequest, error) {
 		return r, nil
 	case <-time.After(Timeout):
 		return ShmemRequest{}, errors.New("no SHMEM request")
+	}
+}
+
+// SetBeforeShmemReply sets BeforeShmemReply at any time (also after the
+// handshake, when the back-end channel is already served).
+func (f *Frontend) SetBeforeShmemReply(fn func(f *Frontend, r ShmemRequest) error) {
+	f.shmemMu.Lock()
+	f.BeforeShmemReply = fn
+	f.shmemMu.Unlock()
+}
+
+// PollShmem returns the next back-end request if one has arrived.
+func (f *Frontend) PollShmem() (ShmemRequest, bool) {
+	select {
+	case r := <-f.shmemCh:
+		return r, true
+	default:
+		return ShmemRequest{}, false
 	}
 }
 
