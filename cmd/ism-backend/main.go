@@ -39,6 +39,13 @@ type options struct {
 	logJSON       bool
 	printQEMU     string
 	statsInterval time.Duration
+
+	// What the device offers: -modes for every VM, -vm-modes per VM;
+	// attach mode's region and mapped-bytes limit.
+	modes     uint16
+	vmModes   map[string]uint16
+	shmSize   uint64
+	maxMapped uint64
 }
 
 func main() {
@@ -84,6 +91,23 @@ func parseFlags(args []string, errOut io.Writer) (*options, error) {
 	fs.BoolVar(&opts.logJSON, "log-json", false, "log as JSON lines")
 	fs.StringVar(&opts.printQEMU, "print-qemu", "", "print the QEMU options VM `NAME` needs and exit")
 	fs.DurationVar(&opts.statsInterval, "stats-interval", 0, "log device statistics this often (0: only on SIGUSR1 and at exit)")
+	modes := "copy,attach"
+	fs.StringVar(&modes, "modes", modes, "DMB modes every VM's device offers: copy, attach or copy,attach")
+	opts.vmModes = map[string]uint16{}
+	fs.Func("vm-modes", "the modes one VM's device offers, `NAME=MODES` (repeatable; overrides -modes)", func(s string) error {
+		name, m, ok := strings.Cut(s, "=")
+		if !ok || !vmName.MatchString(name) {
+			return fmt.Errorf("want NAME=MODES, got %q", s)
+		}
+		v, err := parseModes(m)
+		if err != nil {
+			return err
+		}
+		opts.vmModes[name] = v
+		return nil
+	})
+	fs.Uint64Var(&opts.shmSize, "shm-size", ismvirtio.DefaultShmSize, "bytes of each VM's shared-memory region (attach mode; a multiple of 4096)")
+	fs.Uint64Var(&opts.maxMapped, "max-mapped", 0, "bytes of DMBs one VM may have mapped in its region at once (0: -shm-size)")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			fs.SetOutput(errOut)
@@ -94,6 +118,18 @@ func parseFlags(args []string, errOut io.Writer) (*options, error) {
 	}
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected argument %q (flags only; see -h)", fs.Arg(0))
+	}
+	var err error
+	if opts.modes, err = parseModes(modes); err != nil {
+		return nil, fmt.Errorf("-modes: %w", err)
+	}
+	for name := range opts.vmModes {
+		if _, err := opts.backendOptions(name); err != nil {
+			return nil, fmt.Errorf("-vm-modes %s: %w", name, err)
+		}
+	}
+	if _, err := opts.backendOptions(""); err != nil {
+		return nil, err
 	}
 	c, err := strconv.ParseUint(chid, 0, 16)
 	if err != nil {
@@ -170,7 +206,11 @@ func run(opts *options) error {
 	for i, v := range opts.vms {
 		vmLog := log.WithFields(logrus.Fields{"vm": v.Name, "gid": fmt.Sprintf("%#016x", v.GID)})
 		newBackend := func(name string) (vhostuser.Backend, error) {
-			return ismvirtio.New(fabric, name, v.GID, vmLog), nil
+			bo, err := opts.backendOptions(name)
+			if err != nil {
+				return nil, err
+			}
+			return ismvirtio.NewWithOptions(fabric, name, v.GID, vmLog, bo)
 		}
 		vmLog.WithField("socket", listeners[i].Addr().String()).Info("serving VM")
 		wg.Add(1)
@@ -241,4 +281,30 @@ func listenUnix(path string) (*net.UnixListener, error) {
 
 func logStats(log *logrus.Logger, f *ism.Fabric) {
 	log.WithField("stats", strings.TrimSpace(fmt.Sprintf("%+v", f.Stats()))).Info("device statistics")
+}
+
+// parseModes parses "copy", "attach" or both, comma-separated.
+func parseModes(s string) (uint16, error) {
+	var m uint16
+	for _, w := range strings.Split(s, ",") {
+		switch strings.TrimSpace(w) {
+		case "copy":
+			m |= abi.ModeCopy
+		case "attach":
+			m |= abi.ModeAttach
+		default:
+			return 0, fmt.Errorf("mode %q: want copy or attach", w)
+		}
+	}
+	return m, nil
+}
+
+// backendOptions are the device options of VM name.
+func (o *options) backendOptions(name string) (ismvirtio.Options, error) {
+	bo := ismvirtio.Options{Modes: o.modes, ShmSize: o.shmSize, MaxMapped: o.maxMapped}
+	if m, ok := o.vmModes[name]; ok {
+		bo.Modes = m
+	}
+	err := bo.Check()
+	return bo, err
 }

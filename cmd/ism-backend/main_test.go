@@ -3,6 +3,9 @@ package main
 import (
 	"bytes"
 	"io"
+
+	"github.com/ism-backend/ism-backend/abi"
+	"github.com/ism-backend/ism-backend/ismvirtio"
 	"strings"
 	"testing"
 )
@@ -55,6 +58,34 @@ func TestPrintQEMU(t *testing.T) {
 	for _, want := range []string{"share=on", "path=/run/ism/vm1.sock", "vhost-user-test-device-pci", "virtio-id=38", "num_vqs=2", "config_size=64"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("missing %q in %s", want, out.String())
+		}
+	}
+}
+
+func TestModeFlags(t *testing.T) {
+	opts, err := parseFlags([]string{"-vm", "a", "-vm", "b", "-modes", "copy", "-vm-modes", "b=attach,copy", "-shm-size", "8388608", "-max-mapped", "4194304"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, _ := opts.backendOptions("a")
+	b, _ := opts.backendOptions("b")
+	if a.Modes != abi.ModeCopy || a.ShmSize != 0 || b.Modes != abi.ModeCopy|abi.ModeAttach || b.ShmSize != 8<<20 || b.MaxMapped != 4<<20 {
+		t.Fatalf("a %+v b %+v", a, b)
+	}
+	def, err := parseFlags([]string{"-vm", "a"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o, _ := def.backendOptions("a"); o.Modes != abi.ModeCopy|abi.ModeAttach || o.ShmSize != ismvirtio.DefaultShmSize {
+		t.Fatalf("defaults %+v", o)
+	}
+	for _, bad := range [][]string{
+		{"-vm", "a", "-modes", "nocopy"},
+		{"-vm", "a", "-vm-modes", "a"},
+		{"-vm", "a", "-shm-size", "4097"},
+	} {
+		if _, err := parseFlags(bad, io.Discard); err == nil {
+			t.Errorf("%v accepted", bad)
 		}
 	}
 }
