@@ -3,11 +3,11 @@ package main
 import (
 	"bytes"
 	"io"
+	"strings"
+	"testing"
 
 	"github.com/ism-backend/ism-backend/abi"
 	"github.com/ism-backend/ism-backend/ismvirtio"
-	"strings"
-	"testing"
 )
 
 func TestParseFlags(t *testing.T) {
