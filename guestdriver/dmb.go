@@ -11,11 +11,15 @@ import (
 	"github.com/ism-backend/ism-backend/pci"
 )
 
-// DMB is a registered DMB in this guest's RAM (copy mode): peers with its
-// rgid MOVE into it by token.
+// DMB is a registered DMB: peers with its rgid MOVE into it by token. In
+// copy mode it is in this guest's RAM; in attach mode (Shared) it is host
+// memory in the device's shared-memory region, which the peer may also
+// attach and write directly.
 type DMB struct {
 	d       *Driver
-	mem     *pci.DMA
+	mem     *pci.DMA // copy mode; nil in attach mode
+	shared  *mapping // attach mode; nil in copy mode
+	buf     []byte   // the DMB's memory, size bytes
 	size    int
 	index   uint32
 	rgid    uint64
@@ -37,7 +41,11 @@ func (m *DMB) RGID() uint64 { return m.rgid }
 
 // Bytes is the DMB's memory. The device writes it behind Go's back: read it
 // after a signal, and mind that a peer may be writing other parts.
-func (m *DMB) Bytes() []byte { return m.mem.Bytes()[:m.size] }
+func (m *DMB) Bytes() []byte { return m.buf }
+
+// Shared reports whether the DMB is in attach mode: in host memory that
+// the peer may attach and write directly.
+func (m *DMB) Shared() bool { return m.shared != nil }
 
 // Signalled receives (coalesced) when the DMB's SBA counter was seen to move.
 func (m *DMB) Signalled() <-chan struct{} { return m.sig }
@@ -46,8 +54,11 @@ func (m *DMB) Signalled() <-chan struct{} { return m.sig }
 // them. A signal seen on Signalled has its bits here.
 func (m *DMB) TakeDMBEs() uint32 { return m.pending.Swap(0) }
 
-// RegisterDMB allocates size bytes of DMA memory, picks a free DMB index and
-// registers the DMB with rgid as the only GID that may write it.
+// RegisterDMB picks a free DMB index and registers a DMB of size bytes with
+// rgid as the only GID that may write it. As Linux does for a device that
+// supports it, the DMB is in attach mode when this driver uses attach mode
+// (AttachOffered), so that the peer can write it without a copy; otherwise
+// it is DMA memory of this guest.
 func (d *Driver) RegisterDMB(size int, rgid uint64) (*DMB, error) {
 	if err := d.usable(); err != nil {
 		return nil, err
@@ -55,11 +66,14 @@ func (d *Driver) RegisterDMB(size int, rgid uint64) (*DMB, error) {
 	if size <= 0 || uint64(size) > uint64(d.cfg.MaxDMBSize) || size > pci.HugePageSize {
 		return nil, fmt.Errorf("guestdriver: DMB of %d bytes (max %d): %w", size, d.cfg.MaxDMBSize, abi.StatusRange)
 	}
-	mem, err := d.alloc.Alloc(size, 4096)
-	if err != nil {
-		return nil, err
+	m := &DMB{d: d, size: size, rgid: rgid, sig: make(chan struct{}, 1)}
+	if d.shm == nil {
+		mem, err := d.alloc.Alloc(size, 4096)
+		if err != nil {
+			return nil, err
+		}
+		m.mem, m.buf = mem, mem.Bytes()[:size]
 	}
-	m := &DMB{d: d, mem: mem, size: size, rgid: rgid, sig: make(chan struct{}, 1)}
 
 	// Claim an index and publish the DMB before the device knows it, so a
 	// signal that arrives right after REGISTER completes finds it.
@@ -82,24 +96,32 @@ func (d *Driver) RegisterDMB(size int, rgid uint64) (*DMB, error) {
 	}
 	d.dmbMu.Unlock()
 	if !found {
-		d.alloc.Free(mem)
+		if m.mem != nil {
+			d.alloc.Free(m.mem)
+		}
 		return nil, fmt.Errorf("guestdriver: all %d DMB indices in use: %w", d.maxDMBs, abi.StatusNoSpace)
 	}
-	resp, err := d.do(&abi.Request{Op: abi.OpRegisterDMB, Index: m.index, Len: uint64(size), GID: rgid, Addr: mem.GPA()}, nil)
-	if err == nil {
-		switch {
-		case resp.Value == 0:
-			err = fmt.Errorf("%w: REGISTER_DMB returned token 0", ErrBroken)
-		case resp.Index != m.index:
-			err = fmt.Errorf("%w: REGISTER_DMB for index %d answered index %d", ErrBroken, m.index, resp.Index)
+	var resp abi.Response
+	var err error
+	if m.mem == nil {
+		resp, err = d.registerShared(m)
+	} else {
+		resp, err = d.do(&abi.Request{Op: abi.OpRegisterDMB, Index: m.index, Len: uint64(size), GID: rgid, Addr: m.mem.GPA()}, nil)
+		if err == nil {
+			switch {
+			case resp.Value == 0:
+				err = fmt.Errorf("%w: REGISTER_DMB returned token 0", ErrBroken)
+			case resp.Index != m.index:
+				err = fmt.Errorf("%w: REGISTER_DMB for index %d answered index %d", ErrBroken, m.index, resp.Index)
+			}
 		}
 	}
 	if err != nil {
 		d.dmbs[m.index].CompareAndSwap(m, nil)
 		var st abi.Status
-		if errors.As(err, &st) {
+		if errors.As(err, &st) && m.mem != nil {
 			// The device refused: it does not have the memory.
-			d.alloc.Free(mem)
+			d.alloc.Free(m.mem)
 		}
 		// Otherwise it may have registered it: leak rather than reuse.
 		return nil, err
@@ -118,6 +140,11 @@ func (d *Driver) UnregisterDMB(m *DMB) error {
 	if m.dead.Load() {
 		return fmt.Errorf("guestdriver: DMB already unregistered: %w", abi.StatusNoEntry)
 	}
+	if m.shared != nil {
+		// Stop writes through this guest's own attachment of it before
+		// the device can give the range to another mapping.
+		d.unregisterShared(m)
+	}
 	if _, err := d.do(&abi.Request{Op: abi.OpUnregisterDMB, Token: m.Token()}, nil); err != nil {
 		return err
 	}
@@ -125,7 +152,9 @@ func (d *Driver) UnregisterDMB(m *DMB) error {
 		return fmt.Errorf("guestdriver: DMB unregistered twice: %w", abi.StatusNoEntry)
 	}
 	d.dmbs[m.index].CompareAndSwap(m, nil)
-	d.alloc.Free(m.mem)
+	if m.mem != nil {
+		d.alloc.Free(m.mem)
+	}
 	d.live.Add(-1)
 	return nil
 }
@@ -253,6 +282,9 @@ func (d *Driver) reapEvents() (bool, error) {
 			d.opts.Logf("guestdriver: event of %d bytes dropped", n)
 		} else {
 			ev, _ := abi.DecodeEvent(d.evBufs.Bytes()[i*abi.EventSize : (i+1)*abi.EventSize])
+			if ev.Type == abi.EventDMB && d.shm != nil {
+				d.shm.revoke(ev.Token) // before anyone hears of it
+			}
 			select {
 			case d.events <- ev:
 			default:

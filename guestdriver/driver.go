@@ -44,6 +44,7 @@ type Options struct {
 	Timeout      time.Duration // for one request; default 30s (TCG is slow)
 	NoEventIdx   bool          // do not negotiate VIRTIO_RING_F_EVENT_IDX (flags-based suppression only)
 	Wait         WaitMode      // how the poller waits for signals and events; default WaitAuto
+	Modes        uint16        // abi.ModeCopy, abi.ModeAttach: the modes the driver may use; 0: whatever the device offers
 	DevRoot      string        // where uio nodes are; default /dev
 	Logf         func(format string, args ...any)
 }
@@ -108,7 +109,10 @@ type Driver struct {
 	cfg   abi.Config
 	alloc *pci.Allocator
 	sba   *pci.DMA
-	intx  *intx // nil: the poller polls
+	intx  *intx      // nil: the poller polls
+	shm   *shmRegion // nil: attach mode not in use
+
+	attachWritten atomic.Uint64 // bytes written through attachments
 
 	signals signalReader // the poller's alone
 
@@ -206,6 +210,9 @@ func open(dev *pci.Device, opts Options) (*Driver, error) {
 		if d.intx != nil {
 			_ = d.intx.close()
 		}
+		if d.shm != nil {
+			_ = d.shm.bar.Unmap()
+		}
 		_ = vio.Close()
 	}()
 
@@ -224,14 +231,26 @@ func open(dev *pci.Device, opts Options) (*Driver, error) {
 		opts.Logf("guestdriver: %s: %s (+%v)", dev.Addr, what, time.Since(t0).Round(time.Microsecond))
 	}
 	step("config read, ISM ABI v" + fmt.Sprint(cfg.Version))
-	if cfg.Modes&abi.ModeCopy == 0 {
-		return nil, fmt.Errorf("guestdriver: device offers modes %#x, this driver needs copy mode", cfg.Modes)
+	allowed := opts.Modes
+	if allowed == 0 {
+		allowed = abi.ModeCopy | abi.ModeAttach
+	}
+	if cfg.Modes&allowed == 0 {
+		return nil, fmt.Errorf("guestdriver: device offers modes %#x, the driver may use %#x", cfg.Modes, allowed)
 	}
 	if cfg.MaxDMBs == 0 || cfg.MaxDMBSize == 0 || cfg.MaxMoveLen == 0 {
 		return nil, fmt.Errorf("guestdriver: device limits %+v make it unusable", cfg)
 	}
 	d.cfg = cfg
 	d.maxDMBs = min(cfg.MaxDMBs, abi.MaxDMBs)
+	if allowed&abi.ModeAttach != 0 && cfg.Modes&abi.ModeAttach != 0 {
+		if err := d.mapShm(); err != nil {
+			if cfg.Modes&allowed&abi.ModeCopy == 0 {
+				return nil, fmt.Errorf("guestdriver: attach mode: %w", err)
+			}
+			opts.Logf("guestdriver: %s: copy mode only: %v", dev.Addr, err)
+		}
+	}
 
 	// Bind for interrupts before the device is started: the kernel's
 	// driver enables the device, and a failed bind leaves it untouched.
@@ -296,7 +315,7 @@ func open(dev *pci.Device, opts Options) (*Driver, error) {
 	}
 	step("SBA set")
 	ok = true
-	opts.Logf("guestdriver: %s: gid %#x chid %#x, queues %d/%d, features %#x, waits by %s", dev.Addr, cfg.GID, cfg.CHID, d.reqQ.Size(), d.evQ.Size(), vio.Features(), d.waitName())
+	opts.Logf("guestdriver: %s: gid %#x chid %#x, queues %d/%d, features %#x, waits by %s, %s", dev.Addr, cfg.GID, cfg.CHID, d.reqQ.Size(), d.evQ.Size(), vio.Features(), d.waitName(), d.modeName())
 	return d, nil
 }
 
@@ -363,6 +382,13 @@ func (d *Driver) EventDrops() uint64 { return d.evDrops.Load() }
 // Interrupts reports whether the driver sleeps on the device's interrupt
 // (true) or polls.
 func (d *Driver) Interrupts() bool { return d.intx != nil }
+
+func (d *Driver) modeName() string {
+	if d.shm != nil {
+		return fmt.Sprintf("attach mode (%d MiB region)", len(d.shm.mem)>>20)
+	}
+	return "copy mode"
+}
 
 func (d *Driver) waitName() string {
 	if d.intx != nil {
@@ -548,6 +574,11 @@ func (d *Driver) Close() error {
 		return ErrClosed
 	}
 	d.stopPoller()
+	if d.shm != nil {
+		// The reset removes every mapping: no write through an
+		// attachment may follow it.
+		d.shm.closeAll()
+	}
 	var err error
 	if d.vio != nil { // nil only in tests
 		err = d.vio.Reset(5 * time.Second)
@@ -570,6 +601,11 @@ func (d *Driver) Close() error {
 	d.dmbMu.Unlock()
 	if err == nil && d.live.Load() == 0 {
 		err = d.alloc.Close()
+		if d.shm != nil {
+			if uerr := d.shm.bar.Unmap(); err == nil {
+				err = uerr
+			}
+		}
 	}
 	if d.vio != nil {
 		if cerr := d.vio.Close(); err == nil {

@@ -121,6 +121,7 @@ type fakeISM struct {
 	events    []abi.Event
 	evChains  []*chain
 	tamper    func(r abi.Request, resp []byte, n *uint32) // hostile hooks
+	attach    func(r abi.Request, resp *abi.Response) bool  // attach-mode requests (attach_test.go)
 	served    atomic.Int64
 	stop      chan struct{}
 	stopped   chan struct{}
@@ -134,7 +135,11 @@ func (f *fakeISM) handle(c *chain) uint32 {
 	}
 	data := c.in[abi.RequestSize:]
 	resp := abi.Response{}
+	if f.attach != nil && f.attach(r, &resp) {
+		r.Op = 0 // handled
+	}
 	switch r.Op {
+	case 0:
 	case abi.OpSetSBA:
 		f.sba = r.Addr
 	case abi.OpRegisterDMB:

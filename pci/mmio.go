@@ -56,6 +56,12 @@ func NewMMIO(mem []byte) *MMIO { return &MMIO{mem: mem} }
 // Len is the window's size in bytes.
 func (m *MMIO) Len() int { return len(m.mem) }
 
+// Bytes is the window as memory, for a BAR that is RAM rather than
+// registers (a virtio shared-memory region): there loads and stores of any
+// width are fine and the accessors' exact-width rule does not apply. The
+// slice is valid until Unmap.
+func (m *MMIO) Bytes() []byte { return m.mem }
+
 // Window returns the sub-range [off, off+n) as its own checked MMIO.
 func (m *MMIO) Window(off, n uint64) (*MMIO, error) {
 	if off > uint64(len(m.mem)) || n > uint64(len(m.mem))-off {
