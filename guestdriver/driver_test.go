@@ -120,8 +120,8 @@ type fakeISM struct {
 	nextTok   uint64
 	events    []abi.Event
 	evChains  []*chain
-	tamper    func(r abi.Request, resp []byte, n *uint32) // hostile hooks
-	attach    func(r abi.Request, resp *abi.Response) bool  // attach-mode requests (attach_test.go)
+	tamper    func(r abi.Request, resp []byte, n *uint32)  // hostile hooks
+	attach    func(r abi.Request, resp *abi.Response) bool // attach-mode requests (attach_test.go)
 	served    atomic.Int64
 	stop      chan struct{}
 	stopped   chan struct{}
