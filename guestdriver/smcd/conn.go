@@ -1,12 +1,14 @@
 package smcd
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -14,8 +16,10 @@ import (
 // Conn is a net.Conn over SMC-D. Our receive buffer is a DMB only the peer
 // may write: the CDC header at offset 0, then the data ring. We send by
 // MOVEing data into the peer's DMB ring, then its CDC header with the signal
-// flag. Positions are kept as absolute byte counts (uint64); the wire carries
-// them as {wrap, count} cursors.
+// flag; or, when our device could attach the peer's DMB (attach mode, Linux's
+// nocopy), by writing data and then the CDC cursors straight into it and
+// signalling with a zero-length MOVE. Positions are kept as absolute byte
+// counts (uint64); the wire carries them as {wrap, count} cursors.
 //
 // The TCP connection of the handshake stays open, idle, as in Linux: its
 // close tells us the peer is gone.
@@ -36,6 +40,11 @@ type Conn struct {
 
 	cdcBuf Buffer // the CDC header we MOVE
 	stage  Buffer // data staging for MOVE
+
+	view     PeerDMB // the peer's DMB attached, or nil: we MOVE
+	sendNote string  // why we MOVE although the device can attach
+
+	sent, received atomic.Uint64 // bytes
 
 	rMu  sync.Mutex // one Read at a time
 	wMu  sync.Mutex // one Write at a time; a Write is not interleaved
@@ -100,10 +109,31 @@ func newConn(dev Device, tcp net.Conn, dmb DMB, peerGID, peerToken uint64, peerD
 	if pw, ok := dev.(PeerWatcher); ok {
 		c.unwatch = pw.WatchPeer(peerGID, func() { c.fail(errPeerGone) })
 	}
+	c.attachPeer()
 	c.readDL.init()
 	c.writeDL.init()
 	go c.rxLoop()
 	return c
+}
+
+// attachPeer maps the peer's DMB if our device can attach it: as Linux's
+// smcd_buf_attach, the sender attaches when its device supports it and the
+// peer's DMB is attachable; any refusal leaves the connection MOVEing.
+func (c *Conn) attachPeer() {
+	at, ok := c.dev.(Attacher)
+	if !ok {
+		return
+	}
+	v, err := at.AttachDMB(c.peerToken)
+	switch {
+	case err != nil:
+		c.sendNote = err.Error()
+	case v.Len() < int(c.psize)+CDCLen:
+		c.sendNote = fmt.Sprintf("attached DMB of %d bytes, CLC said %d", v.Len(), int(c.psize)+CDCLen)
+		v.Detach()
+	default:
+		c.view = v
+	}
 }
 
 // stageSize is the staging buffer for a connection: the client knows the
@@ -223,8 +253,16 @@ func (c *Conn) sendCDC() error {
 	}
 	c.rxConfirmed = c.rxCons
 	c.mu.Unlock()
-	m.Encode(c.cdcBuf.Bytes())
-	err := c.dev.Move(c.peerToken, c.peerDMBE, true, 0, c.cdcBuf, 0, CDCLen)
+	var err error
+	if c.view != nil {
+		err = c.storeCDC(&m)
+		if err == nil {
+			err = c.dev.Move(c.peerToken, c.peerDMBE, true, 0, nil, 0, 0) // the signal alone
+		}
+	} else {
+		m.Encode(c.cdcBuf.Bytes())
+		err = c.dev.Move(c.peerToken, c.peerDMBE, true, 0, c.cdcBuf, 0, CDCLen)
+	}
 	if err != nil {
 		// A peer that said closed may unregister its DMB at once, and
 		// nothing we could still tell it matters. Its CDC saying so
@@ -240,6 +278,21 @@ func (c *Conn) sendCDC() error {
 		c.fail(fmt.Errorf("smcd: CDC to peer DMB: %w (%w)", err, syscall.ECONNRESET))
 	}
 	return err
+}
+
+// storeCDC writes m into the attached peer DMB's header as 8-byte atomic
+// stores: type, then producer, then consumer with the flags, the order
+// LoadCDC relies on (it loads the consumer word first). The data they
+// announce was written before them.
+func (c *Conn) storeCDC(m *CDC) error {
+	var b [CDCLen]byte
+	m.Encode(b[:])
+	for _, off := range [...]int64{0, cdcProdOff, cdcConsOff} {
+		if err := c.view.StoreUint64(off, binary.NativeEndian.Uint64(b[off:])); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func (c *Conn) sendAbort() {
@@ -307,6 +360,7 @@ func (c *Conn) Read(p []byte) (int, error) {
 	copy(p, c.ring[pos:int(pos)+first])
 	copy(p[first:n], c.ring[:n-first])
 
+	c.received.Add(uint64(n))
 	c.mu.Lock()
 	c.rxCons += uint64(n)
 	ack := c.err == nil && c.ackNeededLocked()
@@ -361,15 +415,27 @@ func (c *Conn) Write(p []byte) (int, error) {
 		if err != nil {
 			return n, c.opErr("write", err)
 		}
-		chunk := min(space, len(p)-n, len(stage))
-		copy(stage, p[n:n+chunk])
 		c.mu.Lock()
 		pos := uint32(c.txProd % uint64(c.psize))
 		c.mu.Unlock()
-		first := min(chunk, int(c.psize-pos))
-		err = c.moveData(CDCLen+pos, 0, first)
-		if err == nil && chunk > first {
-			err = c.moveData(CDCLen, first, chunk-first)
+		var chunk int
+		if c.view != nil {
+			// Straight into the peer's ring: [pos, pos+space) is ours
+			// until our cursor says it is written.
+			chunk = min(space, len(p)-n)
+			first := min(chunk, int(c.psize-pos))
+			_, err = c.view.WriteAt(p[n:n+first], int64(CDCLen+pos))
+			if err == nil && chunk > first {
+				_, err = c.view.WriteAt(p[n+first:n+chunk], CDCLen)
+			}
+		} else {
+			chunk = min(space, len(p)-n, len(stage))
+			copy(stage, p[n:n+chunk])
+			first := min(chunk, int(c.psize-pos))
+			err = c.moveData(CDCLen+pos, 0, first)
+			if err == nil && chunk > first {
+				err = c.moveData(CDCLen, first, chunk-first)
+			}
 		}
 		if err != nil {
 			err = fmt.Errorf("smcd: data to peer DMB: %w (%w)", err, syscall.ECONNRESET)
@@ -380,6 +446,7 @@ func (c *Conn) Write(p []byte) (int, error) {
 		c.txProd += uint64(chunk)
 		c.txFlags &^= FlagWriteBlocked
 		c.mu.Unlock()
+		c.sent.Add(uint64(chunk))
 		if err := c.sendCDC(); err != nil {
 			return n, c.opErr("write", err)
 		}
@@ -488,6 +555,9 @@ func (c *Conn) Close() error {
 		// the staging buffer before the memory goes back to the device.
 		c.wMu.Lock()
 		c.rMu.Lock()
+		if c.view != nil {
+			c.view.Detach()
+		}
 		c.dev.UnregisterDMB(c.dmb)
 		c.cdcBuf.Free()
 		c.stage.Free()
@@ -506,6 +576,57 @@ func (c *Conn) RemoteAddr() net.Addr { return c.tcp.RemoteAddr() }
 
 // PeerGID is the peer's ISM GID.
 func (c *Conn) PeerGID() uint64 { return c.peerGID }
+
+// Mode is how data reaches a DMB.
+type Mode uint8
+
+const (
+	// ModeCopy: the sender MOVEs and the device copies into the DMB.
+	ModeCopy Mode = iota
+	// ModeAttach: the DMB is in memory the sender has attached and
+	// writes directly (SMC-D nocopy).
+	ModeAttach
+)
+
+func (m Mode) String() string {
+	if m == ModeAttach {
+		return "attach"
+	}
+	return "copy"
+}
+
+// Info describes a connection, as smcss lists one.
+type Info struct {
+	LocalGID, PeerGID     uint64
+	LocalToken, PeerToken uint64 // our DMB's and the peer's
+	DMBSize, PeerDMBSize  int    // bytes, the CDC header included
+	// SendMode is how we write the peer's DMB; SendNote says why it is
+	// ModeCopy when our device can attach.
+	SendMode Mode
+	SendNote string
+	// RecvMode is ModeAttach when our DMB is in shared memory, where a
+	// peer that can attach writes it directly.
+	RecvMode                 Mode
+	BytesSent, BytesReceived uint64
+}
+
+// Info returns the connection's description and byte counts.
+func (c *Conn) Info() Info {
+	in := Info{
+		LocalGID: c.dev.GID(), PeerGID: c.peerGID,
+		LocalToken: c.dmb.Token(), PeerToken: c.peerToken,
+		DMBSize: int(c.rsize) + CDCLen, PeerDMBSize: int(c.psize) + CDCLen,
+		SendNote:  c.sendNote,
+		BytesSent: c.sent.Load(), BytesReceived: c.received.Load(),
+	}
+	if c.view != nil {
+		in.SendMode = ModeAttach
+	}
+	if sd, ok := c.dmb.(SharedDMB); ok && sd.Shared() {
+		in.RecvMode = ModeAttach
+	}
+	return in
+}
 
 func (c *Conn) SetDeadline(t time.Time) error {
 	c.readDL.set(t)

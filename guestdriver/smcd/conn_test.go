@@ -49,6 +49,20 @@ func oneHost() env {
 	return withTestTimeouts(env{srvDev: d, cliDev: d})
 }
 
+// attach turns on attach mode in e's devices: senders write the peer's
+// DMB through an attachment instead of MOVEing.
+func (e env) attach() env {
+	e.srvDev.(*Loopback).AttachMode = true
+	e.cliDev.(*Loopback).AttachMode = true
+	return e
+}
+
+// bothModes runs f with e() as it is (copy mode) and in attach mode.
+func bothModes(t *testing.T, e func() env, f func(t *testing.T, e env)) {
+	t.Run("copy", func(t *testing.T) { f(t, e()) })
+	t.Run("attach", func(t *testing.T) { f(t, e().attach()) })
+}
+
 // pair returns a connected client and server.
 func (e env) pair(t testing.TB) (cli, srv net.Conn) {
 	t.Helper()
@@ -135,7 +149,8 @@ func copyBothWays(t *testing.T, a, b net.Conn, n int) {
 }
 
 func TestCopyBothWays(t *testing.T) {
-	for name, e := range map[string]env{"two hosts": twoHosts(), "one host": oneHost()} {
+	for name, e := range map[string]env{"two hosts": twoHosts(), "one host": oneHost(),
+		"two hosts attach": twoHosts().attach(), "one host attach": oneHost().attach()} {
 		t.Run(name, func(t *testing.T) {
 			cli, srv := e.pair(t)
 			mustSMC(t, cli, srv)
@@ -170,8 +185,9 @@ func TestDMBSizes(t *testing.T) {
 // TestFlowControlTinyDMB: one large Write into a 16 KiB DMB completes only
 // through the receiver's acknowledgements; reads of odd sizes wrap the ring
 // at every possible offset.
-func TestFlowControlTinyDMB(t *testing.T) {
-	e := twoHosts()
+func TestFlowControlTinyDMB(t *testing.T) { bothModes(t, twoHosts, testFlowControlTinyDMB) }
+
+func testFlowControlTinyDMB(t *testing.T, e env) {
 	e.srv.DMBSize, e.dial.DMBSize = MinDMBSize, MinDMBSize
 	cli, srv := e.pair(t)
 	mustSMC(t, cli, srv)
@@ -207,8 +223,9 @@ func TestFlowControlTinyDMB(t *testing.T) {
 	}
 }
 
-func TestConcurrentConns(t *testing.T) {
-	e := twoHosts()
+func TestConcurrentConns(t *testing.T) { bothModes(t, twoHosts, testConcurrentConns) }
+
+func testConcurrentConns(t *testing.T, e env) {
 	e.srv.DMBSize = 32 << 10
 	ln, err := e.srv.Listen(e.srvDev, "tcp", "127.0.0.1:0")
 	if err != nil {

@@ -51,3 +51,34 @@ type PeerWatcher interface {
 	// if the device with GID gid goes away before cancel is called.
 	WatchPeer(gid uint64, gone func()) (cancel func())
 }
+
+// Attacher is implemented by a Device that can map a peer's attach-mode DMB
+// into this guest (Linux's "nocopy" SMC-D, attach_dmb). A sender whose
+// device can attach the peer's DMB writes its data and CDC straight into
+// it and only signals through the device; otherwise it MOVEs.
+type Attacher interface {
+	// AttachDMB maps the peer DMB token, whose rgid is this device. Any
+	// error (abi.StatusUnsupported for a DMB in the peer's own memory)
+	// means: MOVE instead.
+	AttachDMB(token uint64) (PeerDMB, error)
+}
+
+// PeerDMB is a peer's DMB mapped into this guest. Only the sender writes
+// it, the owner only reads: one writer per word.
+type PeerDMB interface {
+	// Len is the mapped DMB's length.
+	Len() int
+	// WriteAt copies p to offset off; it fails once the mapping is gone.
+	WriteAt(p []byte, off int64) (int, error)
+	// StoreUint64 stores v at off (a multiple of 8) as one atomic write,
+	// after every write before it.
+	StoreUint64(off int64, v uint64) error
+	// Detach removes the mapping.
+	Detach() error
+}
+
+// SharedDMB is implemented by a DMB that says whether it is in attach mode
+// (Shared): in memory that its rgid may attach and write directly.
+type SharedDMB interface {
+	Shared() bool
+}

@@ -65,6 +65,13 @@ type Loopback struct {
 	// MaxMove, if positive, limits the data length of one MOVE (RANGE
 	// beyond it), like the config space's max_move_len.
 	MaxMove int
+	// AttachMode makes the device's DMBs attachable and lets it attach
+	// peers' (Attacher), like Linux loopback-ism's nocopy. Set it before
+	// use.
+	AttachMode bool
+
+	// AttachWritten counts the bytes written through attachments.
+	AttachWritten atomic.Uint64
 
 	mu     sync.Mutex
 	own    map[uint64]*loopDMB
@@ -81,8 +88,40 @@ type loopDMB struct {
 	sig   chan struct{}
 	mask  atomic.Uint32 // DMBE bits, as the SBA mask word
 
-	mu   sync.RWMutex // Move holds it shared while copying; unregister exclusively
-	dead bool
+	mu       sync.RWMutex // Move and attachment writes hold it shared; unregister exclusively
+	dead     bool
+	attached map[*Loopback]bool // devices that attached it
+}
+
+// Shared implements SharedDMB.
+func (m *loopDMB) Shared() bool { return m.owner.AttachMode }
+
+// loopGuard is the pattern around every loopback DMB; tests check that
+// nothing wrote outside a DMB (guardsIntact).
+const loopGuard = 64
+
+// guardsIntact reports whether the bytes around the DMB are as allocated.
+func (m *loopDMB) guardsIntact() bool {
+	full := unsafe.Slice((*byte)(unsafe.Add(unsafe.Pointer(unsafe.SliceData(m.mem)), -loopGuard)), len(m.mem)+2*loopGuard)
+	for _, g := range [][]byte{full[:loopGuard], full[loopGuard+len(m.mem):]} {
+		for _, b := range g {
+			if b != 0xA5 {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// guardedBytes is alignedBytes(n) with loopGuard bytes of 0xA5 on each side.
+func guardedBytes(n int) []byte {
+	full := alignedBytes(n + 2*loopGuard)
+	for i := range full {
+		full[i] = 0xA5
+	}
+	mem := full[loopGuard : loopGuard+n : loopGuard+n]
+	clear(mem)
+	return mem
 }
 
 func (m *loopDMB) Token() uint64              { return m.token }
@@ -120,7 +159,7 @@ func (d *Loopback) RegisterDMB(size int, rgid uint64) (DMB, error) {
 	if len(d.own) >= d.MaxDMBs {
 		return nil, abi.StatusNoSpace
 	}
-	m := &loopDMB{owner: d, rgid: rgid, mem: alignedBytes(size), sig: make(chan struct{}, 1)}
+	m := &loopDMB{owner: d, rgid: rgid, mem: guardedBytes(size), sig: make(chan struct{}, 1), attached: map[*Loopback]bool{}}
 	f := d.fabric
 	f.mu.Lock()
 	for m.token == 0 || f.dmbs[m.token] != nil {
@@ -219,7 +258,7 @@ func (d *Loopback) Move(token uint64, dmbe uint32, signal bool, offset uint32, s
 	if d.MaxMove > 0 && n > d.MaxMove {
 		return abi.StatusRange
 	}
-	if src == nil || srcOff < 0 || n < 0 || srcOff > len(src.Bytes()) || n > len(src.Bytes())-srcOff {
+	if n != 0 && (src == nil || srcOff < 0 || n < 0 || srcOff > len(src.Bytes()) || n > len(src.Bytes())-srcOff) {
 		return abi.StatusInvalid
 	}
 	d.mu.Lock()
@@ -245,7 +284,10 @@ func (d *Loopback) Move(token uint64, dmbe uint32, signal bool, offset uint32, s
 	if uint64(offset)+uint64(n) > uint64(len(m.mem)) {
 		return abi.StatusRange
 	}
-	from := src.Bytes()[srcOff : srcOff+n]
+	var from []byte
+	if n > 0 {
+		from = src.Bytes()[srcOff : srcOff+n]
+	}
 	to := m.mem[offset : int(offset)+n]
 	if n <= atomicMoveMax && offset%8 == 0 && n%8 == 0 {
 		for i := 0; i < n; i += 8 {
@@ -261,6 +303,81 @@ func (d *Loopback) Move(token uint64, dmbe uint32, signal bool, offset uint32, s
 		case m.sig <- struct{}{}:
 		default: // already pending: signals coalesce
 		}
+	}
+	return nil
+}
+
+// AttachDMB implements Attacher: only the DMB's rgid may attach it, once,
+// and only if both devices have AttachMode.
+func (d *Loopback) AttachDMB(token uint64) (PeerDMB, error) {
+	if !d.AttachMode {
+		return nil, abi.StatusUnsupported
+	}
+	d.fabric.mu.RLock()
+	m := d.fabric.dmbs[token]
+	d.fabric.mu.RUnlock()
+	switch {
+	case m == nil:
+		return nil, abi.StatusNoEntry
+	case !m.owner.AttachMode:
+		return nil, abi.StatusUnsupported
+	case m.rgid != d.gid:
+		return nil, abi.StatusPermission
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	switch {
+	case m.dead:
+		return nil, abi.StatusNoEntry
+	case m.attached[d]:
+		return nil, abi.StatusBusy
+	}
+	m.attached[d] = true
+	return &loopView{d: d, m: m}, nil
+}
+
+// loopView is a loopback DMB attached by a device.
+type loopView struct {
+	d        *Loopback
+	m        *loopDMB
+	detached bool // guarded by m.mu
+}
+
+func (v *loopView) Len() int { return len(v.m.mem) }
+
+func (v *loopView) WriteAt(p []byte, off int64) (int, error) {
+	if off < 0 || off > int64(len(v.m.mem)) || int64(len(p)) > int64(len(v.m.mem))-off {
+		return 0, abi.StatusRange
+	}
+	v.m.mu.RLock()
+	defer v.m.mu.RUnlock()
+	if v.m.dead || v.detached {
+		return 0, abi.StatusNoEntry
+	}
+	n := copy(v.m.mem[off:], p)
+	v.d.AttachWritten.Add(uint64(n))
+	return n, nil
+}
+
+func (v *loopView) StoreUint64(off int64, x uint64) error {
+	if off < 0 || off%8 != 0 || off > int64(len(v.m.mem))-8 {
+		return abi.StatusRange
+	}
+	v.m.mu.RLock()
+	defer v.m.mu.RUnlock()
+	if v.m.dead || v.detached {
+		return abi.StatusNoEntry
+	}
+	atomic.StoreUint64((*uint64)(unsafe.Pointer(&v.m.mem[off])), x)
+	return nil
+}
+
+func (v *loopView) Detach() error {
+	v.m.mu.Lock()
+	defer v.m.mu.Unlock()
+	if !v.detached {
+		v.detached = true
+		delete(v.m.attached, v.d)
 	}
 	return nil
 }

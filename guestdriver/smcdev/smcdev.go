@@ -14,8 +14,9 @@ import (
 )
 
 // Device is a *guestdriver.Driver as an smcd.Device. It also tells the
-// stack when a peer's device goes away (smcd.PeerWatcher) and how long a
-// MOVE may be (smcd.MoveLimiter). It takes over the driver's event channel.
+// stack when a peer's device goes away (smcd.PeerWatcher), how long a MOVE
+// may be (smcd.MoveLimiter), and attaches peers' DMBs in attach mode
+// (smcd.Attacher). It takes over the driver's event channel.
 type Device struct {
 	d     *guestdriver.Driver
 	peers *smcd.PeerWatchers
@@ -26,6 +27,9 @@ var (
 	_ smcd.Device      = Device{}
 	_ smcd.PeerWatcher = Device{}
 	_ smcd.MoveLimiter = Device{}
+	_ smcd.Attacher    = Device{}
+	_ smcd.SharedDMB   = (*guestdriver.DMB)(nil)
+	_ smcd.PeerDMB     = (*guestdriver.Attachment)(nil)
 )
 
 // New wraps d.
@@ -83,7 +87,21 @@ func (v Device) AllocBuffer(size int) (smcd.Buffer, error) {
 	return b, nil
 }
 
+// AttachDMB implements smcd.Attacher through the driver's attach mode; a
+// driver that does not use it answers abi.StatusUnsupported, and the stack
+// MOVEs.
+func (v Device) AttachDMB(token uint64) (smcd.PeerDMB, error) {
+	a, err := v.d.Attach(token)
+	if err != nil {
+		return nil, err
+	}
+	return a, nil
+}
+
 func (v Device) Move(token uint64, dmbe uint32, signal bool, offset uint32, src smcd.Buffer, srcOff, n int) error {
+	if n == 0 && src == nil { // a signal alone
+		return v.d.Move(token, dmbe, signal, offset, nil, 0, 0)
+	}
 	b, ok := src.(*guestdriver.Buffer)
 	if !ok {
 		return fmt.Errorf("smcdev: buffer %T is not this driver's DMA memory", src)
