@@ -49,6 +49,8 @@ package ism
 import (
 	"errors"
 	"fmt"
+	"slices"
+	"sort"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -92,8 +94,21 @@ type Fabric struct {
 	amu sync.Mutex // attach-mode bookkeeping of every device (see the package doc)
 
 	mu      sync.RWMutex
-	devices map[uint64]*Device // connected devices by GID
-	retired counters           // counters of disconnected devices
+	devices map[uint64]*Device     // connected devices by GID
+	retired counters               // counters of disconnected devices
+	names   map[string]*nameRecord // every guest name that has connected, for DeviceStats
+}
+
+// nameRecord is what DeviceStats knows of one guest name: the devices that
+// connected under it and were not folded yet (the last one is the latest),
+// and the counters of those that were. A disconnected device is folded when
+// the next device of its name connects, so a guest that reconnects often
+// does not grow the list, and its counters are read at the latest possible
+// moment (work still finishing on it, e.g. an asynchronous unmap, is
+// counted unless it finishes after that).
+type nameRecord struct {
+	devs   []*Device
+	folded Stats
 }
 
 // dmbEntry is one registered DMB. owner, rgid, gpa, size, index and buf are
@@ -123,6 +138,7 @@ func NewFabric(chid uint16, log *logrus.Entry) *Fabric {
 		now:     time.Now,
 		log:     log.WithField("chid", fmt.Sprintf("%#04x", chid)),
 		devices: make(map[uint64]*Device),
+		names:   make(map[string]*nameRecord),
 	}
 	f.SetLimits(Limits{})
 	return f
@@ -205,6 +221,19 @@ func (f *Fabric) ConnectDevice(name string, gid uint64, mem Memory, n Notifier, 
 		return nil, fmt.Errorf("%w: %#x (vm %q)", ErrGIDInUse, gid, name)
 	}
 	f.devices[gid] = d
+	rec := f.names[name]
+	if rec == nil {
+		rec = &nameRecord{}
+		f.names[name] = rec
+	}
+	rec.devs = slices.DeleteFunc(rec.devs, func(o *Device) bool {
+		if f.devices[o.gid] == o {
+			return false // still connected (same name, another GID)
+		}
+		rec.folded.add(o.stats.snapshot())
+		return true
+	})
+	rec.devs = append(rec.devs, d)
 	return d, nil
 }
 
@@ -237,6 +266,71 @@ func (f *Fabric) Stats() Stats {
 	s.Devices = len(devs)
 	s.DMBs = uint64(f.dmbs.Len())
 	return s
+}
+
+// DeviceStats are the statistics of one guest, by the name its devices
+// connected with (Fabric.Connect's name).
+type DeviceStats struct {
+	Name string
+	// GID and Modes are those of the name's latest device: the modes it
+	// offers (attach mode drops out when the front-end cannot map).
+	GID   uint64
+	Modes uint16
+	// Connected: the latest device is connected to the fabric now.
+	Connected bool
+	// Stats: the counters of every device that connected under this name
+	// (so they survive a device stop and a reconnect); DMBs and the
+	// attach-mode gauges of the connected device (0 when not connected).
+	// Devices is 0.
+	Stats Stats
+}
+
+// DeviceStats returns the statistics of every guest name that has connected
+// to the fabric since it was made, sorted by name. Like Stats, it is not one
+// atomic snapshot: counters move while it reads them.
+func (f *Fabric) DeviceStats() []DeviceStats {
+	type item struct {
+		out  DeviceStats
+		devs []*Device
+		live *Device
+	}
+	f.mu.RLock()
+	items := make([]item, 0, len(f.names))
+	for name, rec := range f.names {
+		last := rec.devs[len(rec.devs)-1] // never empty: ConnectDevice appends after folding
+		it := item{out: DeviceStats{Name: name, GID: last.gid, Modes: last.modes, Stats: rec.folded}, devs: slices.Clone(rec.devs)}
+		if f.devices[last.gid] == last {
+			it.live = last
+			it.out.Connected = true
+		}
+		items = append(items, it)
+	}
+	f.mu.RUnlock()
+	// Device locks only after the fabric's lock is released (package doc).
+	for i := range items {
+		it := &items[i]
+		for _, d := range it.devs {
+			it.out.Stats.add(d.stats.snapshot())
+		}
+		if d := it.live; d != nil {
+			d.mu.RLock()
+			it.out.Stats.DMBs = uint64(len(d.dmbs))
+			d.mu.RUnlock()
+		}
+	}
+	f.amu.Lock()
+	for i := range items {
+		if d := items[i].live; d != nil {
+			d.gaugesLocked(&items[i].out.Stats)
+		}
+	}
+	f.amu.Unlock()
+	out := make([]DeviceStats, len(items))
+	for i := range items {
+		out[i] = items[i].out
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
 }
 
 // NumStatus is the number of status codes Stats.Refused counts, indexed by

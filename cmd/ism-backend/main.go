@@ -39,6 +39,7 @@ type options struct {
 	logJSON       bool
 	printQEMU     string
 	statsInterval time.Duration
+	statsFile     string
 
 	// What the device offers: -modes for every VM, -vm-modes per VM;
 	// attach mode's region and mapped-bytes limit.
@@ -64,7 +65,9 @@ func main() {
 		}
 		return
 	}
-	if err := run(opts); err != nil {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	if err := run(ctx, opts); err != nil {
 		fmt.Fprintln(os.Stderr, "ism-backend:", err)
 		os.Exit(1)
 	}
@@ -90,7 +93,8 @@ func parseFlags(args []string, errOut io.Writer) (*options, error) {
 	fs.StringVar(&level, "log-level", "info", "log level: error, warn, info, debug, trace")
 	fs.BoolVar(&opts.logJSON, "log-json", false, "log as JSON lines")
 	fs.StringVar(&opts.printQEMU, "print-qemu", "", "print the QEMU options VM `NAME` needs and exit")
-	fs.DurationVar(&opts.statsInterval, "stats-interval", 0, "log device statistics this often (0: only on SIGUSR1 and at exit)")
+	fs.DurationVar(&opts.statsInterval, "stats-interval", 0, "log device statistics (and write -stats-file) this often (0: only on SIGUSR1 and at exit)")
+	fs.StringVar(&opts.statsFile, "stats-file", "", "also write device statistics as JSON to `PATH` (replaced atomically) on SIGUSR1, each -stats-interval and at exit")
 	modes := "copy,attach"
 	fs.StringVar(&modes, "modes", modes, "DMB modes every VM's device offers: copy, attach or copy,attach")
 	opts.vmModes = map[string]uint16{}
@@ -170,7 +174,9 @@ func printQEMU(w io.Writer, opts *options) error {
 	return nil
 }
 
-func run(opts *options) error {
+// run serves the VMs until ctx is done (main: SIGTERM or SIGINT) or a
+// socket fails.
+func run(ctx context.Context, opts *options) error {
 	log := logrus.New()
 	log.SetLevel(opts.logLevel)
 	if opts.logJSON {
@@ -179,8 +185,20 @@ func run(opts *options) error {
 	if err := os.MkdirAll(opts.socketDir, 0o755); err != nil {
 		return fmt.Errorf("socket dir: %w", err)
 	}
+	var stats *statsWriter
+	if opts.statsFile != "" {
+		if fi, err := os.Stat(filepath.Dir(opts.statsFile)); err != nil || !fi.IsDir() {
+			return fmt.Errorf("-stats-file %s: no such directory", opts.statsFile)
+		}
+		stats = &statsWriter{path: opts.statsFile, opts: opts}
+	}
+	// Before any socket exists: whoever waits for the sockets may signal
+	// at once, and SIGUSR1's default action would end the process.
+	usr1 := make(chan os.Signal, 1)
+	signal.Notify(usr1, syscall.SIGUSR1)
+	defer signal.Stop(usr1)
 
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	ctx, stop := context.WithCancel(ctx)
 	defer stop()
 
 	fabric := ism.NewFabric(opts.chid, logrus.NewEntry(log)) // adds the chid field itself
@@ -222,9 +240,14 @@ func run(opts *options) error {
 		}(listeners[i])
 	}
 
-	usr1 := make(chan os.Signal, 1)
-	signal.Notify(usr1, syscall.SIGUSR1)
-	defer signal.Stop(usr1)
+	report := func() {
+		logStats(log, fabric)
+		if stats != nil {
+			if err := stats.write(fabric); err != nil {
+				log.WithError(err).Warn("writing the stats file")
+			}
+		}
+	}
 	var tick <-chan time.Time
 	if opts.statsInterval > 0 {
 		t := time.NewTicker(opts.statsInterval)
@@ -242,9 +265,9 @@ loop:
 			stop()
 			break loop
 		case <-usr1:
-			logStats(log, fabric)
+			report()
 		case <-tick:
-			logStats(log, fabric)
+			report()
 		}
 	}
 	for _, ln := range listeners {
@@ -252,7 +275,7 @@ loop:
 	}
 	listeners = nil
 	wg.Wait()
-	logStats(log, fabric)
+	report()
 	return runErr
 }
 

@@ -24,8 +24,16 @@ func smcPair(t *testing.T, serverArgs, clientArgs map[string]string, timeout tim
 func smcPairCPUs(t *testing.T, cpus int, serverArgs, clientArgs map[string]string, timeout time.Duration) (r *vmharness.Run, a, b *vmharness.VM) {
 	r = vmharness.New(t)
 	r.RequireBackend()
+	_, a, b = smcPairOn(r, cpus, nil, serverArgs, clientArgs, timeout)
+	return r, a, b
+}
+
+// smcPairOn is smcPairCPUs on a run the caller has, with backendArgs added
+// to the backend's command line (e.g. -stats-file r.Path(...)); it returns
+// the backend too.
+func smcPairOn(r *vmharness.Run, cpus int, backendArgs []string, serverArgs, clientArgs map[string]string, timeout time.Duration) (be *vmharness.Backend, a, b *vmharness.VM) {
 	sa, sb := r.Path("a.sock"), r.Path("b.sock")
-	r.StartBackend([]string{"-socket-dir", r.Dir, "-vm", "a", "-vm", "b"}, sa, sb)
+	be = r.StartBackend(append([]string{"-socket-dir", r.Dir, "-vm", "a", "-vm", "b"}, backendArgs...), sa, sb)
 	srv, cli := r.NetPair()
 	serverArgs["ip"] = "169.254.7.1/24"
 	clientArgs["ip"] = "169.254.7.2/24"
@@ -34,7 +42,7 @@ func smcPairCPUs(t *testing.T, cpus int, serverArgs, clientArgs map[string]strin
 		HugePages: 32, Args: serverArgs, ISM: []vmharness.ISMDevice{{Socket: sa}}})
 	b = r.StartVM(vmharness.VMConfig{Name: "b", Scenario: "smcd-client", Net: &cli, Timeout: timeout, CPUs: cpus,
 		HugePages: 32, Args: clientArgs, ISM: []vmharness.ISMDevice{{Socket: sb}}})
-	return r, a, b
+	return be, a, b
 }
 
 // checkDigests: every connection's SHA-256 as the client sent it equals the

@@ -287,9 +287,15 @@ type Backend struct {
 	r       *Run
 	cmd     *exec.Cmd
 	LogPath string
-	done    chan struct{}
-	waitErr *error
-	stopped atomic.Bool // Stop or Kill asked it to exit
+	// StatsPath is the backend's -stats-file (from its arguments; empty
+	// without one): Stats reads it.
+	StatsPath string
+	done      chan struct{}
+	waitErr   *error
+	stopped   atomic.Bool // Stop or Kill asked it to exit
+
+	statsMu sync.Mutex
+	lastSeq int // the latest stats file's seq Stats has seen
 }
 
 // StartBackend runs ISM_BACKEND with args (paths usually from r.Path) and
@@ -300,7 +306,8 @@ func (r *Run) StartBackend(args []string, sockets ...string) *Backend {
 	t := r.T
 	t.Helper()
 	r.RequireBackend()
-	b := &Backend{r: r, cmd: exec.Command(r.Cfg.Backend, args...), LogPath: r.Path(fmt.Sprintf("backend%d.log", len(r.backends)))}
+	b := &Backend{r: r, cmd: exec.Command(r.Cfg.Backend, args...), LogPath: r.Path(fmt.Sprintf("backend%d.log", len(r.backends))),
+		StatsPath: flagValue(args, "stats-file")}
 	done, werr, err := startProcess(b.cmd, b.LogPath)
 	if err != nil {
 		t.Fatalf("start backend: %v", err)
@@ -339,6 +346,141 @@ func (r *Run) StartBackend(args []string, sockets ...string) *Backend {
 		}
 	}
 	return b
+}
+
+// flagValue returns the value of the last -name flag in args (-name V,
+// --name V, -name=V or --name=V), or "".
+func flagValue(args []string, name string) string {
+	v := ""
+	for i := 0; i < len(args); i++ {
+		if !strings.HasPrefix(args[i], "-") {
+			continue
+		}
+		a := strings.TrimPrefix(strings.TrimPrefix(args[i], "-"), "-")
+		if a == name && i+1 < len(args) {
+			v = args[i+1]
+			i++
+		} else if val, ok := strings.CutPrefix(a, name+"="); ok {
+			v = val
+		}
+	}
+	return v
+}
+
+// Counters are one VM's or the whole fabric's statistics as the backend's
+// -stats-file has them (cmd/ism-backend/stats.go).
+type Counters struct {
+	Devices    int    `json:"devices"` // BackendStats.Total only: connected devices
+	DMBs       uint64 `json:"dmbs"`    // live DMBs
+	Registered uint64 `json:"registered"`
+	Moves      uint64 `json:"moves"`      // MOVEs sent (signals are zero-length MOVEs)
+	MoveBytes  uint64 `json:"move_bytes"` // bytes the backend copied for this sender
+	Signals    uint64 `json:"signals"`    // signalled MOVEs sent
+	SWEvents   uint64 `json:"sw_events"`
+	Interrupts uint64 `json:"interrupts"`
+	Events     uint64 `json:"events"`
+	Maps       uint64 `json:"maps"`   // SHMEM_MAPs into this VM's region
+	Unmaps     uint64 `json:"unmaps"` // SHMEM_UNMAPs of this VM's region
+	// Attach-mode gauges of the connected device, now.
+	AttachDMBs  uint64 `json:"attach_dmbs"`
+	Attached    uint64 `json:"attached"`
+	MappedBytes uint64 `json:"mapped_bytes"`
+	// Refused requests by status ("no_entry", "permission", ...).
+	Refused      map[string]uint64 `json:"refused"`
+	RefusedTotal uint64            `json:"refused_total"`
+}
+
+// VMStats is one -vm of the backend. Its counters add up over all its
+// connections; DMBs and the gauges are its connected device's (0 when not
+// connected).
+type VMStats struct {
+	Name      string   `json:"name"`
+	GID       string   `json:"gid"`
+	Modes     string   `json:"modes"` // "copy", "attach" or "copy,attach"
+	Connected bool     `json:"connected"`
+	Stats     Counters `json:"stats"`
+}
+
+// BackendStats is one write of the backend's -stats-file.
+type BackendStats struct {
+	Time  time.Time `json:"time"`
+	Seq   int       `json:"seq"`
+	CHID  string    `json:"chid"`
+	Total Counters  `json:"total"`
+	VMs   []VMStats `json:"vms"`
+}
+
+// VM returns the entry of the VM called name.
+func (s BackendStats) VM(name string) (VMStats, bool) {
+	for _, v := range s.VMs {
+		if v.Name == name {
+			return v, true
+		}
+	}
+	return VMStats{}, false
+}
+
+// ReadStats parses the stats file as it is (e.g. the one the backend wrote
+// at exit), without asking for a new one.
+func (b *Backend) ReadStats() (BackendStats, error) {
+	var s BackendStats
+	if b.StatsPath == "" {
+		return s, errors.New("the backend was started without -stats-file")
+	}
+	raw, err := os.ReadFile(b.StatsPath)
+	if err != nil {
+		return s, err
+	}
+	if err := json.Unmarshal(raw, &s); err != nil {
+		// The backend renames a whole file into place: never torn.
+		return s, fmt.Errorf("%s: %w", b.StatsPath, err)
+	}
+	return s, nil
+}
+
+// Stats asks the running backend for fresh statistics (SIGUSR1) and returns
+// them once it has written them: a write with a seq after any Stats has
+// seen and after the file's before the signal (with -stats-interval, that
+// can be a tick's write from just before the signal). The backend must have
+// been started with -stats-file. It fails if the backend exits or has not
+// written within 10 s (scaled).
+func (b *Backend) Stats() (BackendStats, error) {
+	b.statsMu.Lock()
+	defer b.statsMu.Unlock()
+	if b.StatsPath == "" {
+		return BackendStats{}, errors.New("Stats: the backend was started without -stats-file")
+	}
+	last := b.lastSeq
+	if s, err := b.ReadStats(); err == nil {
+		last = max(last, s.Seq)
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return BackendStats{}, err
+	}
+	if exited, err := b.Exited(); exited {
+		return BackendStats{}, fmt.Errorf("Stats: the backend has exited: %v", err)
+	}
+	if err := b.cmd.Process.Signal(syscall.SIGUSR1); err != nil {
+		return BackendStats{}, fmt.Errorf("Stats: SIGUSR1: %w", err)
+	}
+	limit := b.r.Scaled(10 * time.Second)
+	deadline := time.Now().Add(limit)
+	for {
+		s, err := b.ReadStats()
+		switch {
+		case err == nil && s.Seq > last:
+			b.lastSeq = s.Seq
+			return s, nil
+		case err != nil && !errors.Is(err, os.ErrNotExist):
+			return s, err
+		}
+		if exited, err := b.Exited(); exited {
+			return BackendStats{}, fmt.Errorf("Stats: the backend exited before writing %s: %v", b.StatsPath, err)
+		}
+		if time.Now().After(deadline) {
+			return BackendStats{}, fmt.Errorf("Stats: no write of %s after seq %d within %v", b.StatsPath, last, limit)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // Exited reports whether the backend has exited, and how.

@@ -1,0 +1,164 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/ism-backend/ism-backend/abi"
+	"github.com/ism-backend/ism-backend/ism"
+)
+
+// The -stats-file format (JSON, written whole: PATH.tmp, then renamed over
+// PATH, so a reader never sees half a file):
+//
+//	{"time": RFC 3339 with nanoseconds, "seq": 1, 2, ... (one per write),
+//	 "chid": "0xff00",
+//	 "total": counters of the whole fabric since start, plus "devices",
+//	 "vms": [{"name", "gid": "0x%016x", "modes": "copy,attach",
+//	          "connected", "stats": counters}, ...]}
+//
+// vms lists every -vm in flag order. A VM's counters are those of every
+// connection it has had (they survive a device stop, a guest reset or
+// power-off, and a reconnect); "dmbs" and the attach-mode gauges
+// ("attach_dmbs", "attached", "mapped_bytes") are those of its connected
+// device now, 0 when not connected. "modes" are what its device offers: the
+// latest connection's (attach mode drops out when the front-end cannot map
+// shared memory), else what the flags configure.
+type statsFile struct {
+	Time  string        `json:"time"`
+	Seq   uint64        `json:"seq"`
+	CHID  string        `json:"chid"`
+	Total statsJSON     `json:"total"`
+	VMs   []vmStatsJSON `json:"vms"`
+}
+
+type vmStatsJSON struct {
+	Name      string    `json:"name"`
+	GID       string    `json:"gid"`
+	Modes     string    `json:"modes"`
+	Connected bool      `json:"connected"`
+	Stats     statsJSON `json:"stats"`
+}
+
+// statsJSON is ism.Stats with snake_case names and the refusals by status.
+type statsJSON struct {
+	Devices      *int              `json:"devices,omitempty"` // total only: connected devices
+	DMBs         uint64            `json:"dmbs"`
+	Registered   uint64            `json:"registered"`
+	Moves        uint64            `json:"moves"`
+	MoveBytes    uint64            `json:"move_bytes"`
+	Signals      uint64            `json:"signals"`
+	SWEvents     uint64            `json:"sw_events"`
+	Interrupts   uint64            `json:"interrupts"`
+	Events       uint64            `json:"events"`
+	Maps         uint64            `json:"maps"`
+	Unmaps       uint64            `json:"unmaps"`
+	AttachDMBs   uint64            `json:"attach_dmbs"`
+	Attached     uint64            `json:"attached"`
+	MappedBytes  uint64            `json:"mapped_bytes"`
+	Refused      map[string]uint64 `json:"refused"` // every refusal status, by name
+	RefusedTotal uint64            `json:"refused_total"`
+}
+
+// statusNames name the refusal statuses in the stats file (abi.StatusOK is
+// never a refusal).
+var statusNames = [ism.NumStatus]string{
+	abi.StatusInvalid:     "invalid",
+	abi.StatusUnsupported: "unsupported",
+	abi.StatusNoEntry:     "no_entry",
+	abi.StatusPermission:  "permission",
+	abi.StatusRange:       "range",
+	abi.StatusFault:       "fault",
+	abi.StatusNoSpace:     "no_space",
+	abi.StatusBusy:        "busy",
+	abi.StatusNotReady:    "not_ready",
+	abi.StatusInternal:    "internal",
+}
+
+func toStatsJSON(s ism.Stats) statsJSON {
+	j := statsJSON{
+		DMBs: s.DMBs, Registered: s.Registered, Moves: s.Moves, MoveBytes: s.MoveBytes,
+		Signals: s.Signals, SWEvents: s.SWEvents, Interrupts: s.Interrupts, Events: s.Events,
+		Maps: s.Maps, Unmaps: s.Unmaps,
+		AttachDMBs: s.AttachDMBs, Attached: s.Attached, MappedBytes: s.MappedBytes,
+		Refused: make(map[string]uint64, len(statusNames)), RefusedTotal: s.RefusedTotal(),
+	}
+	for st, name := range statusNames {
+		if st != int(abi.StatusOK) {
+			j.Refused[name] = s.Refused[st]
+		}
+	}
+	return j
+}
+
+// modesString spells a modes bit set as -modes takes it.
+func modesString(m uint16) string {
+	var w []string
+	if m&abi.ModeCopy != 0 {
+		w = append(w, "copy")
+	}
+	if m&abi.ModeAttach != 0 {
+		w = append(w, "attach")
+	}
+	return strings.Join(w, ",")
+}
+
+// statsWriter writes the -stats-file; one goroutine uses it.
+type statsWriter struct {
+	path string
+	opts *options
+	seq  uint64
+}
+
+// snapshot is the file's content now, with the next sequence number.
+func (w *statsWriter) snapshot(f *ism.Fabric, now time.Time) statsFile {
+	w.seq++
+	total := f.Stats()
+	out := statsFile{
+		Time:  now.Format(time.RFC3339Nano),
+		Seq:   w.seq,
+		CHID:  fmt.Sprintf("%#04x", f.CHID()),
+		Total: toStatsJSON(total),
+		VMs:   make([]vmStatsJSON, 0, len(w.opts.vms)),
+	}
+	out.Total.Devices = &total.Devices
+	seen := map[string]ism.DeviceStats{}
+	for _, d := range f.DeviceStats() {
+		seen[d.Name] = d
+	}
+	for _, v := range w.opts.vms {
+		vm := vmStatsJSON{Name: v.Name, GID: fmt.Sprintf("0x%016x", v.GID)}
+		if d, ok := seen[v.Name]; ok {
+			vm.GID = fmt.Sprintf("0x%016x", d.GID)
+			vm.Modes = modesString(d.Modes)
+			vm.Connected = d.Connected
+			vm.Stats = toStatsJSON(d.Stats)
+		} else {
+			bo, _ := w.opts.backendOptions(v.Name) // checked by parseFlags
+			vm.Modes = modesString(bo.Modes)
+			vm.Stats = toStatsJSON(ism.Stats{})
+		}
+		out.VMs = append(out.VMs, vm)
+	}
+	return out
+}
+
+// write replaces the stats file with the statistics now.
+func (w *statsWriter) write(f *ism.Fabric) error {
+	b, err := json.MarshalIndent(w.snapshot(f, time.Now()), "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := w.path + ".tmp"
+	if err := os.WriteFile(tmp, append(b, '\n'), 0o644); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, w.path); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	return nil
+}
