@@ -86,7 +86,12 @@ func openDriverWait(e *Env, mode string) (*guestdriver.Driver, error) {
 			e.Logf("no interrupts: %v", err)
 		}
 	}
+	modes, err := parseModes(e.Arg("modes", ""))
+	if err != nil {
+		return nil, err
+	}
 	d, err := guestdriver.Open(guestdriver.Options{
+		Modes:        modes,
 		VirtioID:     e.ArgInt("virtio_id", abi.DefaultVirtioID),
 		Addr:         e.Arg("pci", ""),
 		MaxHugePages: e.ArgInt("hugepages", 8),
@@ -98,6 +103,26 @@ func openDriverWait(e *Env, mode string) (*guestdriver.Driver, error) {
 		return nil, fmt.Errorf("open ISM device: %w", err)
 	}
 	return d, nil
+}
+
+// parseModes reads ism.modes: "copy", "attach" or both, comma-separated;
+// "" is whatever the device offers (0).
+func parseModes(s string) (uint16, error) {
+	var m uint16
+	if s == "" {
+		return 0, nil
+	}
+	for _, w := range strings.Split(s, ",") {
+		switch w {
+		case "copy":
+			m |= abi.ModeCopy
+		case "attach":
+			m |= abi.ModeAttach
+		default:
+			return 0, fmt.Errorf("ism.modes=%q: want copy, attach or copy,attach", s)
+		}
+	}
+	return m, nil
 }
 
 func argU64(e *Env, key string, def uint64) (uint64, error) {

@@ -3,10 +3,13 @@ package main
 // Scenarios for the SMC-D stack (guestdriver/smcd) over the ISM device.
 //
 //	smcd-server  listen on ism.listen (default :7000); serve ism.conns
-//	             connections (default 1) in ism.mode sink (default), echo or
-//	             sink-vanish, then exit.
+//	             connections (default 1) in ism.mode sink (default), echo,
+//	             sink-vanish or sink-hold (read until the VM is killed,
+//	             reporting holding_<i>=1 after 1 MiB), then exit.
 //	smcd-client  dial ism.connect; ism.conns connections in ism.mode send
-//	             (default), echo or stream (send until the VM is killed).
+//	             (default), echo, stream (send until the VM is killed) or
+//	             stream-error (send until a write fails, report
+//	             stream_error_<i>).
 //	smcd-local   server and client in this one guest (intra-VM SMC-D: the DMB
 //	             rgid is the device's own GID), over 127.0.0.1.
 //
@@ -17,6 +20,11 @@ package main
 // echo: ism.pairs (default 1000) request/response pairs of ism.msg bytes.
 // sink-vanish: the server expects every connection to end in an error (the
 // client's VM is killed mid-stream) and reports how long that took.
+// Each SMC-D connection reports send_mode_<i> and recv_mode_<i> (copy or
+// attach, smcd.Info), and the scenario ends with attach_bytes (written
+// through attachments) and attachments_left (held by the driver once every
+// connection is closed). ism.modes limits the driver's modes (copy,
+// attach; default: what the device offers).
 // ism.decline=<code> makes the server (or, in smcd-client, the client)
 // decline SMC-D: the connection falls back to TCP; smc_<i> tells which.
 // ism.clc_timeout bounds each CLC handshake (default: until the watchdog;
@@ -31,6 +39,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"net"
 	"sync"
@@ -88,13 +97,37 @@ func smcdArgs(e *Env, defMode string) (smcArgs, error) {
 	return a, nil
 }
 
+// openSMC opens the ISM device as an smcd.Device; its close function
+// reports the driver's attach-mode counters (the connections are closed by
+// then) and resets the device.
 func openSMC(e *Env) (smcdev.Device, func(), error) {
 	d, err := openDriver(e)
 	if err != nil {
 		return smcdev.Device{}, nil, err
 	}
 	e.Result("gid", fmt.Sprintf("%#x", d.GID()))
-	return smcdev.New(d), func() { d.Close() }, nil
+	e.Result("attach_offered", d.AttachOffered())
+	return smcdev.New(d), func() {
+		st := d.AttachStats()
+		e.Result("attach_bytes", st.WrittenBytes)
+		e.Result("attachments_left", st.Attachments)
+		e.Result("shared_dmbs_left", st.SharedDMBs)
+		d.Close()
+	}, nil
+}
+
+// reportMode reports how connection i moves data each way.
+func reportMode(e *Env, c net.Conn, i int) {
+	sc, ok := c.(*smcd.Conn)
+	if !ok {
+		return
+	}
+	in := sc.Info()
+	e.Result(fmt.Sprintf("send_mode_%d", i), in.SendMode)
+	e.Result(fmt.Sprintf("recv_mode_%d", i), in.RecvMode)
+	if in.SendNote != "" {
+		e.Logf("connection %d MOVEs: %s", i, in.SendNote)
+	}
 }
 
 // setupSMC parses the scenario's arguments and opens the ISM device as an
@@ -177,8 +210,8 @@ func serveConns(e *Env, ln net.Listener, a smcArgs) error {
 			switch a.mode {
 			case "echo":
 				_, errs[i] = io.Copy(c, c)
-			case "sink", "sink-vanish":
-				errs[i] = sink(e, c, a.mode == "sink-vanish", start)
+			case "sink", "sink-vanish", "sink-hold":
+				errs[i] = sink(e, c, a.mode, start)
 			default:
 				errs[i] = fmt.Errorf("unknown server mode %q", a.mode)
 			}
@@ -190,15 +223,23 @@ func serveConns(e *Env, ln net.Listener, a smcArgs) error {
 }
 
 // sink hashes one connection's stream and answers with the digest.
-func sink(e *Env, c net.Conn, expectError bool, start time.Time) error {
+func sink(e *Env, c net.Conn, mode string, start time.Time) error {
+	expectError := mode == "sink-vanish"
 	var idx [4]byte
 	if _, err := io.ReadFull(c, idx[:]); err != nil {
 		return fmt.Errorf("reading connection index: %w", err)
 	}
 	i := binary.BigEndian.Uint32(idx[:])
 	e.Result(fmt.Sprintf("smc_%d", i), smcd.IsSMC(c))
-	h := sha256.New()
+	reportMode(e, c, int(i))
+	var h io.Writer = sha256.New()
+	if mode == "sink-hold" {
+		h = &holdReporter{e: e, i: int(i)}
+	}
 	n, err := io.Copy(h, c)
+	if mode == "sink-hold" {
+		return fmt.Errorf("connection %d ended after %d bytes in sink-hold (the test kills this VM): %v", i, n, err)
+	}
 	e.Result(fmt.Sprintf("bytes_%d", i), n)
 	if expectError {
 		if err == nil {
@@ -211,12 +252,30 @@ func sink(e *Env, c net.Conn, expectError bool, start time.Time) error {
 	if err != nil {
 		return fmt.Errorf("connection %d after %d bytes: %w", i, n, err)
 	}
-	sum := h.Sum(nil)
+	sum := h.(hash.Hash).Sum(nil)
 	e.Result(fmt.Sprintf("sha_%d", i), hex.EncodeToString(sum))
 	if _, err := c.Write(sum); err != nil {
 		return fmt.Errorf("connection %d: writing digest: %w", i, err)
 	}
 	return nil
+}
+
+// holdReporter discards what it is given and reports holding_<i>=1 once it
+// has had 1 MiB.
+type holdReporter struct {
+	e        *Env
+	i        int
+	n        int
+	reported bool
+}
+
+func (h *holdReporter) Write(p []byte) (int, error) {
+	h.n += len(p)
+	if !h.reported && h.n >= 1<<20 {
+		h.reported = true
+		h.e.Result(fmt.Sprintf("holding_%d", h.i), 1)
+	}
+	return len(p), nil
 }
 
 // runClients opens a.conns connections to addr and runs a.mode on each.
@@ -236,9 +295,16 @@ func runClients(e *Env, dev smcd.Device, d *smcd.Dialer, addr string, a smcArgs)
 			}
 			defer c.Close()
 			e.Result(fmt.Sprintf("client_smc_%d", i), smcd.IsSMC(c))
+			reportMode(e, c, i)
 			switch a.mode {
 			case "send", "stream":
 				errs[i] = send(e, c, i, per, a)
+			case "stream-error":
+				if err := send(e, c, i, per, a); err != nil {
+					e.Result(fmt.Sprintf("stream_error_%d", i), err.Error())
+				} else {
+					errs[i] = fmt.Errorf("connection %d: stream ended without an error", i)
+				}
 			case "echo":
 				errs[i] = echo(e, c, i, a)
 			default:
@@ -287,9 +353,10 @@ func send(e *Env, c net.Conn, i, n int, a smcArgs) error {
 	x := xfer{seed: a.seed + uint64(i)<<40}
 	h := sha256.New()
 	buf := make([]byte, 64<<10)
-	for off := 0; a.mode == "stream" || off < n; {
+	endless := a.mode == "stream" || a.mode == "stream-error"
+	for off := 0; endless || off < n; {
 		m := len(buf)
-		if a.mode != "stream" {
+		if !endless {
 			m = min(m, n-off)
 		}
 		x.fill(buf[:m], off)
@@ -298,7 +365,7 @@ func send(e *Env, c net.Conn, i, n int, a smcArgs) error {
 			return fmt.Errorf("connection %d after %d bytes: %w", i, off, err)
 		}
 		off += m
-		if a.mode == "stream" && off == 1<<20 {
+		if endless && off == 1<<20 {
 			e.Result(fmt.Sprintf("streaming_%d", i), 1)
 		}
 	}
