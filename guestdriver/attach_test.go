@@ -20,6 +20,7 @@ type fakeRegion struct {
 	mem   []byte
 	next  uint64
 	place func(size uint64) (uint64, bool) // the test picks the offset
+	full  bool                             // answer attach-mode REGISTER with NOSPACE
 	dmbs  map[uint64]*fakeShared           // by token
 }
 
@@ -85,6 +86,8 @@ func (r *fakeRegion) alloc(size uint64) uint64 {
 // handle serves the attach-mode requests; it runs on the fake's goroutine.
 func (r *fakeRegion) handle(q abi.Request, resp *abi.Response) bool {
 	switch {
+	case q.Op == abi.OpRegisterDMB && q.Flags&abi.FlagAttach != 0 && r.full:
+		resp.Status, resp.Index = abi.StatusNoSpace, q.Index
 	case q.Op == abi.OpRegisterDMB && q.Flags&abi.FlagAttach != 0:
 		fd, err := unix.MemfdCreate("fake-dmb", 0)
 		if err != nil {
@@ -312,5 +315,31 @@ func TestCopyModeOnly(t *testing.T) {
 	}
 	if _, err := d.Attach(m.Token()); !errors.Is(err, abi.StatusUnsupported) {
 		t.Fatalf("attach in copy mode: %v", err)
+	}
+}
+
+// A full shared-memory region does not cost the connection: the DMB is
+// registered in copy mode instead. RegisterDMBIn keeps the mode asked for.
+func TestRegisterFallsBackToCopyWhenRegionFull(t *testing.T) {
+	d, r := newFakeAttach(t)
+	r.f.serveLock.Lock()
+	r.full = true
+	r.f.serveLock.Unlock()
+	m, err := d.RegisterDMB(4096, d.GID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.Shared() {
+		t.Fatal("DMB in attach mode though the region is full")
+	}
+	if _, err := d.RegisterDMBIn(abi.ModeAttach, 4096, d.GID()); !errors.Is(err, abi.StatusNoSpace) {
+		t.Fatalf("attach-mode register in a full region: %v", err)
+	}
+	r.f.serveLock.Lock()
+	r.full = false
+	r.f.serveLock.Unlock()
+	c, err := d.RegisterDMBIn(abi.ModeCopy, 4096, d.GID())
+	if err != nil || c.Shared() {
+		t.Fatalf("copy-mode register with attach mode offered: %v, shared %v", err, c != nil && c.Shared())
 	}
 }

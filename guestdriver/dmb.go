@@ -57,17 +57,36 @@ func (m *DMB) TakeDMBEs() uint32 { return m.pending.Swap(0) }
 // RegisterDMB picks a free DMB index and registers a DMB of size bytes with
 // rgid as the only GID that may write it. As Linux does for a device that
 // supports it, the DMB is in attach mode when this driver uses attach mode
-// (AttachOffered), so that the peer can write it without a copy; otherwise
-// it is DMA memory of this guest.
+// (AttachOffered), so that the peer can write it without a copy; otherwise,
+// or when the shared-memory region is full, it is DMA memory of this guest.
 func (d *Driver) RegisterDMB(size int, rgid uint64) (*DMB, error) {
+	if d.shm == nil {
+		return d.RegisterDMBIn(abi.ModeCopy, size, rgid)
+	}
+	m, err := d.RegisterDMBIn(abi.ModeAttach, size, rgid)
+	if errors.Is(err, abi.StatusNoSpace) {
+		return d.RegisterDMBIn(abi.ModeCopy, size, rgid)
+	}
+	return m, err
+}
+
+// RegisterDMBIn is RegisterDMB in the given mode: abi.ModeCopy, or
+// abi.ModeAttach if AttachOffered.
+func (d *Driver) RegisterDMBIn(mode uint16, size int, rgid uint64) (*DMB, error) {
 	if err := d.usable(); err != nil {
 		return nil, err
+	}
+	switch {
+	case mode == abi.ModeAttach && d.shm == nil:
+		return nil, fmt.Errorf("guestdriver: attach mode not in use: %w", abi.StatusUnsupported)
+	case mode != abi.ModeAttach && mode != abi.ModeCopy:
+		return nil, fmt.Errorf("guestdriver: DMB mode %#x: %w", mode, abi.StatusInvalid)
 	}
 	if size <= 0 || uint64(size) > uint64(d.cfg.MaxDMBSize) || size > pci.HugePageSize {
 		return nil, fmt.Errorf("guestdriver: DMB of %d bytes (max %d): %w", size, d.cfg.MaxDMBSize, abi.StatusRange)
 	}
 	m := &DMB{d: d, size: size, rgid: rgid, sig: make(chan struct{}, 1)}
-	if d.shm == nil {
+	if mode == abi.ModeCopy {
 		mem, err := d.alloc.Alloc(size, 4096)
 		if err != nil {
 			return nil, err

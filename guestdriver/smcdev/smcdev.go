@@ -18,9 +18,10 @@ import (
 // may be (smcd.MoveLimiter), and attaches peers' DMBs in attach mode
 // (smcd.Attacher). It takes over the driver's event channel.
 type Device struct {
-	d     *guestdriver.Driver
-	peers *smcd.PeerWatchers
-	once  *sync.Once
+	d        *guestdriver.Driver
+	peers    *smcd.PeerWatchers
+	once     *sync.Once
+	copyOnly bool
 }
 
 var (
@@ -53,6 +54,14 @@ func (v Device) dispatch() {
 	}
 }
 
+// CopyOnly returns the same device for connections that must use copy
+// mode whatever the driver offers: their DMBs are in guest RAM and peers'
+// DMBs are MOVEd into, never attached (for side-by-side measurements).
+func (v Device) CopyOnly() Device {
+	v.copyOnly = true
+	return v
+}
+
 // MaxMoveLen implements smcd.MoveLimiter from the config space.
 func (v Device) MaxMoveLen() int { return int(v.d.Config().MaxMoveLen) }
 
@@ -64,7 +73,13 @@ func (v Device) CHID() uint16                { return v.d.CHID() }
 func (v Device) QueryRGID(rgid uint64) error { return v.d.QueryRGID(rgid) }
 
 func (v Device) RegisterDMB(size int, rgid uint64) (smcd.DMB, error) {
-	m, err := v.d.RegisterDMB(size, rgid)
+	var m *guestdriver.DMB
+	var err error
+	if v.copyOnly {
+		m, err = v.d.RegisterDMBIn(abi.ModeCopy, size, rgid)
+	} else {
+		m, err = v.d.RegisterDMB(size, rgid)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -91,6 +106,9 @@ func (v Device) AllocBuffer(size int) (smcd.Buffer, error) {
 // driver that does not use it answers abi.StatusUnsupported, and the stack
 // MOVEs.
 func (v Device) AttachDMB(token uint64) (smcd.PeerDMB, error) {
+	if v.copyOnly {
+		return nil, fmt.Errorf("smcdev: copy mode only: %w", abi.StatusUnsupported)
+	}
 	a, err := v.d.Attach(token)
 	if err != nil {
 		return nil, err
