@@ -1,26 +1,44 @@
 package main
 
-// Scenarios for `make bench` (host side: test/bench): SMC-D against TCP (and
-// UNIX sockets inside one guest), measured side by side in the same guests,
-// the way the SMC-D loopback work measured itself.
+// Scenarios for `make bench` (host side: test/bench): SMC-D in attach mode
+// and in copy mode against TCP (and UNIX sockets inside one guest), measured
+// side by side in the same guests, with the workloads the SMC-D loopback work
+// judged itself by.
 //
 //	bench-server  serve every transport until a client says quit
 //	bench-client  measure every transport against ism.connect (the server
 //	              guest's address, default 169.254.7.1)
-//	bench-local   server and client in this one guest: smcd (the DMB rgid
-//	              is the device's own GID), tcp over 127.0.0.1, unix
+//	bench-local   server and client in this one guest: smcd-attach and
+//	              smcd-copy (the DMB rgid is the device's own GID), tcp over
+//	              127.0.0.1, unix
 //
-// Measurements (ism.tests, default all four, in this order):
+// Transports: smcd-attach (the sender writes the receiver's DMB through its
+// attachment; the connection fails the measurement unless both directions
+// attach), smcd-copy (DMBs in guest RAM, every byte MOVEd; the same device,
+// through smcdev.Device.CopyOnly), tcp, unix (bench-local only).
 //
-//	tput     one connection, 64 KiB writes for ism.dur, then a half-close; the
-//	         server answers with the byte count it read. MB/s (1e6 bytes/s)
-//	         over the time from the first write to that answer.
-//	lat      14-byte ping-pong (ism.lat_msg) for ism.dur: µs per round trip.
-//	msgrate  one direction, ism.msg-byte writes (default 64) for ism.dur,
-//	         counted as tput is: messages per second.
-//	http     Go net/http server and client over the transport, keep-alive,
-//	         ism.http_conns concurrent clients (default 4), ism.http_body-byte
-//	         responses (default 64): requests per second.
+// Measurements (ism.tests, default all, in this order):
+//
+//	tput     as sockperf tp --msg-size=64000 and iperf3: one connection,
+//	         ism.tput_msg-byte writes (64000) for ism.dur, then a half-close;
+//	         the server answers with the byte count it read. MB/s (1e6
+//	         bytes/s) at the receiver: the count over the time from the first
+//	         write to the answer.
+//	tput32   the same over ism.conns connections at once (32): their bytes
+//	         over the slowest one's time.
+//	lat      as sockperf ping-pong --msg-size=14: ism.lat_msg-byte requests
+//	         echoed for ism.dur after a warm-up; µs per round trip, p50 as
+//	         lat, p99 and p99.9 as lat_p99 and lat_p999.
+//	msgrate  as ipc-bench -s 100: ism.msg-byte (100) messages received in
+//	         full and sent back; round trips per second.
+//	http     a Go net/http server and a keep-alive load generator: ism.conns
+//	         (32) clients, each with its own connection, ism.http_body-byte
+//	         responses (default 64); requests per second.
+//
+// Single-connection tests use ism.dmb_size DMBs (default 1 MiB, as the
+// loopback figures used 1 MB buffers); tput32 and http use ism.dmb_many
+// (default 64 KiB) so that 32 connections fit in guest memory and in the
+// shared-memory region.
 //
 // Each test runs ism.rounds times (default 3); within a round every transport
 // runs once, their order rotated from round to round, so slow drifts of the
@@ -32,13 +50,11 @@ package main
 // reported as bench.<test>.<transport>.<round>.error=<error> and the run goes
 // on; the third failure ends it.
 //
-// SMC-D connections must really be SMC-D: a fallback to TCP fails the run.
-// ism.dmb_size sets the SMC-D receive buffer (default smcd.DefaultDMBSize).
-//
-// Ports (ism.port, default 7100): per transport i (smcd, tcp) a raw port
-// port+2i and an HTTP port port+2i+1. A raw connection starts with one op
-// byte: 'S' sink (count until EOF, answer the count as 8 bytes), 'E' echo
-// (4-byte message size, then echo messages until EOF), 'Q' quit the server.
+// Ports (ism.port, default 7100): per transport i (smcd-attach, smcd-copy,
+// tcp) a raw port port+3i, an HTTP port port+3i+1 and a raw port for the
+// 32-connection tests port+3i+2. A raw connection starts with one op byte:
+// 'S' sink (count until EOF, answer the count as 8 bytes), 'E' echo (4-byte
+// message size, then echo messages until EOF), 'Q' quit the server.
 
 import (
 	"context"
@@ -46,15 +62,19 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
+	"math"
 	"net"
 	"net/http"
 	"runtime/pprof"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/ism-backend/ism-backend/guestdriver/smcd"
+	"github.com/ism-backend/ism-backend/guestdriver/smcdev"
 )
 
 func init() {
@@ -68,10 +88,19 @@ const (
 	opEcho = 'E'
 	opQuit = 'Q'
 
-	benchChunk = 64 << 10
+	// sinkChunk is the server's read size.
+	sinkChunk = 64 << 10
 )
 
-var benchTests = []string{"tput", "lat", "msgrate", "http"}
+var benchTests = []string{"tput", "tput32", "lat", "msgrate", "http"}
+
+// Transport names.
+const (
+	tSMCAttach = "smcd-attach"
+	tSMCCopy   = "smcd-copy"
+	tTCP       = "tcp"
+	tUnix      = "unix"
+)
 
 // benchConfig holds the client's parameters.
 type benchConfig struct {
@@ -79,10 +108,13 @@ type benchConfig struct {
 	transports []string
 	dur        time.Duration
 	rounds     int
+	tputMsg    int
 	latMsg     int
 	msg        int
-	httpConns  int
+	conns      int
 	httpBody   int
+	dmb        int // DMB size of single-connection tests
+	dmbMany    int // DMB size of the 32-connection tests
 }
 
 func benchConfigOf(e *Env, defTransports string) (benchConfig, error) {
@@ -91,18 +123,21 @@ func benchConfigOf(e *Env, defTransports string) (benchConfig, error) {
 		transports: splitList(e.Arg("transports", defTransports)),
 		dur:        e.ArgDuration("dur", 2*time.Second),
 		rounds:     e.ArgInt("rounds", 3),
+		tputMsg:    e.ArgInt("tput_msg", 64000),
 		latMsg:     e.ArgInt("lat_msg", 14),
-		msg:        e.ArgInt("msg", 64),
-		httpConns:  e.ArgInt("http_conns", 4),
+		msg:        e.ArgInt("msg", 100),
+		conns:      e.ArgInt("conns", 32),
 		httpBody:   e.ArgInt("http_body", 64),
+		dmb:        e.ArgInt("dmb_size", 1<<20),
+		dmbMany:    e.ArgInt("dmb_many", 64<<10),
 	}
 	for _, t := range c.tests {
 		if !contains(benchTests, t) {
 			return c, fmt.Errorf("unknown bench test %q (have %v)", t, benchTests)
 		}
 	}
-	if len(c.tests) == 0 || len(c.transports) == 0 || c.dur <= 0 || c.rounds <= 0 ||
-		c.latMsg <= 0 || c.msg <= 0 || c.httpConns <= 0 || c.httpBody < 0 {
+	if len(c.tests) == 0 || len(c.transports) == 0 || c.dur <= 0 || c.rounds <= 0 || c.tputMsg <= 0 ||
+		c.latMsg < 4 || c.msg < 4 || c.conns <= 0 || c.httpBody < 0 {
 		return c, fmt.Errorf("bad bench arguments %+v", c)
 	}
 	return c, nil
@@ -132,15 +167,22 @@ type dialFunc func(ctx context.Context) (net.Conn, error)
 
 // benchTransport is one transport as the client sees it.
 type benchTransport struct {
-	name       string
-	raw, http  dialFunc
-	requireSMC bool
+	name            string
+	raw, http, many dialFunc
 }
 
 // benchListeners is one transport as the server sees it.
 type benchListeners struct {
-	name      string
-	raw, http net.Listener
+	name            string
+	raw, http, many net.Listener
+}
+
+func (l benchListeners) close() {
+	for _, x := range []net.Listener{l.raw, l.http, l.many} {
+		if x != nil {
+			x.Close()
+		}
+	}
 }
 
 // ---- server ----
@@ -182,10 +224,10 @@ func benchServe(ctx context.Context, e *Env, lns []benchListeners, body int) err
 				}
 			}
 		}()
-		go func() {
+		acceptRaw := func(ln net.Listener) {
 			defer wg.Done()
 			for {
-				c, err := l.raw.Accept()
+				c, err := ln.Accept()
 				if err != nil {
 					select {
 					case <-quit:
@@ -205,7 +247,10 @@ func benchServe(ctx context.Context, e *Env, lns []benchListeners, body int) err
 					}
 				}()
 			}
-		}()
+		}
+		wg.Add(1)
+		go acceptRaw(l.raw)
+		go acceptRaw(l.many)
 	}
 	select {
 	case <-quit:
@@ -215,6 +260,7 @@ func benchServe(ctx context.Context, e *Env, lns []benchListeners, body int) err
 	}
 	for i, l := range lns {
 		l.raw.Close()
+		l.many.Close()
 		srvs[i].Close() // closes l.http and its connections
 	}
 	wg.Wait()
@@ -232,7 +278,7 @@ func serveRaw(c net.Conn, quit func()) error {
 		return nil
 	case opSink:
 		// A plain loop: io.Copy to io.Discard would read in 8 KiB pieces.
-		buf := make([]byte, benchChunk)
+		buf := make([]byte, sinkChunk)
 		var n int64
 		for {
 			m, err := c.Read(buf)
@@ -276,20 +322,70 @@ func serveRaw(c net.Conn, quit func()) error {
 
 // ---- client ----
 
-// requireSMC wraps an SMC-D dial so that a silent fallback to TCP fails the
-// measurement instead of being reported as SMC-D.
-func requireSMC(d dialFunc) dialFunc {
+// requireMode wraps an SMC-D dial so that a silent fallback to TCP, or a
+// connection that moves data in another mode than the transport's name
+// says, fails the measurement instead of being reported under that name.
+func requireMode(want smcd.Mode, d dialFunc) dialFunc {
 	return func(ctx context.Context) (net.Conn, error) {
 		c, err := d(ctx)
 		if err != nil {
 			return nil, err
 		}
-		if !smcd.IsSMC(c) {
+		sc, ok := c.(*smcd.Conn)
+		if !ok {
 			c.Close()
 			return nil, errors.New("connection fell back to TCP (not SMC-D)")
 		}
+		if in := sc.Info(); in.SendMode != want || in.RecvMode != want {
+			c.Close()
+			return nil, fmt.Errorf("SMC-D connection sends in %v mode (%s) and receives in %v mode, want %v both ways",
+				in.SendMode, in.SendNote, in.RecvMode, want)
+		}
 		return c, nil
 	}
+}
+
+// smcTransport returns the SMC-D mode a transport name stands for.
+func smcTransport(name string) (smcd.Mode, bool) {
+	switch name {
+	case tSMCAttach:
+		return smcd.ModeAttach, true
+	case tSMCCopy:
+		return smcd.ModeCopy, true
+	}
+	return 0, false
+}
+
+// smcDevice is dev as transport name uses it: copy-only for smcd-copy.
+func smcDevice(dev smcd.Device, name string) smcd.Device {
+	if name != tSMCCopy {
+		return dev
+	}
+	if v, ok := dev.(smcdev.Device); ok {
+		return v.CopyOnly()
+	}
+	return copyOnly{dev}
+}
+
+// copyOnly is a device other than the driver's (the tests' loopback) with
+// attach mode hidden: no Attacher, and DMBs that do not say Shared.
+type copyOnly struct{ smcd.Device }
+
+type copyDMB struct{ smcd.DMB }
+
+func (d copyOnly) RegisterDMB(size int, rgid uint64) (smcd.DMB, error) {
+	m, err := d.Device.RegisterDMB(size, rgid)
+	if err != nil {
+		return nil, err
+	}
+	return copyDMB{m}, nil
+}
+
+func (d copyOnly) UnregisterDMB(m smcd.DMB) error {
+	if c, ok := m.(copyDMB); ok {
+		m = c.DMB
+	}
+	return d.Device.UnregisterDMB(m)
 }
 
 type closeWriter interface{ CloseWrite() error }
@@ -343,23 +439,22 @@ func measureStream(ctx context.Context, dial dialFunc, size int, dur time.Durati
 }
 
 // measurePingPong runs size-byte request/response pairs for dur (after a
-// short warm-up) and returns the number of round trips and their time; it
-// stores the slowest round trip in *slowest.
-func measurePingPong(ctx context.Context, dial dialFunc, size int, dur time.Duration, slowest *time.Duration) (int, time.Duration, error) {
+// short warm-up) and returns the round-trip times.
+func measurePingPong(ctx context.Context, dial dialFunc, size int, dur time.Duration) ([]time.Duration, time.Duration, error) {
 	c, err := dial(ctx)
 	if err != nil {
-		return 0, 0, err
+		return nil, 0, err
 	}
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(dur + 30*time.Second))
 	hdr := []byte{opEcho, 0, 0, 0, 0}
 	binary.BigEndian.PutUint32(hdr[1:], uint32(size))
 	if _, err := c.Write(hdr); err != nil {
-		return 0, 0, err
+		return nil, 0, err
 	}
 	req, resp := make([]byte, size), make([]byte, size)
 	one := func(i int) error {
-		binary.LittleEndian.PutUint32(req, uint32(i)) // size >= 4 checked by caller
+		binary.LittleEndian.PutUint32(req, uint32(i)) // size >= 4 checked by benchConfigOf
 		if _, err := c.Write(req); err != nil {
 			return err
 		}
@@ -373,22 +468,55 @@ func measurePingPong(ctx context.Context, dial dialFunc, size int, dur time.Dura
 	}
 	for i := range 20 {
 		if err := one(i); err != nil {
-			return 0, 0, fmt.Errorf("warm-up: %w", err)
+			return nil, 0, fmt.Errorf("warm-up: %w", err)
 		}
 	}
-	n := 0
+	rtts := make([]time.Duration, 0, 1<<14)
 	start := time.Now()
 	end := start.Add(dur)
 	for t0 := start; t0.Before(end); {
-		if err := one(n); err != nil {
-			return n, 0, fmt.Errorf("round trip %d: %w", n, err)
+		if err := one(len(rtts)); err != nil {
+			return rtts, 0, fmt.Errorf("round trip %d: %w", len(rtts), err)
 		}
-		n++
 		t1 := time.Now()
-		*slowest = max(*slowest, t1.Sub(t0))
+		rtts = append(rtts, t1.Sub(t0))
 		t0 = t1
 	}
-	return n, time.Since(start), nil
+	return rtts, time.Since(start), nil
+}
+
+// percentile returns the p-th percentile (0 < p <= 100) of sorted d, as
+// sockperf reports them: the sample at rank ceil(p/100 * n).
+func percentile(sorted []time.Duration, p float64) time.Duration {
+	if len(sorted) == 0 {
+		return 0
+	}
+	k := int(math.Ceil(p*float64(len(sorted))/100-1e-9)) - 1 // the epsilon: 99.9% of 1000 is 999, not 999.0000000000001
+	return sorted[min(max(k, 0), len(sorted)-1)]
+}
+
+// measureStreams runs conns measureStreams at once over dial and returns
+// their bytes and the slowest one's time.
+func measureStreams(ctx context.Context, dial dialFunc, conns, size int, dur time.Duration) (int64, time.Duration, error) {
+	var wg sync.WaitGroup
+	bytes := make([]int64, conns)
+	els := make([]time.Duration, conns)
+	errs := make([]error, conns)
+	for i := range conns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			bytes[i], els[i], errs[i] = measureStream(ctx, dial, size, dur)
+		}()
+	}
+	wg.Wait()
+	var n int64
+	var el time.Duration
+	for i := range conns {
+		n += bytes[i]
+		el = max(el, els[i])
+	}
+	return n, el, errors.Join(errs...)
 }
 
 // measureHTTP runs conns keep-alive clients doing GET for dur and returns the
@@ -477,41 +605,50 @@ func (s benchSample) key() string {
 	return fmt.Sprintf("bench.%s.%s.%d", s.test, s.transport, s.round)
 }
 
-// measure runs one test once over one transport.
-func measure(ctx context.Context, c benchConfig, test string, t benchTransport) (float64, string, error) {
+// measure runs one test once over one transport and returns its figure;
+// extra holds more figures of the same measurement, by test name (lat's
+// tail percentiles).
+func measure(ctx context.Context, c benchConfig, test string, t benchTransport) (v float64, detail string, extra map[string]float64, err error) {
 	switch test {
-	case "tput":
-		n, el, err := measureStream(ctx, t.raw, benchChunk, c.dur)
-		if err != nil {
-			return 0, "", err
+	case "tput", "tput32":
+		conns, dial := 1, t.raw
+		if test == "tput32" {
+			conns, dial = c.conns, t.many
 		}
-		return float64(n) / el.Seconds() / 1e6, fmt.Sprintf("%d bytes in %v", n, el.Round(time.Millisecond)), nil
+		n, el, err := measureStreams(ctx, dial, conns, c.tputMsg, c.dur)
+		if err != nil {
+			return 0, "", nil, err
+		}
+		return float64(n) / el.Seconds() / 1e6, fmt.Sprintf("%d bytes in %d-byte writes over %d connection(s) in %v",
+			n, c.tputMsg, conns, el.Round(time.Millisecond)), nil, nil
 	case "msgrate":
-		n, el, err := measureStream(ctx, t.raw, c.msg, c.dur)
+		rtts, el, err := measurePingPong(ctx, t.raw, c.msg, c.dur)
 		if err != nil {
-			return 0, "", err
+			return 0, "", nil, err
 		}
-		msgs := n / int64(c.msg)
-		return float64(msgs) / el.Seconds(), fmt.Sprintf("%d msgs of %d B in %v", msgs, c.msg, el.Round(time.Millisecond)), nil
+		return float64(len(rtts)) / el.Seconds(), fmt.Sprintf("%d round trips of %d B in %v", len(rtts), c.msg, el.Round(time.Millisecond)), nil, nil
 	case "lat":
-		var slowest time.Duration
-		n, el, err := measurePingPong(ctx, t.raw, c.latMsg, c.dur, &slowest)
+		rtts, el, err := measurePingPong(ctx, t.raw, c.latMsg, c.dur)
 		if err != nil {
-			return 0, "", err
+			return 0, "", nil, err
 		}
-		if n == 0 {
-			return 0, "", errors.New("no round trip completed")
+		if len(rtts) == 0 {
+			return 0, "", nil, errors.New("no round trip completed")
 		}
-		return float64(el.Microseconds()) / float64(n), fmt.Sprintf("%d round trips of %d B in %v, slowest %v",
-			n, c.latMsg, el.Round(time.Millisecond), slowest.Round(time.Microsecond)), nil
+		slices.Sort(rtts)
+		us := func(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1e3 }
+		p50, p99, p999 := percentile(rtts, 50), percentile(rtts, 99), percentile(rtts, 99.9)
+		return us(p50), fmt.Sprintf("%d round trips of %d B in %v: p50 %v p99 %v p99.9 %v max %v",
+				len(rtts), c.latMsg, el.Round(time.Millisecond), p50, p99, p999, rtts[len(rtts)-1]),
+			map[string]float64{"lat_p99": us(p99), "lat_p999": us(p999)}, nil
 	case "http":
-		n, el, err := measureHTTP(ctx, t.http, c.httpConns, c.httpBody, c.dur)
+		n, el, err := measureHTTP(ctx, t.http, c.conns, c.httpBody, c.dur)
 		if err != nil {
-			return 0, "", err
+			return 0, "", nil, err
 		}
-		return float64(n) / el.Seconds(), fmt.Sprintf("%d requests over %d connections in %v", n, c.httpConns, el.Round(time.Millisecond)), nil
+		return float64(n) / el.Seconds(), fmt.Sprintf("%d requests over %d connections in %v", n, c.conns, el.Round(time.Millisecond)), nil, nil
 	}
-	return 0, "", fmt.Errorf("unknown test %q", test)
+	return 0, "", nil, fmt.Errorf("unknown test %q", test)
 }
 
 // maxBenchFailures ends a run early: a transport that keeps failing would
@@ -524,9 +661,6 @@ const maxBenchFailures = 3
 // stalled connection does not cost every other figure; after
 // maxBenchFailures it stops with an error.
 func runBench(ctx context.Context, c benchConfig, ts []benchTransport, report func(benchSample), fail func(benchSample, error)) error {
-	if c.latMsg < 4 {
-		return fmt.Errorf("lat_msg %d: at least 4 bytes", c.latMsg)
-	}
 	failures := 0
 	for _, test := range c.tests {
 		for r := range c.rounds {
@@ -536,7 +670,7 @@ func runBench(ctx context.Context, c benchConfig, ts []benchTransport, report fu
 					return err
 				}
 				s := benchSample{test: test, transport: t.name, round: r}
-				v, detail, err := measure(ctx, c, test, t)
+				v, detail, extra, err := measure(ctx, c, test, t)
 				if err != nil {
 					failures++
 					fail(s, err)
@@ -547,6 +681,9 @@ func runBench(ctx context.Context, c benchConfig, ts []benchTransport, report fu
 				}
 				s.value, s.detail = v, detail
 				report(s)
+				for _, name := range slices.Sorted(maps.Keys(extra)) {
+					report(benchSample{test: name, transport: t.name, round: r, value: extra[name], detail: "of " + test})
+				}
 			}
 		}
 	}
@@ -582,54 +719,60 @@ func failTo(e *Env) func(benchSample, error) {
 	}
 }
 
-func reportBenchConfig(e *Env, c benchConfig, dmb int) {
-	e.Result("bench.config", fmt.Sprintf("dur=%v rounds=%d lat_msg=%d msg=%d http_conns=%d http_body=%d dmb_size=%d chunk=%d transports=%s",
-		c.dur, c.rounds, c.latMsg, c.msg, c.httpConns, c.httpBody, dmb, benchChunk, strings.Join(c.transports, ",")))
+func reportBenchConfig(e *Env, c benchConfig) {
+	e.Result("bench.config", fmt.Sprintf("dur=%v rounds=%d tput_msg=%d lat_msg=%d msg=%d conns=%d http_body=%d dmb_size=%d dmb_many=%d transports=%s",
+		c.dur, c.rounds, c.tputMsg, c.latMsg, c.msg, c.conns, c.httpBody, c.dmb, c.dmbMany, strings.Join(c.transports, ",")))
 }
 
 // serverTransports are the transports a bench server offers, in port order.
-var serverTransports = []string{"smcd", "tcp"}
+var serverTransports = []string{tSMCAttach, tSMCCopy, tTCP}
+
+// ports are a transport's raw, HTTP and 32-connection ports.
+func ports(base, i int) (raw, http, many int) { return base + 3*i, base + 3*i + 1, base + 3*i + 2 }
 
 func benchServerScenario(e *Env) error {
+	c, err := benchConfigOf(e, strings.Join(serverTransports, ","))
+	if err != nil {
+		return err
+	}
 	dev, closeDev, err := openSMC(e)
 	if err != nil {
 		return err
 	}
 	defer closeDev()
-	port := e.ArgInt("port", 7100)
-	dmb := e.ArgInt("dmb_size", smcd.DefaultDMBSize)
-	srv := &smcd.Server{DMBSize: dmb, Logf: e.Logf}
+	base := e.ArgInt("port", 7100)
 	var lns []benchListeners
 	defer func() {
 		for _, l := range lns {
-			l.raw.Close()
-			l.http.Close()
+			l.close()
 		}
 	}()
 	for i, name := range serverTransports {
-		listen := func(p int) (net.Listener, error) {
-			if name == "smcd" {
-				return srv.Listen(dev, "tcp", fmt.Sprintf(":%d", p))
+		listen := func(p, dmb int) (net.Listener, error) {
+			if _, ok := smcTransport(name); ok {
+				srv := &smcd.Server{DMBSize: dmb, Logf: e.Logf}
+				return srv.Listen(smcDevice(dev, name), "tcp", fmt.Sprintf(":%d", p))
 			}
 			return net.Listen("tcp", fmt.Sprintf(":%d", p))
 		}
-		raw, err := listen(port + 2*i)
+		l := benchListeners{name: name}
+		rp, hp, mp := ports(base, i)
+		if l.raw, err = listen(rp, c.dmb); err == nil {
+			if l.http, err = listen(hp, c.dmbMany); err == nil {
+				l.many, err = listen(mp, c.dmbMany)
+			}
+		}
+		lns = append(lns, l)
 		if err != nil {
 			return err
 		}
-		h, err := listen(port + 2*i + 1)
-		if err != nil {
-			raw.Close()
-			return err
-		}
-		lns = append(lns, benchListeners{name: name, raw: raw, http: h})
 	}
-	e.Result("bench.listening", port)
-	return benchServe(e.Ctx, e, lns, e.ArgInt("http_body", 64))
+	e.Result("bench.listening", base)
+	return benchServe(e.Ctx, e, lns, c.httpBody)
 }
 
 func benchClientScenario(e *Env) error {
-	c, err := benchConfigOf(e, "smcd,tcp")
+	c, err := benchConfigOf(e, strings.Join(serverTransports, ","))
 	if err != nil {
 		return err
 	}
@@ -638,38 +781,42 @@ func benchClientScenario(e *Env) error {
 		return err
 	}
 	defer closeDev()
-	dmb := e.ArgInt("dmb_size", smcd.DefaultDMBSize)
 	host := e.Arg("connect", "169.254.7.1")
-	port := e.ArgInt("port", 7100)
+	base := e.ArgInt("port", 7100)
 	addr := func(p int) string { return net.JoinHostPort(host, fmt.Sprint(p)) }
-	sd := &smcd.Dialer{DMBSize: dmb}
 	var ts []benchTransport
+	ctl := ""
 	for i, name := range serverTransports {
+		rp, hp, mp := ports(base, i)
+		if name == tTCP {
+			ctl = addr(rp)
+		}
 		if !contains(c.transports, name) {
 			continue
 		}
-		raw, h := addr(port+2*i), addr(port+2*i+1)
 		t := benchTransport{name: name}
-		if name == "smcd" {
-			t.raw = requireSMC(func(ctx context.Context) (net.Conn, error) { return sd.DialContext(ctx, dev, "tcp", raw) })
-			t.http = requireSMC(func(ctx context.Context) (net.Conn, error) { return sd.DialContext(ctx, dev, "tcp", h) })
-		} else {
+		dialer := func(p, dmb int) dialFunc {
+			a := addr(p)
+			if mode, ok := smcTransport(name); ok {
+				sd := &smcd.Dialer{DMBSize: dmb}
+				d := smcDevice(dev, name)
+				return requireMode(mode, func(ctx context.Context) (net.Conn, error) { return sd.DialContext(ctx, d, "tcp", a) })
+			}
 			var nd net.Dialer
-			t.raw = func(ctx context.Context) (net.Conn, error) { return nd.DialContext(ctx, "tcp", raw) }
-			t.http = func(ctx context.Context) (net.Conn, error) { return nd.DialContext(ctx, "tcp", h) }
+			return func(ctx context.Context) (net.Conn, error) { return nd.DialContext(ctx, "tcp", a) }
 		}
+		t.raw, t.http, t.many = dialer(rp, c.dmb), dialer(hp, c.dmbMany), dialer(mp, c.dmbMany)
 		ts = append(ts, t)
 	}
 	if len(ts) != len(c.transports) {
 		return fmt.Errorf("transports %v: the server offers %v", c.transports, serverTransports)
 	}
 	// The server guest may still be booting: wait for its plain TCP port.
-	ctl := addr(port + 2) // tcp raw
 	if err := waitListening(e.Ctx, ctl); err != nil {
 		return err
 	}
 	defer sendQuit(ctl)
-	reportBenchConfig(e, c, dmb)
+	reportBenchConfig(e, c)
 	e.Logf("bench: %d tests x %d rounds x %d transports x %v", len(c.tests), c.rounds, len(ts), c.dur)
 	return runBench(e.Ctx, c, ts, reportTo(e), failTo(e))
 }
@@ -703,75 +850,81 @@ func sendQuit(addr string) {
 	c.Close()
 }
 
-// localTransports sets up the listeners and dialers of bench-local: smcd
-// over dev (nil: no smcd), tcp over 127.0.0.1, unix (abstract sockets).
-func localTransports(dev smcd.Device, dmb int, names []string) ([]benchListeners, []benchTransport, error) {
+// localTransports sets up the listeners and dialers of bench-local: SMC-D
+// over dev (nil: none) in both modes, tcp over 127.0.0.1, unix (abstract
+// sockets).
+func localTransports(dev smcd.Device, c benchConfig) ([]benchListeners, []benchTransport, error) {
 	var lns []benchListeners
 	var ts []benchTransport
-	closeAll := func() {
+	fail := func(err error) ([]benchListeners, []benchTransport, error) {
 		for _, l := range lns {
-			l.raw.Close()
-			l.http.Close()
+			l.close()
 		}
+		return nil, nil, err
 	}
-	for _, name := range names {
-		var listen func() (net.Listener, error)
-		var dial func(ctx context.Context, addr string) (net.Conn, error)
+	for _, name := range c.transports {
+		var listen func(dmb int) (net.Listener, error)
+		var dial func(ctx context.Context, dmb int, addr string) (net.Conn, error)
 		var nd net.Dialer
-		switch name {
-		case "smcd":
+		mode, isSMC := smcTransport(name)
+		switch {
+		case isSMC:
 			if dev == nil {
-				closeAll()
-				return nil, nil, errors.New("smcd: no device")
+				return fail(fmt.Errorf("%s: no device", name))
 			}
-			srv := &smcd.Server{DMBSize: dmb}
-			sd := &smcd.Dialer{DMBSize: dmb}
-			listen = func() (net.Listener, error) { return srv.Listen(dev, "tcp", "127.0.0.1:0") }
-			dial = func(ctx context.Context, addr string) (net.Conn, error) { return sd.DialContext(ctx, dev, "tcp", addr) }
-		case "tcp":
-			listen = func() (net.Listener, error) { return net.Listen("tcp", "127.0.0.1:0") }
-			dial = func(ctx context.Context, addr string) (net.Conn, error) { return nd.DialContext(ctx, "tcp", addr) }
-		case "unix":
+			d := smcDevice(dev, name)
+			listen = func(dmb int) (net.Listener, error) {
+				return (&smcd.Server{DMBSize: dmb}).Listen(d, "tcp", "127.0.0.1:0")
+			}
+			dial = func(ctx context.Context, dmb int, addr string) (net.Conn, error) {
+				return (&smcd.Dialer{DMBSize: dmb}).DialContext(ctx, d, "tcp", addr)
+			}
+		case name == tTCP:
+			listen = func(int) (net.Listener, error) { return net.Listen("tcp", "127.0.0.1:0") }
+			dial = func(ctx context.Context, _ int, addr string) (net.Conn, error) {
+				return nd.DialContext(ctx, "tcp", addr)
+			}
+		case name == tUnix:
 			// Abstract names: no file system needed, nothing to remove.
 			n := 0
-			listen = func() (net.Listener, error) {
+			listen = func(int) (net.Listener, error) {
 				n++
 				return net.Listen("unix", fmt.Sprintf("@ism-bench-%d-%d-%d", time.Now().UnixNano(), len(lns), n))
 			}
-			dial = func(ctx context.Context, addr string) (net.Conn, error) { return nd.DialContext(ctx, "unix", addr) }
+			dial = func(ctx context.Context, _ int, addr string) (net.Conn, error) {
+				return nd.DialContext(ctx, "unix", addr)
+			}
 		default:
-			closeAll()
-			return nil, nil, fmt.Errorf("unknown transport %q (have smcd, tcp, unix)", name)
+			return fail(fmt.Errorf("unknown transport %q (have %s, %s, %s, %s)", name, tSMCAttach, tSMCCopy, tTCP, tUnix))
 		}
-		raw, err := listen()
+		l := benchListeners{name: name}
+		var err error
+		if l.raw, err = listen(c.dmb); err == nil {
+			if l.http, err = listen(c.dmbMany); err == nil {
+				l.many, err = listen(c.dmbMany)
+			}
+		}
+		lns = append(lns, l)
 		if err != nil {
-			closeAll()
-			return nil, nil, fmt.Errorf("%s: %w", name, err)
+			return fail(fmt.Errorf("%s: %w", name, err))
 		}
-		h, err := listen()
-		if err != nil {
-			raw.Close()
-			closeAll()
-			return nil, nil, fmt.Errorf("%s: %w", name, err)
+		dialer := func(ln net.Listener, dmb int) dialFunc {
+			a := ln.Addr().String()
+			f := func(ctx context.Context) (net.Conn, error) { return dial(ctx, dmb, a) }
+			if isSMC {
+				return requireMode(mode, f)
+			}
+			return f
 		}
-		lns = append(lns, benchListeners{name: name, raw: raw, http: h})
-		ra, ha := raw.Addr().String(), h.Addr().String()
-		t := benchTransport{name: name,
-			raw:  func(ctx context.Context) (net.Conn, error) { return dial(ctx, ra) },
-			http: func(ctx context.Context) (net.Conn, error) { return dial(ctx, ha) },
-		}
-		if name == "smcd" {
-			t.raw, t.http = requireSMC(t.raw), requireSMC(t.http)
-		}
-		ts = append(ts, t)
+		ts = append(ts, benchTransport{name: name, raw: dialer(l.raw, c.dmb), http: dialer(l.http, c.dmbMany), many: dialer(l.many, c.dmbMany)})
 	}
 	return lns, ts, nil
 }
 
 // benchLocal runs server and client in one process; the client's error
 // comes first, and the server is told to quit in any case.
-func benchLocal(ctx context.Context, e *Env, dev smcd.Device, dmb int, c benchConfig, report func(benchSample), fail func(benchSample, error)) error {
-	lns, ts, err := localTransports(dev, dmb, c.transports)
+func benchLocal(ctx context.Context, e *Env, dev smcd.Device, c benchConfig, report func(benchSample), fail func(benchSample, error)) error {
+	lns, ts, err := localTransports(dev, c)
 	if err != nil {
 		return err
 	}
@@ -795,12 +948,12 @@ func benchLocal(ctx context.Context, e *Env, dev smcd.Device, dmb int, c benchCo
 }
 
 func benchLocalScenario(e *Env) error {
-	c, err := benchConfigOf(e, "smcd,tcp,unix")
+	c, err := benchConfigOf(e, strings.Join([]string{tSMCAttach, tSMCCopy, tTCP, tUnix}, ","))
 	if err != nil {
 		return err
 	}
 	var dev smcd.Device
-	if contains(c.transports, "smcd") {
+	if contains(c.transports, tSMCAttach) || contains(c.transports, tSMCCopy) {
 		d, closeDev, err := openSMC(e)
 		if err != nil {
 			return err
@@ -808,8 +961,7 @@ func benchLocalScenario(e *Env) error {
 		defer closeDev()
 		dev = d
 	}
-	dmb := e.ArgInt("dmb_size", smcd.DefaultDMBSize)
-	reportBenchConfig(e, c, dmb)
+	reportBenchConfig(e, c)
 	e.Logf("bench: %d tests x %d rounds x %d transports x %v", len(c.tests), c.rounds, len(c.transports), c.dur)
-	return benchLocal(e.Ctx, e, dev, dmb, c, reportTo(e), failTo(e))
+	return benchLocal(e.Ctx, e, dev, c, reportTo(e), failTo(e))
 }

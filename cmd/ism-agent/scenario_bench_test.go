@@ -22,10 +22,12 @@ func testEnv(t *testing.T, args map[string]string) *Env {
 }
 
 // TestBenchLocal runs every measurement over every local transport (SMC-D
-// on the in-process loopback device) and checks that each reports a figure.
+// on the in-process loopback device, in attach mode and copy-only) and
+// checks that each reports a figure, the latency its percentiles too.
 func TestBenchLocal(t *testing.T) {
-	e := testEnv(t, map[string]string{"dur": "100ms", "rounds": "2", "http_conns": "2"})
-	c, err := benchConfigOf(e, "smcd,tcp,unix")
+	e := testEnv(t, map[string]string{"dur": "100ms", "rounds": "2", "conns": "4"})
+	transports := []string{tSMCAttach, tSMCCopy, tTCP, tUnix}
+	c, err := benchConfigOf(e, strings.Join(transports, ","))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -33,15 +35,17 @@ func TestBenchLocal(t *testing.T) {
 	var order []string
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	err = benchLocal(ctx, e, smcd.NewLoopback(), smcd.DefaultDMBSize, c, func(s benchSample) {
+	dev := smcd.NewLoopback()
+	dev.AttachMode = true
+	err = benchLocal(ctx, e, dev, c, func(s benchSample) {
 		got[s.key()] = s
 		order = append(order, s.key())
 	}, func(s benchSample, err error) { t.Errorf("%s: %v", s.key(), err) })
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, test := range benchTests {
-		for _, tr := range []string{"smcd", "tcp", "unix"} {
+	for _, test := range append(benchTests, "lat_p99", "lat_p999") {
+		for _, tr := range transports {
 			for r := range 2 {
 				s, ok := got[benchSample{test: test, transport: tr, round: r}.key()]
 				if !ok || !(s.value > 0) {
@@ -50,39 +54,76 @@ func TestBenchLocal(t *testing.T) {
 			}
 		}
 	}
-	// Rotated order: round 0 starts with smcd, round 1 with tcp.
-	if len(order) < 6 || order[0] != "bench.tput.smcd.0" || order[3] != "bench.tput.tcp.1" {
+	for _, tr := range transports {
+		p50, p99, p999 := got["bench.lat."+tr+".0"].value, got["bench.lat_p99."+tr+".0"].value, got["bench.lat_p999."+tr+".0"].value
+		if !(p50 <= p99 && p99 <= p999) {
+			t.Errorf("%s: percentiles out of order: p50 %v p99 %v p99.9 %v", tr, p50, p99, p999)
+		}
+	}
+	// Rotated order: round 0 starts with the first transport, round 1 with the second.
+	if len(order) < 8 || order[0] != "bench.tput.smcd-attach.0" || order[4] != "bench.tput.smcd-copy.1" {
 		t.Errorf("order %v", order)
 	}
 }
 
-// TestRequireSMC: a connection that fell back to TCP must not count as SMC-D.
-func TestRequireSMC(t *testing.T) {
+// TestRequireMode: a connection that fell back to TCP, or that moves data
+// in the other mode, must not count under the transport's name.
+func TestRequireMode(t *testing.T) {
 	dev := smcd.NewLoopback()
-	srv := &smcd.Server{ForceDecline: smcd.DeclineNoSMCDDev}
-	ln, err := srv.Listen(dev, "tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	for _, tc := range []struct {
+		name   string
+		srv    smcd.Server
+		want   smcd.Mode
+		errSub string
+	}{
+		{"fallback", smcd.Server{ForceDecline: smcd.DeclineNoSMCDDev}, smcd.ModeCopy, "fell back"},
+		{"copy, not attach", smcd.Server{}, smcd.ModeAttach, "want attach"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ln, err := tc.srv.Listen(dev, "tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			go serveRawAll(ln)
+			d := &smcd.Dialer{}
+			dial := requireMode(tc.want, func(ctx context.Context) (net.Conn, error) {
+				return d.DialContext(ctx, dev, "tcp", ln.Addr().String())
+			})
+			_, _, err = measureStream(context.Background(), dial, 100, 10*time.Millisecond)
+			if err == nil || !strings.Contains(err.Error(), tc.errSub) {
+				t.Fatalf("measureStream: %v, want an error with %q", err, tc.errSub)
+			}
+		})
 	}
-	defer ln.Close()
-	go serveRawAll(ln)
-	d := &smcd.Dialer{}
-	dial := requireSMC(func(ctx context.Context) (net.Conn, error) {
-		return d.DialContext(ctx, dev, "tcp", ln.Addr().String())
-	})
-	_, _, err = measureStream(context.Background(), dial, 100, 10*time.Millisecond)
-	if err == nil || !strings.Contains(err.Error(), "fell back") {
-		t.Fatalf("measureStream over a declined connection: %v, want a fallback error", err)
+}
+
+func TestPercentile(t *testing.T) {
+	d := make([]time.Duration, 1000)
+	for i := range d {
+		d[i] = time.Duration(i + 1)
+	}
+	for _, c := range []struct {
+		p    float64
+		want time.Duration
+	}{{50, 500}, {99, 990}, {99.9, 999}, {100, 1000}} {
+		if got := percentile(d, c.p); got != c.want {
+			t.Errorf("p%v = %v, want %v", c.p, got, c.want)
+		}
+	}
+	if percentile(nil, 50) != 0 || percentile(d[:1], 99.9) != 1 {
+		t.Error("edge cases")
 	}
 }
 
 func TestBenchConfig(t *testing.T) {
 	e := testEnv(t, map[string]string{"tests": "lat, http", "transports": "tcp"})
-	c, err := benchConfigOf(e, "smcd,tcp")
+	c, err := benchConfigOf(e, "smcd-copy,tcp")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if strings.Join(c.tests, ",") != "lat,http" || strings.Join(c.transports, ",") != "tcp" || c.dur != 2*time.Second || c.rounds != 3 || c.latMsg != 14 {
+	if strings.Join(c.tests, ",") != "lat,http" || strings.Join(c.transports, ",") != "tcp" || c.dur != 2*time.Second || c.rounds != 3 ||
+		c.latMsg != 14 || c.msg != 100 || c.tputMsg != 64000 || c.conns != 32 {
 		t.Fatalf("config %+v", c)
 	}
 	if _, err := benchConfigOf(testEnv(t, map[string]string{"tests": "tput,bogus"}), "tcp"); err == nil {
@@ -108,7 +149,11 @@ func TestRunBenchFailures(t *testing.T) {
 	bad := func(ctx context.Context) (net.Conn, error) { return nil, errors.New("no route") }
 	var ok, failed []string
 	err = runBench(context.Background(), c, []benchTransport{{name: "bad", raw: bad}, {name: "tcp", raw: good}},
-		func(s benchSample) { ok = append(ok, s.key()) },
+		func(s benchSample) {
+			if s.test == "lat" { // not its percentiles
+				ok = append(ok, s.key())
+			}
+		},
 		func(s benchSample, err error) { failed = append(failed, s.key()) })
 	if err == nil || !strings.Contains(err.Error(), "3 failed") {
 		t.Fatalf("runBench: %v, want the third failure to end it", err)

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ism-backend/ism-backend/guestdriver/smcd"
 	"github.com/ism-backend/ism-backend/test/vm/vmharness"
 )
 
@@ -49,7 +50,7 @@ func TestBench(t *testing.T) {
 	if err != nil || rounds <= 0 {
 		t.Fatalf("ISM_BENCH_ROUNDS: %v", err)
 	}
-	tests := envOr("ISM_BENCH_TESTS", "tput,lat,msgrate,http")
+	tests := envOr("ISM_BENCH_TESTS", "tput,tput32,lat,msgrate,http")
 	scopes := envOr("ISM_BENCH_SCOPES", "inter,intra,idle")
 	idleDur, err := time.ParseDuration(envOr("ISM_BENCH_IDLE", "60s"))
 	if err != nil || idleDur <= 0 {
@@ -59,9 +60,15 @@ func TestBench(t *testing.T) {
 	// The guests get 32 huge pages (64 MiB); the driver may use 24 of them
 	// for DMA (rings and DMBs: 1 MiB DMBs need more than the default 8).
 	args := map[string]string{"dur": dur, "rounds": strconv.Itoa(rounds), "tests": tests, "hugepages": "24", "wait": wait}
-	// 1 MiB DMBs, as the SMC-D loopback figures used 1 MB buffers;
-	// ISM_BENCH_DMB=default: the stack's own default (smcd.DefaultDMBSize).
-	if dmb := envOr("ISM_BENCH_DMB", "1048576"); dmb != "default" {
+	// 1 MiB DMBs for one connection, as the SMC-D loopback figures used
+	// 1 MB buffers; 64 KiB for the 32-connection tests (the agent's
+	// defaults). ISM_BENCH_DMB=default: the stack's own default
+	// (smcd.DefaultDMBSize) for both.
+	switch dmb := envOr("ISM_BENCH_DMB", "1048576"); dmb {
+	case "default":
+		args["dmb_size"] = strconv.Itoa(smcd.DefaultDMBSize)
+		args["dmb_many"] = strconv.Itoa(smcd.DefaultDMBSize)
+	default:
 		args["dmb_size"] = dmb
 	}
 	nTests := len(strings.Split(tests, ","))
@@ -75,10 +82,10 @@ func TestBench(t *testing.T) {
 	}
 	var total time.Duration
 	if strings.Contains(scopes, "inter") {
-		total += est(2)
+		total += est(interTransports)
 	}
 	if strings.Contains(scopes, "intra") {
-		total += est(3)
+		total += est(intraTransports)
 	}
 	if strings.Contains(scopes, "idle") {
 		total += 2*idleDur + 45*time.Second
@@ -95,7 +102,7 @@ func TestBench(t *testing.T) {
 	// Per phase the guest's own watchdog: the estimate with a wide margin.
 	if strings.Contains(scopes, "inter") {
 		t.Run("inter", func(t *testing.T) {
-			s, f, cfg := runInter(t, args, 3*est(2)+2*time.Minute)
+			s, f, cfg := runInter(t, args, 3*est(interTransports)+2*time.Minute)
 			samples = append(samples, s...)
 			failures = append(failures, f...)
 			config["inter-VM"] = cfg
@@ -103,7 +110,7 @@ func TestBench(t *testing.T) {
 	}
 	if strings.Contains(scopes, "intra") {
 		t.Run("intra", func(t *testing.T) {
-			s, f, cfg := runIntra(t, args, 3*est(3)+2*time.Minute)
+			s, f, cfg := runIntra(t, args, 3*est(intraTransports)+2*time.Minute)
 			samples = append(samples, s...)
 			failures = append(failures, f...)
 			config["intra-VM"] = cfg
@@ -160,6 +167,12 @@ func TestBench(t *testing.T) {
 		fmt.Println("bench: INCOMPLETE: a phase or a measurement failed, see above")
 	}
 }
+
+// Transports per scope: smcd-attach, smcd-copy, tcp; and unix inside one guest.
+const (
+	interTransports = 3
+	intraTransports = 4
+)
 
 func envOr(k, def string) string {
 	if v := os.Getenv(k); v != "" {
@@ -258,8 +271,10 @@ func runInter(t *testing.T, args map[string]string, timeout time.Duration) ([]Sa
 	r.StartBackend([]string{"-socket-dir", r.Dir, "-vm", "a", "-vm", "b"}, sa, sb)
 	srv, cli := r.NetPair()
 	serverArgs := map[string]string{"ip": "169.254.7.1/24", "hugepages": args["hugepages"], "wait": args["wait"]}
-	if v, ok := args["dmb_size"]; ok {
-		serverArgs["dmb_size"] = v
+	for _, k := range []string{"dmb_size", "dmb_many"} {
+		if v, ok := args[k]; ok {
+			serverArgs[k] = v
+		}
 	}
 	clientArgs := map[string]string{"ip": "169.254.7.2/24", "connect": "169.254.7.1"}
 	for k, v := range args {
