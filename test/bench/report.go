@@ -2,14 +2,16 @@
 // test/vm/vmharness, runs the ism-agent bench scenarios (cmd/ism-agent/
 // scenario_bench.go) in them, and turns their ISM-RESULT lines into a table
 // of SMC-D against TCP (and UNIX sockets inside one guest) with ratios, plus
-// JSON and CSV files under bench-results/.
+// JSON, CSV and an SVG chart under bench-results/.
 //
-// This file holds the parsing, aggregation and formatting; bench_test.go
-// (ISM_BENCH=1) runs the guests.
+// This file holds the parsing, aggregation and formatting, chart.go the
+// chart; bench_test.go (ISM_BENCH=1) runs the guests; cmd/benchchart
+// re-renders the chart from a results JSON.
 package bench
 
 import (
 	"encoding/csv"
+	"encoding/json"
 	"fmt"
 	"io"
 	"math"
@@ -396,6 +398,27 @@ func (r *Report) Recompute() {
 	r.Tests = Tests
 	r.Cells = Aggregate(r.Samples)
 	r.Ratios = Ratios(r.Cells, r.Samples)
+}
+
+// EncodeJSON is the report as the indented JSON that bench_test.go writes.
+func (r *Report) EncodeJSON() ([]byte, error) {
+	js, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return nil, err
+	}
+	return append(js, '\n'), nil
+}
+
+// ReadReport reads a report's JSON back and recomputes its cells and ratios
+// from the samples (so files written by older code get today's figures).
+func ReadReport(rd io.Reader) (*Report, error) {
+	var r Report
+	d := json.NewDecoder(rd)
+	if err := d.Decode(&r); err != nil {
+		return nil, fmt.Errorf("reading a bench report: %w", err)
+	}
+	r.Recompute()
+	return &r, nil
 }
 
 // FormatValue prints a figure with about four significant digits.
