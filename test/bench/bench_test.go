@@ -1,7 +1,7 @@
 package bench
 
 import (
-	"encoding/json"
+	"bytes"
 	"fmt"
 	"os"
 	"os/exec"
@@ -21,17 +21,20 @@ import (
 // the VM harness reads), since it takes minutes:
 //
 //	inter-VM  guests a (bench-server) and b (bench-client) on one backend,
-//	          CLC over an e1000 link between them: smcd and tcp
-//	intra-VM  one guest (bench-local): smcd, tcp over 127.0.0.1, unix
+//	          CLC over a network link between them: smcd-attach, smcd-copy
+//	          and tcp
+//	intra-VM  one guest (bench-local): smcd-attach, smcd-copy, tcp over
+//	          127.0.0.1, unix
 //
 // Knobs: ISM_BENCH_DUR (per measurement, default 2s), ISM_BENCH_ROUNDS
 // (default 5), ISM_BENCH_DMB (SMC-D DMB size in bytes, default 1 MiB;
 // "default": the stack's smcd.DefaultDMBSize),
-// ISM_BENCH_TESTS (tput,lat,msgrate,http), ISM_BENCH_SCOPES (inter,intra,idle),
+// ISM_BENCH_TESTS (the guest's ism.tests; unset: the guest's default, all
+// of them), ISM_BENCH_SCOPES (inter,intra,idle),
 // ISM_BENCH_WAIT (how the guest driver waits for signals: auto, the driver's
 // default, which is interrupts; or poll), ISM_BENCH_IDLE (the idle phase's
-// window per wait mode, default 60s), ISM_BENCH_OUT (directory for the JSON
-// and CSV, default bench-results/ at the top of the module).
+// window per wait mode, default 60s), ISM_BENCH_OUT (directory for the JSON,
+// CSV and SVG chart, default bench-results/ at the top of the module).
 //
 //	idle      one guest, 4 idle intra-VM SMC-D connections: the guest's busy
 //	          CPU time over ISM_BENCH_IDLE with the driver polling, then
@@ -50,7 +53,7 @@ func TestBench(t *testing.T) {
 	if err != nil || rounds <= 0 {
 		t.Fatalf("ISM_BENCH_ROUNDS: %v", err)
 	}
-	tests := envOr("ISM_BENCH_TESTS", "tput,tput32,lat,msgrate,http")
+	tests := os.Getenv("ISM_BENCH_TESTS")
 	scopes := envOr("ISM_BENCH_SCOPES", "inter,intra,idle")
 	idleDur, err := time.ParseDuration(envOr("ISM_BENCH_IDLE", "60s"))
 	if err != nil || idleDur <= 0 {
@@ -59,7 +62,15 @@ func TestBench(t *testing.T) {
 	wait := envOr("ISM_BENCH_WAIT", "auto")
 	// The guests get 32 huge pages (64 MiB); the driver may use 24 of them
 	// for DMA (rings and DMBs: 1 MiB DMBs need more than the default 8).
-	args := map[string]string{"dur": dur, "rounds": strconv.Itoa(rounds), "tests": tests, "hugepages": "24", "wait": wait}
+	args := map[string]string{"dur": dur, "rounds": strconv.Itoa(rounds), "hugepages": "24", "wait": wait}
+	// Measurements per transport and round, for the estimate: by default
+	// the guest's five (tput, tput32, lat with its three percentiles,
+	// msgrate, http).
+	nTests := 5
+	if tests != "" {
+		args["tests"] = tests
+		nTests = len(strings.Split(tests, ","))
+	}
 	// 1 MiB DMBs for one connection, as the SMC-D loopback figures used
 	// 1 MB buffers; 64 KiB for the 32-connection tests (the agent's
 	// defaults). ISM_BENCH_DMB=default: the stack's own default
@@ -71,7 +82,6 @@ func TestBench(t *testing.T) {
 	default:
 		args["dmb_size"] = dmb
 	}
-	nTests := len(strings.Split(tests, ","))
 	accel := vmharness.DetectAccel()
 	qemu := qemuVersion(os.Getenv("ISM_QEMU"))
 
@@ -93,7 +103,7 @@ func TestBench(t *testing.T) {
 	say("accelerator: %s (%s); %s", accel, accelNote(accel), qemu)
 	load0 := loadAvg()
 	say("plan: %s; tests %s; %d rounds x %s per measurement; about %v in all",
-		scopes, tests, rounds, dur, total.Round(10*time.Second))
+		scopes, envOr("ISM_BENCH_TESTS", "the guest's default"), rounds, dur, total.Round(10*time.Second))
 	say("host load average before: %s (other work on the host skews single rounds: see the spread column)", load0)
 
 	var samples []Sample
@@ -129,12 +139,13 @@ func TestBench(t *testing.T) {
 	r := NewReport(samples)
 	r.Failures = failures
 	r.Started, r.Accel, r.QEMU, r.Config = started.UTC(), accel, qemu, config
+	r.VCPUs, r.Rounds, r.Dur = benchVCPUs, rounds, dur
 	r.Host = hostInfo()
 	r.Load = load0 + " -> " + loadAvg()
 	r.Duration = time.Since(started).Round(time.Second).String()
 
 	fmt.Printf("\n== VM benchmark: SMC-D vs TCP (vs UNIX sockets inside one guest), accelerator %s ==\n", accel)
-	fmt.Printf("%d rounds x %s per cell, transports interleaved; 1 vCPU per guest; %s\n", rounds, dur, qemu)
+	fmt.Printf("%d rounds x %s per cell, transports interleaved; %d vCPU per guest; %s\n", rounds, dur, benchVCPUs, qemu)
 	fmt.Printf("host: %s; load average (1/5/15 min) before -> after: %s\n", r.Host, r.Load)
 	for _, sc := range Scopes {
 		if c, ok := config[sc]; ok {
@@ -159,7 +170,7 @@ func TestBench(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	fmt.Printf("\nbench: %s/latest.{json,csv} (and a time-stamped copy), guest consoles %s/*.serial; took %s\n", dir, dir, r.Duration)
+	fmt.Printf("\nbench: %s/latest.{json,csv,svg} (and time-stamped copies), guest consoles %s/*.serial; took %s\n", dir, dir, r.Duration)
 	if len(failures) > 0 {
 		t.Errorf("%d measurements failed (listed under the table)", len(failures))
 	}
@@ -168,11 +179,12 @@ func TestBench(t *testing.T) {
 	}
 }
 
-// Transports per scope: smcd-attach, smcd-copy, tcp; and unix inside one guest.
-const (
-	interTransports = 3
-	intraTransports = 4
-)
+// benchVCPUs is every bench guest's vCPU count (the chart's title says it).
+const benchVCPUs = 1
+
+// Transports per scope, for the time estimate: smcd-attach, smcd-copy, tcp
+// (and unix inside one guest).
+const interTransports, intraTransports = 3, 4
 
 func envOr(k, def string) string {
 	if v := os.Getenv(k); v != "" {
@@ -282,9 +294,9 @@ func runInter(t *testing.T, args map[string]string, timeout time.Duration) ([]Sa
 	}
 	say("inter-VM: booting guests a (bench-server) and b (bench-client), CLC over e1000")
 	a := r.StartVM(vmharness.VMConfig{Name: "a", Scenario: "bench-server", Net: &srv, Timeout: timeout,
-		HugePages: 32, Args: serverArgs, ISM: []vmharness.ISMDevice{{Socket: sa}}})
+		HugePages: 32, CPUs: benchVCPUs, Args: serverArgs, ISM: []vmharness.ISMDevice{{Socket: sa}}})
 	b := r.StartVM(vmharness.VMConfig{Name: "b", Scenario: "bench-client", Net: &cli, Timeout: timeout,
-		HugePages: 32, Args: clientArgs, ISM: []vmharness.ISMDevice{{Socket: sb}}})
+		HugePages: 32, CPUs: benchVCPUs, Args: clientArgs, ISM: []vmharness.ISMDevice{{Socket: sb}}})
 	stop := follow(b, "inter-VM")
 	ob := waitAgent(t, b)
 	stop()
@@ -323,7 +335,7 @@ func runIntra(t *testing.T, args map[string]string, timeout time.Duration) ([]Sa
 	r.StartBackend([]string{"-socket-dir", r.Dir, "-vm", "a"}, sock)
 	say("intra-VM: booting one guest (bench-local)")
 	a := r.StartVM(vmharness.VMConfig{Name: "a", Scenario: "bench-local", Timeout: timeout, HugePages: 32,
-		Args: args, ISM: []vmharness.ISMDevice{{Socket: sock}}})
+		CPUs: benchVCPUs, Args: args, ISM: []vmharness.ISMDevice{{Socket: sock}}})
 	stop := follow(a, "intra-VM")
 	o := waitAgent(t, a)
 	stop()
@@ -393,9 +405,10 @@ func outDir() (string, error) {
 	return filepath.Join(top, "bench-results"), nil
 }
 
-// writeFiles writes the report as JSON and CSV, time-stamped and as
-// latest.*, into ISM_BENCH_OUT or bench-results/ at the module's top (which
-// ignores itself for git).
+// writeFiles writes the report as JSON, CSV and the SVG chart, time-stamped
+// and as latest.*, into ISM_BENCH_OUT or bench-results/ at the module's top
+// (which ignores itself for git). The chart in docs/ is a copy a person
+// updates deliberately (cmd/benchchart), never this.
 func writeFiles(r *Report) (string, error) {
 	dir, err := outDir()
 	if err != nil {
@@ -407,21 +420,23 @@ func writeFiles(r *Report) (string, error) {
 	if err := os.WriteFile(filepath.Join(dir, ".gitignore"), []byte("# written by test/bench: results stay out of git\n*\n"), 0o644); err != nil {
 		return "", err
 	}
-	js, err := json.MarshalIndent(r, "", "  ")
+	js, err := r.EncodeJSON()
 	if err != nil {
 		return "", err
 	}
-	var csvBuf strings.Builder
+	var csvBuf, svgBuf bytes.Buffer
 	if err := r.WriteCSV(&csvBuf); err != nil {
+		return "", err
+	}
+	if err := r.WriteSVG(&svgBuf); err != nil {
 		return "", err
 	}
 	stamp := r.Started.Format("20060102T150405Z")
 	for _, name := range []string{"vm-" + stamp, "latest"} {
-		if err := os.WriteFile(filepath.Join(dir, name+".json"), append(js, '\n'), 0o644); err != nil {
-			return "", err
-		}
-		if err := os.WriteFile(filepath.Join(dir, name+".csv"), []byte(csvBuf.String()), 0o644); err != nil {
-			return "", err
+		for ext, b := range map[string][]byte{".json": js, ".csv": csvBuf.Bytes(), ".svg": svgBuf.Bytes()} {
+			if err := os.WriteFile(filepath.Join(dir, name+ext), b, 0o644); err != nil {
+				return "", err
+			}
 		}
 	}
 	return dir, nil
@@ -441,5 +456,37 @@ func moduleRoot() (string, error) {
 			return "", fmt.Errorf("no go.mod above the working directory")
 		}
 		d = p
+	}
+}
+
+func TestWriteFiles(t *testing.T) {
+	dir := t.TempDir()
+	t.Setenv("ISM_BENCH_OUT", dir)
+	r := synthReport()
+	got, err := writeFiles(r)
+	if err != nil || got != dir {
+		t.Fatalf("writeFiles: %q, %v", got, err)
+	}
+	for _, name := range []string{"latest", "vm-20250601T123456Z"} {
+		for _, ext := range []string{".json", ".csv", ".svg"} {
+			if fi, err := os.Stat(filepath.Join(dir, name+ext)); err != nil || fi.Size() == 0 {
+				t.Errorf("%s%s: %v", name, ext, err)
+			}
+		}
+	}
+	// latest.json reads back into the same chart as latest.svg.
+	f, err := os.Open(filepath.Join(dir, "latest.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	back, err := ReadReport(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var svg bytes.Buffer
+	back.WriteSVG(&svg)
+	if want, _ := os.ReadFile(filepath.Join(dir, "latest.svg")); !bytes.Equal(svg.Bytes(), want) {
+		t.Error("latest.json does not redraw latest.svg")
 	}
 }

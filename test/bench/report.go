@@ -2,45 +2,87 @@
 // test/vm/vmharness, runs the ism-agent bench scenarios (cmd/ism-agent/
 // scenario_bench.go) in them, and turns their ISM-RESULT lines into a table
 // of SMC-D against TCP (and UNIX sockets inside one guest) with ratios, plus
-// JSON and CSV files under bench-results/.
+// JSON, CSV and an SVG chart under bench-results/.
 //
-// This file holds the parsing, aggregation and formatting; bench_test.go
-// (ISM_BENCH=1) runs the guests.
+// This file holds the parsing, aggregation and formatting, chart.go the
+// chart; bench_test.go (ISM_BENCH=1) runs the guests; cmd/benchchart
+// re-renders the chart from a results JSON.
 package bench
 
 import (
 	"encoding/csv"
+	"encoding/json"
 	"fmt"
 	"io"
 	"math"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 )
 
 // Test describes one measurement as the guest scenarios name it.
 type Test struct {
-	Name, Title, Unit string
-	LowerIsBetter     bool
+	Name  string `json:"name"`
+	Title string `json:"title"`
+	// Short labels the test's group of bars in the chart.
+	Short         string `json:"short"`
+	Unit          string `json:"unit"`
+	LowerIsBetter bool   `json:"lower_is_better"`
 }
 
-// Tests in table order.
+// Better is "lower" or "higher": which way this test's figures improve.
+func (t Test) Better() string {
+	if t.LowerIsBetter {
+		return "lower"
+	}
+	return "higher"
+}
+
+// Tests in table order. lat, lat_p99 and lat_p999 are percentiles of one
+// ping-pong run; msgrate counts the round trips of another.
 var Tests = []Test{
-	{"tput", "throughput, 64 KiB writes", "MB/s", false},
-	{"lat", "latency, 14 B ping-pong", "us/RTT", true},
-	{"msgrate", "message rate, 64 B one way", "msg/s", false},
-	{"http", "HTTP keep-alive, 4 clients", "req/s", false},
+	{Name: "tput", Title: "throughput, 64000 B writes, 1 connection", Short: "tput 1 conn", Unit: "MB/s"},
+	{Name: "tput32", Title: "throughput, 64000 B writes, 32 connections (sum)", Short: "tput 32 conns", Unit: "MB/s"},
+	{Name: "lat", Title: "latency p50, 14 B ping-pong", Short: "lat p50", Unit: "us/RTT", LowerIsBetter: true},
+	{Name: "lat_p99", Title: "latency p99, 14 B ping-pong", Short: "lat p99", Unit: "us/RTT", LowerIsBetter: true},
+	{Name: "lat_p999", Title: "latency p99.9, 14 B ping-pong", Short: "lat p99.9", Unit: "us/RTT", LowerIsBetter: true},
+	{Name: "msgrate", Title: "message rate, 100 B ping-pong", Short: "msgrate 100 B", Unit: "RTT/s"},
+	{Name: "http", Title: "HTTP keep-alive, 32 connections", Short: "HTTP 32 conns", Unit: "req/s"},
 }
 
 // Scopes in table order: two guests, one guest.
 var Scopes = []string{"inter-VM", "intra-VM"}
 
-// Transports in table order.
-var Transports = []string{"smcd", "tcp", "unix"}
+// Transports in table order: SMC-D with the sender writing straight into an
+// attached peer DMB, SMC-D copying through the device, TCP (inter-VM over the
+// guests' NICs, intra-VM over 127.0.0.1), UNIX sockets (intra-VM only).
+var Transports = []string{"smcd-attach", "smcd-copy", "tcp", "unix"}
 
-// Ratios the table shows: numerator / denominator.
-var RatioPairs = [][2]string{{"smcd", "tcp"}, {"smcd", "unix"}}
+// legacySMCD is the one SMC-D transport of result files from before the
+// attach/copy split: such files still aggregate, with their own ratios.
+const legacySMCD = "smcd"
+
+// SMCDTransports are the transports the chart draws against TCP.
+var SMCDTransports = []string{"smcd-attach", "smcd-copy", legacySMCD}
+
+// transportOrder sorts transports: Transports with the legacy one after the
+// new SMC-D ones; unknown names sort last, by name.
+var transportOrder = []string{"smcd-attach", "smcd-copy", legacySMCD, "tcp", "unix"}
+
+// RatioPairs are the ratios computed: numerator / denominator.
+var RatioPairs = [][2]string{
+	{"smcd-attach", "tcp"}, {"smcd-copy", "tcp"},
+	{"smcd-attach", "unix"}, {"smcd-copy", "unix"},
+	{"smcd-attach", "smcd-copy"},
+	{legacySMCD, "tcp"}, {legacySMCD, "unix"},
+}
+
+// NoisySpread is the spread above which the table and the chart flag a cell:
+// its rounds disagree by more than a quarter of their median.
+const NoisySpread = 0.25
 
 // Sample is one measurement a guest reported.
 type Sample struct {
@@ -144,7 +186,7 @@ func sortSamples(s []Sample) {
 		if x, y := testIndex(a.Test), testIndex(b.Test); x != y {
 			return x < y
 		}
-		if x, y := index(Transports, a.Transport), index(Transports, b.Transport); x != y {
+		if x, y := index(transportOrder, a.Transport), index(transportOrder, b.Transport); x != y {
 			return x < y
 		}
 		if a.Transport != b.Transport {
@@ -168,11 +210,16 @@ type Cell struct {
 }
 
 // Spread is (max-min)/median: how much the rounds disagree.
-func (c Cell) Spread() float64 {
-	if c.Median == 0 {
+func (c Cell) Spread() float64 { return spread(c.Min, c.Max, c.Median) }
+
+// Noisy says whether the spread is above NoisySpread.
+func (c Cell) Noisy() bool { return c.Spread() > NoisySpread }
+
+func spread(lo, hi, mid float64) float64 {
+	if mid == 0 {
 		return 0
 	}
-	return (c.Max - c.Min) / c.Median
+	return (hi - lo) / mid
 }
 
 // Median of v (not modified); NaN for none.
@@ -221,24 +268,56 @@ func Aggregate(samples []Sample) []Cell {
 	return cells
 }
 
-// Ratio is num/den of two transports' medians in one scope and test.
+// Ratio compares two transports in one scope and test: numerator over
+// denominator, per round where both were measured (the guests interleave the
+// transports within a round, so a round's pair saw the same conditions).
 type Ratio struct {
-	Scope string  `json:"scope"`
-	Test  string  `json:"test"`
-	Num   string  `json:"num"`
-	Den   string  `json:"den"`
-	Value float64 `json:"value"`
+	Scope string `json:"scope"`
+	Test  string `json:"test"`
+	Num   string `json:"num"`
+	Den   string `json:"den"`
+	// Value is the median of the per-round ratios; Min and Max their
+	// range; Rounds how many rounds had both transports. With no such
+	// round (failures), Value, Min and Max are OfMedians and Rounds is 0.
+	Value  float64 `json:"value"`
+	Min    float64 `json:"min"`
+	Max    float64 `json:"max"`
+	Rounds int     `json:"rounds"`
+	// OfMedians is the two cells' medians divided.
+	OfMedians float64 `json:"of_medians"`
+	// NumSpread and DenSpread are the two cells' spreads (Cell.Spread).
+	NumSpread float64 `json:"num_spread"`
+	DenSpread float64 `json:"den_spread"`
 	// Better says whether the numerator transport did better than the
-	// denominator (for latency that is a ratio below 1).
+	// denominator (for a lower-is-better test that is a ratio below 1).
 	Better bool `json:"num_better"`
+	// Noisy: the ratio's own spread or either cell's is above NoisySpread.
+	Noisy bool `json:"noisy"`
 }
 
-// Ratios computes RatioPairs wherever both cells exist.
-func Ratios(cells []Cell) []Ratio {
-	type k struct{ scope, test, tr string }
-	m := map[k]Cell{}
+// Spread is the per-round ratios' (max-min)/median.
+func (r Ratio) Spread() float64 { return spread(r.Min, r.Max, r.Value) }
+
+// Ratios computes RatioPairs wherever both cells exist (and the
+// denominator's median is not 0), in the cells' order, then RatioPairs'.
+func Ratios(cells []Cell, samples []Sample) []Ratio {
+	type ck struct{ scope, test, tr string }
+	type sk struct {
+		ck
+		round int
+	}
+	cell := map[ck]Cell{}
 	for _, c := range cells {
-		m[k{c.Scope, c.Test, c.Transport}] = c
+		cell[ck{c.Scope, c.Test, c.Transport}] = c
+	}
+	val := map[sk]float64{}
+	rounds := map[ck][]int{}
+	for _, x := range samples {
+		k := ck{x.Scope, x.Test, x.Transport}
+		if _, dup := val[sk{k, x.Round}]; !dup {
+			rounds[k] = append(rounds[k], x.Round)
+		}
+		val[sk{k, x.Round}] = x.Value
 	}
 	var out []Ratio
 	for _, c := range cells {
@@ -246,11 +325,29 @@ func Ratios(cells []Cell) []Ratio {
 			if c.Transport != p[0] {
 				continue
 			}
-			d, ok := m[k{c.Scope, c.Test, p[1]}]
+			dk := ck{c.Scope, c.Test, p[1]}
+			d, ok := cell[dk]
 			if !ok || d.Median == 0 {
 				continue
 			}
-			r := Ratio{Scope: c.Scope, Test: c.Test, Num: p[0], Den: p[1], Value: c.Median / d.Median}
+			r := Ratio{Scope: c.Scope, Test: c.Test, Num: p[0], Den: p[1],
+				OfMedians: c.Median / d.Median, NumSpread: c.Spread(), DenSpread: d.Spread()}
+			var per []float64
+			rs := append([]int(nil), rounds[ck{c.Scope, c.Test, c.Transport}]...)
+			sort.Ints(rs)
+			for _, round := range rs {
+				dv, ok := val[sk{dk, round}]
+				if !ok || dv == 0 {
+					continue
+				}
+				per = append(per, val[sk{ck{c.Scope, c.Test, c.Transport}, round}]/dv)
+			}
+			r.Rounds = len(per)
+			if len(per) == 0 {
+				r.Value, r.Min, r.Max = r.OfMedians, r.OfMedians, r.OfMedians
+			} else {
+				r.Value, r.Min, r.Max = Median(per), slices.Min(per), slices.Max(per)
+			}
 			lower := false
 			if t := testByName(c.Test); t != nil {
 				lower = t.LowerIsBetter
@@ -259,34 +356,69 @@ func Ratios(cells []Cell) []Ratio {
 			if lower {
 				r.Better = r.Value < 1
 			}
+			r.Noisy = r.Spread() > NoisySpread || r.NumSpread > NoisySpread || r.DenSpread > NoisySpread
 			out = append(out, r)
 		}
 	}
 	return out
 }
 
-// Report is everything one `make bench` run measured.
+// Report is everything one `make bench` run measured. The JSON that
+// bench_test.go writes is this struct; cmd/benchchart reads it back.
 type Report struct {
-	Started  time.Time         `json:"started"`
-	Accel    string            `json:"accel"`
-	QEMU     string            `json:"qemu"`
-	Host     string            `json:"host"`
-	Load     string            `json:"load_average"` // host's, before -> after
-	Config   map[string]string `json:"config"`       // per scope: the guest's bench.config
-	Samples  []Sample          `json:"samples"`
-	Cells    []Cell            `json:"cells"`
-	Ratios   []Ratio           `json:"ratios"`
-	Failures []Failure         `json:"failures"`
-	Duration string            `json:"duration"`
+	Started time.Time         `json:"started"`
+	Accel   string            `json:"accel"`
+	QEMU    string            `json:"qemu"`
+	Host    string            `json:"host"`
+	VCPUs   int               `json:"vcpus"`        // per guest
+	Rounds  int               `json:"rounds"`       // asked for; 0: unknown
+	Dur     string            `json:"measure_dur"`  // per measurement
+	Load    string            `json:"load_average"` // host's, before -> after
+	Config  map[string]string `json:"config"`       // per scope: the guest's bench.config
+	// Tests are the test definitions this report was written with.
+	Tests    []Test    `json:"tests"`
+	Samples  []Sample  `json:"samples"`
+	Cells    []Cell    `json:"cells"`
+	Ratios   []Ratio   `json:"ratios"`
+	Failures []Failure `json:"failures"`
+	Duration string    `json:"duration"`
 }
 
 // NewReport aggregates samples into a report.
 func NewReport(samples []Sample) *Report {
 	r := &Report{Samples: samples, Config: map[string]string{}}
-	sortSamples(r.Samples)
-	r.Cells = Aggregate(samples)
-	r.Ratios = Ratios(r.Cells)
+	r.Recompute()
 	return r
+}
+
+// Recompute sorts the samples and derives Tests, Cells and Ratios from them
+// afresh (e.g. for a report read back from JSON written by older code).
+func (r *Report) Recompute() {
+	sortSamples(r.Samples)
+	r.Tests = Tests
+	r.Cells = Aggregate(r.Samples)
+	r.Ratios = Ratios(r.Cells, r.Samples)
+}
+
+// EncodeJSON is the report as the indented JSON that bench_test.go writes.
+func (r *Report) EncodeJSON() ([]byte, error) {
+	js, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return nil, err
+	}
+	return append(js, '\n'), nil
+}
+
+// ReadReport reads a report's JSON back and recomputes its cells and ratios
+// from the samples (so files written by older code get today's figures).
+func ReadReport(rd io.Reader) (*Report, error) {
+	var r Report
+	d := json.NewDecoder(rd)
+	if err := d.Decode(&r); err != nil {
+		return nil, fmt.Errorf("reading a bench report: %w", err)
+	}
+	r.Recompute()
+	return &r, nil
 }
 
 // FormatValue prints a figure with about four significant digits.
@@ -305,120 +437,151 @@ func FormatValue(v float64) string {
 	}
 }
 
-// WriteTable prints the report as a fixed-width table: one row per scope and
-// test, the median per transport, the ratios, and the largest spread of the
-// rounds in that row.
+// FormatRatio prints a ratio with about three significant digits.
+func FormatRatio(v float64) string {
+	switch a := math.Abs(v); {
+	case math.IsNaN(v):
+		return "-"
+	case a >= 100:
+		return strconv.FormatFloat(v, 'f', 0, 64)
+	case a >= 10:
+		return strconv.FormatFloat(v, 'f', 1, 64)
+	case a >= 0.1 || a == 0:
+		return strconv.FormatFloat(v, 'f', 2, 64)
+	default:
+		return strconv.FormatFloat(v, 'g', 2, 64)
+	}
+}
+
+func percent(v float64) string { return strconv.FormatFloat(v*100, 'f', 0, 64) + "%" }
+
+// WriteTable prints the report as a fixed-width table, one row per scope,
+// test and transport: the median of the rounds and their spread, then the
+// ratios of this transport to the others (RatioPairs), one column per
+// denominator; failed measurements and a legend follow.
 func (r *Report) WriteTable(w io.Writer) error {
 	type k struct{ scope, test, tr string }
-	cell := map[k]Cell{}
-	for _, c := range r.Cells {
-		cell[k{c.Scope, c.Test, c.Transport}] = c
-	}
-	ratio := map[string]Ratio{}
-	for _, x := range r.Ratios {
-		ratio[x.Scope+"|"+x.Test+"|"+x.Num+"/"+x.Den] = x
-	}
-	var scopes []string
-	seen := map[string]bool{}
-	for _, c := range r.Cells {
-		if !seen[c.Scope] {
-			seen[c.Scope] = true
-			scopes = append(scopes, c.Scope)
+	ratio := map[k]map[string]Ratio{} // numerator's key -> denominator -> ratio
+	var dens []string
+	for _, p := range RatioPairs {
+		for _, x := range r.Ratios {
+			if x.Num == p[0] && x.Den == p[1] && !slices.Contains(dens, p[1]) {
+				dens = append(dens, p[1])
+			}
 		}
 	}
-	head := []string{"scope", "test", "unit"}
-	head = append(head, Transports...)
-	for _, p := range RatioPairs {
-		head = append(head, p[0]+"/"+p[1])
+	for _, x := range r.Ratios {
+		kk := k{x.Scope, x.Test, x.Num}
+		if ratio[kk] == nil {
+			ratio[kk] = map[string]Ratio{}
+		}
+		ratio[kk][x.Den] = x
 	}
-	head = append(head, "spread")
+	head := []string{"scope", "test", "unit", "better", "transport", "n", "median", "spread"}
+	const textCols = 5 // left-aligned; figures right
+	for _, d := range dens {
+		head = append(head, "vs "+d)
+	}
 	rows := [][]string{head}
-	for _, s := range scopes {
-		for _, t := range Tests {
-			row := []string{s, t.Title, t.Unit}
-			any, spread := false, 0.0
-			for _, tr := range Transports {
-				c, ok := cell[k{s, t.Name, tr}]
-				if !ok {
-					row = append(row, "-")
-					continue
-				}
-				any = true
-				spread = math.Max(spread, c.Spread())
-				row = append(row, FormatValue(c.Median))
-			}
-			if !any {
+	flag := func(noisy bool) string {
+		if noisy {
+			return "!"
+		}
+		return " "
+	}
+	cells := append([]Cell(nil), r.Cells...)
+	for i, c := range cells {
+		if i > 0 && (c.Scope != cells[i-1].Scope || c.Test != cells[i-1].Test) {
+			rows = append(rows, nil) // a blank line between tests
+		}
+		unit, better := c.Unit, "?"
+		if t := testByName(c.Test); t != nil {
+			better = t.Better()
+		}
+		row := []string{c.Scope, c.Test, unit, better, c.Transport, strconv.Itoa(c.N),
+			FormatValue(c.Median), percent(c.Spread()) + flag(c.Noisy())}
+		for _, d := range dens {
+			x, ok := ratio[k{c.Scope, c.Test, c.Transport}][d]
+			if !ok {
+				row = append(row, "")
 				continue
 			}
-			for _, p := range RatioPairs {
-				x, ok := ratio[s+"|"+t.Name+"|"+p[0]+"/"+p[1]]
-				if !ok {
-					row = append(row, "-")
-					continue
-				}
-				mark := ""
-				if x.Better {
-					mark = " +"
-				}
-				row = append(row, strconv.FormatFloat(x.Value, 'f', 2, 64)+mark)
+			plus := " "
+			if x.Better {
+				plus = "+"
 			}
-			row = append(row, fmt.Sprintf("%.0f%%", spread*100))
-			rows = append(rows, row)
+			rng := "[" + FormatRatio(x.Min) + ".." + FormatRatio(x.Max) + "]"
+			if x.Rounds == 0 {
+				rng = "[unpaired]"
+			}
+			row = append(row, FormatRatio(x.Value)+plus+" "+rng+flag(x.Noisy))
 		}
+		rows = append(rows, row)
 	}
 	width := make([]int, len(head))
 	for _, row := range rows {
 		for i, f := range row {
-			width[i] = max(width[i], len(f))
+			width[i] = max(width[i], utf8.RuneCountInString(f))
 		}
 	}
+	var b strings.Builder
 	for n, row := range rows {
-		var b strings.Builder
+		var line strings.Builder
 		for i, f := range row {
 			if i > 0 {
-				b.WriteString("  ")
+				line.WriteString("  ")
 			}
-			if i < 3 { // text columns left, figures right
-				b.WriteString(f + strings.Repeat(" ", width[i]-len(f)))
+			pad := strings.Repeat(" ", width[i]-utf8.RuneCountInString(f))
+			if i < textCols {
+				line.WriteString(f + pad)
 			} else {
-				b.WriteString(strings.Repeat(" ", width[i]-len(f)) + f)
+				line.WriteString(pad + f)
 			}
 		}
-		if _, err := fmt.Fprintln(w, strings.TrimRight(b.String(), " ")); err != nil {
-			return err
-		}
+		b.WriteString(strings.TrimRight(line.String(), " ") + "\n")
 		if n == 0 {
-			total := len(width)*2 - 2
+			total := 2 * (len(width) - 1)
 			for _, x := range width {
 				total += x
 			}
-			fmt.Fprintln(w, strings.Repeat("-", total))
+			b.WriteString(strings.Repeat("-", total) + "\n")
 		}
 	}
 	for _, f := range r.Failures {
-		fmt.Fprintf(w, "FAILED: %s %s over %s, round %d: %s\n", f.Scope, f.Test, f.Transport, f.Round, f.Error)
+		fmt.Fprintf(&b, "FAILED: %s %s over %s, round %d: %s\n", f.Scope, f.Test, f.Transport, f.Round, f.Error)
 	}
-	_, err := fmt.Fprintln(w, "Medians of the rounds. Ratios are medians divided; \"+\" marks where the first transport did better\n"+
-		"(higher, or lower for latency). spread: the largest (max-min)/median of one cell's rounds in the row.")
+	b.WriteString("n rounds; median and spread ((max-min)/median) of this transport's rounds. vs X: this transport's\n" +
+		"figure over X's, per round where both ran (rounds interleave the transports): median [min..max].\n" +
+		"\"+\": this transport did better (better: higher or lower figures). \"!\": a spread above 25%\n" +
+		"(the cell's; for a ratio its own or either transport's): read with care.\n")
+	for _, t := range Tests {
+		fmt.Fprintf(&b, "  %-9s %s, %s\n", t.Name, t.Title, t.Unit)
+	}
+	_, err := io.WriteString(w, b.String())
 	return err
 }
 
-// WriteCSV writes one line per cell, with its ratios to the other transports.
+// WriteCSV writes one line per sample and one per failed measurement (its
+// value empty, its error set).
 func (r *Report) WriteCSV(w io.Writer) error {
 	cw := csv.NewWriter(w)
-	cw.Write([]string{"accel", "scope", "test", "unit", "transport", "rounds", "median", "min", "max", "smcd_over_this"})
-	med := map[string]float64{}
-	for _, c := range r.Cells {
-		med[c.Scope+"|"+c.Test+"|"+c.Transport] = c.Median
+	cw.Write([]string{"started", "accel", "scope", "test", "unit", "transport", "round", "value", "error"})
+	started := ""
+	if !r.Started.IsZero() {
+		started = r.Started.UTC().Format(time.RFC3339)
 	}
-	for _, c := range r.Cells {
-		ratio := ""
-		if s, ok := med[c.Scope+"|"+c.Test+"|smcd"]; ok && c.Transport != "smcd" && c.Median != 0 {
-			ratio = strconv.FormatFloat(s/c.Median, 'f', 4, 64)
+	unit := func(test string) string {
+		if t := testByName(test); t != nil {
+			return t.Unit
 		}
-		cw.Write([]string{r.Accel, c.Scope, c.Test, c.Unit, c.Transport, strconv.Itoa(c.N),
-			strconv.FormatFloat(c.Median, 'g', 6, 64), strconv.FormatFloat(c.Min, 'g', 6, 64),
-			strconv.FormatFloat(c.Max, 'g', 6, 64), ratio})
+		return ""
+	}
+	for _, s := range r.Samples {
+		cw.Write([]string{started, r.Accel, s.Scope, s.Test, unit(s.Test), s.Transport, strconv.Itoa(s.Round),
+			strconv.FormatFloat(s.Value, 'g', -1, 64), ""})
+	}
+	for _, f := range r.Failures {
+		cw.Write([]string{started, r.Accel, f.Scope, f.Test, unit(f.Test), f.Transport, strconv.Itoa(f.Round), "", f.Error})
 	}
 	cw.Flush()
 	return cw.Error()

@@ -4,30 +4,36 @@ import (
 	"bytes"
 	"encoding/csv"
 	"math"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestParseResults(t *testing.T) {
 	got, fails, err := ParseResults("inter-VM", map[string]string{
-		"bench.http.smcd.2.error": "Get: timeout",
-		"bench.tput.tcp.1":        "50",
-		"bench.tput.smcd.0":       "120.5",
-		"bench.tput.tcp.0":        "40",
-		"bench.lat.smcd.0":        "900",
-		"bench.config":            "dur=2s",
-		"bench.listening":         "7100",
-		"client_seconds":          "3",
-		"agent.scenario_secs":     "1",
+		"bench.http.smcd-copy.2.error": "Get: timeout",
+		"bench.tput.tcp.1":             "50",
+		"bench.tput.smcd-attach.0":     "120.5",
+		"bench.tput.smcd-copy.0":       "100",
+		"bench.tput.tcp.0":             "40",
+		"bench.lat_p999.smcd-attach.0": "900",
+		"bench.tput32.unix.0":          "7",
+		"bench.config":                 "dur=2s",
+		"bench.listening":              "7100",
+		"client_seconds":               "3",
+		"agent.scenario_secs":          "1",
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	want := []Sample{
-		{"inter-VM", "tput", "smcd", 0, 120.5},
+		{"inter-VM", "tput", "smcd-attach", 0, 120.5},
+		{"inter-VM", "tput", "smcd-copy", 0, 100},
 		{"inter-VM", "tput", "tcp", 0, 40},
 		{"inter-VM", "tput", "tcp", 1, 50},
-		{"inter-VM", "lat", "smcd", 0, 900},
+		{"inter-VM", "tput32", "unix", 0, 7},
+		{"inter-VM", "lat_p999", "smcd-attach", 0, 900},
 	}
 	if len(got) != len(want) {
 		t.Fatalf("got %v, want %v", got, want)
@@ -37,16 +43,16 @@ func TestParseResults(t *testing.T) {
 			t.Errorf("sample %d: got %+v, want %+v", i, got[i], want[i])
 		}
 	}
-	if len(fails) != 1 || fails[0] != (Failure{"inter-VM", "http", "smcd", 2, "Get: timeout"}) {
+	if len(fails) != 1 || fails[0] != (Failure{"inter-VM", "http", "smcd-copy", 2, "Get: timeout"}) {
 		t.Errorf("failures %+v", fails)
 	}
 	for _, bad := range []map[string]string{
-		{"bench.tput.smcd.x": "1"},
-		{"bench.tput.smcd.0": "fast"},
-		{"bench.tput.smcd.0": "NaN"},
-		{"bench.tput.smcd.0": "-1"},
-		{"bench.bogus.smcd.0": "1"},
-		{"bench.tput.smcd.x.error": "e"},
+		{"bench.tput.smcd-copy.x": "1"},
+		{"bench.tput.smcd-copy.0": "fast"},
+		{"bench.tput.smcd-copy.0": "NaN"},
+		{"bench.tput.smcd-copy.0": "-1"},
+		{"bench.bogus.smcd-copy.0": "1"},
+		{"bench.tput.smcd-copy.x.error": "e"},
 	} {
 		if s, _, err := ParseResults("x", bad); err == nil {
 			t.Errorf("ParseResults(%v) = %v, want an error", bad, s)
@@ -86,21 +92,27 @@ func samples() []Sample {
 		}
 	}
 	add("intra-VM", "lat", "unix", 10, 12, 11)
-	add("intra-VM", "lat", "smcd", 30, 20, 40)
+	add("intra-VM", "lat", "smcd-attach", 30, 20, 40)
 	add("intra-VM", "lat", "tcp", 15, 15, 15)
 	add("inter-VM", "tput", "tcp", 100, 80, 120)
-	add("inter-VM", "tput", "smcd", 300, 200, 250)
+	add("inter-VM", "tput", "smcd-attach", 300, 200, 250)
+	add("inter-VM", "tput", "smcd-copy", 200, 180, 210)
 	return s
 }
 
 func TestAggregateAndRatios(t *testing.T) {
-	cells := Aggregate(samples())
+	s := samples()
+	// intra-VM lat: round 2 of unix failed, so smcd-attach/unix pairs
+	// rounds 0 and 1 only.
+	s = slices.DeleteFunc(s, func(x Sample) bool { return x.Transport == "unix" && x.Round == 2 })
+	cells := Aggregate(s)
 	want := []Cell{
-		{"inter-VM", "tput", "MB/s", "smcd", 3, 250, 200, 300},
+		{"inter-VM", "tput", "MB/s", "smcd-attach", 3, 250, 200, 300},
+		{"inter-VM", "tput", "MB/s", "smcd-copy", 3, 200, 180, 210},
 		{"inter-VM", "tput", "MB/s", "tcp", 3, 100, 80, 120},
-		{"intra-VM", "lat", "us/RTT", "smcd", 3, 30, 20, 40},
+		{"intra-VM", "lat", "us/RTT", "smcd-attach", 3, 30, 20, 40},
 		{"intra-VM", "lat", "us/RTT", "tcp", 3, 15, 15, 15},
-		{"intra-VM", "lat", "us/RTT", "unix", 3, 11, 10, 12},
+		{"intra-VM", "lat", "us/RTT", "unix", 2, 11, 10, 12},
 	}
 	if len(cells) != len(want) {
 		t.Fatalf("cells %+v", cells)
@@ -110,71 +122,136 @@ func TestAggregateAndRatios(t *testing.T) {
 			t.Errorf("cell %d: got %+v, want %+v", i, cells[i], want[i])
 		}
 	}
-	if s := cells[2].Spread(); math.Abs(s-20.0/30) > 1e-9 {
+	if s := cells[3].Spread(); math.Abs(s-20.0/30) > 1e-9 || !cells[3].Noisy() {
 		t.Errorf("spread %v", s)
 	}
-	rs := Ratios(cells)
+	if cells[4].Noisy() {
+		t.Errorf("tcp cell noisy: %v", cells[4].Spread())
+	}
+	rs := Ratios(cells, s)
 	type k struct{ scope, test, pair string }
 	got := map[k]Ratio{}
+	var order []string
 	for _, r := range rs {
 		got[k{r.Scope, r.Test, r.Num + "/" + r.Den}] = r
+		order = append(order, r.Scope+" "+r.Test+" "+r.Num+"/"+r.Den)
 	}
-	if len(rs) != 3 {
-		t.Fatalf("ratios %+v", rs)
+	wantOrder := []string{
+		"inter-VM tput smcd-attach/tcp", "inter-VM tput smcd-attach/smcd-copy", "inter-VM tput smcd-copy/tcp",
+		"intra-VM lat smcd-attach/tcp", "intra-VM lat smcd-attach/unix",
 	}
-	if r := got[k{"inter-VM", "tput", "smcd/tcp"}]; r.Value != 2.5 || !r.Better {
-		t.Errorf("inter tput smcd/tcp %+v", r)
+	if !slices.Equal(order, wantOrder) {
+		t.Fatalf("ratios %q, want %q", order, wantOrder)
+	}
+	near := func(a, b float64) bool { return math.Abs(a-b) < 1e-9 }
+	// Per round 3, 2.5, 250/120: median 2.5.
+	if r := got[k{"inter-VM", "tput", "smcd-attach/tcp"}]; r.Value != 2.5 || !near(r.Min, 250.0/120) || r.Max != 3 ||
+		r.Rounds != 3 || r.OfMedians != 2.5 || !r.Better || !near(r.NumSpread, 0.4) || !near(r.DenSpread, 0.4) || !r.Noisy {
+		t.Errorf("inter tput smcd-attach/tcp %+v", r)
+	}
+	// 300/200, 200/180, 250/210.
+	if r := got[k{"inter-VM", "tput", "smcd-attach/smcd-copy"}]; !near(r.Value, 250.0/210) || !near(r.Min, 200.0/180) ||
+		r.Max != 1.5 || !r.Better {
+		t.Errorf("inter tput smcd-attach/smcd-copy %+v", r)
 	}
 	// Latency: a higher ratio is worse.
-	if r := got[k{"intra-VM", "lat", "smcd/tcp"}]; r.Value != 2 || r.Better {
-		t.Errorf("intra lat smcd/tcp %+v", r)
+	if r := got[k{"intra-VM", "lat", "smcd-attach/tcp"}]; r.Value != 2 || r.Better || r.Rounds != 3 || r.DenSpread != 0 {
+		t.Errorf("intra lat smcd-attach/tcp %+v", r)
 	}
-	if r := got[k{"intra-VM", "lat", "smcd/unix"}]; math.Abs(r.Value-30.0/11) > 1e-9 || r.Better {
-		t.Errorf("intra lat smcd/unix %+v", r)
+	// Rounds 0 and 1 only: 30/10, 20/12.
+	if r := got[k{"intra-VM", "lat", "smcd-attach/unix"}]; r.Rounds != 2 || !near(r.Value, (3+20.0/12)/2) ||
+		!near(r.Min, 20.0/12) || r.Max != 3 || !near(r.OfMedians, 30.0/11) || r.Better {
+		t.Errorf("intra lat smcd-attach/unix %+v", r)
+	}
+}
+
+func TestRatiosUnpaired(t *testing.T) {
+	s := []Sample{
+		{"intra-VM", "tput", "smcd-copy", 0, 300},
+		{"intra-VM", "tput", "tcp", 1, 100},
+	}
+	rs := Ratios(Aggregate(s), s)
+	if len(rs) != 1 || rs[0].Rounds != 0 || rs[0].Value != 3 || rs[0].Min != 3 || rs[0].Max != 3 {
+		t.Errorf("unpaired ratio %+v", rs)
+	}
+	// A zero denominator gives no ratio, and no Inf for the JSON.
+	s = []Sample{{"intra-VM", "tput", "smcd-copy", 0, 300}, {"intra-VM", "tput", "tcp", 0, 0}}
+	if rs := Ratios(Aggregate(s), s); len(rs) != 0 {
+		t.Errorf("ratio over 0: %+v", rs)
+	}
+}
+
+func TestLegacyTransport(t *testing.T) {
+	// Result files from before the attach/copy split name one SMC-D
+	// transport "smcd": it still gets its ratios and its column.
+	s := []Sample{
+		{"intra-VM", "tput", "unix", 0, 50},
+		{"intra-VM", "tput", "tcp", 0, 100},
+		{"intra-VM", "tput", "smcd", 0, 200},
+	}
+	r := NewReport(s)
+	if r.Cells[0].Transport != "smcd" || len(r.Ratios) != 2 || r.Ratios[0].Value != 2 || r.Ratios[1].Value != 4 {
+		t.Errorf("cells %+v ratios %+v", r.Cells, r.Ratios)
+	}
+	var b bytes.Buffer
+	r.WriteTable(&b)
+	if !strings.Contains(b.String(), "smcd  ") || !strings.Contains(b.String(), "4.00+ [4.00..4.00]") {
+		t.Errorf("table:\n%s", b.String())
 	}
 }
 
 func TestWriteTable(t *testing.T) {
 	var b bytes.Buffer
 	r := NewReport(samples())
-	r.Failures = []Failure{{"inter-VM", "http", "smcd", 4, "timeout"}}
+	r.Failures = []Failure{{"inter-VM", "http", "smcd-copy", 4, "timeout"}}
 	if err := r.WriteTable(&b); err != nil {
 		t.Fatal(err)
 	}
 	out := b.String()
 	lines := strings.Split(out, "\n")
-	if !strings.HasPrefix(lines[0], "scope") || !strings.Contains(lines[0], "smcd/tcp") || !strings.HasPrefix(lines[1], "---") {
+	if !strings.HasPrefix(lines[0], "scope") || !strings.Contains(lines[0], "vs tcp") ||
+		!strings.Contains(lines[0], "vs unix") || !strings.Contains(lines[0], "vs smcd-copy") || !strings.HasPrefix(lines[1], "---") {
 		t.Fatalf("header:\n%s", out)
 	}
-	// Scope order: inter before intra; test order within a scope.
-	tput := strings.Index(out, "inter-VM  throughput")
-	lat := strings.Index(out, "intra-VM  latency")
-	if tput < 0 || lat < 0 || tput > lat {
-		t.Fatalf("rows out of order:\n%s", out)
+	// Scope order: inter before intra; transport order within a test.
+	for _, l := range [][2]string{
+		{"inter-VM  tput  MB/s    higher  smcd-attach", "inter-VM  tput  MB/s    higher  smcd-copy"},
+		{"inter-VM  tput  MB/s    higher  tcp", "intra-VM  lat   us/RTT  lower   smcd-attach"},
+	} {
+		a, b := strings.Index(out, l[0]), strings.Index(out, l[1])
+		if a < 0 || b < 0 || a > b {
+			t.Fatalf("rows out of order (%q, %q):\n%s", l[0], l[1], out)
+		}
 	}
 	for _, want := range []string{
-		"2.50 +", // inter tput smcd/tcp, better
-		"2.00",   // intra lat smcd/tcp, worse: no mark
-		"2.73",   // intra lat smcd/unix
-		"67%",    // intra lat spread (smcd 20..40 around 30)
-		"FAILED: inter-VM http over smcd, round 4: timeout",
+		"2.50+ [2.08..3.00]!", // inter tput smcd-attach/tcp, better, tcp's spread 40%
+		"1.19+ [1.11..1.50]!", // inter tput smcd-attach/smcd-copy, ratio spread 33%
+		"2.00  [1.33..2.67]!", // intra lat smcd-attach/tcp, worse: no mark
+		"3.00  [1.67..3.64]!", // intra lat smcd-attach/unix
+		"67%!",                // intra lat smcd-attach spread (20..40 around 30)
+		"15.00     0%\n",      // intra lat tcp: no flag
+		"FAILED: inter-VM http over smcd-copy, round 4: timeout",
+		"tput32    throughput, 64000 B writes, 32 connections (sum), MB/s",
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("table lacks %q:\n%s", want, out)
 		}
 	}
-	if strings.Contains(out, "2.00 +") {
-		t.Errorf("worse latency marked better:\n%s", out)
+	// A blank line between tests, none within.
+	if !strings.Contains(out, "\n\nintra-VM  lat") || strings.Contains(out, "\n\ninter-VM  tput") {
+		t.Errorf("grouping:\n%s", out)
 	}
-	// Rows and header have the same width up to the last column.
-	if len(lines[2]) != len(lines[0]) && !strings.HasSuffix(lines[2], "%") {
-		t.Errorf("ragged rows:\n%s", out)
+	// The figure columns end in one column on every row that has them.
+	if w := len(lines[0]); w == 0 || !strings.HasSuffix(lines[2], "!") || len(lines[2]) != w {
+		t.Errorf("ragged rows (%d vs %d):\n%s", len(lines[2]), w, out)
 	}
 }
 
 func TestWriteCSV(t *testing.T) {
 	r := NewReport(samples())
 	r.Accel = "tcg"
+	r.Started = time.Date(2025, 6, 1, 12, 0, 0, 0, time.UTC)
+	r.Failures = []Failure{{"inter-VM", "http", "smcd-copy", 4, "timeout, again"}}
 	var b bytes.Buffer
 	if err := r.WriteCSV(&b); err != nil {
 		t.Fatal(err)
@@ -183,15 +260,18 @@ func TestWriteCSV(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(recs) != 6 || recs[0][0] != "accel" {
+	if len(recs) != 1+len(r.Samples)+1 {
 		t.Fatalf("csv %v", recs)
 	}
-	// inter-VM tput tcp: smcd/tcp = 250/100.
-	if got := recs[2]; got[1] != "inter-VM" || got[4] != "tcp" || got[6] != "100" || got[9] != "2.5000" {
-		t.Errorf("row %v", got)
+	if got := strings.Join(recs[0], ","); got != "started,accel,scope,test,unit,transport,round,value,error" {
+		t.Errorf("header %s", got)
 	}
-	if recs[1][9] != "" {
-		t.Errorf("smcd row has a ratio to itself: %v", recs[1])
+	// Samples in table order: inter-VM tput smcd-attach rounds 0..2 first.
+	if got := strings.Join(recs[2], ","); got != "2025-06-01T12:00:00Z,tcg,inter-VM,tput,MB/s,smcd-attach,1,200," {
+		t.Errorf("row %s", got)
+	}
+	if got := strings.Join(recs[len(recs)-1], "|"); got != "2025-06-01T12:00:00Z|tcg|inter-VM|http|req/s|smcd-copy|4||timeout, again" {
+		t.Errorf("failure row %s", got)
 	}
 }
 
