@@ -190,6 +190,9 @@ func Open(opts Options) (*Driver, error) {
 }
 
 func open(dev *pci.Device, opts Options) (*Driver, error) {
+	if err := takeOver(dev, identifyByWindow, opts.Logf); err != nil {
+		return nil, err
+	}
 	vio, err := pci.OpenVirtio(dev)
 	if err != nil {
 		return nil, err

@@ -35,7 +35,8 @@ var ErrNoUIO = errors.New("guestdriver: no uio_pci_generic for the device")
 
 // openINTx binds the device at sysfs path dev (its /sys/bus/pci/devices/
 // entry) to uio_pci_generic, unless it already is, and opens its uio node.
-// It never unbinds another driver.
+// It never unbinds another driver (Open's takeOver has taken an ISM device
+// from any other driver by then).
 func openINTx(dev, devRoot string) (*intx, error) {
 	drvRoot := filepath.Join(filepath.Dir(filepath.Dir(dev)), "drivers", uioDriver)
 	if _, err := os.Stat(drvRoot); err != nil {

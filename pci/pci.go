@@ -14,6 +14,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"sort"
@@ -138,6 +139,42 @@ func Find(root string, vendor, device uint16) ([]*Device, error) {
 		return nil, fmt.Errorf("%w: %04x:%04x under %s", ErrNotFound, vendor, device, root)
 	}
 	return out, nil
+}
+
+// Driver returns the name of the kernel driver bound to d ("virtio-pci",
+// "uio_pci_generic"), or "" if none is.
+func (d *Device) Driver() (string, error) {
+	l, err := os.Readlink(filepath.Join(d.Path, "driver"))
+	if errors.Is(err, fs.ErrNotExist) {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("pci: %s: %w", d.Addr, err)
+	}
+	return filepath.Base(l), nil
+}
+
+// Unbind detaches d from its kernel driver: it writes d's address to the
+// driver's unbind attribute. The kernel runs the driver's remove before the
+// write returns, and fails the write if the device is not bound to that
+// driver (any more).
+func (d *Device) Unbind() error {
+	if err := os.WriteFile(filepath.Join(d.Path, "driver", "unbind"), []byte(d.Addr), 0); err != nil {
+		return fmt.Errorf("pci: %s: unbind: %w", d.Addr, err)
+	}
+	return nil
+}
+
+// SetDriverOverride makes drv the only driver the kernel will bind to d
+// from now on ("" clears it). It does not touch a driver already bound.
+func (d *Device) SetDriverOverride(drv string) error {
+	if drv == "" {
+		drv = "\n"
+	}
+	if err := os.WriteFile(filepath.Join(d.Path, "driver_override"), []byte(drv), 0); err != nil {
+		return fmt.Errorf("pci: %s: driver_override: %w", d.Addr, err)
+	}
+	return nil
 }
 
 // ReadConfig reads the whole config space the kernel exposes (256 bytes, or

@@ -71,6 +71,7 @@ const (
 
 // VirtioCap is a decoded virtio vendor capability.
 type VirtioCap struct {
+	Pos    int // of the capability header in config space
 	Type   uint8
 	BAR    uint8
 	ID     uint8 // shared memory: shmid
@@ -101,7 +102,7 @@ func VirtioCaps(cfg []byte) ([]VirtioCap, error) {
 			return nil, fmt.Errorf("pci: virtio capability at %#x has length %d", c.Offset, clen)
 		}
 		d := c.Data[:clen]
-		v := VirtioCap{Type: d[3], BAR: d[4], ID: d[5], Offset: uint64(le.Uint32(d[8:])), Length: uint64(le.Uint32(d[12:]))}
+		v := VirtioCap{Pos: c.Offset, Type: d[3], BAR: d[4], ID: d[5], Offset: uint64(le.Uint32(d[8:])), Length: uint64(le.Uint32(d[12:]))}
 		switch v.Type {
 		case CapNotifyCfg:
 			if clen < virtioNotifyCapLn {

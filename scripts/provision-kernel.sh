@@ -2,16 +2,18 @@
 # Provides a guest kernel at $CACHE/kernel/vmlinuz plus the modules the image
 # needs ($CACHE/kernel/modules/lib/modules/<ver>/...) with their modules.dep.
 # Debian bookworm's 6.1 kernel: CONFIG_VIRTIO_PCI=m, so nothing binds the ISM
-# device and the userspace driver can own it.
+# device until virtio_pci is loaded (for the guests' virtio-net NIC); then the
+# userspace driver takes the device back (guestdriver/takeover.go).
 set -euo pipefail
 
 CACHE=${ISM_CACHE:-$(cd "$(dirname "$0")/.." && pwd)/.cache}
 DIR=$CACHE/kernel
 STAMP=$DIR/.stamp
-# Modules for the guest network (e1000), for the ISM driver's interrupts
-# (uio_pci_generic) and, for tests that want the kernel to own the device,
-# virtio_pci. Dependencies are added from modules.dep.
-MODULES=${ISM_KERNEL_MODULES:-"e1000 uio_pci_generic virtio_pci"}
+# Modules for the guest network (virtio_net over virtio_pci, the default NIC;
+# e1000 for VMs that ask for one) and for the ISM driver's interrupts
+# (uio_pci_generic). Dependencies (virtio_net: net_failover, failover,
+# virtio, virtio_ring) are added from each module's .modinfo.
+MODULES=${ISM_KERNEL_MODULES:-"e1000 uio_pci_generic virtio_pci virtio_net"}
 
 # The stamp names the module list, so a changed list provisions again.
 if [ -f "$STAMP" ] && [ -f "$DIR/vmlinuz" ] && [ "$(cat "$STAMP")" = "$MODULES" ]; then

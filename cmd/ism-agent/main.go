@@ -13,7 +13,7 @@
 //
 //	ism.scenario=<name>     scenario to run (required)
 //	ism.timeout=<dur>       watchdog for the whole run (default 120s; "90" = 90s)
-//	ism.ip=<addr/len>       configure eth0 (loads e1000 if needed) and bring it up
+//	ism.ip=<addr/len>       configure eth0 (loads the NIC's driver if needed: virtio_net or e1000) and bring it up
 //	ism.dev=<ifname>        interface for ism.ip (default eth0)
 //	ism.modules=<a,b>       extra kernel modules to load first (e.g. virtio_pci)
 //	ism.wait_peer=<ip>      wait until ip answers ICMP before the scenario

@@ -160,6 +160,7 @@ func reportConfig(e *Env, d *guestdriver.Driver) {
 	e.Result("chid", fmt.Sprintf("%#x", d.CHID()))
 	e.Result("config", fmt.Sprintf("version=%d modes=%#x max_dmbs=%d max_dmb_size=%d max_move_len=%d shm_size=%d queue_size=%d",
 		c.Version, c.Modes, c.MaxDMBs, c.MaxDMBSize, c.MaxMoveLen, c.ShmSize, c.QueueSize))
+	e.Result("interrupts", d.Interrupts())
 }
 
 func ismProbe(e *Env) error {

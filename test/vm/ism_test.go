@@ -58,6 +58,32 @@ func TestISMProbe(t *testing.T) {
 	}
 }
 
+// TestISMProbeFromVirtioPCI: with virtio_pci loaded before the driver runs
+// (as for a virtio-net NIC), the kernel has bound the ISM device; the driver
+// must identify it without mapping its BARs, unbind it, log that once, and
+// then work as usual: on interrupts through uio_pci_generic (auto), or
+// polling with the device unbound (poll).
+func TestISMProbeFromVirtioPCI(t *testing.T) {
+	for _, wait := range []string{"auto", "poll"} {
+		t.Run(wait, func(t *testing.T) {
+			r, _, socks := ismFabric(t)
+			vm := ismVM(r, "a", "ism-probe", socks["a"], 2*time.Minute, map[string]string{"modules": "virtio_pci", "wait": wait})
+			o := vm.RequireOK(0)
+			if o.Results["gid"] != gidA || o.Results["query_self"] != "OK" {
+				t.Fatalf("gid %q query_self %q", o.Results["gid"], o.Results["query_self"])
+			}
+			if want := fmt.Sprint(wait == "auto"); o.Results["interrupts"] != want {
+				t.Errorf("interrupts=%q, want %s", o.Results["interrupts"], want)
+			}
+			// ism-probe opens the device twice: the second time it is no
+			// longer virtio_pci's.
+			if n := strings.Count(vm.Serial(), "ISM device was bound to kernel driver virtio-pci"); n != 1 {
+				t.Errorf("%d takeover log lines, want 1:\n%s", n, vm.Serial())
+			}
+		})
+	}
+}
+
 // TestISMTransfer: A registers a DMB for B; B MOVEs 16 MiB of a seeded
 // pattern into it in signalled chunks; both SHA-256s must match. Meanwhile a
 // third VM C tries a forged token and A's real token: both refused.

@@ -10,7 +10,9 @@ import (
 )
 
 // SMC-D end to end: the userspace stack in real guests, over the real
-// backend, with the CLC handshake on an e1000 link between the guests.
+// backend, with the CLC handshake on a virtio-net link between the guests
+// (the harness's default NIC; the guests' virtio_pci binds the ISM device
+// first and the driver takes it back).
 
 const smcBytes = 64 << 20
 

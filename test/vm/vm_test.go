@@ -29,23 +29,34 @@ func TestHello(t *testing.T) {
 	}
 }
 
-// TestNetPing links two guests with an e1000 over a 127.0.0.1 stream and has
-// each ping the other and meet it over TCP.
+// TestNetPing links two guests over a 127.0.0.1 stream, with each NIC model
+// the harness offers (virtio-net, the default, and e1000), and has each ping
+// the other and meet it over TCP.
 func TestNetPing(t *testing.T) {
-	r := vmharness.New(t)
-	srv, cli := r.NetPair()
-	a := r.StartVM(vmharness.VMConfig{Name: "a", Scenario: "net-ping", Net: &srv, Timeout: 90 * time.Second,
-		Args: map[string]string{"ip": "169.254.7.1/24", "peer": "169.254.7.2"}})
-	b := r.StartVM(vmharness.VMConfig{Name: "b", Scenario: "net-ping", Net: &cli, Timeout: 90 * time.Second,
-		Args: map[string]string{"ip": "169.254.7.2/24", "peer": "169.254.7.1", "wait_peer": "169.254.7.1"}})
-	start := time.Now()
-	oa := a.RequireOK(0)
-	ob := b.RequireOK(0)
-	t.Logf("two guests done in %.1fs", time.Since(start).Seconds())
-	for _, o := range []vmharness.Outcome{oa, ob} {
-		if o.Results["ping_rtt_us"] == "" {
-			t.Errorf("no ping_rtt_us in %v", o.Results)
-		}
+	// The guest reports the driver behind its interface.
+	for _, nic := range []struct{ model, driver string }{{vmharness.NICVirtio, "virtio_net"}, {vmharness.NICE1000, "e1000"}} {
+		model, driver := nic.model, nic.driver
+		t.Run(model, func(t *testing.T) {
+			r := vmharness.New(t)
+			srv, cli := r.NetPair()
+			srv.Model, cli.Model = model, model
+			a := r.StartVM(vmharness.VMConfig{Name: "a", Scenario: "net-ping", Net: &srv, Timeout: 90 * time.Second,
+				Args: map[string]string{"ip": "169.254.7.1/24", "peer": "169.254.7.2"}})
+			b := r.StartVM(vmharness.VMConfig{Name: "b", Scenario: "net-ping", Net: &cli, Timeout: 90 * time.Second,
+				Args: map[string]string{"ip": "169.254.7.2/24", "peer": "169.254.7.1", "wait_peer": "169.254.7.1"}})
+			start := time.Now()
+			oa := a.RequireOK(0)
+			ob := b.RequireOK(0)
+			t.Logf("two guests done in %.1fs", time.Since(start).Seconds())
+			for _, o := range []vmharness.Outcome{oa, ob} {
+				if o.Results["ping_rtt_us"] == "" {
+					t.Errorf("no ping_rtt_us in %v", o.Results)
+				}
+				if o.Results["nic"] != driver {
+					t.Errorf("guest's NIC driver %q, want %s", o.Results["nic"], driver)
+				}
+			}
+		})
 	}
 }
 

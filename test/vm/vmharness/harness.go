@@ -534,12 +534,31 @@ type ISMDevice struct {
 	VQSize     int    // ring size, default 256 (as ism-backend -print-qemu; QEMU's own default is 64)
 }
 
-// NetEnd is one side of a guest network link between two QEMUs: an e1000 on
-// a -netdev stream over 127.0.0.1. Get both ends from NetPair.
+// NetEnd is one side of a guest network link between two QEMUs: a NIC
+// (virtio-net by default) on a -netdev stream over 127.0.0.1. Get both ends
+// from NetPair.
 type NetEnd struct {
 	Port   int
 	Server bool
 	MAC    string
+	// Model is the QEMU NIC device: NICVirtio ("" means it too) or
+	// NICE1000. The guest agent loads the driver for whichever it finds.
+	Model string
+}
+
+// NIC models for NetEnd.Model.
+const (
+	// NICVirtio is virtio-net, what guests under KVM normally have.
+	NICVirtio = "virtio-net-pci"
+	// NICE1000 is the emulated Intel 82540EM.
+	NICE1000 = "e1000"
+)
+
+func (n NetEnd) model() string {
+	if n.Model == "" {
+		return NICVirtio
+	}
+	return n.Model
 }
 
 // NetPair returns the two ends of a link on a free 127.0.0.1 port. Start the
@@ -667,7 +686,7 @@ func (r *Run) qemuArgs(c VMConfig, serial, qmpSock, control string) []string {
 		}
 		a = append(a,
 			"-netdev", fmt.Sprintf("stream,id=n0,server=%s,addr.type=inet,addr.host=127.0.0.1,addr.port=%d", srv, n.Port),
-			"-device", "e1000,netdev=n0,mac="+n.MAC)
+			"-device", n.model()+",netdev=n0,mac="+n.MAC)
 	}
 	return append(a, c.ExtraArgs...)
 }

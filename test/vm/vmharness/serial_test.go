@@ -49,6 +49,15 @@ func TestQEMUArgs(t *testing.T) {
 	if !has(two, "-smp", "2") || !has(two, "-chardev", "socket,id=ctl0,path=/d/a.ctl,server=on,wait=off", "-serial", "chardev:ctl0") {
 		t.Errorf("CPUs 2 with control: %q", two)
 	}
+	srv, cli := NetEnd{Port: 4000, Server: true, MAC: "52:54:00:00:00:01"}, NetEnd{Port: 4000, MAC: "52:54:00:00:00:02", Model: NICE1000}
+	a := r.qemuArgs(VMConfig{MemMB: 512, Net: &srv}, "s", "q", "")
+	if !has(a, "-netdev", "stream,id=n0,server=on,addr.type=inet,addr.host=127.0.0.1,addr.port=4000", "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01") {
+		t.Errorf("default NIC: %q", a)
+	}
+	b := r.qemuArgs(VMConfig{MemMB: 512, Net: &cli}, "s", "q", "")
+	if !has(b, "-netdev", "stream,id=n0,server=off,addr.type=inet,addr.host=127.0.0.1,addr.port=4000", "-device", "e1000,netdev=n0,mac=52:54:00:00:00:02") {
+		t.Errorf("e1000: %q", b)
+	}
 }
 
 func TestScaled(t *testing.T) {
