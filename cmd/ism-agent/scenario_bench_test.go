@@ -25,7 +25,7 @@ func testEnv(t *testing.T, args map[string]string) *Env {
 // on the in-process loopback device, in attach mode and copy-only) and
 // checks that each reports a figure, the latency its percentiles too.
 func TestBenchLocal(t *testing.T) {
-	e := testEnv(t, map[string]string{"dur": "100ms", "rounds": "2", "conns": "4"})
+	e := testEnv(t, map[string]string{"dur": "300ms", "rounds": "2", "conns": "32"})
 	transports := []string{tSMCAttach, tSMCCopy, tTCP, tUnix}
 	c, err := benchConfigOf(e, strings.Join(transports, ","))
 	if err != nil {
@@ -44,7 +44,7 @@ func TestBenchLocal(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, test := range append(benchTests, "lat_p99", "lat_p999") {
+	for _, test := range append(benchTests, "lat_p99", "lat_p999", "http_p99") {
 		for _, tr := range transports {
 			for r := range 2 {
 				s, ok := got[benchSample{test: test, transport: tr, round: r}.key()]

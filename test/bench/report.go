@@ -42,7 +42,8 @@ func (t Test) Better() string {
 }
 
 // Tests in table order. lat, lat_p99 and lat_p999 are percentiles of one
-// ping-pong run; msgrate counts the round trips of another.
+// ping-pong run; msgrate counts the round trips of another; http_p99 is the
+// request latency of the http run.
 var Tests = []Test{
 	{Name: "tput", Title: "throughput, 64000 B writes, 1 connection", Short: "tput 1 conn", Unit: "MB/s"},
 	{Name: "tput32", Title: "throughput, 64000 B writes, 32 connections (sum)", Short: "tput 32 conns", Unit: "MB/s"},
@@ -51,6 +52,7 @@ var Tests = []Test{
 	{Name: "lat_p999", Title: "latency p99.9, 14 B ping-pong", Short: "lat p99.9", Unit: "us/RTT", LowerIsBetter: true},
 	{Name: "msgrate", Title: "message rate, 100 B ping-pong", Short: "msgrate 100 B", Unit: "RTT/s"},
 	{Name: "http", Title: "HTTP keep-alive, 32 connections", Short: "HTTP 32 conns", Unit: "req/s"},
+	{Name: "http_p99", Title: "HTTP request latency p99, 32 connections", Short: "HTTP p99", Unit: "us/req", LowerIsBetter: true},
 }
 
 // Scopes in table order: two guests, one guest.
