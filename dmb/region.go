@@ -14,8 +14,9 @@ import (
 // first-fit over a sorted free list; DMBs are at most 1 MiB and a region
 // holds a few thousand, so nothing cleverer is needed.
 type RegionAllocator struct {
-	align uint64
-	size  uint64
+	align     uint64
+	size      uint64
+	maxRanges int // 0: no limit
 
 	mu   sync.Mutex
 	free []extent          // sorted by off, never adjacent (coalesced)
@@ -41,6 +42,12 @@ func NewRegionAllocator(size, align uint64) (*RegionAllocator, error) {
 	return a, nil
 }
 
+// LimitRanges makes Alloc refuse (abi.StatusNoSpace) once n ranges are
+// allocated: each range is a mapping the front-end must also put into the
+// memory table it shares with the back-end, whose slots are few. Call it
+// before the first Alloc.
+func (a *RegionAllocator) LimitRanges(n int) { a.maxRanges = n }
+
 // Alloc reserves n bytes (rounded up to the alignment) and returns their
 // offset; abi.StatusNoSpace if no free range is large enough, abi.StatusRange
 // if n is 0 or so large that rounding it wraps.
@@ -51,6 +58,9 @@ func (a *RegionAllocator) Alloc(n uint64) (uint64, error) {
 	n = (n + a.align - 1) &^ (a.align - 1)
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	if a.maxRanges > 0 && len(a.used) >= a.maxRanges {
+		return 0, abi.StatusNoSpace
+	}
 	for i, e := range a.free {
 		if e.n < n {
 			continue

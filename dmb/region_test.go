@@ -158,3 +158,27 @@ func TestRegionAllocatorFragmentation(t *testing.T) {
 		t.Fatalf("whole region: %d %v", off, err)
 	}
 }
+
+func TestRegionRangeLimit(t *testing.T) {
+	a, err := NewRegionAllocator(1<<20, 4096)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.LimitRanges(2)
+	x, err := a.Alloc(4096)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Alloc(4096); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Alloc(4096); err != abi.StatusNoSpace {
+		t.Fatalf("third range of a 2-range region: %v", err)
+	}
+	if err := a.Free(x); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Alloc(4096); err != nil {
+		t.Fatalf("after a free: %v", err)
+	}
+}

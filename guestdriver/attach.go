@@ -293,3 +293,28 @@ func (d *Driver) unregisterShared(m *DMB) {
 	}
 	s.mu.Unlock()
 }
+
+// releaseShared detaches every attachment and unregisters every
+// attach-mode DMB still held, so that the device has unmapped them all
+// (DETACH and UNREGISTER answer after their unmaps) before Close resets
+// it: QEMU 11.1.3 crashed on a SHMEM_UNMAP that met the reset.
+func (d *Driver) releaseShared() {
+	d.shm.mu.RLock()
+	atts := make([]*Attachment, 0, len(d.shm.attached))
+	for _, a := range d.shm.attached {
+		atts = append(atts, a)
+	}
+	d.shm.mu.RUnlock()
+	for _, a := range atts {
+		if err := a.Detach(); err != nil {
+			d.opts.Logf("guestdriver: closing: detach %#x: %v", a.token, err)
+		}
+	}
+	for i := range d.dmbs {
+		if m := d.dmbs[i].Load(); m != nil && m.shared != nil && !m.dead.Load() {
+			if err := d.UnregisterDMB(m); err != nil {
+				d.opts.Logf("guestdriver: closing: unregister %#x: %v", m.Token(), err)
+			}
+		}
+	}
+}

@@ -343,3 +343,28 @@ func TestRegisterFallsBackToCopyWhenRegionFull(t *testing.T) {
 		t.Fatalf("copy-mode register with attach mode offered: %v, shared %v", err, c != nil && c.Shared())
 	}
 }
+
+// Close detaches and unregisters attach-mode mappings before it resets the
+// device, so that no unmap of the region is in flight at the reset.
+func TestCloseReleasesMappings(t *testing.T) {
+	d, r := newFakeAttach(t)
+	m, err := d.RegisterDMB(4096, d.GID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.Attach(m.Token()); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	r.f.serveLock.Lock()
+	left := len(r.dmbs)
+	r.f.serveLock.Unlock()
+	if left != 0 {
+		t.Fatalf("%d attach-mode DMBs left registered after Close", left)
+	}
+	if _, err := m.d.Attach(m.Token()); !errors.Is(err, ErrClosed) {
+		t.Fatalf("attach after Close: %v", err)
+	}
+}

@@ -573,6 +573,9 @@ func (d *Driver) stopPoller() {
 // and stops the poller. DMA memory is returned only when no DMB or Buffer
 // is still held, so stale slices never point at unmapped memory.
 func (d *Driver) Close() error {
+	if d.shm != nil && d.usable() == nil {
+		d.releaseShared()
+	}
 	if !d.closed.CompareAndSwap(false, true) {
 		return ErrClosed
 	}

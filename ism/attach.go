@@ -41,6 +41,23 @@ type DeviceConfig struct {
 	MaxMapped  uint64
 }
 
+// MaxMappings bounds the mappings in one device's region (own attach-mode
+// DMBs and attachments; NOSPACE beyond, and the driver falls back to copy
+// mode). QEMU puts every mapping into the memory table it shares with the
+// back-end (ADD_MEM_REG), whose slots vhostuser.MaxMemSlots bounds; guest
+// RAM takes a few of them.
+const MaxMappings = 448
+
+// newRegion is a device's region allocator with the MaxMappings limit.
+func newRegion(size uint64) (*dmb.RegionAllocator, error) {
+	r, err := dmb.NewRegionAllocator(size, abi.ShmPage)
+	if err != nil {
+		return nil, err
+	}
+	r.LimitRanges(MaxMappings)
+	return r, nil
+}
+
 // attachment is one mapping of an attach-mode DMB in a device's region:
 // its owner's (from REGISTER_DMB) or an attacher's (ATTACH_DMB).
 type attachment struct {

@@ -414,3 +414,18 @@ func TestAttachMaxMapped(t *testing.T) {
 		t.Fatal("a new DMB is not zeroed")
 	}
 }
+
+// TestAttachMaxMappings: a device holds at most MaxMappings mappings (each
+// is a memory-table slot in QEMU); beyond, REGISTER and ATTACH say NOSPACE.
+func TestAttachMaxMappings(t *testing.T) {
+	f := newFabric()
+	a := newAttachGuest(t, f, "a", 0xA, both)
+	for i := range MaxMappings {
+		registerAttach(t, a, 4096, 0xA, uint32(i))
+	}
+	do(t, a.dev, abi.Request{Op: abi.OpRegisterDMB, Flags: abi.FlagAttach, Len: 4096, GID: 0xA, Index: MaxMappings}, nil, abi.StatusNoSpace)
+	// Attaching a peer's DMB needs a mapping too.
+	b := newAttachGuest(t, f, "b", 0xB, both)
+	tok, _ := registerAttach(t, b, 4096, 0xA, 0)
+	attach(t, a, tok, abi.StatusNoSpace)
+}

@@ -601,7 +601,7 @@ func (d *Device) dropAttachLocked(old map[uint64]*dmbEntry, gone bool) ([]*attac
 	}
 	st := attachState{gen: d.att.gen + 1}
 	if !gone && d.attachOffered() {
-		st.region, _ = dmb.NewRegionAllocator(d.att.region.Size(), abi.ShmPage)
+		st.region, _ = newRegion(d.att.region.Size())
 		st.attached = make(map[uint64]*attachment)
 	}
 	d.att = st

@@ -204,7 +204,7 @@ func (f *Fabric) ConnectDevice(name string, gid uint64, mem Memory, n Notifier, 
 		if cfg.Mapper == nil || cfg.RegionSize < abi.ShmPage || cfg.RegionSize > MaxRegionSize {
 			return nil, errors.New("ism: attach mode needs a Mapper and a region of 4 KiB to 16 TiB")
 		}
-		region, err := dmb.NewRegionAllocator(cfg.RegionSize, abi.ShmPage)
+		region, err := newRegion(cfg.RegionSize)
 		if err != nil {
 			return nil, err
 		}

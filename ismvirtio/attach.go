@@ -35,6 +35,12 @@ import (
 //   - Unmaps (DETACH_DMB, UNREGISTER_DMB, a peer gone) are queued to the
 //     worker from any goroutine and carried out in order after the request
 //     it may be serving, so a revoked attach is unmapped after its map.
+//   - DETACH_DMB and UNREGISTER_DMB go to the worker too, which carries out
+//     every unmap queued so far (the request's own, and revocations of this
+//     device's attachments by peers) before it answers. A driver that has
+//     closed its connections and then resets the device has no unmap of
+//     its region in flight: QEMU 11.1.3 crashed on a SHMEM_UNMAP that met
+//     the reset, as it does on a map to a stopped device.
 //   - Stop marks the session stopped under the memory write lock. From then
 //     on the worker sends no SHMEM_MAP/UNMAP (QEMU 11.1.3 crashes on a map
 //     to a stopped device, and it dropped the mappings itself), completes
@@ -84,18 +90,7 @@ func (s *session) run() {
 	// memory file) must close this VM's connection, not end the process.
 	debug.SetPanicOnFault(true)
 	for range s.wake {
-		for {
-			s.mu.Lock()
-			if len(s.jobs) == 0 {
-				s.mu.Unlock()
-				break
-			}
-			job := s.jobs[0]
-			s.jobs[0] = nil
-			s.jobs = s.jobs[1:]
-			s.mu.Unlock()
-			s.runJob(job)
-		}
+		s.drain()
 		if s.stopped.Load() {
 			s.mu.Lock()
 			idle := len(s.jobs) == 0
@@ -104,6 +99,24 @@ func (s *session) run() {
 				return
 			}
 		}
+	}
+}
+
+// drain carries out the jobs queued so far, in order. Inside a job it runs
+// the unmaps a DETACH or UNREGISTER (or a peer) queued before it answers;
+// no request job can be among them, since the queue waits for this one.
+func (s *session) drain() {
+	for {
+		s.mu.Lock()
+		if len(s.jobs) == 0 {
+			s.mu.Unlock()
+			return
+		}
+		job := s.jobs[0]
+		s.jobs[0] = nil
+		s.jobs = s.jobs[1:]
+		s.mu.Unlock()
+		s.runJob(job)
 	}
 }
 
@@ -159,11 +172,12 @@ func (b *Backend) asyncBusy() bool {
 	return b.async
 }
 
-// mapsMemory reports whether chain c is a request that waits for a map
-// (attach-mode REGISTER_DMB, ATTACH_DMB), and decodes it. A chain that
+// waitsForFrontEnd reports whether chain c is a request whose answer waits
+// for the front-end (attach-mode REGISTER_DMB and ATTACH_DMB for a map,
+// DETACH_DMB and UNREGISTER_DMB for unmaps), and decodes it. A chain that
 // cannot be one (short, no room for the response, data after the header)
 // is left to serve, which refuses it.
-func (b *Backend) mapsMemory(c *vhostuser.Chain) (abi.Request, bool) {
+func (b *Backend) waitsForFrontEnd(c *vhostuser.Chain) (abi.Request, bool) {
 	if b.sess == nil || c.WritableLen() < abi.ResponseSize || c.ReadableLen() != abi.RequestSize {
 		return abi.Request{}, false
 	}
@@ -171,7 +185,9 @@ func (b *Backend) mapsMemory(c *vhostuser.Chain) (abi.Request, bool) {
 		return abi.Request{}, false
 	}
 	req, _ := abi.DecodeRequest(b.hdr[:])
-	if req.Op == abi.OpAttachDMB || req.Op == abi.OpRegisterDMB && req.Flags&abi.FlagAttach != 0 {
+	switch {
+	case req.Op == abi.OpAttachDMB, req.Op == abi.OpDetachDMB, req.Op == abi.OpUnregisterDMB,
+		req.Op == abi.OpRegisterDMB && req.Flags&abi.FlagAttach != 0:
 		return req, true
 	}
 	return abi.Request{}, false
@@ -186,6 +202,9 @@ func (b *Backend) startAsync(q *vhostuser.Queue, head uint16, req abi.Request) {
 	b.asyncMu.Unlock()
 	s.enqueue(func() {
 		resp := dev.Handle(req, nil)
+		if req.Op == abi.OpDetachDMB || req.Op == abi.OpUnregisterDMB {
+			s.drain()
+		}
 		s.vdev.WithMemoryLock(func() {
 			if s.stopped.Load() {
 				return // the rings are gone; Stop cleared async

@@ -1,6 +1,7 @@
 package ismvirtio
 
 import (
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -286,5 +287,55 @@ func TestAttachStopDuringMap(t *testing.T) {
 	}
 	if st := s.fabric.Stats(); st.AttachDMBs != 0 || st.DMBs != 0 {
 		t.Fatalf("stats %+v", st)
+	}
+}
+
+// TestDetachAnswersAfterUnmap: DETACH_DMB and UNREGISTER_DMB are answered
+// only once the front-end has unmapped the caller's mappings, so that a
+// driver resetting right after never meets an unmap in flight (QEMU 11.1.3
+// crashed on that). The front-end holds its UNMAP reply for a while: an
+// answer that arrives meanwhile was sent before the unmap was done.
+func TestDetachAnswersAfterUnmap(t *testing.T) {
+	s := newFabricServer(t, map[string]uint64{"a": gidA, "b": gidB})
+	a, b := s.connect("a"), s.connect("b")
+	tokA, _ := a.registerAttach(4096, gidB, 1)
+	a.wantShmem(mapReq(0, 4096))
+	if r := b.attach(tokA); r.Status != abi.StatusOK {
+		t.Fatalf("ATTACH: %v", r.Status)
+	}
+	b.wantShmem(mapReq(0, 4096))
+
+	var answered atomic.Bool
+	early := make(chan bool, 2)
+	hold := func(f *fe.Frontend, r fe.ShmemRequest) error {
+		if r.Request == vhostuser.BackendReqShmemUnmap {
+			deadline := time.Now().Add(200 * time.Millisecond)
+			for time.Now().Before(deadline) && !answered.Load() {
+				time.Sleep(time.Millisecond)
+			}
+			early <- answered.Load()
+		}
+		return nil
+	}
+	for _, tc := range []struct {
+		g   *guest
+		req abi.Request
+	}{
+		{b, abi.Request{Op: abi.OpDetachDMB, Token: tokA}},
+		{a, abi.Request{Op: abi.OpUnregisterDMB, Token: tokA}},
+	} {
+		answered.Store(false)
+		tc.g.fe.SetBeforeShmemReply(hold)
+		done := make(chan abi.Status, 1)
+		go func() { done <- tc.g.do(tc.req, nil).Status; answered.Store(true) }()
+		if st := <-done; st != abi.StatusOK {
+			t.Fatalf("%v: %v", tc.req.Op, st)
+		}
+		if <-early {
+			t.Fatalf("%v answered before the front-end had unmapped", tc.req.Op)
+		}
+		if n := tc.g.fe.ShmemMapped(); n != 0 {
+			t.Fatalf("%v answered with %d mappings left", tc.req.Op, n)
+		}
 	}
 }

@@ -269,7 +269,7 @@ func (b *Backend) serveRequests(q *vhostuser.Queue) {
 		if !ok {
 			break
 		}
-		if req, ok := b.mapsMemory(c); ok {
+		if req, ok := b.waitsForFrontEnd(c); ok {
 			q.Notify() // before the worker may touch the queue
 			b.startAsync(q, c.Head, req)
 			return

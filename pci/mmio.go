@@ -72,7 +72,7 @@ func (m *MMIO) Window(off, n uint64) (*MMIO, error) {
 
 // Unmap releases a mapping made by MapBAR. Windows of it become invalid.
 func (m *MMIO) Unmap() error {
-	if m.base == nil {
+	if m == nil || m.base == nil {
 		return nil
 	}
 	err := unix.Munmap(m.base)

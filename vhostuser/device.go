@@ -14,8 +14,10 @@ import (
 )
 
 // MaxMemSlots is what GET_MAX_MEM_SLOTS answers: the most regions a memory
-// table may have with ADD_MEM_REG.
-const MaxMemSlots = 32
+// table may have with ADD_MEM_REG. QEMU (VHOST_USER_MAX_RAM_SLOTS, 512 for
+// x86 in 11.1) adds every SHMEM_MAP mapping as a region of its own besides
+// guest RAM, so attach mode needs many; each costs the back-end one mmap.
+const MaxMemSlots = 512
 
 // maxQueues bounds Backend.NumQueues (vring fd messages carry an 8-bit index).
 const maxQueues = 256
