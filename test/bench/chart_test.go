@@ -160,8 +160,8 @@ func TestRenderChart(t *testing.T) {
 		`<g id="panel-inter-VM">`, `<g id="panel-intra-VM">`,
 		"above 1 = SMC-D better", "tcp/smcd", "smcd-attach", "smcd-copy",
 		"10 measurements failed", // intra-VM http smcd-copy, every round
-		"n/a",                   // and so no bar there
-		"*</text>",              // the noisy intra-VM lat_p999 smcd-attach
+		"n/a",                    // and so no bar there
+		"*</text>",               // the noisy intra-VM lat_p999 smcd-attach
 		"QEMU emulator version 9.2.0",
 	} {
 		if !strings.Contains(out, want) {
