@@ -75,6 +75,13 @@ type Device struct {
 	mem    *Memory
 	queues []*Queue
 
+	// memChanged is closed and replaced whenever mem is (guarded by
+	// memChangedMu); mapsUnseen is set once the front-end failed to show
+	// a SHMEM_MAP in its memory table, after which ShmemMap stops waiting.
+	memChangedMu sync.Mutex
+	memChanged   chan struct{}
+	mapsUnseen   atomic.Bool
+
 	started atomic.Bool
 
 	runMu   sync.Mutex
@@ -175,7 +182,60 @@ func (d *Device) ShmemMap(shmid uint8, fd int, fdOffset, shmOffset, length uint6
 	if writable {
 		flags = 1
 	}
-	return d.backendRequest(BackendReqShmemMap, shmemPayload(shmid, fdOffset, shmOffset, length, flags), []int{fd})
+	file, haveKey := fileKeyOf(fd)
+	var before int
+	if haveKey {
+		before, _ = d.memFileRegions(file)
+	}
+	if err := d.backendRequest(BackendReqShmemMap, shmemPayload(shmid, fdOffset, shmOffset, length, flags), []int{fd}); err != nil {
+		return err
+	}
+	if haveKey && !d.mapsUnseen.Load() {
+		d.awaitMapVisible(file, before)
+	}
+	return nil
+}
+
+// MapVisibleTimeout bounds ShmemMap's wait for the front-end's memory table
+// to show a new mapping; QEMU 11.1.3 shows it within about a millisecond.
+var MapVisibleTimeout = 10 * time.Second
+
+// awaitMapVisible waits until the memory table holds more regions of file
+// than before the map: the front-end has put the mapping into the guest's
+// address space. QEMU 11.1.3 answers SHMEM_MAP before it commits the
+// mapping (seen on every map: the ADD_MEM_REG of the mapping came 0.1-1.2 ms
+// after the reply), and a guest told about the mapping at the reply wrote
+// into a range that was not yet its DMB: the first bytes of a connection
+// were lost. The commit also has TCG flush the vCPUs' TLBs (its listener
+// runs before vhost's). A front-end that never shows its mappings costs
+// one MapVisibleTimeout, logged, and no waiting after that.
+func (d *Device) awaitMapVisible(file fileKey, before int) {
+	timeout := time.NewTimer(MapVisibleTimeout)
+	defer timeout.Stop()
+	for {
+		n, changed := d.memFileRegions(file)
+		if n > before {
+			return
+		}
+		select {
+		case <-changed:
+		case <-timeout.C:
+			d.mapsUnseen.Store(true)
+			d.log.Warnf("the front-end showed no memory-table region for a SHMEM_MAP within %v: not waiting for them any more (the guest may see new mappings late)", MapVisibleTimeout)
+			return
+		}
+	}
+}
+
+// memFileRegions counts the regions of the memory table backed by file,
+// and returns the channel closed at the table's next change.
+func (d *Device) memFileRegions(file fileKey) (int, <-chan struct{}) {
+	d.memChangedMu.Lock()
+	defer d.memChangedMu.Unlock()
+	if d.memChanged == nil {
+		d.memChanged = make(chan struct{})
+	}
+	return d.mem.regionsOf(file), d.memChanged
 }
 
 // ShmemUnmap asks the front-end to unmap [shmOffset, shmOffset+length) of

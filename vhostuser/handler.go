@@ -504,7 +504,13 @@ func (d *Device) remMemReg(b []byte) error {
 func (d *Device) swapMemory(next *Memory) {
 	d.lock(func() {
 		old := d.mem
+		d.memChangedMu.Lock()
 		d.mem = next
+		if d.memChanged != nil {
+			close(d.memChanged)
+		}
+		d.memChanged = make(chan struct{})
+		d.memChangedMu.Unlock()
 		for _, q := range d.queues {
 			if err := q.translate(next); err != nil {
 				d.log.WithError(err).Warn("ring does not translate in the new memory table")

@@ -23,6 +23,31 @@ type MemoryRegion struct {
 	host   []byte // exactly Size bytes, starting at GuestPhysAddr
 	mapped []byte // what mmap returned (page-aligned), for munmap
 	fd     int
+	file   fileKey // the file behind fd (ShmemMap matches its own fds by it)
+}
+
+// fileKey identifies an open file whatever fd refers to it: the memfd a
+// SHMEM_MAP passes comes back, as another fd, in the front-end's memory
+// table once the mapping is in the guest's address space.
+type fileKey struct{ dev, ino uint64 }
+
+func fileKeyOf(fd int) (fileKey, bool) {
+	var st unix.Stat_t
+	if unix.Fstat(fd, &st) != nil {
+		return fileKey{}, false
+	}
+	return fileKey{uint64(st.Dev), st.Ino}, true
+}
+
+// regionsOf counts the regions of m backed by file k.
+func (m *Memory) regionsOf(k fileKey) int {
+	n := 0
+	for _, r := range m.Regions() {
+		if r.file == k {
+			n++
+		}
+	}
+	return n
 }
 
 // Host returns the back-end's view of the whole region.
@@ -63,7 +88,11 @@ func mapRegion(r MemoryRegion, fd int) (*MemoryRegion, error) {
 	// region its file cannot back (memfd, shm and hugetlbfs files are
 	// regular files with a size).
 	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err == nil && st.Mode&unix.S_IFMT == unix.S_IFREG &&
+	err := unix.Fstat(fd, &st)
+	if err == nil {
+		r.file = fileKey{uint64(st.Dev), st.Ino}
+	}
+	if err == nil && st.Mode&unix.S_IFMT == unix.S_IFREG &&
 		(st.Size < 0 || uint64(st.Size) < r.MmapOffset || uint64(st.Size)-r.MmapOffset < r.Size) {
 		return fail(fmt.Errorf("vhost-user: memory region %#x+%#x at offset %#x beyond its file of %#x bytes",
 			r.GuestPhysAddr, r.Size, r.MmapOffset, st.Size))

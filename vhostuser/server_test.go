@@ -686,6 +686,11 @@ func testShmemInterleaved(t *testing.T, slots bool) {
 		t.Fatal(err)
 	}
 	defer bar.Close()
+	// This test's hook is the table change (a region of its own, before
+	// the reply); the front-end must not add the mapping's region too.
+	f.HideShmemMaps = true
+	defer func(d time.Duration) { vhostuser.MapVisibleTimeout = d }(vhostuser.MapVisibleTimeout)
+	vhostuser.MapVisibleTimeout = 50 * time.Millisecond
 	f.BeforeShmemReply = func(f *vhostusertest.Frontend, r vhostusertest.ShmemRequest) error {
 		switch {
 		case slots && r.Request == vhostuser.BackendReqShmemMap:
@@ -1080,4 +1085,35 @@ func TestShrunkGuestMemoryClosesOnlyThatConnection(t *testing.T) {
 		t.Fatal("connection not closed after the fault")
 	}
 	echo(t, fb, 0, 64, false)
+}
+
+// QEMU 11.1.3 answers SHMEM_MAP before it commits the mapping into the
+// guest's address space (the ADD_MEM_REG of the mapping follows the reply),
+// as the test front-end does. ShmemMap returns only once the memory table
+// shows the mapping, so that the guest, told at once, finds its memory there.
+func TestShmemMapWaitsUntilVisible(t *testing.T) {
+	e, path := shmemEnv(t)
+	f := dial(t, path, newMem(t))
+	if err := f.Handshake(vhostusertest.HandshakeOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Start(vhostusertest.StartOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	dev := e.srv.Device("vm")
+	var base int
+	dev.WithMemoryLock(func() { base = len(dev.Memory().Regions()) })
+	for i := range 16 { // the region is 1 MiB
+		memfd, _ := unix.MemfdCreate("dmb", unix.MFD_CLOEXEC)
+		unix.Ftruncate(memfd, 1<<16)
+		if err := dev.ShmemMap(0, memfd, 0, uint64(i)<<16, 1<<16, true); err != nil {
+			t.Fatal("ShmemMap:", err)
+		}
+		unix.Close(memfd)
+		var n int
+		dev.WithMemoryLock(func() { n = len(dev.Memory().Regions()) })
+		if n != base+i+1 {
+			t.Fatalf("map %d: ShmemMap returned with %d regions in the table, want %d", i, n, base+i+1)
+		}
+	}
 }

@@ -63,6 +63,13 @@ type Frontend struct {
 	// The front-end's mappings of SHMEM_MAP fds by shared-memory offset
 	// (region 0), as QEMU maps them into the BAR; UNMAP removes them.
 	shmMaps map[uint64][]byte
+	shmRegs map[uint64]*Region // the mappings as memory-table regions (ADD_MEM_REG), by offset
+
+	// HideShmemMaps makes the front-end answer SHMEM_MAP without adding
+	// the mapping to the back-end's memory table after its reply, which
+	// QEMU 11.1.3 does (ADD_MEM_REG when it commits the mapping into the
+	// guest's address space, after it has answered).
+	HideShmemMaps bool
 	// BeforeShmemReply, if set, runs before a SHMEM_MAP/UNMAP is answered
 	// (QEMU sends a SET_MEM_TABLE at that point). Set it before Handshake.
 	BeforeShmemReply func(f *Frontend, r ShmemRequest) error
@@ -592,6 +599,7 @@ func (f *Frontend) serveBackend() {
 			return
 		}
 		r := ShmemRequest{Request: m.Request, NeedReply: m.Flags&FlagNeedReply != 0, HadFD: len(m.FDs) > 0, Seals: -1}
+		show := -1 // a dup of the MAP's fd, for the memory-table region
 		if (m.Request == vhostuser.BackendReqShmemMap || m.Request == vhostuser.BackendReqShmemUnmap) && len(m.Payload) == 40 {
 			r.ShmID = m.Payload[0]
 			r.FDOffset = binary.LittleEndian.Uint64(m.Payload[8:])
@@ -599,6 +607,12 @@ func (f *Frontend) serveBackend() {
 			r.Len = binary.LittleEndian.Uint64(m.Payload[24:])
 			r.Flags = binary.LittleEndian.Uint64(m.Payload[32:])
 			f.shmemMap(&r, m.FDs)
+			f.shmemMu.Lock()
+			hide := f.HideShmemMaps
+			f.shmemMu.Unlock()
+			if m.Request == vhostuser.BackendReqShmemMap && len(m.FDs) == 1 && !hide {
+				show, _ = unix.FcntlInt(uintptr(m.FDs[0]), unix.F_DUPFD_CLOEXEC, 0)
+			}
 		}
 		m.CloseFDs()
 		status := f.ShmemStatus
@@ -619,10 +633,65 @@ func (f *Frontend) serveBackend() {
 		}
 		if r.NeedReply {
 			if err := vhostuser.WriteMessage(f.bc, m.Request, FlagVersion|FlagReply, u64(status), nil); err != nil {
+				if show >= 0 {
+					unix.Close(show)
+				}
 				return
 			}
 		}
+		// Then, as QEMU commits the memory transaction: the table change.
+		switch {
+		case show >= 0 && status == 0:
+			f.showShmem(r, show)
+		case show >= 0:
+			unix.Close(show)
+		case r.Request == vhostuser.BackendReqShmemUnmap && status == 0:
+			f.hideShmem(r.ShmOffset)
+		}
 	}
+}
+
+// shmemGPA is where the test front-end puts the shared-memory BAR.
+const shmemGPA = 0x80_0000_0000
+
+// showShmem sends the MAP's range as a memory region (ADD_MEM_REG with fd);
+// it takes fd.
+func (f *Frontend) showShmem(r ShmemRequest, fd int) {
+	host := f.Shmem(r.ShmOffset)
+	if host == nil {
+		unix.Close(fd)
+		return
+	}
+	reg := &Region{GPA: shmemGPA + r.ShmOffset, Size: r.Len, FD: fd, Host: host}
+	if err := f.AddMemReg(reg); err != nil {
+		unix.Close(fd)
+		return
+	}
+	f.shmemMu.Lock()
+	if f.shmRegs == nil {
+		f.shmRegs = map[uint64]*Region{}
+	}
+	f.shmRegs[r.ShmOffset] = reg
+	f.shmemMu.Unlock()
+}
+
+// hideShmem removes the region of the mapping at off, if it was shown.
+func (f *Frontend) hideShmem(off uint64) {
+	f.shmemMu.Lock()
+	reg := f.shmRegs[off]
+	delete(f.shmRegs, off)
+	f.shmemMu.Unlock()
+	if reg != nil {
+		f.RemMemReg(reg)
+		unix.Close(reg.FD)
+	}
+}
+
+// SetHideShmemMaps sets HideShmemMaps at any time.
+func (f *Frontend) SetHideShmemMaps(hide bool) {
+	f.shmemMu.Lock()
+	f.HideShmemMaps = hide
+	f.shmemMu.Unlock()
 }
 
 // shmemMap keeps the front-end's view of region 0: a MAP's fd mapped, an
@@ -671,13 +740,20 @@ func (f *Frontend) ShmemMapped() int {
 	return len(f.shmMaps)
 }
 
-// DropShmem forgets every mapping, as QEMU does when the device stops.
+// DropShmem forgets every mapping, as QEMU does when the device stops,
+// and takes their regions out of the back-end's memory table.
 func (f *Frontend) DropShmem() {
 	f.shmemMu.Lock()
-	defer f.shmemMu.Unlock()
+	regs := f.shmRegs
+	f.shmRegs = nil
 	for off, b := range f.shmMaps {
 		unix.Munmap(b)
 		delete(f.shmMaps, off)
+	}
+	f.shmemMu.Unlock()
+	for _, reg := range regs {
+		f.RemMemReg(reg)
+		unix.Close(reg.FD)
 	}
 }
 
