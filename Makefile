@@ -4,6 +4,7 @@
 #   make vmtest      QEMU guests against the real backend (TCG; minutes)
 #   make bench-device  device-model benchmarks (no VM)
 #   make bench       bench-device, then SMC-D vs TCP/UNIX in QEMU guests (table; bench-results/)
+#   make bench-quick the VM part only, 2 short rounds
 #
 # Downloads go to $(ISM_CACHE) (default .cache/ in the repo); every step is
 # idempotent. QEMU=/path/qemu-system-x86_64 and KERNEL=/path/vmlinuz override
@@ -29,7 +30,7 @@ VMTEST_TIMEOUT ?= 60m
 
 GO_SOURCES := $(shell find . -path ./.cache -prune -o -path ./.git -prune -o -name '*.go' -print)
 
-.PHONY: build backend lint unit test vmtest provision provision-qemu provision-kernel image bench bench-device clean distclean
+.PHONY: build backend lint unit test vmtest provision provision-qemu provision-kernel image bench bench-quick bench-device clean distclean
 
 build:
 	$(GO) build ./...
@@ -80,10 +81,17 @@ vmtest: provision image backend
 	ISM_BACKEND=$$([ -x $(BACKEND) ] && echo $(BACKEND)) \
 		$(GO) test -count=1 -timeout $(VMTEST_TIMEOUT) $(VMTEST_FLAGS) ./test/vm
 
-# Device figures first, then the VM table (test/bench; ~5 min under TCG).
+# Device figures first, then the VM table (test/bench; ~15 min under TCG).
 bench: bench-device provision image backend
 	ISM_BENCH=1 ISM_VMTEST=1 ISM_QEMU=$(QEMU) ISM_KERNEL=$(KERNEL) ISM_INITRD=$(INITRD) \
 	ISM_BACKEND=$$([ -x $(BACKEND) ] && echo $(BACKEND)) \
+		$(GO) test -count=1 -timeout 30m -v -run '^TestBench$$' ./test/bench
+
+# The VM table only, 2 rounds of 1 s, no idle phase (~5 min under TCG).
+bench-quick: provision image backend
+	ISM_BENCH=1 ISM_VMTEST=1 ISM_QEMU=$(QEMU) ISM_KERNEL=$(KERNEL) ISM_INITRD=$(INITRD) \
+	ISM_BACKEND=$$([ -x $(BACKEND) ] && echo $(BACKEND)) \
+	ISM_BENCH_ROUNDS=$${ISM_BENCH_ROUNDS:-2} ISM_BENCH_DUR=$${ISM_BENCH_DUR:-1s} ISM_BENCH_SCOPES=$${ISM_BENCH_SCOPES:-inter,intra} \
 		$(GO) test -count=1 -timeout 30m -v -run '^TestBench$$' ./test/bench
 
 bench-device:
