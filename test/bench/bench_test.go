@@ -292,7 +292,7 @@ func runInter(t *testing.T, args map[string]string, timeout time.Duration) ([]Sa
 	for k, v := range args {
 		clientArgs[k] = v
 	}
-	say("inter-VM: booting guests a (bench-server) and b (bench-client), CLC over e1000")
+	say("inter-VM: booting guests a (bench-server) and b (bench-client), CLC over virtio-net")
 	a := r.StartVM(vmharness.VMConfig{Name: "a", Scenario: "bench-server", Net: &srv, Timeout: timeout,
 		HugePages: 32, CPUs: benchVCPUs, Args: serverArgs, ISM: []vmharness.ISMDevice{{Socket: sa}}})
 	b := r.StartVM(vmharness.VMConfig{Name: "b", Scenario: "bench-client", Net: &cli, Timeout: timeout,
