@@ -2,7 +2,7 @@
 #
 #   make test        lint + unit tests (-race) + vmtest (provisions what it needs)
 #   make vmtest      QEMU guests against the real backend (TCG; minutes)
-#   make bench-device  device-model benchmarks (no VM)
+#   make bench-device  host-side MOVE figures vs memmove (no VM; ~1.5 min)
 #   make bench       bench-device, then SMC-D vs TCP/UNIX in QEMU guests (table; bench-results/)
 #
 # Downloads go to $(ISM_CACHE) (default .cache/ in the repo); every step is
@@ -86,8 +86,11 @@ bench: bench-device provision image backend
 	ISM_BACKEND=$$([ -x $(BACKEND) ] && echo $(BACKEND)) \
 		$(GO) test -count=1 -timeout 30m -v -run '^TestBench$$' ./test/bench
 
+# MOVE 64 KiB and 64 B through the vhost-user path and in the device model
+# alone, each next to memmove in the same run (x_memmove); ROUNDS=5 rounds,
+# summary with medians and ranges (~1.5 min). See scripts/bench-device.sh.
 bench-device:
-	$(GO) test -run='^$$' -bench=. -benchmem ./ism ./ismvirtio
+	GO=$(GO) ./scripts/bench-device.sh
 
 clean:
 	rm -rf bin $(ISM_CACHE)/image
