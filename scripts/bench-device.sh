@@ -29,7 +29,13 @@ $GO build -o "$tmp/benchsum" ./internal/benchsum
 
 run() { # dir binary pattern
 	echo "pkg: $1"
-	(cd "$1" && "$tmp/$2" -test.run='^$' -test.bench="$3" -test.benchmem -test.benchtime="$BENCHTIME") | grep '^Benchmark' || true
+	local out
+	if ! out=$(cd "$1" && "$tmp/$2" -test.run='^$' -test.bench="$3" -test.benchmem -test.benchtime="$BENCHTIME" 2>&1); then
+		printf '%s\n' "$out" >&2
+		echo "# FAILED: $1 $3"
+		touch "$tmp/failed"
+	fi
+	grep '^Benchmark' <<<"$out" || true
 }
 
 {
@@ -45,9 +51,13 @@ run() { # dir binary pattern
 		fi
 	done
 	echo "# end: load average $(cut -d' ' -f1-3 /proc/loadavg)"
-} | tee "$OUT" | grep --line-buffered -E '^(# round|Benchmark)' >&2
+} | tee "$OUT" | grep --line-buffered -E '^(# round|# FAILED|Benchmark)' >&2
 
 echo
 "$tmp/benchsum" <"$OUT"
 echo
 echo "raw output: $OUT"
+if [ -e "$tmp/failed" ]; then
+	grep '^# FAILED' "$OUT" >&2
+	exit 1
+fi
