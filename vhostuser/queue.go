@@ -502,25 +502,15 @@ func (q *Queue) Notify() {
 // flight and sleeps until some of them completed (used_event ahead of its
 // last used index) is woken then and refills the ring while the device
 // goes on; notified only at the end of the batch it would find the ring
-// drained and the device idle. Without EVENT_IDX it does nothing: the
-// NO_INTERRUPT flag cannot say when, and per Push it would mean a
-// notification per buffer. Call Notify at the end of the batch either way.
-//
-// It reads used_event without the barrier Notify puts between the used idx
-// store and that load (a locked instruction, ~6% of a 64-byte MOVE), so it
-// may miss a used_event the driver has just moved: Notify at the end of the
-// batch, which checks every index pushed since the last notification, then
-// sends it. For a driver that polls (used_event out of reach) it costs a
-// load and a compare.
+// drained and the device idle. A driver that polls (used_event out of
+// reach) costs a barrier and a load per call. Without EVENT_IDX it does
+// nothing: the NO_INTERRUPT flag cannot say when, and per Push it would
+// mean a notification per buffer. Call Notify at the end of the batch
+// either way.
 func (q *Queue) NotifyDue() {
-	if !q.eventIdx || q.avail == nil || !q.pushed {
-		return
+	if q.eventIdx {
+		q.Notify()
 	}
-	usedEvent := binary.LittleEndian.Uint16(q.avail[4+2*int(q.size):])
-	if q.signalValid && !needEvent(usedEvent, q.usedIdx, q.signalledUsed) {
-		return
-	}
-	q.Notify()
 }
 
 // Interrupt raises the call eventfd unconditionally.
