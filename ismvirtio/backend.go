@@ -275,7 +275,6 @@ func (b *Backend) serveRequests(q *vhostuser.Queue) {
 			return
 		}
 		q.Push(c, b.serve(c))
-		q.NotifyDue()
 	}
 	q.Notify()
 	if n > 0 && n == q.Size() {
