@@ -10,9 +10,8 @@ import (
 // response writable), the device takes it with Next, copies the request
 // out, writes the response and Pushes; the driver reaps the used entry.
 // Notify runs once per batch of 64 (no eventfd: its syscall is not the
-// library's cost); with due, NotifyDue also runs after every Push, with
-// used_event out of reach as a polling driver leaves it.
-func benchRing(b *testing.B, indirect, due bool) {
+// library's cost).
+func benchRing(b *testing.B, indirect bool) {
 	mem := testMemory(b, 0, 0x40000)
 	r := newTestRing(b, mem, 256)
 	r.q.eventIdx = true
@@ -31,7 +30,6 @@ func benchRing(b *testing.B, indirect, due bool) {
 	var hdr [64]byte
 	var out [16]byte
 	var availIdx uint16
-	binary.LittleEndian.PutUint16(avail[4+2*256:], 0x8000) // used_event
 	b.ReportAllocs()
 	b.SetBytes(64)
 	b.ResetTimer()
@@ -49,9 +47,6 @@ func benchRing(b *testing.B, indirect, due bool) {
 		out[0] = hdr[0]
 		c.CopyIn(out[:], 0)
 		r.q.Push(&c, 16)
-		if due {
-			r.q.NotifyDue()
-		}
 		if availIdx&63 == 0 {
 			r.q.Next(&c) // empty: sets avail_event, as at the end of a batch
 			r.q.Notify()
@@ -63,6 +58,5 @@ func benchRing(b *testing.B, indirect, due bool) {
 	}
 }
 
-func BenchmarkNextPush(b *testing.B)          { benchRing(b, false, false) }
-func BenchmarkNextPushIndirect(b *testing.B)  { benchRing(b, true, false) }
-func BenchmarkNextPushNotifyDue(b *testing.B) { benchRing(b, false, true) }
+func BenchmarkNextPush(b *testing.B)         { benchRing(b, false) }
+func BenchmarkNextPushIndirect(b *testing.B) { benchRing(b, true) }

@@ -472,8 +472,7 @@ func needEvent(event, newIdx, old uint16) bool {
 
 // Notify raises the call eventfd if the driver wants an interrupt for what
 // was pushed since the last notification (EVENT_IDX used_event, or the
-// avail ring's NO_INTERRUPT flag). Call it once per batch (see also
-// NotifyDue).
+// avail ring's NO_INTERRUPT flag). Call it once per batch.
 func (q *Queue) Notify() {
 	if q.avail == nil || !q.pushed {
 		return
@@ -494,23 +493,6 @@ func (q *Queue) Notify() {
 		return
 	}
 	q.Interrupt()
-}
-
-// NotifyDue is Notify within a batch, after a Push: with EVENT_IDX it
-// raises the call eventfd as soon as the used idx passes the driver's
-// used_event, not when the batch ends. A driver that keeps requests in
-// flight and sleeps until some of them completed (used_event ahead of its
-// last used index) is woken then and refills the ring while the device
-// goes on; notified only at the end of the batch it would find the ring
-// drained and the device idle. A driver that polls (used_event out of
-// reach) costs a barrier and a load per call. Without EVENT_IDX it does
-// nothing: the NO_INTERRUPT flag cannot say when, and per Push it would
-// mean a notification per buffer. Call Notify at the end of the batch
-// either way.
-func (q *Queue) NotifyDue() {
-	if q.eventIdx {
-		q.Notify()
-	}
 }
 
 // Interrupt raises the call eventfd unconditionally.

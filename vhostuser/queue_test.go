@@ -3,7 +3,6 @@ package vhostuser
 import (
 	"encoding/binary"
 	"errors"
-	"fmt"
 	"testing"
 	"time"
 	"unsafe"
@@ -438,61 +437,6 @@ func TestNotifySuppression(t *testing.T) {
 	ue, _ := mem.Bytes(r.used+4+8*8, 2)
 	if got := binary.LittleEndian.Uint16(ue); got != r.availIdx {
 		t.Errorf("avail_event %d, want %d", got, r.availIdx)
-	}
-}
-
-// TestNotifyDue: within a batch, NotifyDue notifies when the used idx passes
-// used_event (EVENT_IDX) and only then; without EVENT_IDX it never does.
-func TestNotifyDue(t *testing.T) {
-	mem := testMemory(t, 0, 0x20000)
-	r := newTestRing(t, mem, 8)
-	call := eventfd(t)
-	r.q.callFD, _ = unix.Dup(call)
-	defer unix.Close(r.q.callFD)
-	r.q.eventIdx = true
-	var c Chain
-	for i := range uint16(8) {
-		r.desc16(i, 0x1000, 8, 0, 0)
-	}
-	var b [2]byte
-	binary.LittleEndian.PutUint16(b[:], 0x8000) // out of reach: a polling driver
-	mem.testWrite(t, r.avail+4+2*8, b[:])
-	// A batch of six chains, processed as serveRequests does.
-	batch := func() []uint64 {
-		for i := range uint16(6) {
-			r.publish(i)
-		}
-		var counts []uint64
-		for {
-			ok, err := r.q.Next(&c)
-			if err != nil || !ok {
-				break
-			}
-			r.q.Push(&c, 0)
-			r.q.NotifyDue()
-			counts = append(counts, readCount(call))
-		}
-		r.q.Notify()
-		return append(counts, readCount(call))
-	}
-	// The first notification of a start is never suppressed.
-	if got := batch(); fmt.Sprint(got) != "[1 0 0 0 0 0 0]" {
-		t.Errorf("polling driver, first batch: notifications %v, want the first only", got)
-	}
-	if got := batch(); fmt.Sprint(got) != "[0 0 0 0 0 0 0]" {
-		t.Errorf("polling driver: notifications %v, want none", got)
-	}
-	// The driver sleeps until the 3rd chain of the next batch is used:
-	// used idx 12 -> 15, used_event 14.
-	binary.LittleEndian.PutUint16(b[:], 14)
-	mem.testWrite(t, r.avail+4+2*8, b[:])
-	if got := batch(); fmt.Sprint(got) != "[0 0 1 0 0 0 0]" {
-		t.Errorf("used_event 14: notifications %v, want one after the 3rd push", got)
-	}
-	// Without EVENT_IDX nothing within the batch; Notify at its end.
-	r.q.eventIdx = false
-	if got := batch(); fmt.Sprint(got) != "[0 0 0 0 0 0 1]" {
-		t.Errorf("no EVENT_IDX: notifications %v, want one at the end", got)
 	}
 }
 
