@@ -2,7 +2,7 @@
 #
 #   make test        lint + unit tests (-race) + vmtest (provisions what it needs)
 #   make vmtest      QEMU guests against the real backend (TCG; minutes)
-#   make bench-device  device-model benchmarks (no VM)
+#   make bench-device  host-side MOVE figures vs memmove (no VM; ~1.5 min)
 #   make bench       bench-device, then SMC-D vs TCP/UNIX in QEMU guests (table; bench-results/)
 #   make bench-quick the VM part only, 2 short rounds
 #
@@ -94,8 +94,11 @@ bench-quick: provision image backend
 	ISM_BENCH_ROUNDS=$${ISM_BENCH_ROUNDS:-2} ISM_BENCH_DUR=$${ISM_BENCH_DUR:-1s} ISM_BENCH_SCOPES=$${ISM_BENCH_SCOPES:-inter,intra} \
 		$(GO) test -count=1 -timeout 30m -v -run '^TestBench$$' ./test/bench
 
+# MOVE 64 KiB and 64 B through the vhost-user path and in the device model
+# alone, each next to memmove in the same run (x_memmove); ROUNDS=5 rounds,
+# summary with medians and ranges (~1.5 min). See scripts/bench-device.sh.
 bench-device:
-	$(GO) test -run='^$$' -bench=. -benchmem ./ism ./ismvirtio
+	GO=$(GO) ./scripts/bench-device.sh
 
 clean:
 	rm -rf bin $(ISM_CACHE)/image

@@ -92,7 +92,10 @@ const guestDataSize = 256 << 10
 
 // connect starts VM name against s with RAM in two regions, so buffers can
 // cross a region boundary.
-func (s *fabricServer) connect(name string) *guest {
+func (s *fabricServer) connect(name string) *guest { return s.connectQueueSize(name, 256) }
+
+// connectQueueSize is connect with queues of qsize entries.
+func (s *fabricServer) connectQueueSize(name string, qsize uint16) *guest {
 	t := s.t
 	t.Helper()
 	mem, err := fe.NewGuestMemory(0, 4<<20, 4<<20)
@@ -101,7 +104,7 @@ func (s *fabricServer) connect(name string) *guest {
 	}
 	t.Cleanup(mem.Close)
 	g := &guest{t: t, name: name, mem: mem}
-	g.start(s.socket(name))
+	g.start(s.socket(name), qsize)
 	if g.hdrGPA, g.hdr, err = mem.Alloc(abi.RequestSize, 8); err != nil {
 		t.Fatal(err)
 	}
@@ -114,7 +117,7 @@ func (s *fabricServer) connect(name string) *guest {
 	return g
 }
 
-func (g *guest) start(socket string) {
+func (g *guest) start(socket string, qsize uint16) {
 	t := g.t
 	t.Helper()
 	f, err := fe.Dial(socket, g.mem)
@@ -125,7 +128,7 @@ func (g *guest) start(socket string) {
 	if err := f.Handshake(fe.HandshakeOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	if err := f.Start(fe.StartOptions{QueueSize: 256}); err != nil {
+	if err := f.Start(fe.StartOptions{QueueSize: qsize}); err != nil {
 		t.Fatal(err)
 	}
 	g.fe, g.req, g.ev = f, f.Queues[abi.RequestQueue], f.Queues[abi.EventQueue]

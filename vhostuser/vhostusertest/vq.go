@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"os"
 	"sync/atomic"
 	"time"
 	"unsafe"
@@ -32,6 +33,8 @@ type VQ struct {
 	nextDesc uint16 // next descriptor index handed out (wraps)
 	availIdx uint16
 	lastUsed uint16
+
+	fence uint32 // target of the atomic add that orders a store before a load
 }
 
 func newVQ(f *Frontend, i int) (*VQ, error) {
@@ -221,6 +224,20 @@ func (q *VQ) UsedIdx() uint16 {
 	return uint16(atomic.LoadUint32((*uint32)(unsafe.Pointer(&q.used[0]))) >> 16)
 }
 
+// AvailIdx is the driver's avail idx (what Publish published last).
+func (q *VQ) AvailIdx() uint16 { return q.availIdx }
+
+// KickIfNeeded kicks unless the device's avail_event (EVENT_IDX) says it
+// needs no kick for the chains published since avail idx old (virtio's
+// vring_need_event), and reports whether it kicked.
+func (q *VQ) KickIfNeeded(old uint16) (bool, error) {
+	atomic.AddUint32(&q.fence, 1) // a full barrier: store avail idx, then load avail_event
+	if q.availIdx-q.AvailEvent()-1 >= q.availIdx-old {
+		return false, nil
+	}
+	return true, q.Kick()
+}
+
 // Kick signals the kick eventfd.
 func (q *VQ) Kick() error {
 	var one [8]byte
@@ -238,16 +255,58 @@ type Used struct {
 // ErrTimeout: nothing happened within Timeout.
 var ErrTimeout = errors.New("vhostusertest: timed out")
 
-// PollUsed returns the next used element if there is one.
+// PollUsed returns the next used element if there is one, and asks for a
+// notification at the next one (used_event = the new last used index).
 func (q *VQ) PollUsed() (Used, bool) {
+	u, ok := q.TakeUsed()
+	if ok {
+		q.SetUsedEvent(q.lastUsed)
+	}
+	return u, ok
+}
+
+// TakeUsed returns the next used element if there is one. Unlike PollUsed
+// it leaves used_event alone, for a driver that chooses when it wants to be
+// notified (see ArmUsedEvent): a used_event that follows every element
+// asks the device for a notification per completion.
+func (q *VQ) TakeUsed() (Used, bool) {
 	if q.UsedIdx() == q.lastUsed {
 		return Used{}, false
 	}
 	e := q.used[4+8*int(q.lastUsed&(q.Size-1)):]
 	u := Used{ID: uint16(binary.LittleEndian.Uint32(e)), Len: binary.LittleEndian.Uint32(e[4:])}
 	q.lastUsed++
-	q.SetUsedEvent(q.lastUsed)
 	return u, true
+}
+
+// LastUsed is the driver's count of used elements taken (wraps).
+func (q *VQ) LastUsed() uint16 { return q.lastUsed }
+
+// ArmUsedEvent asks for a notification when the device's used idx reaches
+// idx (EVENT_IDX: used_event = idx-1; idx is ahead of LastUsed) and reports
+// whether it has reached it already. Only when it returns false may the
+// caller wait for the call eventfd: the used_event store is ordered before
+// the used idx load, so either the device sees the new used_event when it
+// publishes idx or this load sees idx.
+func (q *VQ) ArmUsedEvent(idx uint16) bool {
+	q.SetUsedEvent(idx - 1)
+	atomic.AddUint32(&q.fence, 1) // a full barrier: store used_event, then load used idx
+	return q.UsedIdx()-q.lastUsed >= idx-q.lastUsed
+}
+
+// CallFile returns a duplicate of the call eventfd as a pollable *os.File:
+// a Read parks the goroutine in the Go netpoller until the device
+// notifies, the way a guest vCPU waiting for an interrupt is descheduled,
+// instead of holding a thread (WaitCall) or a CPU (polling). The caller
+// closes it.
+func (q *VQ) CallFile() (*os.File, error) {
+	fd, err := unix.FcntlInt(uintptr(q.CallFD), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	// The eventfd is nonblocking (and the flag is shared with the dup),
+	// so NewFile registers it with the netpoller.
+	return os.NewFile(uintptr(fd), fmt.Sprintf("call%d", q.Index)), nil
 }
 
 // WaitUsed waits (on the call eventfd) for the next used element.
