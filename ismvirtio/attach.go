@@ -201,9 +201,15 @@ func (b *Backend) startAsync(q *vhostuser.Queue, head uint16, req abi.Request) {
 	b.async = true
 	b.asyncMu.Unlock()
 	s.enqueue(func() {
-		resp := dev.Handle(req, nil)
+		var resp abi.Response
 		if req.Op == abi.OpDetachDMB || req.Op == abi.OpUnregisterDMB {
+			// These do not block in the model (their unmaps are queued),
+			// but they post events into peers' rings, which needs the
+			// memory lock; the unmaps then run here without it.
+			s.vdev.WithMemoryLock(func() { resp = dev.Handle(req, nil) })
 			s.drain()
+		} else {
+			resp = dev.Handle(req, nil) // blocks in Map: no lock held
 		}
 		s.vdev.WithMemoryLock(func() {
 			if s.stopped.Load() {
