@@ -11,6 +11,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"math/bits"
+	"strings"
 	"sync/atomic"
 	"unsafe"
 )
@@ -45,6 +46,35 @@ const (
 	ModeCopy   uint16 = 1 << 0 // DMB in the owner's guest RAM; MOVE copies into it
 	ModeAttach uint16 = 1 << 1 // DMB in host memory mapped into the shared-memory BAR
 )
+
+// ParseModes reads modes as flags and arguments spell them: "copy",
+// "attach" or both, comma-separated.
+func ParseModes(s string) (uint16, error) {
+	var m uint16
+	for _, w := range strings.Split(s, ",") {
+		switch strings.TrimSpace(w) {
+		case "copy":
+			m |= ModeCopy
+		case "attach":
+			m |= ModeAttach
+		default:
+			return 0, fmt.Errorf("mode %q: want copy, attach or copy,attach", w)
+		}
+	}
+	return m, nil
+}
+
+// ModesString spells modes as ParseModes reads them.
+func ModesString(m uint16) string {
+	var w []string
+	if m&ModeCopy != 0 {
+		w = append(w, "copy")
+	}
+	if m&ModeAttach != 0 {
+		w = append(w, "attach")
+	}
+	return strings.Join(w, ",")
+}
 
 // Limits of this ABI version.
 const (

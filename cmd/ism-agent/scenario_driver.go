@@ -86,9 +86,11 @@ func openDriverWait(e *Env, mode string) (*guestdriver.Driver, error) {
 			e.Logf("no interrupts: %v", err)
 		}
 	}
-	modes, err := parseModes(e.Arg("modes", ""))
-	if err != nil {
-		return nil, err
+	var modes uint16 // 0: whatever the device offers
+	if arg := e.Arg("modes", ""); arg != "" {
+		if modes, err = abi.ParseModes(arg); err != nil {
+			return nil, fmt.Errorf("ism.modes: %w", err)
+		}
 	}
 	d, err := guestdriver.Open(guestdriver.Options{
 		Modes:        modes,
@@ -103,26 +105,6 @@ func openDriverWait(e *Env, mode string) (*guestdriver.Driver, error) {
 		return nil, fmt.Errorf("open ISM device: %w", err)
 	}
 	return d, nil
-}
-
-// parseModes reads ism.modes: "copy", "attach" or both, comma-separated;
-// "" is whatever the device offers (0).
-func parseModes(s string) (uint16, error) {
-	var m uint16
-	if s == "" {
-		return 0, nil
-	}
-	for _, w := range strings.Split(s, ",") {
-		switch w {
-		case "copy":
-			m |= abi.ModeCopy
-		case "attach":
-			m |= abi.ModeAttach
-		default:
-			return 0, fmt.Errorf("ism.modes=%q: want copy, attach or copy,attach", s)
-		}
-	}
-	return m, nil
 }
 
 func argU64(e *Env, key string, def uint64) (uint64, error) {

@@ -103,7 +103,7 @@ func parseFlags(args []string, errOut io.Writer) (*options, error) {
 		if !ok || !vmName.MatchString(name) {
 			return fmt.Errorf("want NAME=MODES, got %q", s)
 		}
-		v, err := parseModes(m)
+		v, err := abi.ParseModes(m)
 		if err != nil {
 			return err
 		}
@@ -124,7 +124,7 @@ func parseFlags(args []string, errOut io.Writer) (*options, error) {
 		return nil, fmt.Errorf("unexpected argument %q (flags only; see -h)", fs.Arg(0))
 	}
 	var err error
-	if opts.modes, err = parseModes(modes); err != nil {
+	if opts.modes, err = abi.ParseModes(modes); err != nil {
 		return nil, fmt.Errorf("-modes: %w", err)
 	}
 	for name := range opts.vmModes {
@@ -304,22 +304,6 @@ func listenUnix(path string) (*net.UnixListener, error) {
 
 func logStats(log *logrus.Logger, f *ism.Fabric) {
 	log.WithField("stats", strings.TrimSpace(fmt.Sprintf("%+v", f.Stats()))).Info("device statistics")
-}
-
-// parseModes parses "copy", "attach" or both, comma-separated.
-func parseModes(s string) (uint16, error) {
-	var m uint16
-	for _, w := range strings.Split(s, ",") {
-		switch strings.TrimSpace(w) {
-		case "copy":
-			m |= abi.ModeCopy
-		case "attach":
-			m |= abi.ModeAttach
-		default:
-			return 0, fmt.Errorf("mode %q: want copy or attach", w)
-		}
-	}
-	return m, nil
 }
 
 // backendOptions are the device options of VM name.

@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"strings"
 	"time"
 
 	"github.com/ism-backend/ism-backend/abi"
@@ -94,18 +93,6 @@ func toStatsJSON(s ism.Stats) statsJSON {
 	return j
 }
 
-// modesString spells a modes bit set as -modes takes it.
-func modesString(m uint16) string {
-	var w []string
-	if m&abi.ModeCopy != 0 {
-		w = append(w, "copy")
-	}
-	if m&abi.ModeAttach != 0 {
-		w = append(w, "attach")
-	}
-	return strings.Join(w, ",")
-}
-
 // statsWriter writes the -stats-file; one goroutine uses it.
 type statsWriter struct {
 	path string
@@ -133,12 +120,12 @@ func (w *statsWriter) snapshot(f *ism.Fabric, now time.Time) statsFile {
 		vm := vmStatsJSON{Name: v.Name, GID: fmt.Sprintf("0x%016x", v.GID)}
 		if d, ok := seen[v.Name]; ok {
 			vm.GID = fmt.Sprintf("0x%016x", d.GID)
-			vm.Modes = modesString(d.Modes)
+			vm.Modes = abi.ModesString(d.Modes)
 			vm.Connected = d.Connected
 			vm.Stats = toStatsJSON(d.Stats)
 		} else {
 			bo, _ := w.opts.backendOptions(v.Name) // checked by parseFlags
-			vm.Modes = modesString(bo.Modes)
+			vm.Modes = abi.ModesString(bo.Modes)
 			vm.Stats = toStatsJSON(ism.Stats{})
 		}
 		out.VMs = append(out.VMs, vm)

@@ -687,12 +687,6 @@ func (f *Frontend) hideShmem(off uint64) {
 	}
 }
 
-// SetHideShmemMaps sets HideShmemMaps at any time.
-func (f *Frontend) SetHideShmemMaps(hide bool) {
-	f.shmemMu.Lock()
-	f.HideShmemMaps = hide
-	f.shmemMu.Unlock()
-}
 
 // shmemMap keeps the front-end's view of region 0: a MAP's fd mapped, an
 // UNMAP's range dropped.
