@@ -687,7 +687,6 @@ func (f *Frontend) hideShmem(off uint64) {
 	}
 }
 
-
 // shmemMap keeps the front-end's view of region 0: a MAP's fd mapped, an
 // UNMAP's range dropped.
 func (f *Frontend) shmemMap(r *ShmemRequest, fds []int) {
