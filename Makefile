@@ -81,7 +81,7 @@ vmtest: provision image backend
 	ISM_BACKEND=$$([ -x $(BACKEND) ] && echo $(BACKEND)) \
 		$(GO) test -count=1 -timeout $(VMTEST_TIMEOUT) $(VMTEST_FLAGS) ./test/vm
 
-# Device figures first, then the VM table (test/bench; ~15 min under TCG).
+# Device figures first, then the VM table (test/bench; ~17 min under TCG).
 bench: bench-device provision image backend
 	ISM_BENCH=1 ISM_VMTEST=1 ISM_QEMU=$(QEMU) ISM_KERNEL=$(KERNEL) ISM_INITRD=$(INITRD) \
 	ISM_BACKEND=$$([ -x $(BACKEND) ] && echo $(BACKEND)) \
