@@ -269,7 +269,7 @@ type sampler struct {
 	once sync.Once
 	done chan struct{}
 
-	mu      sync.Mutex
+	mu       sync.Mutex
 	checkFDs bool // checkFlat judges the descriptors too
 
 	anon    []int64 // RssAnon, KiB, every tick
