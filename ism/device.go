@@ -35,6 +35,7 @@ type Device struct {
 	sbaSet     bool
 	sbaGPA     uint64
 	interrupts bool
+	beats      atomic.Uint32 // the last heartbeat stored (Beat)
 	dmbs       map[uint64]*dmbEntry // own live DMBs by token
 	indices    dmb.IndexSet
 
@@ -424,6 +425,29 @@ func faultOutside(r any, segs [][]byte) bool {
 			return false
 		}
 	}
+	return true
+}
+
+// Beat adds one to the heartbeat in the device's SBA (abi.SBA.Beat), if the
+// driver has set one, and says whether it did. Call it every
+// Config.HeartbeatMS from one goroutine, with the guest's memory held
+// against unmapping as for a MOVE. The count is the device's own, never
+// read back from guest memory.
+func (d *Device) Beat() bool {
+	d.mu.RLock() // as a MOVE: keeps mem and the SBA as checked
+	defer d.mu.RUnlock()
+	if d.gone || !d.sbaSet {
+		return false
+	}
+	b, err := d.mem.Bytes(d.sbaGPA, abi.SBASize)
+	if err != nil {
+		return false
+	}
+	sba, err := abi.NewSBA(b)
+	if err != nil {
+		return false
+	}
+	sba.Beat(d.beats.Add(1))
 	return true
 }
 

@@ -45,9 +45,10 @@ type Backend struct {
 
 	// Set by Start, cleared by Stop; both run under vhostuser's memory write
 	// lock, so HandleQueue (read lock) never sees them change.
-	vdev *vhostuser.Device
-	dev  *ism.Device
-	sess *session
+	vdev     *vhostuser.Device
+	dev      *ism.Device
+	sess     *session
+	stopBeat chan struct{} // closed by Stop: the heartbeat goroutine ends
 
 	// The attach-mode request the mapping worker is serving (nil: none).
 	// While it is set the request queue's goroutine takes no chain, so
@@ -77,7 +78,14 @@ type Options struct {
 	Modes     uint16 // abi.ModeCopy | abi.ModeAttach; 0 means both
 	ShmSize   uint64 // attach mode's region in bytes, a multiple of abi.ShmPage (0: DefaultShmSize)
 	MaxMapped uint64 // bytes of DMBs mapped in the region at once (0: ShmSize)
+	// Heartbeat is the period of the SBA heartbeat (abi.Config.HeartbeatMS;
+	// 0: DefaultHeartbeat; negative: none).
+	Heartbeat time.Duration
 }
+
+// DefaultHeartbeat is the SBA heartbeat's period unless Options say
+// otherwise: a driver declares the backend gone after several missed ones.
+const DefaultHeartbeat = 500 * time.Millisecond
 
 // Check fills in defaults and checks o.
 func (o *Options) Check() error {
@@ -86,6 +94,14 @@ func (o *Options) Check() error {
 	}
 	if o.Modes&^(abi.ModeCopy|abi.ModeAttach) != 0 {
 		return fmt.Errorf("ismvirtio: unknown modes %#x", o.Modes)
+	}
+	switch {
+	case o.Heartbeat == 0:
+		o.Heartbeat = DefaultHeartbeat
+	case o.Heartbeat < 0:
+		o.Heartbeat = -1
+	case o.Heartbeat < time.Millisecond || o.Heartbeat > 60*time.Second:
+		return fmt.Errorf("ismvirtio: heartbeat period %v: want 1ms..60s", o.Heartbeat)
 	}
 	if o.Modes&abi.ModeAttach == 0 {
 		o.ShmSize, o.MaxMapped = 0, 0
@@ -127,6 +143,9 @@ func NewWithOptions(f *ism.Fabric, name string, gid uint64, log *logrus.Entry, o
 		MaxMoveLen: abi.MaxDMBSize,
 		ShmSize:    opts.ShmSize,
 		QueueSize:  vhostuser.MaxQueueSize,
+	}
+	if opts.Heartbeat > 0 {
+		cfg.HeartbeatMS = uint16(opts.Heartbeat / time.Millisecond)
 	}
 	cfg.Encode(b.config[:])
 	return b, nil
@@ -196,6 +215,10 @@ func (b *Backend) Start(vdev *vhostuser.Device) error {
 		s.dev = dev
 		go s.run()
 	}
+	if b.opts.Heartbeat > 0 {
+		b.stopBeat = make(chan struct{})
+		go b.heartbeat(vdev, dev, b.stopBeat)
+	}
 	b.log.Info("device started")
 	return nil
 }
@@ -210,6 +233,12 @@ func (b *Backend) Stop(vdev *vhostuser.Device) {
 		// worker finishes what it is doing (a map in flight fails or is
 		// void) without touching the rings again, and sends nothing more.
 		b.sess.stop()
+	}
+	if b.stopBeat != nil {
+		// Not waited for: it may be waiting for the memory lock Stop
+		// holds; under that lock it sees b.dev changed and beats no more.
+		close(b.stopBeat)
+		b.stopBeat = nil
 	}
 	st := b.dev.Stats()
 	b.dev.Disconnect()
