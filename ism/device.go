@@ -40,7 +40,7 @@ type Device struct {
 	indices    dmb.IndexSet
 
 	stats counters
-	lim   limiter
+	lim   *limiter // its name's: a guest's resets get no fresh allowance
 }
 
 // GID is the device's GID.
@@ -278,8 +278,7 @@ func (d *Device) register(gpa, length, rgid uint64, index uint32) (uint64, abi.S
 		if st, ok := err.(abi.Status); ok {
 			return 0, st, "fabric DMB limit"
 		}
-		d.log.WithError(err).Error("ism: cannot allocate a DMB token")
-		return 0, abi.StatusInternal, "token allocation failed"
+		return 0, abi.StatusInternal, "token allocation failed: " + err.Error()
 	}
 	_ = d.indices.Claim(index) // checked free above, under the same lock
 	d.dmbs[tok] = e
@@ -691,5 +690,7 @@ func (d *Device) disconnect() {
 	f.mu.Lock()
 	f.retired.addStats(s)
 	f.mu.Unlock()
-	d.log.WithField("peers", len(peers)).Debug("ism: device disconnected")
+	if e := d.lim.Entry(f.now(), d.log, logrus.DebugLevel); e != nil {
+		e.WithField("peers", len(peers)).Debug("ism: device disconnected")
+	}
 }

@@ -36,10 +36,12 @@ type Backend struct {
 	log    *logrus.Entry
 	config [abi.ConfigSize]byte
 
-	// Guest-caused warnings are rate-limited (see warnGuest); now is the
-	// limiter's clock, fixed by tests.
-	lim logLimiter
-	now func() time.Time
+	// Guest-caused warnings are rate-limited (see warnGuest); start and
+	// stop lines, which a guest's reset loop repeats, have their own
+	// limiter (lifeLog). now is the limiters' clock, fixed by tests.
+	lim     logLimiter
+	lifeLim logLimiter
+	now     func() time.Time
 
 	opts Options
 
@@ -173,7 +175,9 @@ func (b *Backend) ReadConfig(offset uint32, buf []byte) error {
 // WriteConfig: the config space is read-only; writes are ignored, as a
 // device ignores writes to read-only registers.
 func (b *Backend) WriteConfig(offset uint32, data []byte) error {
-	b.log.WithField("offset", offset).Debug("ignored write to read-only config space")
+	if e := b.lim.Entry(b.now(), b.log, logrus.DebugLevel); e != nil {
+		e.WithField("offset", offset).Debug("ignored write to read-only config space")
+	}
 	return nil
 }
 
@@ -199,7 +203,9 @@ func (b *Backend) Start(vdev *vhostuser.Device) error {
 			s = newSession(b, vdev)
 			cfg.Mapper, cfg.RegionSize, cfg.MaxMapped = s, b.opts.ShmSize, b.opts.MaxMapped
 		} else {
-			b.log.Warn("front-end did not ack shared memory: attach mode not available")
+			if e := b.lifeLog(logrus.WarnLevel); e != nil {
+				e.Warn("front-end did not ack shared memory: attach mode not available")
+			}
 			cfg.Modes &^= abi.ModeAttach
 		}
 	}
@@ -219,7 +225,9 @@ func (b *Backend) Start(vdev *vhostuser.Device) error {
 		b.stopBeat = make(chan struct{})
 		go b.heartbeat(vdev, dev, b.stopBeat)
 	}
-	b.log.Info("device started")
+	if e := b.lifeLog(logrus.InfoLevel); e != nil {
+		e.Info("device started")
+	}
 	return nil
 }
 
@@ -242,7 +250,9 @@ func (b *Backend) Stop(vdev *vhostuser.Device) {
 	}
 	st := b.dev.Stats()
 	b.dev.Disconnect()
-	b.log.WithField("stats", st).Info("device stopped: its DMBs are gone")
+	if e := b.lifeLog(logrus.InfoLevel); e != nil {
+		e.WithField("stats", st).Info("device stopped: its DMBs are gone")
+	}
 	b.dev, b.vdev, b.sess = nil, nil, nil
 	b.asyncMu.Lock()
 	b.async = false
