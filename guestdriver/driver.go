@@ -392,6 +392,10 @@ func (d *Driver) start(nev int) error {
 	return nil
 }
 
+// Heartbeat is the device's heartbeat count as the SBA holds it now (0 on a
+// device without one, see abi.Config.HeartbeatMS).
+func (d *Driver) Heartbeat() uint32 { return d.signals.sba.Heartbeat() }
+
 // backendGone says whether the driver declared the backend gone.
 func (d *Driver) backendGone() bool {
 	e := d.broken.Load()
