@@ -205,7 +205,9 @@ func (d *Device) SetSBA(gpa uint64, interrupts bool) error {
 		if d.gone {
 			return abi.StatusNotReady, "device disconnected"
 		}
-		sba, err := d.mem.Bytes(gpa, abi.SBASize)
+		mem := d.mem.Acquire()
+		defer mem.Release()
+		sba, err := mem.Bytes(gpa, abi.SBASize)
 		if err != nil || len(sba) < abi.SBASize {
 			return abi.StatusFault, "SBA outside guest RAM"
 		}
@@ -261,7 +263,10 @@ func (d *Device) register(gpa, length, rgid uint64, index uint32) (uint64, abi.S
 	if d.gone {
 		return 0, abi.StatusNotReady, "device disconnected"
 	}
-	if _, err := d.mem.Bytes(gpa, length); err != nil {
+	mem := d.mem.Acquire()
+	_, err := mem.Bytes(gpa, length)
+	mem.Release()
+	if err != nil {
 		return 0, abi.StatusFault, "DMB outside guest RAM"
 	}
 	if d.indices.Has(index) {
@@ -428,19 +433,24 @@ func faultOutside(r any, segs [][]byte) bool {
 }
 
 // moveLocked does the part of a MOVE that touches the owner's RAM; o.mu is
-// held shared, so the DMB, the SBA and o.mem stay as checked.
+// held shared, so the DMB, the SBA and o.mem stay as checked. The owner's
+// RAM is used through one view of its memory table for this MOVE: the
+// owner's transport may install a new table meanwhile, without waiting,
+// and the old one stays mapped until the view's release.
 func (o *Device) moveLocked(e *dmbEntry, dmbe uint32, offset, n uint64, signal bool, data [][]byte) (abi.Status, bool) {
 	if !e.live {
 		return abi.StatusNoEntry, false
 	}
+	mem := o.mem.Acquire()
+	defer mem.Release() // deferred: a fault in the copy panics through here
 	var sba abi.SBA
 	if signal {
 		if !o.sbaSet {
 			return abi.StatusNotReady, false
 		}
 		// Translated per MOVE: the memory table may have changed since
-		// SET_SBA (SetMemory), and a stale view must never be written.
-		b, err := o.mem.Bytes(o.sbaGPA, abi.SBASize)
+		// SET_SBA, and a stale view must never be written.
+		b, err := mem.Bytes(o.sbaGPA, abi.SBASize)
 		if err != nil {
 			return abi.StatusFault, false
 		}
@@ -456,7 +466,7 @@ func (o *Device) moveLocked(e *dmbEntry, dmbe uint32, offset, n uint64, signal b
 		}
 	} else if n > 0 {
 		// e.gpa+e.size did not wrap at register time and offset+n <= e.size.
-		dst, err := o.mem.Bytes(e.gpa+offset, n)
+		dst, err := mem.Bytes(e.gpa+offset, n)
 		if err != nil {
 			return abi.StatusFault, false
 		}
