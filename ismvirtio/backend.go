@@ -274,7 +274,9 @@ func (b *Backend) HandleQueue(vdev *vhostuser.Device, q *vhostuser.Queue) {
 		// Stop, and every peer posting an event to this VM.
 		b.evMu.Lock()
 		defer b.evMu.Unlock()
-		b.flushEvents(q)
+		if b.flushEvents(q) {
+			q.Yield()
+		}
 	}
 }
 
@@ -282,8 +284,7 @@ func (b *Backend) HandleQueue(vdev *vhostuser.Device, q *vhostuser.Queue) {
 // budget (Options.BatchChains, BatchBytes): HandleQueue holds the device's
 // lock, which this VM's control messages wait for, so a guest that keeps
 // its ring full must not keep it for long. When the budget is spent the
-// queue wakes itself and goes on in the next call, after the lock was
-// released; the chains not taken stay on the ring (Next took none of them)
+// queue yields and goes on in the next call, after the lock was released; the chains not taken stay on the ring (Next took none of them)
 // and the avail event is left as it was, so nothing is lost, taken twice or
 // left without a kick. It allocates nothing per request: the chain, header
 // and data slices are reused.
@@ -300,7 +301,7 @@ func (b *Backend) serveRequests(q *vhostuser.Queue) {
 	for n := 0; ; n++ {
 		if n == b.opts.BatchChains || bytes >= b.opts.BatchBytes {
 			q.Notify()
-			q.Wake()
+			q.Yield()
 			return
 		}
 		ok, err := q.Next(c)
@@ -389,7 +390,9 @@ func (b *Backend) PostEvent(ev abi.Event) {
 		return
 	}
 	q := b.vdev.Queue(abi.EventQueue)
-	if !b.vdev.TryWithMemoryLock(func() { b.flushEvents(q) }) {
+	more := true // unless flushed here, the event queue's goroutine delivers
+	b.vdev.TryWithMemoryLock(func() { more = b.flushEvents(q) })
+	if more {
 		q.Wake()
 	}
 }
@@ -410,10 +413,11 @@ func (b *Backend) closeOnFault() {
 	}
 }
 
-// flushEvents moves pending events into posted buffers; evMu is held.
-func (b *Backend) flushEvents(q *vhostuser.Queue) {
+// flushEvents moves pending events into posted buffers; evMu is held. It
+// reports whether it stopped at the budget with events left.
+func (b *Backend) flushEvents(q *vhostuser.Queue) (more bool) {
 	if len(b.pending) == 0 || !q.Ready() {
-		return
+		return false
 	}
 	c := &b.evChain
 	sent := 0
@@ -444,9 +448,7 @@ func (b *Backend) flushEvents(q *vhostuser.Queue) {
 		b.pending = b.pending[:copy(b.pending, b.pending[sent:])]
 		q.Notify()
 	}
-	if n == b.opts.BatchChains && len(b.pending) > 0 {
-		q.Wake()
-	}
+	return n == b.opts.BatchChains && len(b.pending) > 0
 }
 
 // guestMemory is the VM's RAM for the ism model: each use (a MOVE into this

@@ -37,7 +37,7 @@ type Backend interface {
 	// work per call: take chains with Queue.Next until that returns false
 	// (with EVENT_IDX the driver kicks again only after the device saw the
 	// ring empty) or a work budget is spent, and in that case call
-	// Queue.Wake to be called again. End a batch with Queue.Notify.
+	// Queue.Yield to be called again. End a batch with Queue.Notify.
 	// Another VM's memory is used through its Device.AcquireMemory, for
 	// one access at a time; its queues only through TryWithMemoryLock.
 	HandleQueue(dev *Device, q *Queue)

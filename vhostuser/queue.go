@@ -136,7 +136,7 @@ type Queue struct {
 	dev   *Device
 	log   *logrus.Entry
 
-	// Set by the front-end (under the memory write lock).
+	// Set by the front-end (under the device's lock, exclusively).
 	size                          uint16
 	descAddr, availAddr, usedAddr uint64 // front-end user addresses
 	addrSet                       bool
@@ -162,6 +162,7 @@ type Queue struct {
 	pushed        bool // something was pushed since the last notification
 	broken        bool
 	badChains     uint64 // malformed chains and broken-queue events so far
+	yielded       atomic.Bool
 
 	// Guest-caused log lines are rate-limited (see logLimiter); both
 	// survive resetState, so a guest cannot renew its allowance by
@@ -528,6 +529,13 @@ func (q *Queue) Interrupt() {
 	}
 	c.mu.Unlock()
 }
+
+// Yield is for HandleQueue that stops with work left (its work budget
+// spent): the queue's goroutine calls HandleQueue again as soon as this call
+// has returned and released the device's lock, without waiting for a kick.
+// In between, this VM's control messages and other goroutines get their
+// turn. Call it only from this queue's own HandleQueue (elsewhere: Wake).
+func (q *Queue) Yield() { q.yielded.Store(true) }
 
 // Wake makes the queue's goroutine call HandleQueue again, as if the driver
 // had kicked. Safe from any goroutine; a no-op when the queue is not running.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"runtime"
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
@@ -396,8 +397,10 @@ func (d *Device) runQueue(r *runner) {
 		}
 	}()
 	var buf [8]byte
-	for first := true; ; first = false {
-		if !first {
+	// The first look is after start; later ones after a kick, or at once
+	// after a HandleQueue that yielded with work left.
+	for again := true; ; {
+		if !again {
 			if _, err := r.kick.Read(buf[:]); err != nil {
 				if !r.stop.Load() {
 					d.log.WithError(err).Errorf("queue %d: kick read", r.q.index)
@@ -407,6 +410,12 @@ func (d *Device) runQueue(r *runner) {
 		}
 		if r.stop.Load() || !d.handleQueue(r) {
 			return
+		}
+		if again = r.q.yielded.Swap(false); again {
+			// The device's lock is free here: a control message
+			// waiting for it goes first (a waiting writer holds off
+			// new readers), and so may other goroutines.
+			runtime.Gosched()
 		}
 	}
 }

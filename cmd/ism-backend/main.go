@@ -47,6 +47,11 @@ type options struct {
 	vmModes   map[string]uint16
 	shmSize   uint64
 	maxMapped uint64
+
+	// Caps on each connection's memory table (-max-mem-bytes,
+	// -max-mem-regions).
+	maxMemBytes   uint64
+	maxMemRegions int
 }
 
 func main() {
@@ -112,6 +117,8 @@ func parseFlags(args []string, errOut io.Writer) (*options, error) {
 	})
 	fs.Uint64Var(&opts.shmSize, "shm-size", ismvirtio.DefaultShmSize, "bytes of each VM's shared-memory region (attach mode; a multiple of 4096)")
 	fs.Uint64Var(&opts.maxMapped, "max-mapped", 0, "bytes of DMBs one VM may have mapped in its region at once (0: -shm-size)")
+	fs.Uint64Var(&opts.maxMemBytes, "max-mem-bytes", vhostuser.DefaultMaxMemBytes, "bytes of guest memory one VM's connection may have mapped (its memory table: guest RAM and attach-mode mappings)")
+	fs.IntVar(&opts.maxMemRegions, "max-mem-regions", vhostuser.MaxMemSlots, fmt.Sprintf("regions one VM's memory table may have, 1..%d (what GET_MAX_MEM_SLOTS answers)", vhostuser.MaxMemSlots))
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			fs.SetOutput(errOut)
@@ -134,6 +141,12 @@ func parseFlags(args []string, errOut io.Writer) (*options, error) {
 	}
 	if _, err := opts.backendOptions(""); err != nil {
 		return nil, err
+	}
+	if opts.maxMemBytes == 0 {
+		return nil, errors.New("-max-mem-bytes must not be 0")
+	}
+	if opts.maxMemRegions < 1 || opts.maxMemRegions > vhostuser.MaxMemSlots {
+		return nil, fmt.Errorf("-max-mem-regions %d: want 1..%d", opts.maxMemRegions, vhostuser.MaxMemSlots)
 	}
 	c, err := strconv.ParseUint(chid, 0, 16)
 	if err != nil {
@@ -203,6 +216,7 @@ func run(ctx context.Context, opts *options) error {
 
 	fabric := ism.NewFabric(opts.chid, logrus.NewEntry(log)) // adds the chid field itself
 	server := vhostuser.NewServer(log.WithField("component", "vhostuser"))
+	server.MaxMemBytes, server.MaxMemRegions = opts.maxMemBytes, opts.maxMemRegions
 
 	// Listen on every socket first, so a failure leaves nothing half-started.
 	listeners := make([]*net.UnixListener, 0, len(opts.vms))
