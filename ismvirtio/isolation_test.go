@@ -86,3 +86,45 @@ func TestBatchBudgetLosesNoChain(t *testing.T) {
 		t.Fatalf("MOVE after the batches: %v", st)
 	}
 }
+
+// B's MOVEs into A go on while A's front-end keeps replacing A's memory
+// table: each MOVE copies through the table it acquired, whose mappings
+// stay until it is released, so none faults, none is refused, and the data
+// lands in A's RAM (the same memory files, mapped anew).
+func TestMovesBesideReceiversMemTableChurn(t *testing.T) {
+	s := newFabricServer(t, map[string]uint64{"a": gidA, "b": gidB})
+	a, b := s.connect("a"), s.connect("b")
+	token, dst := a.register(4096, gidB, 0)
+	stop, churned := make(chan struct{}), make(chan error, 1)
+	swaps := 0
+	go func() {
+		for {
+			select {
+			case <-stop:
+				churned <- nil
+				return
+			default:
+			}
+			if err := a.fe.SetMemTable(); err != nil {
+				churned <- err
+				return
+			}
+			swaps++
+		}
+	}()
+	msg := make([]byte, 64)
+	for i := range 500 {
+		binary.LittleEndian.PutUint64(msg, uint64(i))
+		if st := b.move(token, 0, msg, false); st != abi.StatusOK {
+			t.Fatalf("MOVE %d beside A's table churn: %v", i, st)
+		}
+		if got := binary.LittleEndian.Uint64(dst); got != uint64(i) {
+			t.Fatalf("MOVE %d: A's DMB holds %d", i, got)
+		}
+	}
+	close(stop)
+	if err := <-churned; err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%d memory tables swapped beside 500 MOVEs", swaps)
+}
