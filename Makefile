@@ -5,6 +5,7 @@
 #   make bench-device  host-side MOVE figures vs memmove (no VM; ~1.5 min)
 #   make bench       bench-device, then SMC-D vs TCP/UNIX in QEMU guests (table; bench-results/)
 #   make bench-quick the VM part only, 2 short rounds
+#   make soak        guests killed and restarted under SMC-D load (30 min; not in make test)
 #
 # Downloads go to $(ISM_CACHE) (default .cache/ in the repo); every step is
 # idempotent. QEMU=/path/qemu-system-x86_64 and KERNEL=/path/vmlinuz override
@@ -30,7 +31,7 @@ VMTEST_TIMEOUT ?= 60m
 
 GO_SOURCES := $(shell find . -path ./.cache -prune -o -path ./.git -prune -o -name '*.go' -print)
 
-.PHONY: build backend lint unit test vmtest provision provision-qemu provision-kernel image bench bench-quick bench-device clean distclean
+.PHONY: build backend lint unit test vmtest provision provision-qemu provision-kernel image bench bench-quick bench-device soak clean distclean
 
 build:
 	$(GO) build ./...
@@ -81,7 +82,20 @@ vmtest: provision image backend
 	ISM_BACKEND=$$([ -x $(BACKEND) ] && echo $(BACKEND)) \
 		$(GO) test -count=1 -timeout $(VMTEST_TIMEOUT) $(VMTEST_FLAGS) ./test/vm
 
-# Device figures first, then the VM table (test/bench; ~15 min under TCG).
+# Not part of make test: SOAK_GUESTS guests (even, >= 4) in pairs on one
+# backend for SOAK_DURATION, SHA-256-checked SMC-D streams in both modes,
+# clients of all pairs but the first killed and restarted at random
+# (test/soak). It reports any loss and the backend's memory and descriptors.
+SOAK_DURATION ?= 30m
+SOAK_GUESTS ?= 4
+soak: provision image backend
+	@echo "soak: $(SOAK_GUESTS) guests for $(SOAK_DURATION) (plus ~3 min to boot and stop them)"
+	ISM_SOAK=1 ISM_SOAK_DURATION=$(SOAK_DURATION) ISM_SOAK_GUESTS=$(SOAK_GUESTS) \
+	ISM_VMTEST=1 ISM_QEMU=$(QEMU) ISM_KERNEL=$(KERNEL) ISM_INITRD=$(INITRD) \
+	ISM_BACKEND=$$([ -x $(BACKEND) ] && echo $(BACKEND)) \
+		$(GO) test -count=1 -timeout 0 -v -run '^TestSoak$$' ./test/soak
+
+# Device figures first, then the VM table (test/bench; ~17 min under TCG).
 bench: bench-device provision image backend
 	ISM_BENCH=1 ISM_VMTEST=1 ISM_QEMU=$(QEMU) ISM_KERNEL=$(KERNEL) ISM_INITRD=$(INITRD) \
 	ISM_BACKEND=$$([ -x $(BACKEND) ] && echo $(BACKEND)) \

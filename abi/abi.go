@@ -98,6 +98,7 @@ const (
 	cfgMaxMoveLen  = 28 // u32
 	cfgShmSize     = 32 // u64
 	cfgQueueSize   = 40 // u16: largest ring size the device accepts
+	cfgHeartbeatMS = 42 // u16: the SBA heartbeat's period in ms, 0: none
 	cfgConfigBytes = 48 // first reserved byte; 48..63 are zero
 )
 
@@ -113,6 +114,12 @@ type Config struct {
 	MaxMoveLen uint32 // largest MOVE data length in one request
 	ShmSize    uint64 // size of the shared-memory region (attach mode), 0 if none
 	QueueSize  uint16
+	// HeartbeatMS is how often (ms) the device adds one to the SBA's
+	// heartbeat while it serves the driver; 0: it does not. A driver that
+	// sees the count stand still for many periods while it waits knows the
+	// backend is gone, without touching config space (which aborts QEMU
+	// 11.1.3 once the backend is gone).
+	HeartbeatMS uint16
 }
 
 // Encode writes c into b, which must be ConfigSize bytes.
@@ -130,6 +137,7 @@ func (c *Config) Encode(b []byte) {
 	le.PutUint32(b[cfgMaxMoveLen:], c.MaxMoveLen)
 	le.PutUint64(b[cfgShmSize:], c.ShmSize)
 	le.PutUint16(b[cfgQueueSize:], c.QueueSize)
+	le.PutUint16(b[cfgHeartbeatMS:], c.HeartbeatMS)
 }
 
 // DecodeConfig parses a config space and checks magic and version.
@@ -149,6 +157,8 @@ func DecodeConfig(b []byte) (Config, error) {
 		MaxMoveLen: le.Uint32(b[cfgMaxMoveLen:]),
 		ShmSize:    le.Uint64(b[cfgShmSize:]),
 		QueueSize:  le.Uint16(b[cfgQueueSize:]),
+
+		HeartbeatMS: le.Uint16(b[cfgHeartbeatMS:]),
 	}
 	if c.Magic != Magic {
 		return c, fmt.Errorf("abi: config magic %#x, want %#x: not an ISM device", c.Magic, Magic)
@@ -391,6 +401,10 @@ func DecodeEvent(b []byte) (Event, error) {
 //	group[i/64]  u32 at SBAGroupOffset + 4*(i/64)
 //	sum          u32 at SBASumOffset
 //
+// One more counter stands apart: heartbeat, u32 at SBAHeartbeatOffset, which
+// the device sets to one more than it last set it every Config.HeartbeatMS
+// while the device is started and the SBA set.
+//
 // A driver reads in the reverse order (sum, then the groups that changed,
 // then the seqs of their DMBs, then the DMBE counts of the DMBs whose seq
 // changed) and so never misses a signal: whatever it sees of a later field
@@ -399,13 +413,14 @@ func DecodeEvent(b []byte) (Event, error) {
 // TCG makes that swap a plain load and store, which loses the device's bits
 // (../shared/notes/tcg-shared-memory.md).
 const (
-	SBASumOffset   = 0
-	SBAGroupOffset = 64
-	SBAGroups      = (MaxDMBs + 63) / 64 // 30
-	SBASeqOffset   = SBAGroupOffset + 4*32
-	SBADMBEOffset  = 8192
-	SBASize        = SBADMBEOffset + 2*MaxDMBEs*MaxDMBs // 131072
-	SBAAlign       = 4096                               // SET_SBA's GPA is a multiple of it
+	SBASumOffset       = 0
+	SBAHeartbeatOffset = 4
+	SBAGroupOffset     = 64
+	SBAGroups          = (MaxDMBs + 63) / 64 // 30
+	SBASeqOffset       = SBAGroupOffset + 4*32
+	SBADMBEOffset      = 8192
+	SBASize            = SBADMBEOffset + 2*MaxDMBEs*MaxDMBs // 131072
+	SBAAlign           = 4096                               // SET_SBA's GPA is a multiple of it
 )
 
 // SBA is a view of a signalling block. The device side calls Signal; the
@@ -464,6 +479,14 @@ func (s SBA) Signal(i, e uint32) {
 	s.add(SBAGroupOffset + 4*int(i/64))
 	s.add(SBASumOffset)
 }
+
+// Beat stores n as the heartbeat. Only the device calls it, from one
+// goroutine per device, with one more than it stored last: it keeps the
+// count itself and never reads the driver's memory back.
+func (s SBA) Beat(n uint32) { atomic.StoreUint32(s.word(SBAHeartbeatOffset), toLE32(n)) }
+
+// Heartbeat is the heartbeat count (the driver's side of Beat).
+func (s SBA) Heartbeat() uint32 { return s.load(SBAHeartbeatOffset) }
 
 // Sum is the count of all signals.
 func (s SBA) Sum() uint32 { return s.load(SBASumOffset) }

@@ -46,7 +46,12 @@ type Options struct {
 	Wait         WaitMode      // how the poller waits for signals and events; default WaitAuto
 	Modes        uint16        // abi.ModeCopy, abi.ModeAttach: the modes the driver may use; 0: whatever the device offers
 	DevRoot      string        // where uio nodes are; default /dev
-	Logf         func(format string, args ...any)
+	// BackendDeadAfter is how long the device's heartbeat (abi.Config
+	// HeartbeatMS) may stand still while a request waits before the
+	// backend is declared gone; default 10 heartbeat periods, at least 2 s.
+	// Unused when the device has no heartbeat.
+	BackendDeadAfter time.Duration
+	Logf             func(format string, args ...any)
 }
 
 // WaitMode says how the driver waits for DMB signals and device events.
@@ -92,6 +97,11 @@ var ErrClosed = errors.New("guestdriver: closed")
 // ErrBroken wraps the reason the device was declared broken.
 var ErrBroken = errors.New("guestdriver: device broke the protocol")
 
+// ErrBackendGone (wrapped in ErrBroken) says the device's heartbeat stood
+// still while a request waited: the backend process behind the device is
+// gone, and nothing more will complete.
+var ErrBackendGone = errors.New("guestdriver: the device's backend is gone (heartbeat stopped)")
+
 // slotSize is the DMA bytes per in-flight request: header, then response.
 const slotSize = abi.RequestSize + abi.ResponseSize
 
@@ -133,6 +143,13 @@ type Driver struct {
 	nextIndex uint32
 	maxDMBs   uint32
 	live      atomic.Int64 // DMBs and Buffers handed out and not freed
+
+	// The backend's liveness (checkBeatLocked), guarded by reqMu: the
+	// heartbeat last seen and when it was first seen; deadAfter 0 until
+	// SET_SBA has completed on a device with a heartbeat.
+	beatSeen  uint32
+	beatAt    time.Time
+	deadAfter time.Duration
 
 	broken atomic.Pointer[error]
 	closed atomic.Bool
@@ -363,7 +380,46 @@ func (d *Driver) start(nev int) error {
 		d.stopPoller()
 		return fmt.Errorf("SET_SBA: %w", err)
 	}
+	if d.cfg.HeartbeatMS > 0 {
+		dead := d.opts.BackendDeadAfter
+		if dead <= 0 {
+			dead = max(10*time.Duration(d.cfg.HeartbeatMS)*time.Millisecond, 2*time.Second)
+		}
+		d.reqMu.Lock()
+		d.deadAfter = dead
+		d.reqMu.Unlock()
+	}
 	return nil
+}
+
+// Heartbeat is the device's heartbeat count as the SBA holds it now (0 on a
+// device without one, see abi.Config.HeartbeatMS).
+func (d *Driver) Heartbeat() uint32 { return d.signals.sba.Heartbeat() }
+
+// backendGone says whether the driver declared the backend gone.
+func (d *Driver) backendGone() bool {
+	e := d.broken.Load()
+	return e != nil && errors.Is(*e, ErrBackendGone)
+}
+
+// checkBeatLocked declares the backend gone (ErrBackendGone) when the SBA's
+// heartbeat has stood still for deadAfter. It is called while a request
+// waits, so an idle driver reads nothing; a beat seen to change restarts the
+// clock, whenever it is looked at. It reads the SBA only, never config
+// space: QEMU 11.1.3 aborts on a config read once the backend is gone. Call
+// with reqMu held.
+func (d *Driver) checkBeatLocked(now time.Time) {
+	if d.deadAfter <= 0 {
+		return
+	}
+	b := d.signals.sba.Heartbeat()
+	if b != d.beatSeen || d.beatAt.IsZero() {
+		d.beatSeen, d.beatAt = b, now
+		return
+	}
+	if still := now.Sub(d.beatAt); still > d.deadAfter {
+		d.failLocked(fmt.Errorf("%w: it stood at %d for %v", ErrBackendGone, b, still.Round(time.Millisecond)))
+	}
 }
 
 // GID is this device's GID.
@@ -421,7 +477,7 @@ func (d *Driver) usable() error {
 // fail declares the device broken and completes every pending request with
 // the reason. Call with reqMu held.
 func (d *Driver) failLocked(err error) {
-	err = fmt.Errorf("%w: %v", ErrBroken, err)
+	err = fmt.Errorf("%w: %w", ErrBroken, err)
 	d.broken.CompareAndSwap(nil, &err)
 	for h, w := range d.pending {
 		if w != nil {
@@ -455,6 +511,7 @@ func (d *Driver) do(req *abi.Request, data []pci.Seg) (abi.Response, error) {
 		if d.reqQ.NumFree() >= need && len(d.freeSlots) > 0 {
 			break
 		}
+		d.checkBeatLocked(time.Now())
 		d.reqMu.Unlock()
 		if time.Since(start) > d.opts.Timeout {
 			return abi.Response{}, fmt.Errorf("guestdriver: %v: request queue stayed full for %v", req.Op, d.opts.Timeout)
@@ -486,8 +543,12 @@ func (d *Driver) do(req *abi.Request, data []pci.Seg) (abi.Response, error) {
 	for !w.done.Load() {
 		if d.reqMu.TryLock() {
 			d.harvestLocked()
-			if !w.done.Load() && time.Since(start) > d.opts.Timeout {
-				d.failLocked(fmt.Errorf("%v not completed in %v", req.Op, d.opts.Timeout))
+			if !w.done.Load() {
+				now := time.Now()
+				d.checkBeatLocked(now)
+				if !w.done.Load() && now.Sub(start) > d.opts.Timeout {
+					d.failLocked(fmt.Errorf("%v not completed in %v", req.Op, d.opts.Timeout))
+				}
 			}
 			d.reqMu.Unlock()
 			if w.done.Load() {
@@ -586,7 +647,10 @@ func (d *Driver) Close() error {
 		d.shm.closeAll()
 	}
 	var err error
-	if d.vio != nil { // nil only in tests
+	if d.vio != nil && !d.backendGone() { // nil only in tests
+		// A device whose backend is gone is left alone: QEMU 11.1.3
+		// cannot stop a vhost-user device that lost its back-end
+		// safely, and there is nothing to reset.
 		err = d.vio.Reset(5 * time.Second)
 	}
 	d.reqMu.Lock()

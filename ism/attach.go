@@ -123,8 +123,7 @@ func (d *Device) RegisterAttachDMB(length, rgid uint64, index uint32) (token, of
 	}
 	buf, err := dmb.NewBuffer(d.name, length)
 	if err != nil {
-		d.log.WithError(err).Error("ism: cannot create an attach-mode DMB")
-		return 0, 0, d.refuse(req, abi.StatusInternal, "memfd creation failed")
+		return 0, 0, d.refuse(req, abi.StatusInternal, "memfd creation failed: "+err.Error())
 	}
 	size := buf.Size()
 	e := &dmbEntry{owner: d, rgid: rgid, size: length, index: index, buf: buf}
@@ -196,8 +195,7 @@ func (d *Device) RegisterAttachDMB(length, rgid uint64, index uint32) (token, of
 	case !current:
 		st, why = abi.StatusNotReady, "device reset or disconnected during the map"
 	case merr != nil:
-		d.log.WithError(merr).Warn("ism: SHMEM_MAP of a new DMB failed")
-		st, why = mapStatus(merr), "map into the region failed"
+		st, why = mapStatus(merr), "map into the region failed: "+merr.Error()
 	default: // mapped, but no token: unmap again
 		a.unmapLater()
 		st, why = abi.StatusNoSpace, "fabric DMB limit"
@@ -266,8 +264,7 @@ func (d *Device) Attach(token uint64) (off, length uint64, err error) {
 		// it is open here; the dup keeps the fd for the map below.
 		if fd, err = e.buf.DupFD(); err != nil {
 			_ = as.region.Free(o)
-			d.log.WithError(err).Error("ism: cannot dup a DMB's memfd")
-			return abi.StatusInternal, "dup of the memfd failed"
+			return abi.StatusInternal, "dup of the memfd failed: " + err.Error()
 		}
 		a.off, a.region = o, as.region
 		as.attached[token] = a
@@ -298,8 +295,7 @@ func (d *Device) Attach(token uint64) (off, length uint64, err error) {
 	}
 	f.amu.Unlock()
 	if merr != nil {
-		d.log.WithError(merr).Warn("ism: SHMEM_MAP of an attached DMB failed")
-		return 0, 0, d.refuse(req, mapStatus(merr), "map into the region failed")
+		return 0, 0, d.refuse(req, mapStatus(merr), "map into the region failed: "+merr.Error())
 	}
 	// Revoked while mapping (UNREGISTER, the owner gone, our reset): who
 	// revoked it queued the unmap, which runs after this map, or the

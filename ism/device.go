@@ -35,11 +35,12 @@ type Device struct {
 	sbaSet     bool
 	sbaGPA     uint64
 	interrupts bool
+	beats      atomic.Uint32        // the last heartbeat stored (Beat)
 	dmbs       map[uint64]*dmbEntry // own live DMBs by token
 	indices    dmb.IndexSet
 
 	stats counters
-	lim   limiter
+	lim   *limiter // its name's: a guest's resets get no fresh allowance
 }
 
 // GID is the device's GID.
@@ -282,8 +283,7 @@ func (d *Device) register(gpa, length, rgid uint64, index uint32) (uint64, abi.S
 		if st, ok := err.(abi.Status); ok {
 			return 0, st, "fabric DMB limit"
 		}
-		d.log.WithError(err).Error("ism: cannot allocate a DMB token")
-		return 0, abi.StatusInternal, "token allocation failed"
+		return 0, abi.StatusInternal, "token allocation failed: " + err.Error()
 	}
 	_ = d.indices.Claim(index) // checked free above, under the same lock
 	d.dmbs[tok] = e
@@ -429,6 +429,31 @@ func faultOutside(r any, segs [][]byte) bool {
 			return false
 		}
 	}
+	return true
+}
+
+// Beat adds one to the heartbeat in the device's SBA (abi.SBA.Beat), if the
+// driver has set one, and says whether it did. Call it every
+// Config.HeartbeatMS from one goroutine. The SBA is written through a view
+// of the guest's memory acquired for this beat, as a MOVE does. The count
+// is the device's own, never read back from guest memory.
+func (d *Device) Beat() bool {
+	d.mu.RLock() // as a MOVE: keeps mem and the SBA as checked
+	defer d.mu.RUnlock()
+	if d.gone || !d.sbaSet {
+		return false
+	}
+	mem := d.mem.Acquire()
+	defer mem.Release()
+	b, err := mem.Bytes(d.sbaGPA, abi.SBASize)
+	if err != nil {
+		return false
+	}
+	sba, err := abi.NewSBA(b)
+	if err != nil {
+		return false
+	}
+	sba.Beat(d.beats.Add(1))
 	return true
 }
 
@@ -677,5 +702,7 @@ func (d *Device) disconnect() {
 	f.mu.Lock()
 	f.retired.addStats(s)
 	f.mu.Unlock()
-	d.log.WithField("peers", len(peers)).Debug("ism: device disconnected")
+	if e := d.lim.Entry(f.now(), d.log, logrus.DebugLevel); e != nil {
+		e.WithField("peers", len(peers)).Debug("ism: device disconnected")
+	}
 }

@@ -111,6 +111,7 @@ type Fabric struct {
 type nameRecord struct {
 	devs   []*Device
 	folded Stats
+	lim    limiter // every device of the name logs its refusals through it
 }
 
 // dmbEntry is one registered DMB. owner, rgid, gpa, size, index and buf are
@@ -228,6 +229,7 @@ func (f *Fabric) ConnectDevice(name string, gid uint64, mem Memory, n Notifier, 
 		rec = &nameRecord{}
 		f.names[name] = rec
 	}
+	d.lim = &rec.lim
 	rec.devs = slices.DeleteFunc(rec.devs, func(o *Device) bool {
 		if f.devices[o.gid] == o {
 			return false // still connected (same name, another GID)

@@ -57,3 +57,22 @@ func TestRefusalLogging(t *testing.T) {
 		t.Fatalf("%d refusals counted", got)
 	}
 }
+
+// A guest that resets its device between refusals gets a new Device each
+// time but no fresh allowance: the limiter is its name's.
+func TestRefusalLoggingAcrossResets(t *testing.T) {
+	logger, hook := logtest.NewNullLogger()
+	logger.SetLevel(logrus.DebugLevel)
+	f := NewFabric(abi.DefaultCHID, logrus.NewEntry(logger))
+	t0 := time.Unix(1000, 0)
+	f.now = func() time.Time { return t0 }
+	const resets = 50
+	for range resets {
+		g := newGuest(t, f, "vm-a", 0xA)
+		g.dev.Handle(move(0x1234, 0, 0, 1, false), [][]byte{{1}}) // no such token
+		g.dev.Disconnect()
+	}
+	if n := len(hook.AllEntries()); n == 0 || n > logBurst {
+		t.Fatalf("%d resets, each with a refusal, gave %d lines; want 1 to %d", resets, n, logBurst)
+	}
+}

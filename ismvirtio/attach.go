@@ -160,7 +160,9 @@ func (s *session) Unmap(off, size uint64, done func(bool)) {
 		}
 		err := s.vdev.ShmemUnmap(0, off, size)
 		if err != nil && !errors.Is(err, vhostuser.ErrNotStarted) {
-			s.b.log.WithError(err).Warn("SHMEM_UNMAP failed")
+			if e := s.b.lim.Entry(s.b.now(), s.b.log, logrus.WarnLevel); e != nil {
+				e.WithError(err).Warn("SHMEM_UNMAP failed")
+			}
 		}
 		done(err == nil)
 	})

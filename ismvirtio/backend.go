@@ -36,10 +36,12 @@ type Backend struct {
 	log    *logrus.Entry
 	config [abi.ConfigSize]byte
 
-	// Guest-caused warnings are rate-limited (see warnGuest); now is the
-	// limiter's clock, fixed by tests.
-	lim logLimiter
-	now func() time.Time
+	// Guest-caused warnings are rate-limited (see warnGuest); start and
+	// stop lines, which a guest's reset loop repeats, have their own
+	// limiter (lifeLog). now is the limiters' clock, fixed by tests.
+	lim     logLimiter
+	lifeLim logLimiter
+	now     func() time.Time
 
 	opts Options
 
@@ -47,9 +49,10 @@ type Backend struct {
 	// lock (exclusive), so HandleQueue (shared) never sees them change.
 	// Other VMs' goroutines read vdev only under evMu (PostEvent,
 	// Interrupt), which Start and Stop take to change it.
-	vdev *vhostuser.Device
-	dev  *ism.Device
-	sess *session
+	vdev     *vhostuser.Device
+	dev      *ism.Device
+	sess     *session
+	stopBeat chan struct{} // closed by Stop: the heartbeat goroutine ends
 
 	// The attach-mode request the mapping worker is serving (nil: none).
 	// While it is set the request queue's goroutine takes no chain, so
@@ -96,7 +99,15 @@ type Options struct {
 	// queue wakes itself to go on (0: the defaults).
 	BatchChains int
 	BatchBytes  uint64
+
+	// Heartbeat is the period of the SBA heartbeat (abi.Config.HeartbeatMS;
+	// 0: DefaultHeartbeat; negative: none).
+	Heartbeat time.Duration
 }
+
+// DefaultHeartbeat is the SBA heartbeat's period unless Options say
+// otherwise: a driver declares the backend gone after several missed ones.
+const DefaultHeartbeat = 500 * time.Millisecond
 
 // Check fills in defaults and checks o.
 func (o *Options) Check() error {
@@ -111,6 +122,14 @@ func (o *Options) Check() error {
 	}
 	if o.Modes&^(abi.ModeCopy|abi.ModeAttach) != 0 {
 		return fmt.Errorf("ismvirtio: unknown modes %#x", o.Modes)
+	}
+	switch {
+	case o.Heartbeat == 0:
+		o.Heartbeat = DefaultHeartbeat
+	case o.Heartbeat < 0:
+		o.Heartbeat = -1
+	case o.Heartbeat < time.Millisecond || o.Heartbeat > 60*time.Second:
+		return fmt.Errorf("ismvirtio: heartbeat period %v: want 1ms..60s", o.Heartbeat)
 	}
 	if o.Modes&abi.ModeAttach == 0 {
 		o.ShmSize, o.MaxMapped = 0, 0
@@ -153,6 +172,9 @@ func NewWithOptions(f *ism.Fabric, name string, gid uint64, log *logrus.Entry, o
 		ShmSize:    opts.ShmSize,
 		QueueSize:  vhostuser.MaxQueueSize,
 	}
+	if opts.Heartbeat > 0 {
+		cfg.HeartbeatMS = uint16(opts.Heartbeat / time.Millisecond)
+	}
 	cfg.Encode(b.config[:])
 	return b, nil
 }
@@ -179,7 +201,9 @@ func (b *Backend) ReadConfig(offset uint32, buf []byte) error {
 // WriteConfig: the config space is read-only; writes are ignored, as a
 // device ignores writes to read-only registers.
 func (b *Backend) WriteConfig(offset uint32, data []byte) error {
-	b.log.WithField("offset", offset).Debug("ignored write to read-only config space")
+	if e := b.lim.Entry(b.now(), b.log, logrus.DebugLevel); e != nil {
+		e.WithField("offset", offset).Debug("ignored write to read-only config space")
+	}
 	return nil
 }
 
@@ -205,7 +229,9 @@ func (b *Backend) Start(vdev *vhostuser.Device) error {
 			s = newSession(b, vdev)
 			cfg.Mapper, cfg.RegionSize, cfg.MaxMapped = s, b.opts.ShmSize, b.opts.MaxMapped
 		} else {
-			b.log.Warn("front-end did not ack shared memory: attach mode not available")
+			if e := b.lifeLog(logrus.WarnLevel); e != nil {
+				e.Warn("front-end did not ack shared memory: attach mode not available")
+			}
 			cfg.Modes &^= abi.ModeAttach
 		}
 	}
@@ -229,7 +255,13 @@ func (b *Backend) Start(vdev *vhostuser.Device) error {
 		s.dev = dev
 		go s.run()
 	}
-	b.log.Info("device started")
+	if b.opts.Heartbeat > 0 {
+		b.stopBeat = make(chan struct{})
+		go b.heartbeat(vdev, dev, b.stopBeat)
+	}
+	if e := b.lifeLog(logrus.InfoLevel); e != nil {
+		e.Info("device started")
+	}
 	return nil
 }
 
@@ -244,9 +276,17 @@ func (b *Backend) Stop(vdev *vhostuser.Device) {
 		// void) without touching the rings again, and sends nothing more.
 		b.sess.stop()
 	}
+	if b.stopBeat != nil {
+		// Not waited for: it may be waiting for the device lock Stop
+		// holds; under that lock it sees b.dev changed and beats no more.
+		close(b.stopBeat)
+		b.stopBeat = nil
+	}
 	st := b.dev.Stats()
 	b.dev.Disconnect()
-	b.log.WithField("stats", st).Info("device stopped: its DMBs are gone")
+	if e := b.lifeLog(logrus.InfoLevel); e != nil {
+		e.WithField("stats", st).Info("device stopped: its DMBs are gone")
+	}
 	b.dev, b.sess = nil, nil
 	b.asyncMu.Lock()
 	b.async = false

@@ -27,3 +27,8 @@ func (b *Backend) warnGuest(fields logrus.Fields, msg string) {
 	}
 	b.log.WithFields(fields).Warn(msg)
 }
+
+// lifeLog: the entry for a start or stop line, or nil when it is left out.
+func (b *Backend) lifeLog(level logrus.Level) *logrus.Entry {
+	return b.lifeLim.Entry(b.now(), b.log, level)
+}

@@ -116,6 +116,10 @@ type Device struct {
 	// guest can make QEMU send some (a queue size that is not a power of
 	// two), once per device start.
 	lim logLimiter
+	// traceLim and lifeLim: see guestLog. lifeLim is the VM's, shared by
+	// its connections.
+	traceLim logLimiter
+	lifeLim  *logLimiter
 }
 
 // Name is the VM name the Server was given for this socket.
@@ -289,7 +293,9 @@ func (d *Device) awaitMapVisible(file fileKey, before int) {
 		case <-changed:
 		case <-timeout.C:
 			d.mapsUnseen.Store(true)
-			d.log.Warnf("the front-end showed no memory-table region for a SHMEM_MAP within %v: not waiting for them any more (the guest may see new mappings late)", MapVisibleTimeout)
+			if e := d.guestLog(logrus.WarnLevel); e != nil {
+				e.Warnf("the front-end showed no memory-table region for a SHMEM_MAP within %v: not waiting for them any more (the guest may see new mappings late)", MapVisibleTimeout)
+			}
 			return
 		}
 	}
@@ -365,7 +371,9 @@ func (d *Device) backendRequest(req uint32, payload []byte, fds []int) error {
 	// After a failed or late exchange the channel is out of step (a late
 	// reply would answer the next request): drop it.
 	broken := func(err error) error {
-		d.log.WithError(err).Warn("back-end request channel dropped")
+		if e := d.guestLog(logrus.WarnLevel); e != nil {
+			e.WithError(err).Warn("back-end request channel dropped")
+		}
 		d.bcPtrMu.Lock()
 		if d.bc == c {
 			d.bc = nil

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"runtime/debug"
 
+	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 )
 
@@ -24,15 +25,21 @@ func (d *Device) serve() {
 		m, err := ReadMessage(d.conn)
 		if err != nil {
 			if errors.Is(err, errEOF) || !errors.Is(err, ErrMalformed) {
-				d.log.WithError(err).Info("front-end disconnected")
+				if e := d.lifeLog(logrus.InfoLevel); e != nil {
+					e.WithError(err).Info("front-end disconnected")
+				}
 			} else {
 				d.stats.badMessages.Add(1)
-				d.log.WithError(err).Warn("bad message: closing the connection")
+				if e := d.lifeLog(logrus.WarnLevel); e != nil {
+					e.WithError(err).Warn("bad message: closing the connection")
+				}
 			}
 			return
 		}
 		d.stats.messages.Add(1)
-		d.log.Debugf("%s flags %#x size %d fds %d", RequestName(m.Request), m.Flags, len(m.Payload), len(m.FDs))
+		if e := d.traceLog(); e != nil {
+			e.Debugf("%s flags %#x size %d fds %d", RequestName(m.Request), m.Flags, len(m.Payload), len(m.FDs))
+		}
 		if !d.dispatch(m) {
 			return
 		}
@@ -44,7 +51,9 @@ func (d *Device) dispatch(m *Message) (goOn bool) {
 	defer func() {
 		if r := recover(); r != nil {
 			d.stats.badMessages.Add(1)
-			d.log.Errorf("panic handling %s: %v\n%s", RequestName(m.Request), r, debug.Stack())
+			if e := d.lifeLog(logrus.ErrorLevel); e != nil {
+				e.Errorf("panic handling %s: %v\n%s", RequestName(m.Request), r, debug.Stack())
+			}
 			goOn = false
 		}
 	}()
@@ -52,13 +61,17 @@ func (d *Device) dispatch(m *Message) (goOn bool) {
 	if err != nil {
 		m.CloseFDs()
 		d.stats.badMessages.Add(1)
-		d.log.WithError(err).Warn("bad message: closing the connection")
+		if e := d.lifeLog(logrus.WarnLevel); e != nil {
+			e.WithError(err).Warn("bad message: closing the connection")
+		}
 		return false
 	}
 	if !known {
 		m.CloseFDs()
 		d.stats.badMessages.Add(1)
-		d.log.Warnf("unknown request %d (%d bytes), ignored", m.Request, len(m.Payload))
+		if e := d.guestLog(logrus.WarnLevel); e != nil {
+			e.Warnf("unknown request %d (%d bytes), ignored", m.Request, len(m.Payload))
+		}
 		return d.ack(m, errors.New("unknown request"))
 	}
 	reply, hasReply, err := d.handle(m)
@@ -67,16 +80,20 @@ func (d *Device) dispatch(m *Message) (goOn bool) {
 		d.stats.badMessages.Add(1)
 		var f fatalError
 		if errors.As(err, &f) {
-			d.log.WithError(err).Warnf("%s: closing the connection", RequestName(m.Request))
+			if e := d.lifeLog(logrus.WarnLevel); e != nil {
+				e.WithError(err).Warnf("%s: closing the connection", RequestName(m.Request))
+			}
 			return false
 		}
-		if ok, suppressed := d.lim.Allow(d.srv.now()); ok {
-			d.log.WithError(err).WithField("suppressed", suppressed).Warnf("%s refused", RequestName(m.Request))
+		if e := d.guestLog(logrus.WarnLevel); e != nil {
+			e.WithError(err).Warnf("%s refused", RequestName(m.Request))
 		}
 	}
 	if hasReply {
 		if werr := WriteMessage(d.conn, m.Request, flagVersion|flagReply, reply, nil); werr != nil {
-			d.log.WithError(werr).Info("reply failed")
+			if e := d.lifeLog(logrus.InfoLevel); e != nil {
+				e.WithError(werr).Info("reply failed")
+			}
 			return false
 		}
 		return true
@@ -94,7 +111,9 @@ func (d *Device) ack(m *Message, err error) bool {
 		st = 1
 	}
 	if werr := WriteMessage(d.conn, m.Request, flagVersion|flagReply, u64(st), nil); werr != nil {
-		d.log.WithError(werr).Info("reply failed")
+		if e := d.lifeLog(logrus.InfoLevel); e != nil {
+			e.WithError(werr).Info("reply failed")
+		}
 		return false
 	}
 	return true
@@ -153,7 +172,9 @@ func (d *Device) handle(m *Message) (reply []byte, hasReply bool, err error) {
 			return nil, false, fmt.Errorf("protocol features %#x not offered (%#x)", f, d.offeredProto)
 		}
 		d.ackedProto.Store(f)
-		d.log.Debugf("protocol features acked %#x", f)
+		if e := d.traceLog(); e != nil {
+			e.Debugf("protocol features acked %#x", f)
+		}
 		return nil, false, nil
 
 	case ReqSetOwner:
@@ -199,7 +220,9 @@ func (d *Device) handle(m *Message) (reply []byte, hasReply bool, err error) {
 			// The old addresses may not fit the new size; SET_VRING_ADDR
 			// follows and decides.
 			if terr := q.translate(d.Memory()); terr != nil {
-				d.log.WithError(terr).Debug("ring does not translate with the new size yet")
+				if e := d.traceLog(); e != nil {
+					e.WithError(terr).Debug("ring does not translate with the new size yet")
+				}
 			}
 		})
 		d.reconcile()
@@ -278,7 +301,9 @@ func (d *Device) handle(m *Message) (reply []byte, hasReply bool, err error) {
 				}
 			})
 			if fd < 0 {
-				d.log.Warnf("queue %d: polling mode (no kick fd) is not supported", q.index)
+				if e := d.guestLog(logrus.WarnLevel); e != nil {
+					e.Warnf("queue %d: polling mode (no kick fd) is not supported", q.index)
+				}
 			}
 		case ReqSetVringCall:
 			// Interrupt writes the call fd from any VM's queue
@@ -348,7 +373,9 @@ func (d *Device) handle(m *Message) (reply []byte, hasReply bool, err error) {
 			return nil, false, fmt.Errorf("status %#x", v)
 		}
 		d.status = uint8(v)
-		d.log.Debugf("status %#x", v)
+		if e := d.traceLog(); e != nil {
+			e.Debugf("status %#x", v)
+		}
 		if v == 0 {
 			// A virtio reset: the rings are gone until the driver sets
 			// them up and QEMU enables them again. The fds QEMU set at
@@ -389,7 +416,9 @@ func (d *Device) protocolFeaturesAcked() bool {
 func (d *Device) call(what string, fn func()) (panicked bool) {
 	defer func() {
 		if r := recover(); r != nil {
-			d.log.Errorf("panic in Backend.%s: %v\n%s", what, r, debug.Stack())
+			if e := d.lifeLog(logrus.ErrorLevel); e != nil {
+				e.Errorf("panic in Backend.%s: %v\n%s", what, r, debug.Stack())
+			}
 			d.Close()
 			panicked = true
 		}
@@ -468,7 +497,9 @@ func (d *Device) setMemTable(m *Message) error {
 		return fail(err)
 	}
 	d.swapMemory(next)
-	d.log.Debugf("memory table: %d regions", n)
+	if e := d.traceLog(); e != nil {
+		e.Debugf("memory table: %d regions", n)
+	}
 	return nil
 }
 
@@ -534,7 +565,9 @@ func (d *Device) swapMemory(next *Memory) {
 		d.setMemory(next)
 		for _, q := range d.queues {
 			if err := q.translate(next); err != nil {
-				d.log.WithError(err).Warn("ring does not translate in the new memory table")
+				if e := d.guestLog(logrus.WarnLevel); e != nil {
+					e.WithError(err).Warn("ring does not translate in the new memory table")
+				}
 			}
 		}
 	})

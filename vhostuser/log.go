@@ -1,6 +1,8 @@
 package vhostuser
 
 import (
+	"github.com/sirupsen/logrus"
+
 	"github.com/ism-backend/ism-backend/internal/ratelog"
 )
 
@@ -14,3 +16,24 @@ const (
 )
 
 type logLimiter = ratelog.Limiter
+
+// Every log line a guest or its QEMU can repeat goes through one of these:
+// each returns the entry to log with, or nil when the line is left out.
+//
+//   - guestLog: lines one front-end message or kick causes (refusals,
+//     unknown requests, rings that do not translate), per connection.
+//   - traceLog: the Debug trace of messages, per connection, apart so that
+//     a debug log cannot use up the warnings' allowance.
+//   - lifeLog: connects, disconnects, device start and stop, per VM, so
+//     that neither a guest's reset loop nor a QEMU's reconnect loop floods.
+func (d *Device) guestLog(level logrus.Level) *logrus.Entry {
+	return d.lim.Entry(d.srv.now(), d.log, level)
+}
+
+func (d *Device) traceLog() *logrus.Entry {
+	return d.traceLim.Entry(d.srv.now(), d.log, logrus.DebugLevel)
+}
+
+func (d *Device) lifeLog(level logrus.Level) *logrus.Entry {
+	return d.lifeLim.Entry(d.srv.now(), d.log, level)
+}

@@ -56,6 +56,11 @@ type Server struct {
 	// (DefaultReplyTimeout if zero). Set it before Serve.
 	ReplyTimeout time.Duration
 
+	// AllowUIDs, when not empty, are the only uids whose processes may
+	// connect (checked with SO_PEERCRED); others are closed at once and
+	// the listener goes on. Set it before Serve.
+	AllowUIDs []uint32
+
 	// MaxMemBytes bounds the sum of the region sizes of one connection's
 	// memory table (DefaultMaxMemBytes if zero); MaxMemRegions bounds its
 	// regions (MaxMemSlots if zero or larger) and is what GET_MAX_MEM_SLOTS
@@ -109,6 +114,11 @@ func (s *Server) Serve(ctx context.Context, name string, ln *net.UnixListener, n
 	})
 	defer stop()
 	defer ln.Close()
+	// The VM's lifecycle lines (connects, starts, stops) and refused
+	// connections are rate-limited across its connections: a reconnect
+	// loop gets no fresh allowance. Refusals have their own, so that a
+	// stranger's connect loop cannot hide the VM's own lines.
+	life, refusals := &logLimiter{}, &logLimiter{}
 	for {
 		c, err := ln.AcceptUnix()
 		if err != nil {
@@ -121,13 +131,25 @@ func (s *Server) Serve(ctx context.Context, name string, ln *net.UnixListener, n
 			}
 			return fmt.Errorf("vhost-user %s: accept: %w", name, err)
 		}
-		log.Info("front-end connected")
-		d, err := s.newDevice(ctx, name, log, c, newBackend)
-		if err != nil {
-			log.WithError(err).Error("cannot create the device; closing the connection")
+		if cred, err := s.checkPeer(c); err != nil {
+			if e := refusals.Entry(s.now(), log, logrus.WarnLevel); e != nil {
+				e.WithFields(cred).WithError(err).Warn("connection refused")
+			}
 			c.Close()
 			continue
 		}
+		if e := life.Entry(s.now(), log, logrus.InfoLevel); e != nil {
+			e.Info("front-end connected")
+		}
+		d, err := s.newDevice(ctx, name, log, c, newBackend)
+		if err != nil {
+			if e := life.Entry(s.now(), log, logrus.ErrorLevel); e != nil {
+				e.WithError(err).Error("cannot create the device; closing the connection")
+			}
+			c.Close()
+			continue
+		}
+		d.lifeLim = life
 		cur.Store(d)
 		if ctx.Err() != nil { // cancelled between Accept and Store
 			d.Close()
@@ -148,8 +170,42 @@ func (s *Server) Serve(ctx context.Context, name string, ln *net.UnixListener, n
 		}
 		s.mu.Unlock()
 		cur.Store(nil)
-		log.WithField("stats", fmt.Sprintf("%+v", d.Stats())).Info("connection torn down")
+		if e := life.Entry(s.now(), log, logrus.InfoLevel); e != nil {
+			e.WithField("stats", fmt.Sprintf("%+v", d.Stats())).Info("connection torn down")
+		}
 	}
+}
+
+// errPeerUID: the connecting process's uid is not in AllowUIDs.
+var errPeerUID = errors.New("uid not allowed")
+
+// checkPeer applies AllowUIDs to a new connection. The fields describe the
+// peer for the refusal's log line.
+func (s *Server) checkPeer(c *net.UnixConn) (logrus.Fields, error) {
+	if len(s.AllowUIDs) == 0 {
+		return nil, nil
+	}
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	var cred *unix.Ucred
+	var credErr error
+	if err := rc.Control(func(fd uintptr) {
+		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return nil, err
+	}
+	if credErr != nil {
+		return nil, fmt.Errorf("SO_PEERCRED: %w", credErr)
+	}
+	fields := logrus.Fields{"uid": cred.Uid, "pid": cred.Pid}
+	for _, u := range s.AllowUIDs {
+		if cred.Uid == u {
+			return fields, nil
+		}
+	}
+	return fields, errPeerUID
 }
 
 func (s *Server) newDevice(ctx context.Context, name string, log *logrus.Entry, c *net.UnixConn, newBackend func(string) (Backend, error)) (d *Device, err error) {
@@ -174,6 +230,7 @@ func (s *Server) newDevice(ctx context.Context, name string, log *logrus.Entry, 
 		backend:      be,
 		conn:         c,
 		replyTimeout: s.ReplyTimeout,
+		lifeLim:      &logLimiter{}, // Serve gives the VM's
 	}
 	if d.replyTimeout <= 0 {
 		d.replyTimeout = DefaultReplyTimeout
@@ -249,10 +306,14 @@ func (d *Device) reconcile() {
 			}
 		})
 		if err != nil {
-			d.log.WithError(err).Error("device start failed")
+			if e := d.lifeLog(logrus.ErrorLevel); e != nil {
+				e.WithError(err).Error("device start failed")
+			}
 			return
 		}
-		d.log.Info("device started")
+		if e := d.lifeLog(logrus.InfoLevel); e != nil {
+			e.Info("device started")
+		}
 	}
 	for _, q := range d.queues {
 		running := d.runner(q.index) != nil
@@ -272,7 +333,9 @@ func (d *Device) stopDevice() {
 			d.call("Stop", func() { d.backend.Stop(d) })
 		}
 	})
-	d.log.Info("device stopped")
+	if e := d.lifeLog(logrus.InfoLevel); e != nil {
+		e.Info("device stopped")
+	}
 }
 
 // resetDevice handles RESET_DEVICE and RESET_OWNER: stop, and forget all
@@ -330,12 +393,16 @@ func (d *Device) runner(i int) *runner {
 func (d *Device) startRunner(q *Queue) {
 	fd, err := unix.FcntlInt(uintptr(q.kickFD), unix.F_DUPFD_CLOEXEC, 0)
 	if err != nil {
-		d.log.WithError(err).Errorf("queue %d: dup kick fd", q.index)
+		if e := d.guestLog(logrus.ErrorLevel); e != nil {
+			e.WithError(err).Errorf("queue %d: dup kick fd", q.index)
+		}
 		return
 	}
 	if err := unix.SetNonblock(fd, true); err != nil {
 		unix.Close(fd)
-		d.log.WithError(err).Errorf("queue %d: kick fd", q.index)
+		if e := d.guestLog(logrus.ErrorLevel); e != nil {
+			e.WithError(err).Errorf("queue %d: kick fd", q.index)
+		}
 		return
 	}
 	r := &runner{q: q, kick: os.NewFile(uintptr(fd), fmt.Sprintf("kick%d", q.index)), fd: fd, done: make(chan struct{})}
@@ -392,7 +459,9 @@ func (d *Device) runQueue(r *runner) {
 	defer close(r.done)
 	defer func() {
 		if p := recover(); p != nil {
-			d.log.Errorf("panic in Backend.HandleQueue(%d): %v\n%s", r.q.index, p, debug.Stack())
+			if e := d.lifeLog(logrus.ErrorLevel); e != nil {
+				e.Errorf("panic in Backend.HandleQueue(%d): %v\n%s", r.q.index, p, debug.Stack())
+			}
 			d.Close()
 		}
 	}()
@@ -403,7 +472,9 @@ func (d *Device) runQueue(r *runner) {
 		if !again {
 			if _, err := r.kick.Read(buf[:]); err != nil {
 				if !r.stop.Load() {
-					d.log.WithError(err).Errorf("queue %d: kick read", r.q.index)
+					if e := d.guestLog(logrus.ErrorLevel); e != nil {
+						e.WithError(err).Errorf("queue %d: kick read", r.q.index)
+					}
 				}
 				return
 			}

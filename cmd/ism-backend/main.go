@@ -52,6 +52,10 @@ type options struct {
 	// -max-mem-regions).
 	maxMemBytes   uint64
 	maxMemRegions int
+	// Who may reach the sockets: file mode and group, peer uids (none:
+	// anyone the file lets through).
+	socket    socketAccess
+	allowUIDs []uint32
 }
 
 func main() {
@@ -114,6 +118,20 @@ func parseFlags(args []string, errOut io.Writer) (*options, error) {
 		}
 		opts.vmModes[name] = v
 		return nil
+	})
+	opts.socket = socketAccess{mode: defaultSocketMode, gid: -1}
+	fs.Func("socket-mode", "permission bits of the sockets, octal `MODE` (default 0600, whatever the umask)", func(s string) (err error) {
+		opts.socket.mode, err = parseSocketMode(s)
+		return err
+	})
+	fs.Func("socket-group", "group of the sockets, `NAME` or gid (default: the backend's)", func(s string) (err error) {
+		opts.socket.gid, err = parseGroup(s)
+		return err
+	})
+	fs.Func("allow-uid", "accept connections only from processes of these users, `UID[,UID...]` or names (repeatable; default: anyone the socket's mode lets in)", func(s string) error {
+		uids, err := parseUIDs(s)
+		opts.allowUIDs = append(opts.allowUIDs, uids...)
+		return err
 	})
 	fs.Uint64Var(&opts.shmSize, "shm-size", ismvirtio.DefaultShmSize, "bytes of each VM's shared-memory region (attach mode; a multiple of 4096)")
 	fs.Uint64Var(&opts.maxMapped, "max-mapped", 0, "bytes of DMBs one VM may have mapped in its region at once (0: -shm-size)")
@@ -217,6 +235,7 @@ func run(ctx context.Context, opts *options) error {
 	fabric := ism.NewFabric(opts.chid, logrus.NewEntry(log)) // adds the chid field itself
 	server := vhostuser.NewServer(log.WithField("component", "vhostuser"))
 	server.MaxMemBytes, server.MaxMemRegions = opts.maxMemBytes, opts.maxMemRegions
+	server.AllowUIDs = opts.allowUIDs
 
 	// Listen on every socket first, so a failure leaves nothing half-started.
 	listeners := make([]*net.UnixListener, 0, len(opts.vms))
@@ -226,7 +245,7 @@ func run(ctx context.Context, opts *options) error {
 		}
 	}()
 	for _, v := range opts.vms {
-		ln, err := listenUnix(filepath.Join(opts.socketDir, v.Name+".sock"))
+		ln, err := listenUnix(filepath.Join(opts.socketDir, v.Name+".sock"), opts.socket)
 		if err != nil {
 			return err
 		}
@@ -291,29 +310,6 @@ loop:
 	wg.Wait()
 	report()
 	return runErr
-}
-
-// listenUnix listens on path, replacing a stale socket file left by a backend
-// that died, but never a live one or a file that is not a socket.
-func listenUnix(path string) (*net.UnixListener, error) {
-	if fi, err := os.Lstat(path); err == nil {
-		if fi.Mode()&os.ModeSocket == 0 {
-			return nil, fmt.Errorf("%s exists and is not a socket", path)
-		}
-		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-			c.Close()
-			return nil, fmt.Errorf("%s: another backend is listening there", path)
-		}
-		if err := os.Remove(path); err != nil {
-			return nil, fmt.Errorf("removing stale socket: %w", err)
-		}
-	}
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
-	if err != nil {
-		return nil, err
-	}
-	ln.SetUnlinkOnClose(true)
-	return ln, nil
 }
 
 func logStats(log *logrus.Logger, f *ism.Fabric) {

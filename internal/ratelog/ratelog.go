@@ -7,6 +7,8 @@ package ratelog
 import (
 	"sync"
 	"time"
+
+	"github.com/sirupsen/logrus"
 )
 
 const (
@@ -46,4 +48,22 @@ func (l *Limiter) Allow(now time.Time) (ok bool, suppressed uint64) {
 	s := l.suppressed
 	l.suppressed = 0
 	return true, s
+}
+
+// Entry is Allow for one line at level on e: it returns e to log the line
+// with, carrying the count of lines left out as field "suppressed", or nil
+// when the line is to be left out. A level e's logger does not log takes
+// no token, so enabled lines are not left out for the sake of disabled ones.
+func (l *Limiter) Entry(now time.Time, e *logrus.Entry, level logrus.Level) *logrus.Entry {
+	if !e.Logger.IsLevelEnabled(level) {
+		return nil
+	}
+	ok, suppressed := l.Allow(now)
+	if !ok {
+		return nil
+	}
+	if suppressed > 0 {
+		return e.WithField("suppressed", suppressed)
+	}
+	return e
 }

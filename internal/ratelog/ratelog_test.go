@@ -1,8 +1,11 @@
 package ratelog
 
 import (
+	"bytes"
 	"testing"
 	"time"
+
+	"github.com/sirupsen/logrus"
 )
 
 func TestLimiter(t *testing.T) {
@@ -35,5 +38,39 @@ func TestLimiter(t *testing.T) {
 	}
 	if n != Burst {
 		t.Fatalf("after an hour %d lines, want %d", n, Burst)
+	}
+}
+
+func TestEntry(t *testing.T) {
+	var out bytes.Buffer
+	log := logrus.New()
+	log.SetOutput(&out)
+	log.SetLevel(logrus.InfoLevel)
+	e := logrus.NewEntry(log)
+	var l Limiter
+	t0 := time.Unix(1000, 0)
+	// Disabled lines take no token.
+	for range 3 * Burst {
+		if l.Entry(t0, e, logrus.DebugLevel) != nil {
+			t.Fatal("entry for a disabled level")
+		}
+	}
+	for i := range Burst {
+		le := l.Entry(t0, e, logrus.WarnLevel)
+		if le == nil {
+			t.Fatalf("line %d of the burst left out", i)
+		}
+		if _, ok := le.Data["suppressed"]; ok {
+			t.Fatalf("line %d says lines were suppressed", i)
+		}
+	}
+	for range 7 {
+		if l.Entry(t0, e, logrus.WarnLevel) != nil {
+			t.Fatal("line past the burst let through")
+		}
+	}
+	le := l.Entry(t0.Add(Every), e, logrus.WarnLevel)
+	if le == nil || le.Data["suppressed"] != uint64(7) {
+		t.Fatalf("after one period: %v, want an entry with suppressed=7", le)
 	}
 }

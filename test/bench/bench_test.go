@@ -26,7 +26,8 @@ import (
 //	intra-VM  one guest (bench-local): smcd-attach, smcd-copy, tcp over
 //	          127.0.0.1, unix
 //
-// Knobs: ISM_BENCH_DUR (per measurement, default 2s), ISM_BENCH_ROUNDS
+// Knobs: ISM_BENCH_DUR (per measurement, default 3s; lat takes twice
+// that), ISM_BENCH_ROUNDS
 // (default 5), ISM_BENCH_DMB (SMC-D DMB size in bytes, default 1 MiB;
 // "default": the stack's smcd.DefaultDMBSize),
 // ISM_BENCH_TESTS (the guest's ism.tests; unset: the guest's default, all
@@ -44,7 +45,7 @@ func TestBench(t *testing.T) {
 		t.Skip("ISM_BENCH=1 not set (make bench)")
 	}
 	started := time.Now()
-	dur := envOr("ISM_BENCH_DUR", "2s")
+	dur := envOr("ISM_BENCH_DUR", "3s")
 	d, err := time.ParseDuration(dur)
 	if err != nil || d <= 0 {
 		t.Fatalf("ISM_BENCH_DUR=%q: %v", dur, err)
@@ -63,13 +64,16 @@ func TestBench(t *testing.T) {
 	// The guests get 32 huge pages (64 MiB); the driver may use 24 of them
 	// for DMA (rings and DMBs: 1 MiB DMBs need more than the default 8).
 	args := map[string]string{"dur": dur, "rounds": strconv.Itoa(rounds), "hugepages": "24", "wait": wait}
-	// Measurements per transport and round, for the estimate: by default
-	// the guest's five (tput, tput32, lat with its three percentiles,
-	// msgrate, http).
-	nTests := 5
+	// Measurement times (in ism.dur) per transport and round, for the
+	// estimate: by default the guest's five (tput, tput32, lat with its
+	// three percentiles and twice the time, msgrate, http).
+	nTests := 6
 	if tests != "" {
 		args["tests"] = tests
 		nTests = len(strings.Split(tests, ","))
+		if strings.Contains(","+tests+",", ",lat,") {
+			nTests++
+		}
 	}
 	// 1 MiB DMBs for one connection, as the SMC-D loopback figures used
 	// 1 MB buffers; 64 KiB for the 32-connection tests (the agent's

@@ -224,7 +224,7 @@ func (r *Report) WriteSVG(w io.Writer) error {
 		x += 16 + 7*float64(len(tr)) + 18
 	}
 	p(`<path d="M%s 58v12M%s 58h8M%s 70h8" stroke="#222222" fill="none"/>`, svgNum(x+4), svgNum(x), svgNum(x))
-	p(`<text x="%s" y="68">%s</text>`, svgNum(x+14), svgText("min–max over rounds · label: median ratio, * = a spread above 25%"))
+	p(`<text x="%s" y="68">%s</text>`, svgNum(x+14), svgText("min–max over rounds · label: median ratio, * = its middle half spreads over 25%"))
 
 	if len(scopes) == 0 {
 		p(`<text x="%d" y="%d" font-size="14">%s</text>`, chartLeft, chartTop+chartPanelH/2, "no samples")

@@ -83,7 +83,8 @@ var RatioPairs = [][2]string{
 }
 
 // NoisySpread is the spread above which the table and the chart flag a cell:
-// its rounds disagree by more than a quarter of their median.
+// the middle half of its rounds disagree by more than a quarter of their
+// median.
 const NoisySpread = 0.25
 
 // Sample is one measurement a guest reported.
@@ -198,8 +199,8 @@ func sortSamples(s []Sample) {
 	})
 }
 
-// Cell is one (scope, test, transport): the median of its rounds and their
-// range.
+// Cell is one (scope, test, transport): the median of its rounds, their
+// quartiles and their range.
 type Cell struct {
 	Scope     string  `json:"scope"`
 	Test      string  `json:"test"`
@@ -207,12 +208,20 @@ type Cell struct {
 	Transport string  `json:"transport"`
 	N         int     `json:"n"`
 	Median    float64 `json:"median"`
+	Q1        float64 `json:"q1"`
+	Q3        float64 `json:"q3"`
 	Min       float64 `json:"min"`
 	Max       float64 `json:"max"`
 }
 
-// Spread is (max-min)/median: how much the rounds disagree.
-func (c Cell) Spread() float64 { return spread(c.Min, c.Max, c.Median) }
+// Spread is the interquartile range over the median, (q3-q1)/median: how
+// much the middle half of the rounds disagree. On a shared host one round in
+// five or so can be hit by someone else's work; the range (Range) shows
+// that round, the spread does not let it hide how well the others agree.
+func (c Cell) Spread() float64 { return spread(c.Q1, c.Q3, c.Median) }
+
+// Range is (max-min)/median: how much all rounds disagree.
+func (c Cell) Range() float64 { return spread(c.Min, c.Max, c.Median) }
 
 // Noisy says whether the spread is above NoisySpread.
 func (c Cell) Noisy() bool { return c.Spread() > NoisySpread }
@@ -225,16 +234,23 @@ func spread(lo, hi, mid float64) float64 {
 }
 
 // Median of v (not modified); NaN for none.
-func Median(v []float64) float64 {
+func Median(v []float64) float64 { return Quantile(v, 0.5) }
+
+// Quantile is the q-quantile (0 <= q <= 1) of v (not modified), interpolated
+// linearly between the two nearest ranks (R's type 7, numpy's default); NaN
+// for none. Of 5 rounds the quartiles are the 2nd and the 4th.
+func Quantile(v []float64, q float64) float64 {
 	if len(v) == 0 {
 		return math.NaN()
 	}
 	s := append([]float64(nil), v...)
 	sort.Float64s(s)
-	if len(s)%2 == 1 {
-		return s[len(s)/2]
+	h := q * float64(len(s)-1)
+	i := int(math.Floor(h))
+	if i+1 >= len(s) {
+		return s[len(s)-1]
 	}
-	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+	return s[i] + (h-float64(i))*(s[i+1]-s[i])
 }
 
 // Aggregate groups samples into cells, in table order.
@@ -249,10 +265,8 @@ func Aggregate(samples []Sample) []Cell {
 		}
 		c := &cells[len(cells)-1]
 		c.N, c.Median = len(vals), Median(vals)
-		c.Min, c.Max = vals[0], vals[0]
-		for _, v := range vals {
-			c.Min, c.Max = math.Min(c.Min, v), math.Max(c.Max, v)
-		}
+		c.Q1, c.Q3 = Quantile(vals, 0.25), Quantile(vals, 0.75)
+		c.Min, c.Max = slices.Min(vals), slices.Max(vals)
 		vals = nil
 	}
 	for _, x := range s {
@@ -278,10 +292,13 @@ type Ratio struct {
 	Test  string `json:"test"`
 	Num   string `json:"num"`
 	Den   string `json:"den"`
-	// Value is the median of the per-round ratios; Min and Max their
-	// range; Rounds how many rounds had both transports. With no such
-	// round (failures), Value, Min and Max are OfMedians and Rounds is 0.
+	// Value is the median of the per-round ratios; Q1 and Q3 their
+	// quartiles, Min and Max their range; Rounds how many rounds had both
+	// transports. With no such round (failures), all five are OfMedians
+	// and Rounds is 0.
 	Value  float64 `json:"value"`
+	Q1     float64 `json:"q1"`
+	Q3     float64 `json:"q3"`
 	Min    float64 `json:"min"`
 	Max    float64 `json:"max"`
 	Rounds int     `json:"rounds"`
@@ -297,8 +314,11 @@ type Ratio struct {
 	Noisy bool `json:"noisy"`
 }
 
-// Spread is the per-round ratios' (max-min)/median.
-func (r Ratio) Spread() float64 { return spread(r.Min, r.Max, r.Value) }
+// Spread is the per-round ratios' (q3-q1)/median, as Cell.Spread.
+func (r Ratio) Spread() float64 { return spread(r.Q1, r.Q3, r.Value) }
+
+// Range is the per-round ratios' (max-min)/median.
+func (r Ratio) Range() float64 { return spread(r.Min, r.Max, r.Value) }
 
 // Ratios computes RatioPairs wherever both cells exist (and the
 // denominator's median is not 0), in the cells' order, then RatioPairs'.
@@ -347,8 +367,10 @@ func Ratios(cells []Cell, samples []Sample) []Ratio {
 			r.Rounds = len(per)
 			if len(per) == 0 {
 				r.Value, r.Min, r.Max = r.OfMedians, r.OfMedians, r.OfMedians
+				r.Q1, r.Q3 = r.OfMedians, r.OfMedians
 			} else {
 				r.Value, r.Min, r.Max = Median(per), slices.Min(per), slices.Max(per)
+				r.Q1, r.Q3 = Quantile(per, 0.25), Quantile(per, 0.75)
 			}
 			lower := false
 			if t := testByName(c.Test); t != nil {
@@ -479,7 +501,7 @@ func (r *Report) WriteTable(w io.Writer) error {
 		}
 		ratio[kk][x.Den] = x
 	}
-	head := []string{"scope", "test", "unit", "better", "transport", "n", "median", "spread"}
+	head := []string{"scope", "test", "unit", "better", "transport", "n", "median", "spread", "range"}
 	const textCols = 5 // left-aligned; figures right
 	for _, d := range dens {
 		head = append(head, "vs "+d)
@@ -501,7 +523,7 @@ func (r *Report) WriteTable(w io.Writer) error {
 			better = t.Better()
 		}
 		row := []string{c.Scope, c.Test, unit, better, c.Transport, strconv.Itoa(c.N),
-			FormatValue(c.Median), percent(c.Spread()) + flag(c.Noisy())}
+			FormatValue(c.Median), percent(c.Spread()) + flag(c.Noisy()), percent(c.Range())}
 		for _, d := range dens {
 			x, ok := ratio[k{c.Scope, c.Test, c.Transport}][d]
 			if !ok {
@@ -552,10 +574,11 @@ func (r *Report) WriteTable(w io.Writer) error {
 	for _, f := range r.Failures {
 		fmt.Fprintf(&b, "FAILED: %s %s over %s, round %d: %s\n", f.Scope, f.Test, f.Transport, f.Round, f.Error)
 	}
-	b.WriteString("n rounds; median and spread ((max-min)/median) of this transport's rounds. vs X: this transport's\n" +
-		"figure over X's, per round where both ran (rounds interleave the transports): median [min..max].\n" +
-		"\"+\": this transport did better (better: higher or lower figures). \"!\": a spread above 25%\n" +
-		"(the cell's; for a ratio its own or either transport's): read with care.\n")
+	b.WriteString("n rounds; median of this transport's rounds, their spread ((q3-q1)/median: the middle half)\n" +
+		"and range ((max-min)/median: all of them). vs X: this transport's figure over X's, per round\n" +
+		"where both ran (rounds interleave the transports): median [min..max]. \"+\": this transport did\n" +
+		"better (better: higher or lower figures). \"!\": a spread above 25% (the cell's; for a ratio\n" +
+		"its own or either transport's): read with care.\n")
 	for _, t := range Tests {
 		fmt.Fprintf(&b, "  %-9s %s, %s\n", t.Name, t.Title, t.Unit)
 	}

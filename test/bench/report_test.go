@@ -107,12 +107,12 @@ func TestAggregateAndRatios(t *testing.T) {
 	s = slices.DeleteFunc(s, func(x Sample) bool { return x.Transport == "unix" && x.Round == 2 })
 	cells := Aggregate(s)
 	want := []Cell{
-		{"inter-VM", "tput", "MB/s", "smcd-attach", 3, 250, 200, 300},
-		{"inter-VM", "tput", "MB/s", "smcd-copy", 3, 200, 180, 210},
-		{"inter-VM", "tput", "MB/s", "tcp", 3, 100, 80, 120},
-		{"intra-VM", "lat", "us/RTT", "smcd-attach", 3, 30, 20, 40},
-		{"intra-VM", "lat", "us/RTT", "tcp", 3, 15, 15, 15},
-		{"intra-VM", "lat", "us/RTT", "unix", 2, 11, 10, 12},
+		{"inter-VM", "tput", "MB/s", "smcd-attach", 3, 250, 225, 275, 200, 300},
+		{"inter-VM", "tput", "MB/s", "smcd-copy", 3, 200, 190, 205, 180, 210},
+		{"inter-VM", "tput", "MB/s", "tcp", 3, 100, 90, 110, 80, 120},
+		{"intra-VM", "lat", "us/RTT", "smcd-attach", 3, 30, 25, 35, 20, 40},
+		{"intra-VM", "lat", "us/RTT", "tcp", 3, 15, 15, 15, 15, 15},
+		{"intra-VM", "lat", "us/RTT", "unix", 2, 11, 10.5, 11.5, 10, 12},
 	}
 	if len(cells) != len(want) {
 		t.Fatalf("cells %+v", cells)
@@ -122,8 +122,8 @@ func TestAggregateAndRatios(t *testing.T) {
 			t.Errorf("cell %d: got %+v, want %+v", i, cells[i], want[i])
 		}
 	}
-	if s := cells[3].Spread(); math.Abs(s-20.0/30) > 1e-9 || !cells[3].Noisy() {
-		t.Errorf("spread %v", s)
+	if s, r := cells[3].Spread(), cells[3].Range(); math.Abs(s-10.0/30) > 1e-9 || math.Abs(r-20.0/30) > 1e-9 || !cells[3].Noisy() {
+		t.Errorf("spread %v, range %v", s, r)
 	}
 	if cells[4].Noisy() {
 		t.Errorf("tcp cell noisy: %v", cells[4].Spread())
@@ -144,9 +144,11 @@ func TestAggregateAndRatios(t *testing.T) {
 		t.Fatalf("ratios %q, want %q", order, wantOrder)
 	}
 	near := func(a, b float64) bool { return math.Abs(a-b) < 1e-9 }
-	// Per round 3, 2.5, 250/120: median 2.5.
+	// Per round 3, 2.5, 250/120: median 2.5, quartiles halfway to the
+	// ends; the cells' spreads are 50/250 and 20/100, so not noisy.
 	if r := got[k{"inter-VM", "tput", "smcd-attach/tcp"}]; r.Value != 2.5 || !near(r.Min, 250.0/120) || r.Max != 3 ||
-		r.Rounds != 3 || r.OfMedians != 2.5 || !r.Better || !near(r.NumSpread, 0.4) || !near(r.DenSpread, 0.4) || !r.Noisy {
+		!near(r.Q1, (2.5+250.0/120)/2) || r.Q3 != 2.75 || r.Rounds != 3 || r.OfMedians != 2.5 || !r.Better ||
+		!near(r.NumSpread, 0.2) || !near(r.DenSpread, 0.2) || r.Noisy {
 		t.Errorf("inter tput smcd-attach/tcp %+v", r)
 	}
 	// 300/200, 200/180, 250/210.
@@ -165,13 +167,49 @@ func TestAggregateAndRatios(t *testing.T) {
 	}
 }
 
+func TestQuantile(t *testing.T) {
+	v := []float64{50, 10, 40, 20, 30}
+	for _, c := range []struct{ q, want float64 }{{0, 10}, {0.25, 20}, {0.5, 30}, {0.75, 40}, {1, 50}, {0.1, 14}} {
+		if got := Quantile(v, c.q); math.Abs(got-c.want) > 1e-9 {
+			t.Errorf("Quantile(%v, %v) = %v, want %v", v, c.q, got, c.want)
+		}
+	}
+	if v[0] != 50 {
+		t.Errorf("Quantile sorted its argument: %v", v)
+	}
+	if got := Quantile([]float64{7}, 0.75); got != 7 {
+		t.Errorf("one value: %v", got)
+	}
+	if !math.IsNaN(Quantile(nil, 0.5)) || Median([]float64{1, 2}) != 1.5 {
+		t.Error("Quantile of none, or Median of two")
+	}
+}
+
+// One round hit by other work widens the range, not the spread; rounds that
+// disagree among themselves are flagged.
+func TestSpreadAndRange(t *testing.T) {
+	one := func(vals ...float64) Cell {
+		var s []Sample
+		for i, v := range vals {
+			s = append(s, Sample{"inter-VM", "tput", "tcp", i, v})
+		}
+		return Aggregate(s)[0]
+	}
+	if c := one(100, 102, 98, 101, 40); c.Noisy() || c.Range() < 0.6 {
+		t.Errorf("one outlier: spread %v range %v noisy %v", c.Spread(), c.Range(), c.Noisy())
+	}
+	if c := one(100, 70, 130, 85, 115); !c.Noisy() {
+		t.Errorf("disagreeing rounds: spread %v not flagged", c.Spread())
+	}
+}
+
 func TestRatiosUnpaired(t *testing.T) {
 	s := []Sample{
 		{"intra-VM", "tput", "smcd-copy", 0, 300},
 		{"intra-VM", "tput", "tcp", 1, 100},
 	}
 	rs := Ratios(Aggregate(s), s)
-	if len(rs) != 1 || rs[0].Rounds != 0 || rs[0].Value != 3 || rs[0].Min != 3 || rs[0].Max != 3 {
+	if len(rs) != 1 || rs[0].Rounds != 0 || rs[0].Value != 3 || rs[0].Min != 3 || rs[0].Max != 3 || rs[0].Q1 != 3 || rs[0].Q3 != 3 {
 		t.Errorf("unpaired ratio %+v", rs)
 	}
 	// A zero denominator gives no ratio, and no Inf for the JSON.
@@ -224,12 +262,12 @@ func TestWriteTable(t *testing.T) {
 		}
 	}
 	for _, want := range []string{
-		"2.50+ [2.08..3.00]!", // inter tput smcd-attach/tcp, better, tcp's spread 40%
-		"1.19+ [1.11..1.50]!", // inter tput smcd-attach/smcd-copy, ratio spread 33%
-		"2.00  [1.33..2.67]!", // intra lat smcd-attach/tcp, worse: no mark
-		"3.00  [1.67..3.64]!", // intra lat smcd-attach/unix
-		"67%!",                // intra lat smcd-attach spread (20..40 around 30)
-		"15.00     0%\n",      // intra lat tcp: no flag
+		"2.50+ [2.08..3.00] ",    // inter tput smcd-attach/tcp, better; spreads 18%, 20%, 20%
+		"1.19+ [1.11..1.50]\n",   // inter tput smcd-attach/smcd-copy, spreads 16%, 20%, 8%
+		"2.00  [1.33..2.67]!",    // intra lat smcd-attach/tcp, worse: no mark; smcd-attach's spread
+		"3.00  [1.67..3.64]!",    // intra lat smcd-attach/unix
+		"33%!    67%",            // intra lat smcd-attach: spread (25..35 around 30), range (20..40)
+		"15.00     0%      0%\n", // intra lat tcp: no flag
 		"FAILED: inter-VM http over smcd-copy, round 4: timeout",
 		"tput32    throughput, 64000 B writes, 32 connections (sum), MB/s",
 	} {
@@ -242,7 +280,8 @@ func TestWriteTable(t *testing.T) {
 		t.Errorf("grouping:\n%s", out)
 	}
 	// The figure columns end in one column on every row that has them.
-	if w := len(lines[0]); w == 0 || !strings.HasSuffix(lines[2], "!") || len(lines[2]) != w {
+	// (The first row's last ratio has no flag: its blank is trimmed.)
+	if w := len(lines[0]); w == 0 || !strings.HasSuffix(lines[2], "]") || len(lines[2]) != w-1 {
 		t.Errorf("ragged rows (%d vs %d):\n%s", len(lines[2]), w, out)
 	}
 }

@@ -70,3 +70,27 @@ func TestBackendSurvivesGuestKill(t *testing.T) {
 	}
 	second.RequireOK(0)
 }
+
+// TestDriverSeesBackendGone SIGKILLs the backend under a running guest: the
+// guest's next request must fail with ErrBackendGone (the SBA heartbeat
+// stood still), not with the driver's 30 s request timeout, and closing the
+// driver must leave the device alone so that QEMU 11.1.3, which aborts on a
+// config read once the back-end is gone, survives to a clean power-off.
+func TestDriverSeesBackendGone(t *testing.T) {
+	r := vmharness.New(t)
+	r.RequireBackend()
+	sock := r.Path("vm0.sock")
+	b := r.StartBackend([]string{"-socket-dir", r.Dir, "-vm", "vm0"}, sock)
+	vm := r.StartVM(vmharness.VMConfig{Name: "vm0", Scenario: "backend-gone", Control: true,
+		ISM: []vmharness.ISMDevice{{Socket: sock}}})
+	if _, err := vm.WaitResult("ready", 180*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	b.Kill()
+	if err := vm.Send("go"); err != nil {
+		t.Fatal(err)
+	}
+	o := vm.RequireOK(0)
+	t.Logf("first request failed after %s ms: %s; the next after %s ms", o.Results["first_error_ms"],
+		o.Results["first_error"], o.Results["second_error_ms"])
+}

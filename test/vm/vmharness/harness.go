@@ -493,6 +493,9 @@ func (b *Backend) Exited() (bool, error) {
 	}
 }
 
+// PID is the backend's process id (for sampling its /proc entries).
+func (b *Backend) PID() int { return b.cmd.Process.Pid }
+
 // Log returns the backend's output so far.
 func (b *Backend) Log() string {
 	s, _ := os.ReadFile(b.LogPath)
