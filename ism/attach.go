@@ -34,11 +34,15 @@ type DeviceConfig struct {
 	// Modes the device offers: abi.ModeCopy, abi.ModeAttach. 0 means copy.
 	Modes uint16
 	// Attach mode only: the device's mapper, the size of its shared-memory
-	// region and how many bytes of DMBs it may have mapped at once (0: the
-	// region size).
+	// region, how many bytes of DMBs it may have mapped at once (own DMBs
+	// and attachments; 0: the region size) and how many bytes of
+	// attach-mode DMBs it may own (the host memory it makes the backend
+	// hold; 0: MaxMapped, which bounds them anyway, as an owner maps its
+	// own DMBs).
 	Mapper     Mapper
 	RegionSize uint64
 	MaxMapped  uint64
+	MaxAttach  uint64
 }
 
 // MaxMappings bounds the mappings in one device's region (own attach-mode
@@ -84,11 +88,12 @@ func (a *attachment) unmapLater() {
 // attachState is a device's attach-mode bookkeeping, guarded by the
 // fabric's attach lock (Fabric.amu).
 type attachState struct {
-	region   *dmb.RegionAllocator   // replaced on Reset: late frees go to the old one
-	attached map[uint64]*attachment // DMBs this device attached, by token
-	owned    int                    // own live attach-mode DMBs
-	mapped   uint64                 // bytes mapped: own DMBs and attachments
-	gen      uint64                 // bumped by Reset: a Map begun before it is void
+	region     *dmb.RegionAllocator   // replaced on Reset: late frees go to the old one
+	attached   map[uint64]*attachment // DMBs this device attached, by token
+	owned      int                    // own live attach-mode DMBs
+	ownedBytes uint64                 // their memfds' bytes, and those of one being mapped (against Device.maxAttach)
+	mapped     uint64                 // bytes mapped: own DMBs and attachments
+	gen        uint64                 // bumped by Reset: a Map begun before it is void
 }
 
 func (d *Device) attachOffered() bool { return d.modes&abi.ModeAttach != 0 && d.mapper != nil }
@@ -143,9 +148,14 @@ func (d *Device) RegisterAttachDMB(length, rgid uint64, index uint32) (token, of
 		case d.indices.Has(index):
 			return abi.StatusBusy, "DMB index in use", 0
 		case len(d.dmbs) >= int(f.deviceLimit.Load()):
-			return abi.StatusNoSpace, "device DMB limit", 0
+			d.stats.dmbLimitRefused.Add(1)
+			return abi.StatusNoSpace, whyDMBLimit, 0
+		case size > d.maxAttach-as.ownedBytes:
+			d.stats.attachLimitRefused.Add(1)
+			return abi.StatusNoSpace, whyAttachLimit, 0
 		case size > d.maxMapped-as.mapped:
-			return abi.StatusNoSpace, "mapped-bytes limit", 0
+			d.stats.mappedLimitRefused.Add(1)
+			return abi.StatusNoSpace, whyMappedLimit, 0
 		}
 		o, err := as.region.Alloc(size)
 		if err != nil {
@@ -154,6 +164,7 @@ func (d *Device) RegisterAttachDMB(length, rgid uint64, index uint32) (token, of
 		a.off, a.region = o, as.region
 		_ = d.indices.Claim(index)
 		as.mapped += size
+		as.ownedBytes += size
 		return abi.StatusOK, "", as.gen
 	}()
 	if st != abi.StatusOK {
@@ -175,7 +186,7 @@ func (d *Device) RegisterAttachDMB(length, rgid uint64, index uint32) (token, of
 			e.own = a
 			e.live = true
 			e.attachers = make(map[*Device]*attachment)
-			d.dmbs[token] = e
+			d.addLocked(token, e)
 			d.att.owned++
 			d.mu.Unlock()
 			f.amu.Unlock()
@@ -188,6 +199,7 @@ func (d *Device) RegisterAttachDMB(length, rgid uint64, index uint32) (token, of
 	if current {
 		d.indices.Release(index)
 		d.att.mapped -= size
+		d.att.ownedBytes -= size
 	}
 	d.mu.Unlock()
 	f.amu.Unlock()
@@ -254,7 +266,8 @@ func (d *Device) Attach(token uint64) (off, length uint64, err error) {
 		}
 		a.size = e.own.size // set with e.live, under this lock
 		if a.size > d.maxMapped-as.mapped {
-			return abi.StatusNoSpace, "mapped-bytes limit"
+			d.stats.mappedLimitRefused.Add(1)
+			return abi.StatusNoSpace, whyMappedLimit
 		}
 		o, err := as.region.Alloc(a.size)
 		if err != nil {
@@ -376,10 +389,11 @@ func (d *Device) unregisterAttach(req abi.Request, e *dmbEntry) error {
 	if live {
 		e.live = false
 		d.indices.Release(e.index)
-		delete(d.dmbs, e.own.tok)
+		d.removeLocked(e.own.tok, e)
 		f.dmbs.Delete(e.own.tok)
 		revoked = e.revokeLocked()
 		d.att.owned--
+		d.att.ownedBytes -= e.own.size
 		d.att.mapped -= e.own.size
 	}
 	d.mu.Unlock()

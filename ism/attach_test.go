@@ -407,6 +407,9 @@ func TestAttachMaxMapped(t *testing.T) {
 	t2, _ := registerAttach(t, a, 4096, 0xB, 1)
 	attach(t, b, t1, abi.StatusOK)
 	attach(t, b, t2, abi.StatusNoSpace)
+	if s := b.dev.Stats(); s.MappedLimitRefused != 1 {
+		t.Fatalf("%d refusals by the mapped-bytes limit, want 1", s.MappedLimitRefused)
+	}
 	do(t, b.dev, abi.Request{Op: abi.OpDetachDMB, Token: t1}, nil, abi.StatusOK)
 	m.flush()
 	attach(t, b, t2, abi.StatusOK)

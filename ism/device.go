@@ -20,10 +20,11 @@ type Device struct {
 	n    Notifier
 	log  *logrus.Entry
 
-	// Fixed at connect: the modes offered and attach mode's mapper and limit.
+	// Fixed at connect: the modes offered and attach mode's mapper and limits.
 	modes     uint16
 	mapper    Mapper
 	maxMapped uint64
+	maxAttach uint64
 	att       attachState // guarded by f.amu
 
 	closed         atomic.Bool // set at the start of Disconnect
@@ -37,10 +38,12 @@ type Device struct {
 	interrupts bool
 	beats      atomic.Uint32        // the last heartbeat stored (Beat)
 	dmbs       map[uint64]*dmbEntry // own live DMBs by token
+	rgids      map[uint64]int       // own live DMBs by rgid: the GIDs SIGNAL may reach
 	indices    dmb.IndexSet
 
 	stats counters
-	lim   *limiter // its name's: a guest's resets get no fresh allowance
+	lim   *limiter      // its name's: a guest's resets get no fresh allowance
+	sig   *signalBucket // its name's, for the same reason
 }
 
 // GID is the device's GID.
@@ -67,6 +70,7 @@ func (d *Device) Stats() Stats {
 // gaugesLocked fills in the attach-mode gauges; f.amu is held.
 func (d *Device) gaugesLocked(s *Stats) {
 	s.AttachDMBs += uint64(d.att.owned)
+	s.AttachBytes += d.att.ownedBytes
 	s.Attached += uint64(len(d.att.attached))
 	s.MappedBytes += d.att.mapped
 }
@@ -274,7 +278,8 @@ func (d *Device) register(gpa, length, rgid uint64, index uint32) (uint64, abi.S
 		return 0, abi.StatusBusy, "DMB index in use"
 	}
 	if len(d.dmbs) >= int(d.f.deviceLimit.Load()) {
-		return 0, abi.StatusNoSpace, "device DMB limit"
+		d.stats.dmbLimitRefused.Add(1)
+		return 0, abi.StatusNoSpace, whyDMBLimit
 	}
 	e := &dmbEntry{owner: d, rgid: rgid, gpa: gpa, size: length, index: index, live: true}
 	// The entry is visible to MOVEs from here, but they wait for d.mu.
@@ -286,7 +291,7 @@ func (d *Device) register(gpa, length, rgid uint64, index uint32) (uint64, abi.S
 		return 0, abi.StatusInternal, "token allocation failed: " + err.Error()
 	}
 	_ = d.indices.Claim(index) // checked free above, under the same lock
-	d.dmbs[tok] = e
+	d.addLocked(tok, e)
 	return tok, abi.StatusOK, ""
 }
 
@@ -312,7 +317,7 @@ func (d *Device) UnregisterDMB(token uint64) error {
 	if live {
 		e.live = false
 		d.indices.Release(e.index)
-		delete(d.dmbs, token)
+		d.removeLocked(token, e)
 		d.f.dmbs.Delete(token)
 	}
 	d.mu.Unlock()
@@ -517,33 +522,6 @@ func (o *Device) moveLocked(e *dmbEntry, dmbe uint32, offset, n uint64, signal b
 	return abi.StatusOK, true
 }
 
-// Signal posts a software event (abi.EventSWR with this device's GID, code
-// and info) to the device with GID rgid, which may be this device.
-func (d *Device) Signal(rgid uint64, code uint16, info uint64) error {
-	req := abi.Request{Op: abi.OpSignal, GID: rgid, Index: uint32(code), Offset: info}
-	if d.closed.Load() {
-		return d.refuse(req, abi.StatusNotReady, "device disconnected")
-	}
-	t := d.f.device(rgid)
-	if t == nil || !t.post(abi.Event{Type: abi.EventSWR, Code: code, GID: d.gid, Info: info}) {
-		return d.refuse(req, abi.StatusNoEntry, "rgid not connected")
-	}
-	d.stats.swEvents.Add(1)
-	return nil
-}
-
-// post queues ev for the device's driver unless the device is gone.
-func (d *Device) post(ev abi.Event) bool {
-	d.mu.RLock()
-	defer d.mu.RUnlock()
-	if d.gone {
-		return false
-	}
-	d.n.PostEvent(ev)
-	d.stats.events.Add(1)
-	return true
-}
-
 // QueryRGID reports (nil) whether a device with GID rgid is on the fabric.
 func (d *Device) QueryRGID(rgid uint64) error {
 	req := abi.Request{Op: abi.OpQueryRGID, GID: rgid}
@@ -568,6 +546,21 @@ func (d *Device) SetMemory(mem Memory) {
 	d.mu.Unlock()
 }
 
+// addLocked makes e, registered under tok, one of d's live DMBs; d.mu is
+// held.
+func (d *Device) addLocked(tok uint64, e *dmbEntry) {
+	d.dmbs[tok] = e
+	d.rgids[e.rgid]++
+}
+
+// removeLocked takes the DMB tok out of d's live DMBs; d.mu is held.
+func (d *Device) removeLocked(tok uint64, e *dmbEntry) {
+	delete(d.dmbs, tok)
+	if d.rgids[e.rgid]--; d.rgids[e.rgid] <= 0 {
+		delete(d.rgids, e.rgid)
+	}
+}
+
 // dropDMBs kills all of the device's DMBs and forgets its SBA; d.mu is held.
 // It returns the dead DMBs by token.
 func (d *Device) dropDMBsLocked() map[uint64]*dmbEntry {
@@ -577,6 +570,7 @@ func (d *Device) dropDMBsLocked() map[uint64]*dmbEntry {
 		d.f.dmbs.Delete(tok)
 	}
 	d.dmbs = make(map[uint64]*dmbEntry)
+	clear(d.rgids)
 	d.indices.Clear()
 	d.sbaSet, d.sbaGPA, d.interrupts = false, 0, false
 	return old

@@ -34,7 +34,7 @@ func TestDeviceStats(t *testing.T) {
 	if !sa.Connected || sa.GID != 0xA || sa.Modes != both || sc.Modes != abi.ModeCopy {
 		t.Fatalf("a %+v c %+v", sa, sc)
 	}
-	if s := sa.Stats; s.Registered != 2 || s.DMBs != 2 || s.AttachDMBs != 1 || s.MappedBytes != 12288 || s.Maps != 1 ||
+	if s := sa.Stats; s.Registered != 2 || s.DMBs != 2 || s.AttachDMBs != 1 || s.AttachBytes != 12288 || s.MappedBytes != 12288 || s.Maps != 1 ||
 		s.Moves != 0 || s.MoveBytes != 0 || s.Attached != 0 {
 		t.Errorf("owner a: %+v", s)
 	}
@@ -50,6 +50,7 @@ func TestDeviceStats(t *testing.T) {
 		sum.add(d.Stats)
 		sum.DMBs += d.Stats.DMBs
 		sum.AttachDMBs += d.Stats.AttachDMBs
+		sum.AttachBytes += d.Stats.AttachBytes
 		sum.Attached += d.Stats.Attached
 		sum.MappedBytes += d.Stats.MappedBytes
 	}

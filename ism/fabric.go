@@ -15,9 +15,9 @@
 //   - A refused request changes nothing. In particular a signalled MOVE to an
 //     owner without an SBA gets StatusNotReady and copies no data; unsignalled
 //     MOVEs need no SBA (a polling driver), and REGISTER_DMB does not either.
-//   - Signals coalesce as on ISM: the interrupt is raised only when the MOVE
-//     sets a DMB bit that was clear, so a driver must claim (swap) the bits
-//     word after each interrupt, as docs/device-abi.md already describes.
+//   - Every signalled MOVE counts in the owner's SBA and, with interrupts
+//     asked for, raises the interrupt (ABI v2: nothing is coalesced in a
+//     word both sides write).
 //   - REGISTER_DMB with rgid 0, and any op but MOVE carrying data, are
 //     StatusInvalid; a SIGNAL code over 16 bits is StatusRange; a refused
 //     REGISTER_DMB still echoes the index, with value 0.
@@ -30,9 +30,19 @@
 //     attach-mode DMB, and its owner's reset or disconnect, unmap it from
 //     every attacher's region and send each an EventDMB (token, GID = owner).
 //   - Disconnect sends EventGID to the rgids of the device's DMBs and to the
-//     owners of DMBs whose rgid is the device (never to itself); Reset sends
-//     EventDMB (token, GID = owner) to the rgid of each DMB; UNREGISTER sends
-//     nothing (SMC closes the connection in its CDC first).
+//     owners of DMBs whose rgid is the device (never to itself); UNREGISTER
+//     of a copy-mode DMB sends nothing (SMC closes the connection in its
+//     CDC first). The transport disconnects a device on a virtio reset, so
+//     that is what peers see of a reset; Device.Reset (EventDMB to each
+//     DMB's rgid) is the model's alone.
+//   - SIGNAL is accepted only between devices with a DMB relationship: one
+//     of the two owns a live DMB whose rgid is the other (or the sender
+//     signals itself); otherwise StatusPermission. Each device may SIGNAL at
+//     Limits.SignalRate per second with bursts of Limits.SignalBurst
+//     (StatusBusy beyond). A Notifier that has no room for a software event
+//     refuses it: the SIGNAL gets StatusNoSpace and the target counts a
+//     dropped software event. Device events (EventGID, EventDMB) are the
+//     Notifier's to keep (see Notifier.PostEvent).
 //
 // Locking: the token table and the GID map have their own RWMutexes; each
 // Device has a RWMutex that guards its DMBs, SBA and Memory. A MOVE holds the
@@ -68,11 +78,26 @@ import (
 // hostile guest set from growing the token table without limit.
 const DefaultFabricDMBs = 64 * 1024
 
-// Limits are the DMB limits of a fabric; REGISTER_DMB past them gets
-// abi.StatusNoSpace.
+// Default SIGNAL rate limit of each device. SMC-D itself signals rarely
+// (shutdown, test-link); the fastest legitimate user here acknowledges
+// transferred chunks with one SIGNAL per wake-up (cmd/ism-agent's
+// ism-recv), a few thousand per second under TCG. A flood at the default
+// rate is an eighth of the 80,000/s a hostile TCG guest managed.
+const (
+	DefaultSignalRate  = 10000 // SIGNALs per second
+	DefaultSignalBurst = 1000
+)
+
+// Limits are the per-device and fabric limits; REGISTER_DMB past the DMB
+// limits gets abi.StatusNoSpace, a SIGNAL past the rate abi.StatusBusy.
 type Limits struct {
 	FabricDMBs int // live DMBs on the fabric; 0 means DefaultFabricDMBs
 	DeviceDMBs int // live DMBs per device; 0 (or more than abi.MaxDMBs) means abi.MaxDMBs
+
+	// SIGNALs each device may send: a token bucket of SignalBurst,
+	// refilled at SignalRate per second. 0 means the default.
+	SignalRate  int
+	SignalBurst int
 }
 
 // Errors of Connect.
@@ -90,6 +115,8 @@ type Fabric struct {
 
 	fabricLimit atomic.Int64
 	deviceLimit atomic.Int64
+	signalRate  atomic.Int64
+	signalBurst atomic.Int64
 
 	dmbs dmb.Table[*dmbEntry] // every live DMB, by token
 
@@ -111,7 +138,8 @@ type Fabric struct {
 type nameRecord struct {
 	devs   []*Device
 	folded Stats
-	lim    limiter // every device of the name logs its refusals through it
+	lim    limiter      // every device of the name logs its refusals through it
+	sig    signalBucket // and takes its SIGNALs from it: a reconnect refills nothing
 }
 
 // dmbEntry is one registered DMB. owner, rgid, gpa, size, index and buf are
@@ -150,7 +178,8 @@ func NewFabric(chid uint16, log *logrus.Entry) *Fabric {
 // CHID is the fabric's channel id.
 func (f *Fabric) CHID() uint16 { return f.chid }
 
-// SetLimits changes the DMB limits. DMBs already registered stay.
+// SetLimits changes the limits; 0 fields get the defaults. DMBs already
+// registered stay.
 func (f *Fabric) SetLimits(l Limits) {
 	if l.FabricDMBs <= 0 {
 		l.FabricDMBs = DefaultFabricDMBs
@@ -158,13 +187,26 @@ func (f *Fabric) SetLimits(l Limits) {
 	if l.DeviceDMBs <= 0 || l.DeviceDMBs > abi.MaxDMBs {
 		l.DeviceDMBs = abi.MaxDMBs
 	}
+	if l.SignalRate <= 0 {
+		l.SignalRate = DefaultSignalRate
+	}
+	if l.SignalBurst <= 0 {
+		l.SignalBurst = DefaultSignalBurst
+	}
 	f.fabricLimit.Store(int64(l.FabricDMBs))
 	f.deviceLimit.Store(int64(l.DeviceDMBs))
+	f.signalRate.Store(int64(l.SignalRate))
+	f.signalBurst.Store(int64(l.SignalBurst))
 }
 
-// Limits returns the DMB limits in force.
+// Limits returns the limits in force.
 func (f *Fabric) Limits() Limits {
-	return Limits{FabricDMBs: int(f.fabricLimit.Load()), DeviceDMBs: int(f.deviceLimit.Load())}
+	return Limits{
+		FabricDMBs:  int(f.fabricLimit.Load()),
+		DeviceDMBs:  int(f.deviceLimit.Load()),
+		SignalRate:  int(f.signalRate.Load()),
+		SignalBurst: int(f.signalBurst.Load()),
+	}
 }
 
 // Connect adds a device for the guest called name with the given GID. mem is
@@ -201,6 +243,7 @@ func (f *Fabric) ConnectDevice(name string, gid uint64, mem Memory, n Notifier, 
 		mem:   mem,
 		modes: cfg.Modes,
 		dmbs:  make(map[uint64]*dmbEntry),
+		rgids: make(map[uint64]int),
 		log:   f.log.WithFields(logrus.Fields{"vm": name, "gid": fmt.Sprintf("%#016x", gid)}),
 	}
 	if cfg.Modes&abi.ModeAttach != 0 {
@@ -216,6 +259,10 @@ func (f *Fabric) ConnectDevice(name string, gid uint64, mem Memory, n Notifier, 
 		if d.maxMapped == 0 || d.maxMapped > region.Size() {
 			d.maxMapped = region.Size()
 		}
+		d.maxAttach = cfg.MaxAttach
+		if d.maxAttach == 0 || d.maxAttach > d.maxMapped {
+			d.maxAttach = d.maxMapped
+		}
 		d.att = attachState{region: region, attached: make(map[uint64]*attachment)}
 	}
 	f.mu.Lock()
@@ -229,7 +276,7 @@ func (f *Fabric) ConnectDevice(name string, gid uint64, mem Memory, n Notifier, 
 		rec = &nameRecord{}
 		f.names[name] = rec
 	}
-	d.lim = &rec.lim
+	d.lim, d.sig = &rec.lim, &rec.sig
 	rec.devs = slices.DeleteFunc(rec.devs, func(o *Device) bool {
 		if f.devices[o.gid] == o {
 			return false // still connected (same name, another GID)
@@ -356,8 +403,22 @@ type Stats struct {
 	Unmaps     uint64 // SHMEM_UNMAPs of this device's region the front-end did
 	Refused    [NumStatus]uint64
 
+	// SIGNALs this device sent that were refused, by reason (also counted
+	// in Refused).
+	SignalsRefusedPeer  uint64 // no DMB relationship with the target (StatusPermission)
+	SignalsRefusedRate  uint64 // over this device's signal rate (StatusBusy)
+	SignalsRefusedQueue uint64 // the target's event queue had no room for it (StatusNoSpace)
+	// Events for this device's driver that were not queued.
+	SWEventsDropped     uint64 // software events (SIGNALs) refused: no room for their sender
+	DeviceEventsDropped uint64 // device events (GID or DMB gone): 0 unless the design fails
+	// Refusals by a per-device cap (also counted in Refused[StatusNoSpace]).
+	DMBLimitRefused    uint64 // REGISTER_DMB over Limits.DeviceDMBs
+	AttachLimitRefused uint64 // attach-mode REGISTER_DMB over DeviceConfig.MaxAttach
+	MappedLimitRefused uint64 // attach-mode REGISTER_DMB or ATTACH_DMB over DeviceConfig.MaxMapped
+
 	// Attach-mode gauges, now: connected devices only.
 	AttachDMBs  uint64 // own live attach-mode DMBs
+	AttachBytes uint64 // host memory of those DMBs (page-rounded)
 	Attached    uint64 // DMBs attached (ATTACH_DMB) and not detached
 	MappedBytes uint64 // bytes mapped in the region: own attach-mode DMBs and attachments
 }
@@ -381,6 +442,14 @@ func (s *Stats) add(o Stats) {
 	s.Events += o.Events
 	s.Maps += o.Maps
 	s.Unmaps += o.Unmaps
+	s.SignalsRefusedPeer += o.SignalsRefusedPeer
+	s.SignalsRefusedRate += o.SignalsRefusedRate
+	s.SignalsRefusedQueue += o.SignalsRefusedQueue
+	s.SWEventsDropped += o.SWEventsDropped
+	s.DeviceEventsDropped += o.DeviceEventsDropped
+	s.DMBLimitRefused += o.DMBLimitRefused
+	s.AttachLimitRefused += o.AttachLimitRefused
+	s.MappedLimitRefused += o.MappedLimitRefused
 	for i := range s.Refused {
 		s.Refused[i] += o.Refused[i]
 	}
@@ -399,6 +468,15 @@ type counters struct {
 	maps       atomic.Uint64
 	unmaps     atomic.Uint64
 	refused    [NumStatus]atomic.Uint64
+
+	signalsRefusedPeer  atomic.Uint64
+	signalsRefusedRate  atomic.Uint64
+	signalsRefusedQueue atomic.Uint64
+	swEventsDropped     atomic.Uint64
+	deviceEventsDropped atomic.Uint64
+	dmbLimitRefused     atomic.Uint64
+	attachLimitRefused  atomic.Uint64
+	mappedLimitRefused  atomic.Uint64
 }
 
 func (c *counters) snapshot() Stats {
@@ -412,6 +490,15 @@ func (c *counters) snapshot() Stats {
 		Events:     c.events.Load(),
 		Maps:       c.maps.Load(),
 		Unmaps:     c.unmaps.Load(),
+
+		SignalsRefusedPeer:  c.signalsRefusedPeer.Load(),
+		SignalsRefusedRate:  c.signalsRefusedRate.Load(),
+		SignalsRefusedQueue: c.signalsRefusedQueue.Load(),
+		SWEventsDropped:     c.swEventsDropped.Load(),
+		DeviceEventsDropped: c.deviceEventsDropped.Load(),
+		DMBLimitRefused:     c.dmbLimitRefused.Load(),
+		AttachLimitRefused:  c.attachLimitRefused.Load(),
+		MappedLimitRefused:  c.mappedLimitRefused.Load(),
 	}
 	for i := range c.refused {
 		s.Refused[i] = c.refused[i].Load()
@@ -429,6 +516,14 @@ func (c *counters) addStats(s Stats) {
 	c.events.Add(s.Events)
 	c.maps.Add(s.Maps)
 	c.unmaps.Add(s.Unmaps)
+	c.signalsRefusedPeer.Add(s.SignalsRefusedPeer)
+	c.signalsRefusedRate.Add(s.SignalsRefusedRate)
+	c.signalsRefusedQueue.Add(s.SignalsRefusedQueue)
+	c.swEventsDropped.Add(s.SWEventsDropped)
+	c.deviceEventsDropped.Add(s.DeviceEventsDropped)
+	c.dmbLimitRefused.Add(s.DMBLimitRefused)
+	c.attachLimitRefused.Add(s.AttachLimitRefused)
+	c.mappedLimitRefused.Add(s.MappedLimitRefused)
 	for i := range c.refused {
 		c.refused[i].Add(s.Refused[i])
 	}

@@ -69,6 +69,8 @@ func (g *fzGuest) model(gpa, n uint64) []byte {
 
 func runFuzzHandle(t *testing.T, in []byte) Stats {
 	fab := NewFabric(abi.DefaultCHID, quietLog())
+	// The model has no clock: no input may meet the signal rate limit.
+	fab.SetLimits(Limits{SignalRate: 1, SignalBurst: 1 << 30})
 	var gs [2]*fzGuest
 	for i := range gs {
 		g := &fzGuest{n: &notifier{}, indices: map[uint32]bool{}}
@@ -168,7 +170,14 @@ func runFuzzHandle(t *testing.T, in []byte) Stats {
 				}
 			}
 		case abi.OpSignal:
-			ok = req.Flags == 0 && req.Index <= 0xFFFF && byGID(req.GID) != nil
+			// Only toward a GID with a live DMB between the two (or itself).
+			related := req.GID == g.dev.GID()
+			for _, e := range dmbs {
+				if e.live && (e.owner == g && e.rgid == req.GID || e.owner == byGID(req.GID) && e.rgid == g.dev.GID()) {
+					related = true
+				}
+			}
+			ok = req.Flags == 0 && req.Index <= 0xFFFF && byGID(req.GID) != nil && related
 		case abi.OpQueryRGID:
 			ok = req.Flags == 0 && byGID(req.GID) != nil
 		case abi.OpSetSBA:
@@ -247,6 +256,13 @@ func TestWriteFuzzHandleCorpus(t *testing.T) {
 			fzRecord(b, 0, mv(0, 8, 0), pat[:8]),
 			fzRecord(a, 0, regAB, nil), fzRecord(b, 0, abi.Request{Op: abi.OpMove, Token: 1, Len: 8, Flags: 1}, pat[:8]),
 			fzRecord(b, 0, abi.Request{Op: abi.OpMove, Token: 1, Len: 8}, pat[:8])),
+		"signal-related": cat(fzRecord(b, 0, abi.Request{Op: abi.OpSignal, GID: 0xA, Index: 0x83}, nil),
+			fzRecord(a, 0, regAB, nil),
+			fzRecord(b, 0, abi.Request{Op: abi.OpSignal, GID: 0xA, Index: 0x83}, nil),
+			fzRecord(a, 0, abi.Request{Op: abi.OpSignal, GID: 0xB, Index: 0x80}, nil),
+			fzRecord(a, 0, abi.Request{Op: abi.OpSignal, GID: 0xA, Index: 1}, nil),
+			fzRecord(a, 0, abi.Request{Op: abi.OpUnregisterDMB, Token: 0}, nil),
+			fzRecord(b, 0, abi.Request{Op: abi.OpSignal, GID: 0xA, Index: 0x83}, nil)),
 		"signal-query": cat(fzRecord(a, 0, abi.Request{Op: abi.OpSignal, GID: 0xB, Index: 0x80, Offset: 1}, nil),
 			fzRecord(b, 0, abi.Request{Op: abi.OpQueryRGID, GID: 0xA}, nil),
 			fzRecord(b, 0, abi.Request{Op: abi.OpQueryRGID, GID: 0xC}, nil),
@@ -258,8 +274,12 @@ func TestWriteFuzzHandleCorpus(t *testing.T) {
 	// The seeds must reach the success paths, not only refusals.
 	wantMoves := map[string]uint64{"move-signal": 2, "move-no-sba": 1, "intra-vm": 1, "reset": 1}
 	for name, in := range seeds {
-		if s := runFuzzHandle(t, in); s.Moves != wantMoves[name] {
+		s := runFuzzHandle(t, in)
+		if s.Moves != wantMoves[name] {
 			t.Errorf("seed %s: %d MOVEs succeeded, want %d", name, s.Moves, wantMoves[name])
+		}
+		if name == "signal-related" && (s.SWEvents != 3 || s.SignalsRefusedPeer != 2) {
+			t.Errorf("seed %s: %d SIGNALs succeeded, %d refused for want of a DMB; want 3 and 2", name, s.SWEvents, s.SignalsRefusedPeer)
 		}
 		if write {
 			if err := os.MkdirAll(dir, 0o755); err != nil {

@@ -10,11 +10,15 @@ import (
 	"github.com/ism-backend/ism-backend/abi"
 )
 
-// notifier records what the device model sends a guest's driver.
+// notifier records what the device model sends a guest's driver. With
+// swRoom set, it takes at most that many software events (a transport whose
+// queue is full), and refuses device events once deviceFull is set.
 type notifier struct {
 	mu         sync.Mutex
 	interrupts int
 	events     []abi.Event
+	swRoom     *int
+	deviceFull bool
 }
 
 func (n *notifier) Interrupt() {
@@ -23,10 +27,20 @@ func (n *notifier) Interrupt() {
 	n.mu.Unlock()
 }
 
-func (n *notifier) PostEvent(ev abi.Event) {
+func (n *notifier) PostEvent(ev abi.Event) bool {
 	n.mu.Lock()
+	defer n.mu.Unlock()
+	if ev.Type == abi.EventSWR && n.swRoom != nil {
+		if *n.swRoom == 0 {
+			return false
+		}
+		*n.swRoom--
+	}
+	if ev.Type != abi.EventSWR && n.deviceFull {
+		return false
+	}
 	n.events = append(n.events, ev)
-	n.mu.Unlock()
+	return true
 }
 
 func (n *notifier) snapshot() (int, []abi.Event) {

@@ -26,6 +26,9 @@ func (d *Device) refuse(req abi.Request, st abi.Status, why string) error {
 		d.stats.refused[st].Add(1)
 	}
 	level := refusalLevel(st)
+	if limitReason(why) {
+		level = logrus.InfoLevel
+	}
 	if !d.log.Logger.IsLevelEnabled(level) {
 		return st
 	}
@@ -71,4 +74,24 @@ func refusalLevel(st abi.Status) logrus.Level {
 		return logrus.ErrorLevel
 	}
 	return logrus.WarnLevel
+}
+
+// Reasons of refusals by a limit the operator set. A correct driver can meet
+// them, but they are worth seeing at the default level: a guest at its
+// limits, or one flooding its peers.
+const (
+	whyDMBLimit    = "device DMB limit"
+	whyAttachLimit = "attach-memory limit"
+	whyMappedLimit = "mapped-bytes limit"
+	whySignalRate  = "signal rate limit"
+	whyEventQueue  = "rgid's event queue has no room for the sender's events"
+	whyNoRelation  = "no DMB between sender and rgid"
+)
+
+func limitReason(why string) bool {
+	switch why {
+	case whyDMBLimit, whyAttachLimit, whyMappedLimit, whySignalRate, whyEventQueue:
+		return true
+	}
+	return false
 }

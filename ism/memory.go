@@ -44,8 +44,14 @@ type Notifier interface {
 	// Interrupt raises the event-queue interrupt (a DMB was signalled and
 	// the guest asked for interrupts).
 	Interrupt()
-	// PostEvent queues an event for the guest's event queue.
-	PostEvent(ev abi.Event)
+	// PostEvent queues an event for the guest's event queue, or refuses it
+	// (false). It must keep room for device events (abi.EventGID,
+	// abi.EventDMB), whatever software events (abi.EventSWR, from peers'
+	// SIGNALs) it holds: a driver that misses one may wait for ever on a
+	// peer or a DMB that is gone. It may refuse software events, to bound
+	// what one sender, or all, can make it hold; the SIGNAL is then
+	// refused.
+	PostEvent(ev abi.Event) bool
 }
 
 // Region is one contiguous piece of guest RAM: guest-physical

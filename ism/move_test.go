@@ -151,6 +151,7 @@ func TestSignalEvent(t *testing.T) {
 	f := newFabric()
 	a := newGuest(t, f, "a", 0xA)
 	b := newGuest(t, f, "b", 0xB)
+	register(t, a.dev, dmbGPA, 4096, 0xB, 0) // B may signal A: a DMB between them
 	do(t, b.dev, abi.Request{Op: abi.OpSignal, GID: 0xA, Index: 0x80, Offset: 0x1234}, nil, abi.StatusOK)
 	_, evs := a.n.snapshot()
 	want := abi.Event{Type: abi.EventSWR, Code: 0x80, GID: 0xB, Info: 0x1234}

@@ -23,11 +23,6 @@ import (
 	"github.com/ism-backend/ism-backend/vhostuser"
 )
 
-// MaxPendingEvents bounds the events held for a driver that posts no event
-// buffers, so a guest that never reads its event queue cannot grow the
-// backend's memory. Beyond it the oldest are dropped and counted.
-const MaxPendingEvents = 1024
-
 // Backend is the ISM device of one VM connection.
 type Backend struct {
 	fabric *ism.Fabric
@@ -67,10 +62,9 @@ type Backend struct {
 
 	// The event queue is filled from other VMs' goroutines (ism calls
 	// PostEvent and Interrupt from the sender's HandleQueue).
-	evMu          sync.Mutex
-	evChain       vhostuser.Chain
-	pending       []abi.Event
-	droppedEvents uint64
+	evMu    sync.Mutex
+	evChain vhostuser.Chain
+	pending eventQueue
 }
 
 // DefaultShmSize is the shared-memory region of attach mode unless
@@ -93,16 +87,22 @@ type Options struct {
 	Modes     uint16 // abi.ModeCopy | abi.ModeAttach; 0 means both
 	ShmSize   uint64 // attach mode's region in bytes, a multiple of abi.ShmPage (0: DefaultShmSize)
 	MaxMapped uint64 // bytes of DMBs mapped in the region at once (0: ShmSize)
+	MaxAttach uint64 // bytes of attach-mode DMBs the VM may own (0: MaxMapped)
 
 	// Work budget of one HandleQueue call: after BatchChains chains, or
 	// once the chains taken hold BatchBytes bytes, the call ends and the
-	// queue wakes itself to go on (0: the defaults).
+	// queue yields to go on (0: the defaults).
 	BatchChains int
 	BatchBytes  uint64
 
 	// Heartbeat is the period of the SBA heartbeat (abi.Config.HeartbeatMS;
 	// 0: DefaultHeartbeat; negative: none).
 	Heartbeat time.Duration
+
+	// EventsPerSource bounds the software events (peers' SIGNALs) of one
+	// sender that wait for the VM's driver (0: DefaultEventsPerSource; at
+	// most MaxPendingEvents).
+	EventsPerSource int
 }
 
 // DefaultHeartbeat is the SBA heartbeat's period unless Options say
@@ -131,8 +131,14 @@ func (o *Options) Check() error {
 	case o.Heartbeat < time.Millisecond || o.Heartbeat > 60*time.Second:
 		return fmt.Errorf("ismvirtio: heartbeat period %v: want 1ms..60s", o.Heartbeat)
 	}
+	if o.EventsPerSource == 0 {
+		o.EventsPerSource = DefaultEventsPerSource
+	}
+	if o.EventsPerSource < 0 || o.EventsPerSource > MaxPendingEvents {
+		return fmt.Errorf("ismvirtio: events per source %d: want 1 to %d", o.EventsPerSource, MaxPendingEvents)
+	}
 	if o.Modes&abi.ModeAttach == 0 {
-		o.ShmSize, o.MaxMapped = 0, 0
+		o.ShmSize, o.MaxMapped, o.MaxAttach = 0, 0, 0
 		return nil
 	}
 	if o.ShmSize == 0 {
@@ -143,6 +149,9 @@ func (o *Options) Check() error {
 	}
 	if o.MaxMapped == 0 || o.MaxMapped > o.ShmSize {
 		o.MaxMapped = o.ShmSize
+	}
+	if o.MaxAttach == 0 || o.MaxAttach > o.MaxMapped {
+		o.MaxAttach = o.MaxMapped
 	}
 	return nil
 }
@@ -159,7 +168,8 @@ func NewWithOptions(f *ism.Fabric, name string, gid uint64, log *logrus.Entry, o
 	if err := opts.Check(); err != nil {
 		return nil, err
 	}
-	b := &Backend{fabric: f, name: name, gid: gid, log: log, now: time.Now, opts: opts}
+	b := &Backend{fabric: f, name: name, gid: gid, log: log, now: time.Now, opts: opts,
+		pending: newEventQueue(opts.EventsPerSource)}
 	cfg := abi.Config{
 		Magic:      abi.Magic,
 		Version:    abi.Version,
@@ -227,7 +237,7 @@ func (b *Backend) Start(vdev *vhostuser.Device) error {
 	if cfg.Modes&abi.ModeAttach != 0 {
 		if vdev.AckedProtocolFeatures()&need == need {
 			s = newSession(b, vdev)
-			cfg.Mapper, cfg.RegionSize, cfg.MaxMapped = s, b.opts.ShmSize, b.opts.MaxMapped
+			cfg.Mapper, cfg.RegionSize, cfg.MaxMapped, cfg.MaxAttach = s, b.opts.ShmSize, b.opts.MaxMapped, b.opts.MaxAttach
 		} else {
 			if e := b.lifeLog(logrus.WarnLevel); e != nil {
 				e.Warn("front-end did not ack shared memory: attach mode not available")
@@ -293,7 +303,7 @@ func (b *Backend) Stop(vdev *vhostuser.Device) {
 	b.asyncMu.Unlock()
 	b.evMu.Lock()
 	b.vdev = nil
-	b.pending = b.pending[:0]
+	b.pending.clear()
 	b.evMu.Unlock()
 }
 
@@ -406,7 +416,9 @@ func (b *Backend) Interrupt() {
 }
 
 // PostEvent delivers ev into the next event buffer, or holds it until the
-// driver posts one.
+// driver posts one, or refuses it (false) when the queue holds what the
+// bounds allow (events.go): the model then refuses the SIGNAL and counts the
+// drop.
 //
 // It runs on other VMs' goroutines (a SIGNAL, a peer's disconnect), which
 // must never wait for this VM: it delivers at once only if this VM's device
@@ -416,18 +428,16 @@ func (b *Backend) Interrupt() {
 // is this VM's problem: it closes this VM's connection instead of
 // panicking on in the other VM's goroutine, which would end that VM's
 // connection.
-func (b *Backend) PostEvent(ev abi.Event) {
+func (b *Backend) PostEvent(ev abi.Event) (queued bool) {
 	b.evMu.Lock()
 	defer b.evMu.Unlock()
 	defer b.closeOnFault()
-	if len(b.pending) >= MaxPendingEvents {
-		copy(b.pending, b.pending[1:])
-		b.pending = b.pending[:len(b.pending)-1]
-		b.droppedEvents++
+	if !b.pending.push(ev) {
+		return false
 	}
-	b.pending = append(b.pending, ev)
+	queued = true // before the flush: a fault there leaves it queued
 	if b.vdev == nil {
-		return
+		return queued
 	}
 	q := b.vdev.Queue(abi.EventQueue)
 	more := true // unless flushed here, the event queue's goroutine delivers
@@ -435,6 +445,7 @@ func (b *Backend) PostEvent(ev abi.Event) {
 	if more {
 		q.Wake()
 	}
+	return queued
 }
 
 // closeOnFault, deferred, turns a memory fault (debug.SetPanicOnFault) in
@@ -453,10 +464,11 @@ func (b *Backend) closeOnFault() {
 	}
 }
 
-// flushEvents moves pending events into posted buffers; evMu is held. It
-// reports whether it stopped at the budget with events left.
+// flushEvents moves pending events into posted buffers, device events
+// first; evMu is held. It reports whether it stopped at the budget with
+// events left.
 func (b *Backend) flushEvents(q *vhostuser.Queue) (more bool) {
-	if len(b.pending) == 0 || !q.Ready() {
+	if b.pending.len() == 0 || !q.Ready() {
 		return false
 	}
 	c := &b.evChain
@@ -465,7 +477,7 @@ func (b *Backend) flushEvents(q *vhostuser.Queue) (more bool) {
 	// malformed buffers as fast as they are taken must not keep this loop
 	// (and its device lock, and a peer's goroutine) for ever.
 	n := 0
-	for ; sent < len(b.pending) && n < b.opts.BatchChains; n++ {
+	for ; b.pending.len() > 0 && n < b.opts.BatchChains; n++ {
 		ok, err := q.Next(c)
 		if err != nil {
 			continue
@@ -479,16 +491,17 @@ func (b *Backend) flushEvents(q *vhostuser.Queue) (more bool) {
 			continue
 		}
 		var out [abi.EventSize]byte
-		b.pending[sent].Encode(out[:])
+		ev := b.pending.front()
+		ev.Encode(out[:])
 		c.CopyIn(out[:], 0)
 		q.Push(c, abi.EventSize)
+		b.pending.pop()
 		sent++
 	}
 	if sent > 0 {
-		b.pending = b.pending[:copy(b.pending, b.pending[sent:])]
 		q.Notify()
 	}
-	return n == b.opts.BatchChains && len(b.pending) > 0
+	return n == b.opts.BatchChains && b.pending.len() > 0
 }
 
 // guestMemory is the VM's RAM for the ism model: each use (a MOVE into this

@@ -300,6 +300,7 @@ func TestResetDropsDMBs(t *testing.T) {
 func TestSignalEvent(t *testing.T) {
 	s := newFabricServer(t, map[string]uint64{"a": gidA, "b": gidB})
 	a, b := s.connect("a"), s.connect("b")
+	a.register(4096, gidB, 0) // B may signal A: a DMB between them
 	if st := b.do(abi.Request{Op: abi.OpSignal, GID: gidA, Index: 0x83, Offset: 42}, nil).Status; st != abi.StatusOK {
 		t.Fatalf("SIGNAL: %v", st)
 	}

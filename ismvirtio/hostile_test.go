@@ -36,14 +36,20 @@ type publishingPeer struct {
 	calls   *atomic.Int64
 	publish func()
 	total   int
+	done    chan struct{}
+
+	// mu: the test reads these while a's teardown (its cleanup) may post
+	// the peer a GID-gone event.
+	mu      sync.Mutex
 	got     int
 	perCall map[int64]int
-	done    chan struct{}
 }
 
 func (p *publishingPeer) Interrupt() {}
 
-func (p *publishingPeer) PostEvent(ev abi.Event) {
+func (p *publishingPeer) PostEvent(ev abi.Event) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
 	p.got++
 	p.perCall[p.calls.Load()]++
 	if p.got < p.total {
@@ -51,6 +57,7 @@ func (p *publishingPeer) PostEvent(ev abi.Event) {
 	} else if p.got == p.total {
 		close(p.done)
 	}
+	return true
 }
 
 // TestRequestBatchBounded: a guest that keeps refilling its request ring
@@ -91,9 +98,15 @@ func TestRequestBatchBounded(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.fabric.Connect("peer", gidP, mem, peer); err != nil {
+	pd, err := s.fabric.Connect("peer", gidP, mem, peer)
+	if err != nil {
 		t.Fatal(err)
 	}
+	// a may signal the peer (a DMB between them), as fast as it likes.
+	if _, err := pd.RegisterDMB(0, 4096, gidA, 0); err != nil {
+		t.Fatal(err)
+	}
+	s.fabric.SetLimits(ism.Limits{SignalBurst: 1 << 20})
 	publish()
 	if err := a.req.Kick(); err != nil {
 		t.Fatal(err)
@@ -104,6 +117,8 @@ func TestRequestBatchBounded(t *testing.T) {
 		}
 	}
 	<-peer.done
+	peer.mu.Lock()
+	defer peer.mu.Unlock()
 	for call, n := range peer.perCall {
 		if n > DefaultBatchChains {
 			t.Fatalf("HandleQueue call %d served %d requests, budget %d", call, n, DefaultBatchChains)
@@ -159,6 +174,7 @@ func TestGuestWarningsRateLimited(t *testing.T) {
 func TestEventQueueFaultDoesNotHang(t *testing.T) {
 	s := newFabricServer(t, map[string]uint64{"a": gidA, "b": gidB})
 	a, b := s.connect("a"), s.connect("b")
+	b.register(4096, gidA, 0) // A may signal B
 	// An event for B with no buffer posted: it is held.
 	if st := a.do(abi.Request{Op: abi.OpSignal, GID: gidB, Index: 7}, nil).Status; st != abi.StatusOK {
 		t.Fatalf("SIGNAL: %v", st)
@@ -196,6 +212,7 @@ func TestEventQueueFaultDoesNotHang(t *testing.T) {
 func TestEventFaultClosesOnlyTheReceiver(t *testing.T) {
 	s := newFabricServer(t, map[string]uint64{"a": gidA, "b": gidB})
 	a, b := s.connect("a"), s.connect("b")
+	b.register(4096, gidA, 0) // A may signal B
 	gpa, _, err := b.mem.Alloc(abi.EventSize, 8)
 	if err != nil {
 		t.Fatal(err)

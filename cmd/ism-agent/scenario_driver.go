@@ -24,7 +24,9 @@ package main
 // never has more than `slots` chunks unacknowledged. The receiver consumes
 // slots in order as their DMBE bits arrive, checks each byte against the
 // stream, and acknowledges with SIGNAL(peer, code 1, info = chunks consumed);
-// the sender reads those from its event queue. DMBE bits (one per slot) say
+// the sender reads those from its event queue. (The DMB is what lets the
+// receiver SIGNAL the sender: the device accepts a SIGNAL only between GIDs
+// that share one; an ack refused for the rate limit is sent again.) DMBE bits (one per slot) say
 // exactly which slots are complete: the device sets them only after the
 // copy. Both print sha256 of the bytes (sent / received) and the harness
 // compares them. The sender's GID must be known to the harness before the
@@ -298,7 +300,7 @@ func ismRecv(e *Env) error {
 			next++
 		}
 		if next > done {
-			if err := d.Signal(peer, ackCode, uint64(next)); err != nil {
+			if err := signalRetry(e.Ctx, d, peer, ackCode, uint64(next)); err != nil {
 				return fmt.Errorf("ack %d: %w", next, err)
 			}
 		}
@@ -317,6 +319,23 @@ func ismRecv(e *Env) error {
 		return fmt.Errorf("UNREGISTER_DMB: %w", err)
 	}
 	return nil
+}
+
+// signalRetry sends a SIGNAL, again while the backend refuses it for its
+// rate limit (BUSY) or for the peer's full event queue (NOSPACE): an ack
+// must not be lost, or the sender waits for ever.
+func signalRetry(ctx context.Context, d *guestdriver.Driver, rgid uint64, code uint16, info uint64) error {
+	for {
+		err := d.Signal(rgid, code, info)
+		if !errors.Is(err, abi.StatusBusy) && !errors.Is(err, abi.StatusNoSpace) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(time.Millisecond):
+		}
+	}
 }
 
 // hostControl is the line channel from the host test into this guest: the

@@ -20,11 +20,15 @@ func TestSoakLoopback(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The clients stop first, as in test/soak: a server that stops
+	// first cuts off a stream that was just being dialled.
+	srvCtx, stopServer := context.WithCancel(context.Background())
+	defer stopServer()
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	var srv, cli soakCounters
 	served := make(chan error, 1)
-	go func() { served <- soakServe(ctx, ln, &srv) }()
+	go func() { served <- soakServe(srvCtx, ln, &srv) }()
 	sent := make(chan struct{})
 	go func() {
 		a := smcArgs{conns: 2, bytes: 256 << 10, seed: 7}
@@ -40,6 +44,7 @@ func TestSoakLoopback(t *testing.T) {
 	}
 	cancel()
 	<-sent
+	stopServer()
 	if err := <-served; err != nil {
 		t.Fatal(err)
 	}

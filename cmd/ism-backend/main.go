@@ -42,11 +42,19 @@ type options struct {
 	statsFile     string
 
 	// What the device offers: -modes for every VM, -vm-modes per VM;
-	// attach mode's region and mapped-bytes limit.
+	// attach mode's region, mapped-bytes and attach-memory limits.
 	modes     uint16
 	vmModes   map[string]uint16
 	shmSize   uint64
 	maxMapped uint64
+	maxAttach uint64
+
+	// What one guest may do to the others: its DMBs, the software events
+	// of one sender a guest's queue holds, and the SIGNAL rate.
+	maxDMBs         int
+	eventsPerSource int
+	signalRate      int
+	signalBurst     int
 
 	// Caps on each connection's memory table (-max-mem-bytes,
 	// -max-mem-regions).
@@ -134,7 +142,13 @@ func parseFlags(args []string, errOut io.Writer) (*options, error) {
 		return err
 	})
 	fs.Uint64Var(&opts.shmSize, "shm-size", ismvirtio.DefaultShmSize, "bytes of each VM's shared-memory region (attach mode; a multiple of 4096)")
-	fs.Uint64Var(&opts.maxMapped, "max-mapped", 0, "bytes of DMBs one VM may have mapped in its region at once (0: -shm-size)")
+	fs.Uint64Var(&opts.maxMapped, "max-mapped", 0, "bytes of DMBs one VM may have mapped in its region at once, its own and those it attached (0: -shm-size)")
+	fs.Uint64Var(&opts.maxAttach, "max-attach-memory", 0, "bytes of attach-mode DMBs one VM may own: the host memory it makes the backend hold (0: -max-mapped)")
+	fs.IntVar(&opts.maxDMBs, "max-dmbs", abi.MaxDMBs, fmt.Sprintf("DMBs one VM may have registered at once (1..%d)", abi.MaxDMBs))
+	fs.IntVar(&opts.eventsPerSource, "events-per-source", ismvirtio.DefaultEventsPerSource,
+		fmt.Sprintf("software events (SIGNALs) of one sender that may wait in a VM's event queue; more are refused (1..%d)", ismvirtio.MaxPendingEvents))
+	fs.IntVar(&opts.signalRate, "signal-rate", ism.DefaultSignalRate, "SIGNALs per second one VM may send, after -signal-burst; more are refused")
+	fs.IntVar(&opts.signalBurst, "signal-burst", ism.DefaultSignalBurst, "SIGNALs one VM may send at once")
 	fs.Uint64Var(&opts.maxMemBytes, "max-mem-bytes", vhostuser.DefaultMaxMemBytes, "bytes of guest memory one VM's connection may have mapped (its memory table: guest RAM and attach-mode mappings)")
 	fs.IntVar(&opts.maxMemRegions, "max-mem-regions", vhostuser.MaxMemSlots, fmt.Sprintf("regions one VM's memory table may have, 1..%d (what GET_MAX_MEM_SLOTS answers)", vhostuser.MaxMemSlots))
 	if err := fs.Parse(args); err != nil {
@@ -147,6 +161,15 @@ func parseFlags(args []string, errOut io.Writer) (*options, error) {
 	}
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected argument %q (flags only; see -h)", fs.Arg(0))
+	}
+	if opts.maxDMBs < 1 || opts.maxDMBs > abi.MaxDMBs {
+		return nil, fmt.Errorf("-max-dmbs %d: want 1 to %d", opts.maxDMBs, abi.MaxDMBs)
+	}
+	if opts.eventsPerSource < 1 { // 0 would be Options' default
+		return nil, fmt.Errorf("-events-per-source %d: want 1 to %d", opts.eventsPerSource, ismvirtio.MaxPendingEvents)
+	}
+	if opts.signalRate < 1 || opts.signalBurst < 1 {
+		return nil, fmt.Errorf("-signal-rate %d, -signal-burst %d: want at least 1", opts.signalRate, opts.signalBurst)
 	}
 	var err error
 	if opts.modes, err = abi.ParseModes(modes); err != nil {
@@ -233,6 +256,7 @@ func run(ctx context.Context, opts *options) error {
 	defer stop()
 
 	fabric := ism.NewFabric(opts.chid, logrus.NewEntry(log)) // adds the chid field itself
+	fabric.SetLimits(opts.limits())
 	server := vhostuser.NewServer(log.WithField("component", "vhostuser"))
 	server.MaxMemBytes, server.MaxMemRegions = opts.maxMemBytes, opts.maxMemRegions
 	server.AllowUIDs = opts.allowUIDs
@@ -312,13 +336,36 @@ loop:
 	return runErr
 }
 
+// logStats logs the fabric's statistics and, for each VM whose guest was
+// refused SIGNALs or lost events, those counters, so that a flood and its
+// victims show in the log, not only in the stats file.
 func logStats(log *logrus.Logger, f *ism.Fabric) {
 	log.WithField("stats", strings.TrimSpace(fmt.Sprintf("%+v", f.Stats()))).Info("device statistics")
+	for _, d := range f.DeviceStats() {
+		s := d.Stats
+		if s.SWEventsDropped+s.DeviceEventsDropped+s.SignalsRefusedPeer+s.SignalsRefusedRate+s.SignalsRefusedQueue == 0 {
+			continue
+		}
+		log.WithFields(logrus.Fields{
+			"vm":                    d.Name,
+			"sw_events_dropped":     s.SWEventsDropped,
+			"device_events_dropped": s.DeviceEventsDropped,
+			"signals_refused_peer":  s.SignalsRefusedPeer,
+			"signals_refused_rate":  s.SignalsRefusedRate,
+			"signals_refused_queue": s.SignalsRefusedQueue,
+		}).Info("event drops and refused SIGNALs")
+	}
+}
+
+// limits are the fabric's limits the flags set.
+func (o *options) limits() ism.Limits {
+	return ism.Limits{DeviceDMBs: o.maxDMBs, SignalRate: o.signalRate, SignalBurst: o.signalBurst}
 }
 
 // backendOptions are the device options of VM name.
 func (o *options) backendOptions(name string) (ismvirtio.Options, error) {
-	bo := ismvirtio.Options{Modes: o.modes, ShmSize: o.shmSize, MaxMapped: o.maxMapped}
+	bo := ismvirtio.Options{Modes: o.modes, ShmSize: o.shmSize, MaxMapped: o.maxMapped, MaxAttach: o.maxAttach,
+		EventsPerSource: o.eventsPerSource}
 	if m, ok := o.vmModes[name]; ok {
 		bo.Modes = m
 	}

@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/ism-backend/ism-backend/abi"
+	"github.com/ism-backend/ism-backend/ism"
 	"github.com/ism-backend/ism-backend/ismvirtio"
 	"github.com/ism-backend/ism-backend/vhostuser"
 )
@@ -94,6 +95,12 @@ func TestModeFlags(t *testing.T) {
 		t.Fatalf("defaults %+v", o)
 	}
 	for _, bad := range [][]string{
+		{"-vm", "a", "-max-dmbs", "0"},
+		{"-vm", "a", "-max-dmbs", "1921"},
+		{"-vm", "a", "-events-per-source", "0"},
+		{"-vm", "a", "-events-per-source", "100000"},
+		{"-vm", "a", "-signal-rate", "0"},
+		{"-vm", "a", "-signal-burst", "-1"},
 		{"-vm", "a", "-modes", "nocopy"},
 		{"-vm", "a", "-vm-modes", "a"},
 		{"-vm", "a", "-shm-size", "4097"},
@@ -101,5 +108,31 @@ func TestModeFlags(t *testing.T) {
 		if _, err := parseFlags(bad, io.Discard); err == nil {
 			t.Errorf("%v accepted", bad)
 		}
+	}
+}
+
+// TestLimitFlags: the caps reach the fabric's limits and each VM's options;
+// the defaults are the packages' own.
+func TestLimitFlags(t *testing.T) {
+	opts, err := parseFlags([]string{"-vm", "a", "-max-dmbs", "64", "-max-attach-memory", "1048576", "-max-mapped", "4194304",
+		"-events-per-source", "32", "-signal-rate", "500", "-signal-burst", "50"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l := opts.limits(); l.DeviceDMBs != 64 || l.SignalRate != 500 || l.SignalBurst != 50 {
+		t.Errorf("limits %+v", l)
+	}
+	if o, _ := opts.backendOptions("a"); o.MaxAttach != 1<<20 || o.MaxMapped != 4<<20 || o.EventsPerSource != 32 {
+		t.Errorf("options %+v", o)
+	}
+	def, err := parseFlags([]string{"-vm", "a"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l := def.limits(); l.DeviceDMBs != abi.MaxDMBs || l.SignalRate != ism.DefaultSignalRate || l.SignalBurst != ism.DefaultSignalBurst {
+		t.Errorf("default limits %+v", l)
+	}
+	if o, _ := def.backendOptions("a"); o.MaxAttach != o.MaxMapped || o.EventsPerSource != ismvirtio.DefaultEventsPerSource {
+		t.Errorf("default options %+v", o)
 	}
 }

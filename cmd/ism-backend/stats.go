@@ -22,8 +22,15 @@ import (
 // vms lists every -vm in flag order. A VM's counters are those of every
 // connection it has had (they survive a device stop, a guest reset or
 // power-off, and a reconnect); "dmbs" and the attach-mode gauges
-// ("attach_dmbs", "attached", "mapped_bytes") are those of its connected
-// device now, 0 when not connected. "modes" are what its device offers: the
+// ("attach_dmbs", "attach_bytes", "attached", "mapped_bytes") are those of
+// its connected device now, 0 when not connected. Of the event policy
+// (docs/device-abi.md, "Events"): "signals_refused_peer", "_rate" and
+// "_queue" count the VM's SIGNALs refused for want of a DMB with the target,
+// by its rate limit, and for want of room in the target's queue;
+// "sw_events_dropped" and "device_events_dropped" count events for the VM
+// that were not queued (device events: 0 unless the design fails);
+// "dmb_limit_refused", "attach_limit_refused" and "mapped_limit_refused"
+// count refusals by -max-dmbs, -max-attach-memory and -max-mapped. "modes" are what its device offers: the
 // latest connection's (attach mode drops out when the front-end cannot map
 // shared memory), else what the flags configure.
 type statsFile struct {
@@ -56,10 +63,20 @@ type statsJSON struct {
 	Maps         uint64            `json:"maps"`
 	Unmaps       uint64            `json:"unmaps"`
 	AttachDMBs   uint64            `json:"attach_dmbs"`
+	AttachBytes  uint64            `json:"attach_bytes"`
 	Attached     uint64            `json:"attached"`
 	MappedBytes  uint64            `json:"mapped_bytes"`
 	Refused      map[string]uint64 `json:"refused"` // every refusal status, by name
 	RefusedTotal uint64            `json:"refused_total"`
+
+	SignalsRefusedPeer  uint64 `json:"signals_refused_peer"`
+	SignalsRefusedRate  uint64 `json:"signals_refused_rate"`
+	SignalsRefusedQueue uint64 `json:"signals_refused_queue"`
+	SWEventsDropped     uint64 `json:"sw_events_dropped"`
+	DeviceEventsDropped uint64 `json:"device_events_dropped"`
+	DMBLimitRefused     uint64 `json:"dmb_limit_refused"`
+	AttachLimitRefused  uint64 `json:"attach_limit_refused"`
+	MappedLimitRefused  uint64 `json:"mapped_limit_refused"`
 }
 
 // statusNames name the refusal statuses in the stats file (abi.StatusOK is
@@ -82,8 +99,13 @@ func toStatsJSON(s ism.Stats) statsJSON {
 		DMBs: s.DMBs, Registered: s.Registered, Moves: s.Moves, MoveBytes: s.MoveBytes,
 		Signals: s.Signals, SWEvents: s.SWEvents, Interrupts: s.Interrupts, Events: s.Events,
 		Maps: s.Maps, Unmaps: s.Unmaps,
-		AttachDMBs: s.AttachDMBs, Attached: s.Attached, MappedBytes: s.MappedBytes,
+		AttachDMBs: s.AttachDMBs, AttachBytes: s.AttachBytes, Attached: s.Attached, MappedBytes: s.MappedBytes,
 		Refused: make(map[string]uint64, len(statusNames)), RefusedTotal: s.RefusedTotal(),
+
+		SignalsRefusedPeer: s.SignalsRefusedPeer, SignalsRefusedRate: s.SignalsRefusedRate,
+		SignalsRefusedQueue: s.SignalsRefusedQueue, SWEventsDropped: s.SWEventsDropped,
+		DeviceEventsDropped: s.DeviceEventsDropped, DMBLimitRefused: s.DMBLimitRefused,
+		AttachLimitRefused: s.AttachLimitRefused, MappedLimitRefused: s.MappedLimitRefused,
 	}
 	for st, name := range statusNames {
 		if st != int(abi.StatusOK) {

@@ -11,6 +11,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sirupsen/logrus"
+	logtest "github.com/sirupsen/logrus/hooks/test"
+
 	"github.com/ism-backend/ism-backend/abi"
 	"github.com/ism-backend/ism-backend/ism"
 	fe "github.com/ism-backend/ism-backend/vhostuser/vhostusertest"
@@ -19,7 +22,9 @@ import (
 // TestStatsJSONFields: every ism.Stats field lands under its own name.
 func TestStatsJSONFields(t *testing.T) {
 	s := ism.Stats{Devices: 99, DMBs: 1, Registered: 2, Moves: 3, MoveBytes: 4, Signals: 5, SWEvents: 6, Interrupts: 7,
-		Events: 8, Maps: 9, Unmaps: 10, AttachDMBs: 11, Attached: 12, MappedBytes: 13}
+		Events: 8, Maps: 9, Unmaps: 10, AttachDMBs: 11, Attached: 12, MappedBytes: 13, AttachBytes: 14,
+		SignalsRefusedPeer: 15, SignalsRefusedRate: 16, SignalsRefusedQueue: 17, SWEventsDropped: 18,
+		DeviceEventsDropped: 19, DMBLimitRefused: 20, AttachLimitRefused: 21, MappedLimitRefused: 22}
 	for st := range s.Refused {
 		s.Refused[st] = uint64(100 + st)
 	}
@@ -33,7 +38,9 @@ func TestStatsJSONFields(t *testing.T) {
 	}
 	want := map[string]float64{"dmbs": 1, "registered": 2, "moves": 3, "move_bytes": 4, "signals": 5, "sw_events": 6,
 		"interrupts": 7, "events": 8, "maps": 9, "unmaps": 10, "attach_dmbs": 11, "attached": 12, "mapped_bytes": 13,
-		"refused_total": float64(s.RefusedTotal())}
+		"attach_bytes": 14, "signals_refused_peer": 15, "signals_refused_rate": 16, "signals_refused_queue": 17,
+		"sw_events_dropped": 18, "device_events_dropped": 19, "dmb_limit_refused": 20, "attach_limit_refused": 21,
+		"mapped_limit_refused": 22, "refused_total": float64(s.RefusedTotal())}
 	for k, v := range want {
 		if m[k] != v {
 			t.Errorf("%s = %v, want %v (in %s)", k, m[k], v, b)
@@ -189,5 +196,45 @@ func TestStatsFileNoDir(t *testing.T) {
 	}
 	if err := run(context.Background(), opts); err == nil {
 		t.Fatal("run accepted a stats file in a missing directory")
+	}
+}
+
+type nopNotifier struct{}
+
+func (nopNotifier) Interrupt()               {}
+func (nopNotifier) PostEvent(abi.Event) bool { return true }
+
+// TestLogStatsDrops: a VM refused a SIGNAL gets its own line in the
+// statistics log; a VM with nothing to report does not.
+func TestLogStatsDrops(t *testing.T) {
+	log, hook := logtest.NewNullLogger()
+	f := ism.NewFabric(abi.DefaultCHID, logrus.NewEntry(log))
+	mem, err := ism.NewSliceMemory(ism.Region{GPA: 0, Data: make([]byte, 4096)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := f.Connect("a", 0xA, mem, nopNotifier{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.Connect("b", 0xB, mem, nopNotifier{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Signal(0xB, 1, 0); err != abi.StatusPermission {
+		t.Fatalf("SIGNAL without a DMB: %v", err)
+	}
+	hook.Reset()
+	logStats(log, f)
+	var lines []string
+	for _, e := range hook.AllEntries() {
+		if e.Message == "event drops and refused SIGNALs" {
+			lines = append(lines, e.Data["vm"].(string))
+			if e.Data["signals_refused_peer"] != uint64(1) {
+				t.Errorf("line %v", e.Data)
+			}
+		}
+	}
+	if len(lines) != 1 || lines[0] != "a" {
+		t.Fatalf("drop lines for %v, want a only", lines)
 	}
 }
