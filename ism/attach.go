@@ -13,7 +13,7 @@ import (
 // lock of its own held, and only from RegisterAttachDMB and Attach (or
 // Handle with an attach-mode REGISTER_DMB or ATTACH_DMB) of that same
 // device: the transport runs those where blocking on the front-end is safe
-// (not under the memory lock that the front-end's SET_MEM_TABLE needs).
+// (not under the device lock that the front-end's SET_MEM_TABLE needs).
 // An abi.Status error is passed on to the driver; others become
 // StatusInternal.
 //

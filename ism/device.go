@@ -210,7 +210,9 @@ func (d *Device) SetSBA(gpa uint64, interrupts bool) error {
 		if d.gone {
 			return abi.StatusNotReady, "device disconnected"
 		}
-		sba, err := d.mem.Bytes(gpa, abi.SBASize)
+		mem := d.mem.Acquire()
+		defer mem.Release()
+		sba, err := mem.Bytes(gpa, abi.SBASize)
 		if err != nil || len(sba) < abi.SBASize {
 			return abi.StatusFault, "SBA outside guest RAM"
 		}
@@ -266,7 +268,10 @@ func (d *Device) register(gpa, length, rgid uint64, index uint32) (uint64, abi.S
 	if d.gone {
 		return 0, abi.StatusNotReady, "device disconnected"
 	}
-	if _, err := d.mem.Bytes(gpa, length); err != nil {
+	mem := d.mem.Acquire()
+	_, err := mem.Bytes(gpa, length)
+	mem.Release()
+	if err != nil {
 		return 0, abi.StatusFault, "DMB outside guest RAM"
 	}
 	if d.indices.Has(index) {
@@ -434,16 +439,18 @@ func faultOutside(r any, segs [][]byte) bool {
 
 // Beat adds one to the heartbeat in the device's SBA (abi.SBA.Beat), if the
 // driver has set one, and says whether it did. Call it every
-// Config.HeartbeatMS from one goroutine, with the guest's memory held
-// against unmapping as for a MOVE. The count is the device's own, never
-// read back from guest memory.
+// Config.HeartbeatMS from one goroutine. The SBA is written through a view
+// of the guest's memory acquired for this beat, as a MOVE does. The count
+// is the device's own, never read back from guest memory.
 func (d *Device) Beat() bool {
 	d.mu.RLock() // as a MOVE: keeps mem and the SBA as checked
 	defer d.mu.RUnlock()
 	if d.gone || !d.sbaSet {
 		return false
 	}
-	b, err := d.mem.Bytes(d.sbaGPA, abi.SBASize)
+	mem := d.mem.Acquire()
+	defer mem.Release()
+	b, err := mem.Bytes(d.sbaGPA, abi.SBASize)
 	if err != nil {
 		return false
 	}
@@ -456,19 +463,24 @@ func (d *Device) Beat() bool {
 }
 
 // moveLocked does the part of a MOVE that touches the owner's RAM; o.mu is
-// held shared, so the DMB, the SBA and o.mem stay as checked.
+// held shared, so the DMB, the SBA and o.mem stay as checked. The owner's
+// RAM is used through one view of its memory table for this MOVE: the
+// owner's transport may install a new table meanwhile, without waiting,
+// and the old one stays mapped until the view's release.
 func (o *Device) moveLocked(e *dmbEntry, dmbe uint32, offset, n uint64, signal bool, data [][]byte) (abi.Status, bool) {
 	if !e.live {
 		return abi.StatusNoEntry, false
 	}
+	mem := o.mem.Acquire()
+	defer mem.Release() // deferred: a fault in the copy panics through here
 	var sba abi.SBA
 	if signal {
 		if !o.sbaSet {
 			return abi.StatusNotReady, false
 		}
 		// Translated per MOVE: the memory table may have changed since
-		// SET_SBA (SetMemory), and a stale view must never be written.
-		b, err := o.mem.Bytes(o.sbaGPA, abi.SBASize)
+		// SET_SBA, and a stale view must never be written.
+		b, err := mem.Bytes(o.sbaGPA, abi.SBASize)
 		if err != nil {
 			return abi.StatusFault, false
 		}
@@ -484,7 +496,7 @@ func (o *Device) moveLocked(e *dmbEntry, dmbe uint32, offset, n uint64, signal b
 		}
 	} else if n > 0 {
 		// e.gpa+e.size did not wrap at register time and offset+n <= e.size.
-		dst, err := o.mem.Bytes(e.gpa+offset, n)
+		dst, err := mem.Bytes(e.gpa+offset, n)
 		if err != nil {
 			return abi.StatusFault, false
 		}

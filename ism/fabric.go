@@ -48,7 +48,9 @@
 // Device has a RWMutex that guards its DMBs, SBA and Memory. A MOVE holds the
 // owner's lock shared while it copies, so UNREGISTER, SetMemory, Reset and
 // Disconnect (which take it exclusively) wait for in-flight MOVEs and none
-// touches the owner's RAM after they return. A device lock may be taken
+// touches the owner's RAM after they return. The owner's RAM itself is
+// used through a MemoryView acquired for that one MOVE, so the transport's
+// memory-table changes need not wait for it. A device lock may be taken
 // before the fabric's or the table's lock, never after, and no code holds two
 // device locks at once. Attach-mode bookkeeping (who maps which DMB where,
 // region allocators, mapped bytes) is under the fabric's attach lock (amu),

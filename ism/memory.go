@@ -8,20 +8,32 @@ import (
 	"github.com/ism-backend/ism-backend/dmb"
 )
 
-// Memory is one guest's RAM as the device model sees it: a contiguous host
-// view of guest-physical [gpa, gpa+n).
+// Memory is one guest's RAM as the device model sees it. The transport may
+// replace the guest's memory table at any time (without Device.SetMemory,
+// without waiting for the device model): each use of the RAM goes through a
+// MemoryView of the table of that moment, which stays mapped until its
+// Release. The device model holds a view for one request (one MOVE, one
+// SET_SBA check) and never keeps slices of it afterwards.
 //
-// Bytes must return a slice of exactly n bytes (longer slices are cut, shorter
-// ones are refused), or an error if the range is not entirely inside one
-// contiguous host mapping. It is called on the MOVE path: it must not
+// Acquire is called on the MOVE path, on any guest's goroutine: it must not
 // allocate, block or call back into this package.
 //
 // The device model uses a device's Memory only under that device's lock, so
 // once Device.SetMemory or Device.Disconnect has returned the old Memory is
-// no longer touched and its mappings may go away. The caller (the transport)
-// otherwise keeps each Memory valid while its device is connected.
+// no longer acquired.
 type Memory interface {
+	Acquire() MemoryView
+}
+
+// MemoryView is one memory table of a guest, kept mapped until Release.
+//
+// Bytes returns the host view of guest-physical [gpa, gpa+n): a slice of
+// exactly n bytes (longer slices are cut, shorter ones are refused), or an
+// error if the range is not entirely inside one contiguous host mapping.
+// The slice is valid until Release. Neither method may allocate or block.
+type MemoryView interface {
 	Bytes(gpa, n uint64) ([]byte, error)
+	Release()
 }
 
 // Notifier reaches a guest's driver. Both methods are called with device
@@ -49,7 +61,7 @@ type Region struct {
 	Data []byte
 }
 
-// SliceMemory is a Memory over plain byte slices: test guests, and any
+// SliceMemory is a Memory (and MemoryView) over plain byte slices: test guests, and any
 // transport whose memory table is a list of mapped regions. Regions must not
 // overlap. It is immutable once built, so it needs no lock.
 type SliceMemory struct {
@@ -72,7 +84,14 @@ func NewSliceMemory(regions ...Region) (*SliceMemory, error) {
 	return &SliceMemory{regions: rs}, nil
 }
 
-// Bytes implements Memory: the range must lie inside one region.
+// Acquire implements Memory: a SliceMemory never changes, so it is its own
+// view.
+func (m *SliceMemory) Acquire() MemoryView { return m }
+
+// Release implements MemoryView; there is nothing to release.
+func (m *SliceMemory) Release() {}
+
+// Bytes implements MemoryView: the range must lie inside one region.
 func (m *SliceMemory) Bytes(gpa, n uint64) ([]byte, error) {
 	// Few regions (QEMU has a handful): a linear scan beats a binary search.
 	for i := range m.regions {

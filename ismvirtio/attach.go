@@ -14,12 +14,12 @@ import (
 	"github.com/ism-backend/ism-backend/vhostuser"
 )
 
-// Attach mode and the memory lock.
+// Attach mode and the device lock.
 //
 // A SHMEM_MAP waits for QEMU's reply, and QEMU sends a SET_MEM_TABLE (which
-// takes vhostuser's memory write lock) before it replies. The request
-// queue's goroutine holds the memory read lock in HandleQueue, so it must
-// never wait for a map: it would deadlock against that SET_MEM_TABLE. So
+// takes the vhostuser device's lock exclusively) before it replies. The
+// request queue's goroutine holds that lock shared in HandleQueue, so it
+// must never wait for a map: it would deadlock against that SET_MEM_TABLE. So
 // each start of the device has a session with a mapping worker goroutine:
 //
 //   - An attach-mode REGISTER_DMB or an ATTACH_DMB is taken off the ring by
@@ -41,7 +41,7 @@ import (
 //     closed its connections and then resets the device has no unmap of
 //     its region in flight: QEMU 11.1.3 crashed on a SHMEM_UNMAP that met
 //     the reset, as it does on a map to a stopped device.
-//   - Stop marks the session stopped under the memory write lock. From then
+//   - Stop marks the session stopped under the device's lock. From then
 //     on the worker sends no SHMEM_MAP/UNMAP (QEMU 11.1.3 crashes on a map
 //     to a stopped device, and it dropped the mappings itself), completes
 //     no chain (the rings are gone), and exits once idle. Stop does not wait
@@ -205,10 +205,9 @@ func (b *Backend) startAsync(q *vhostuser.Queue, head uint16, req abi.Request) {
 	s.enqueue(func() {
 		var resp abi.Response
 		if req.Op == abi.OpDetachDMB || req.Op == abi.OpUnregisterDMB {
-			// These do not block in the model (their unmaps are queued),
-			// but they post events into peers' rings, which needs the
-			// memory lock; the unmaps then run here without it.
-			s.vdev.WithMemoryLock(func() { resp = dev.Handle(req, nil) })
+			// These do not block in the model: their unmaps are queued,
+			// and run here before the answer.
+			resp = dev.Handle(req, nil)
 			s.drain()
 		} else {
 			resp = dev.Handle(req, nil) // blocks in Map: no lock held

@@ -40,8 +40,10 @@ type Backend struct {
 
 	opts Options
 
-	// Set by Start, cleared by Stop; both run under vhostuser's memory write
-	// lock, so HandleQueue (read lock) never sees them change.
+	// Set by Start, cleared by Stop; both run under the vhostuser device's
+	// lock (exclusive), so HandleQueue (shared) never sees them change.
+	// Other VMs' goroutines read vdev only under evMu (PostEvent,
+	// Interrupt), which Start and Stop take to change it.
 	vdev     *vhostuser.Device
 	dev      *ism.Device
 	sess     *session
@@ -69,12 +71,30 @@ type Backend struct {
 // Options say otherwise: 64 DMBs of the largest size.
 const DefaultShmSize = 64 << 20
 
+// Work budget of one HandleQueue call unless Options say otherwise: the
+// VM's control messages (a reset, a memory table, a ring change) wait for
+// the batch in progress, so a batch must stay short whatever the guest
+// posts. 64 chains of 64 KiB MOVEs copy 4 MiB, about a millisecond; a
+// chain's descriptor walk is bounded too (254 us for a 32768-entry
+// indirect table), so 64 of the worst cost some 16 ms.
+const (
+	DefaultBatchChains = 64
+	DefaultBatchBytes  = 4 << 20
+)
+
 // Options are what the device offers one VM.
 type Options struct {
 	Modes     uint16 // abi.ModeCopy | abi.ModeAttach; 0 means both
 	ShmSize   uint64 // attach mode's region in bytes, a multiple of abi.ShmPage (0: DefaultShmSize)
 	MaxMapped uint64 // bytes of DMBs mapped in the region at once (0: ShmSize)
 	MaxAttach uint64 // bytes of attach-mode DMBs the VM may own (0: MaxMapped)
+
+	// Work budget of one HandleQueue call: after BatchChains chains, or
+	// once the chains taken hold BatchBytes bytes, the call ends and the
+	// queue yields to go on (0: the defaults).
+	BatchChains int
+	BatchBytes  uint64
+
 	// Heartbeat is the period of the SBA heartbeat (abi.Config.HeartbeatMS;
 	// 0: DefaultHeartbeat; negative: none).
 	Heartbeat time.Duration
@@ -91,6 +111,12 @@ const DefaultHeartbeat = 500 * time.Millisecond
 
 // Check fills in defaults and checks o.
 func (o *Options) Check() error {
+	if o.BatchChains <= 0 {
+		o.BatchChains = DefaultBatchChains
+	}
+	if o.BatchBytes == 0 {
+		o.BatchBytes = DefaultBatchBytes
+	}
 	if o.Modes == 0 {
 		o.Modes = abi.ModeCopy | abi.ModeAttach
 	}
@@ -222,11 +248,19 @@ func (b *Backend) Start(vdev *vhostuser.Device) error {
 	if cfg.Modes == 0 {
 		return errors.New("ismvirtio: no mode left to offer")
 	}
+	// vdev first: peers may post events as soon as the device is on the
+	// fabric.
+	b.evMu.Lock()
+	b.vdev = vdev
+	b.evMu.Unlock()
 	dev, err := b.fabric.ConnectDevice(b.name, b.gid, guestMemory{vdev}, b, cfg)
 	if err != nil {
+		b.evMu.Lock()
+		b.vdev = nil
+		b.evMu.Unlock()
 		return err
 	}
-	b.vdev, b.dev, b.sess = vdev, dev, s
+	b.dev, b.sess = dev, s
 	if s != nil {
 		s.dev = dev
 		go s.run()
@@ -253,7 +287,7 @@ func (b *Backend) Stop(vdev *vhostuser.Device) {
 		b.sess.stop()
 	}
 	if b.stopBeat != nil {
-		// Not waited for: it may be waiting for the memory lock Stop
+		// Not waited for: it may be waiting for the device lock Stop
 		// holds; under that lock it sees b.dev changed and beats no more.
 		close(b.stopBeat)
 		b.stopBeat = nil
@@ -263,11 +297,12 @@ func (b *Backend) Stop(vdev *vhostuser.Device) {
 	if e := b.lifeLog(logrus.InfoLevel); e != nil {
 		e.WithField("stats", st).Info("device stopped: its DMBs are gone")
 	}
-	b.dev, b.vdev, b.sess = nil, nil, nil
+	b.dev, b.sess = nil, nil
 	b.asyncMu.Lock()
 	b.async = false
 	b.asyncMu.Unlock()
 	b.evMu.Lock()
+	b.vdev = nil
 	b.pending.clear()
 	b.evMu.Unlock()
 }
@@ -286,20 +321,23 @@ func (b *Backend) HandleQueue(vdev *vhostuser.Device, q *vhostuser.Queue) {
 	case abi.EventQueue:
 		// Deferred: the flush touches guest RAM, and a fault there is a
 		// panic vhostuser recovers from; a held evMu would then hang
-		// Stop (under the memory write lock) and every VM with it.
+		// Stop, and every peer posting an event to this VM.
 		b.evMu.Lock()
 		defer b.evMu.Unlock()
-		b.flushEvents(q)
+		if b.flushEvents(q) {
+			q.Yield()
+		}
 	}
 }
 
-// serveRequests completes the available request chains, at most one ring's
-// worth per call: HandleQueue holds the memory read lock, which every VM's
-// memory-table change waits for (and, once one waits, every VM's queues), so
-// a guest that keeps its ring full must not keep the lock for ever. When the
-// batch ends with chains possibly left, the queue wakes itself to go on
-// after the lock was released. It allocates nothing per request: the chain,
-// header and data slices are reused.
+// serveRequests completes the available request chains, within the work
+// budget (Options.BatchChains, BatchBytes): HandleQueue holds the device's
+// lock, which this VM's control messages wait for, so a guest that keeps
+// its ring full must not keep it for long. When the budget is spent the
+// queue yields and goes on in the next call, after the lock was released; the chains not taken stay on the ring (Next took none of them)
+// and the avail event is left as it was, so nothing is lost, taken twice or
+// left without a kick. It allocates nothing per request: the chain, header
+// and data slices are reused.
 //
 // An attach-mode REGISTER_DMB or an ATTACH_DMB waits for the front-end's
 // SHMEM_MAP reply, which cannot happen here (see async): the chain goes to
@@ -309,8 +347,13 @@ func (b *Backend) serveRequests(q *vhostuser.Queue) {
 		return // the worker completes its chain, then wakes the queue
 	}
 	c := &b.chain
-	n := 0
-	for ; n < q.Size(); n++ {
+	var bytes uint64
+	for n := 0; ; n++ {
+		if n == b.opts.BatchChains || bytes >= b.opts.BatchBytes {
+			q.Notify()
+			q.Yield()
+			return
+		}
 		ok, err := q.Next(c)
 		if err != nil {
 			continue // malformed chain: vhostuser completed and logged it
@@ -318,6 +361,7 @@ func (b *Backend) serveRequests(q *vhostuser.Queue) {
 		if !ok {
 			break
 		}
+		bytes += uint64(c.ReadableLen()) + uint64(c.WritableLen())
 		if req, ok := b.waitsForFrontEnd(c); ok {
 			q.Notify() // before the worker may touch the queue
 			b.startAsync(q, c.Head, req)
@@ -326,9 +370,6 @@ func (b *Backend) serveRequests(q *vhostuser.Queue) {
 		q.Push(c, b.serve(c))
 	}
 	q.Notify()
-	if n > 0 && n == q.Size() {
-		q.Wake()
-	}
 }
 
 // serve handles one request chain and returns the bytes written into it.
@@ -379,10 +420,14 @@ func (b *Backend) Interrupt() {
 // bounds allow (events.go): the model then refuses the SIGNAL and counts the
 // drop.
 //
-// It runs on other VMs' goroutines (a SIGNAL, a peer's disconnect). A fault
-// in this VM's rings or buffers (its front-end shrank a memory file) is
-// this VM's problem: it closes this VM's connection instead of panicking on
-// in the other VM's goroutine, which would end that VM's connection.
+// It runs on other VMs' goroutines (a SIGNAL, a peer's disconnect), which
+// must never wait for this VM: it delivers at once only if this VM's device
+// lock is free, and otherwise leaves the event to this VM's event-queue
+// goroutine (Wake), which flushes once the control message is done. A
+// fault in this VM's rings or buffers (its front-end shrank a memory file)
+// is this VM's problem: it closes this VM's connection instead of
+// panicking on in the other VM's goroutine, which would end that VM's
+// connection.
 func (b *Backend) PostEvent(ev abi.Event) (queued bool) {
 	b.evMu.Lock()
 	defer b.evMu.Unlock()
@@ -391,8 +436,14 @@ func (b *Backend) PostEvent(ev abi.Event) (queued bool) {
 		return false
 	}
 	queued = true // before the flush: a fault there leaves it queued
-	if b.vdev != nil {
-		b.flushEvents(b.vdev.Queue(abi.EventQueue))
+	if b.vdev == nil {
+		return queued
+	}
+	q := b.vdev.Queue(abi.EventQueue)
+	more := true // unless flushed here, the event queue's goroutine delivers
+	b.vdev.TryWithMemoryLock(func() { more = b.flushEvents(q) })
+	if more {
+		q.Wake()
 	}
 	return queued
 }
@@ -414,18 +465,19 @@ func (b *Backend) closeOnFault() {
 }
 
 // flushEvents moves pending events into posted buffers, device events
-// first; evMu is held.
-func (b *Backend) flushEvents(q *vhostuser.Queue) {
+// first; evMu is held. It reports whether it stopped at the budget with
+// events left.
+func (b *Backend) flushEvents(q *vhostuser.Queue) (more bool) {
 	if b.pending.len() == 0 || !q.Ready() {
-		return
+		return false
 	}
 	c := &b.evChain
 	sent := 0
-	// At most one ring's worth of chains per call, as in serveRequests: a
-	// guest posting malformed buffers as fast as they are taken must not
-	// keep this loop (and the memory read lock) for ever.
+	// Within the chain budget, as in serveRequests: a guest posting
+	// malformed buffers as fast as they are taken must not keep this loop
+	// (and its device lock, and a peer's goroutine) for ever.
 	n := 0
-	for ; b.pending.len() > 0 && n < q.Size(); n++ {
+	for ; b.pending.len() > 0 && n < b.opts.BatchChains; n++ {
 		ok, err := q.Next(c)
 		if err != nil {
 			continue
@@ -449,13 +501,15 @@ func (b *Backend) flushEvents(q *vhostuser.Queue) {
 	if sent > 0 {
 		q.Notify()
 	}
-	if n > 0 && n == q.Size() && b.pending.len() > 0 {
-		q.Wake()
-	}
+	return n == b.opts.BatchChains && b.pending.len() > 0
 }
 
-// guestMemory is the VM's current memory table: looked up on each access,
-// because SET_MEM_TABLE may replace it between requests.
+// guestMemory is the VM's RAM for the ism model: each use (a MOVE into this
+// VM, from any VM's goroutine) acquires the memory table current then and
+// releases it after, so this VM's table changes neither wait for the MOVE
+// nor unmap anything under it.
 type guestMemory struct{ vdev *vhostuser.Device }
 
-func (m guestMemory) Bytes(gpa, n uint64) ([]byte, error) { return m.vdev.Memory().Bytes(gpa, n) }
+// Acquire returns the current table (a nil *Memory, which refuses every
+// range, when there is none).
+func (m guestMemory) Acquire() ism.MemoryView { return m.vdev.AcquireMemory() }

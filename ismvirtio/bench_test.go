@@ -55,7 +55,9 @@ type moveBench struct {
 	kicks, calls       int
 }
 
-func newMoveBench(bm *testing.B, size, window int) *moveBench {
+// newMoveBench sets up B sending to A; extra VMs (by name, with GIDs from
+// gidC on) are served by the same backend.
+func newMoveBench(bm *testing.B, size, window int, extra ...string) *moveBench {
 	// Three descriptors per request.
 	qsize := 256
 	for qsize < 3*window {
@@ -64,7 +66,11 @@ func newMoveBench(bm *testing.B, size, window int) *moveBench {
 	if qsize > vhostuser.MaxQueueSize {
 		bm.Fatalf("window %d does not fit a ring", window)
 	}
-	s := newFabricServer(bm, map[string]uint64{"a": gidA, "b": gidB})
+	vms := map[string]uint64{"a": gidA, "b": gidB}
+	for i, name := range extra {
+		vms[name] = gidC + uint64(i)
+	}
+	s := newFabricServer(bm, vms)
 	a, b := s.connect("a"), s.connectQueueSize("b", uint16(qsize))
 	a.setSBA()
 	token, dst := a.register(benchDMBSize, gidB, 0)
@@ -212,3 +218,125 @@ func BenchmarkMove64K(bm *testing.B) { benchMoves(bm, 64<<10, benchWindow) }
 
 // BenchmarkMove64B is the small-message rate (Mops/s) next to memmove's.
 func BenchmarkMove64B(bm *testing.B) { benchMoves(bm, 64, benchWindow) }
+
+// The churn benchmarks measure B's MOVEs into A while a third VM, C, sends
+// control messages in a loop (RESET_DEVICE, SET_MEM_TABLE, REM_MEM_REG,
+// ADD_MEM_REG: each one remaps C's memory), next to the same MOVEs with C
+// quiet, alternating rounds of each. ns/op and MB/s are the MOVEs beside the
+// churn; undisturbed-ns/op the quiet ones; x_undisturbed is churn time /
+// quiet time (the target is at most 2: C's messages pause C, not A or B);
+// ctlmsgs/s is C's message rate meanwhile. Both run on the test's 2 CPUs
+// beside the frontends, so the churn also costs the MOVEs CPU time and
+// mmap_lock. With pace > 0, C sends its four messages once per pace at
+// most (the same churn whatever the backend's locking lets through);
+// otherwise as fast as the backend answers.
+func benchMovesBesideChurn(bm *testing.B, size int, pace time.Duration) {
+	m := newMoveBench(bm, size, benchWindow, "c")
+	c := m.s.connect("c")
+	r1 := c.mem.Regions[1]
+	churn := func(stop <-chan struct{}, done chan<- error, msgs *int) {
+		next := time.Now()
+		for {
+			var wait <-chan time.Time
+			if pace > 0 {
+				next = next.Add(pace)
+				wait = time.After(time.Until(next))
+			}
+			select {
+			case <-stop:
+				done <- nil
+				return
+			default:
+			}
+			if _, err := c.fe.Request(vhostuser.ReqResetDevice, nil, nil, true); err != nil {
+				done <- err
+				return
+			}
+			if err := c.fe.SetMemTable(); err != nil {
+				done <- err
+				return
+			}
+			if err := c.fe.RemMemReg(r1); err != nil {
+				done <- err
+				return
+			}
+			if err := c.fe.AddMemReg(r1); err != nil {
+				done <- err
+				return
+			}
+			*msgs += 4
+			if wait != nil {
+				select {
+				case <-stop:
+					done <- nil
+					return
+				case <-wait:
+				}
+			}
+		}
+	}
+	round := 4 * m.window
+	m.moves(benchHeaders)
+	m.nextMove, m.kicks, m.calls = 0, 0, 0
+	var tQuiet, tChurn time.Duration
+	msgs := 0
+	disturbed := func(n int) {
+		stop, done := make(chan struct{}), make(chan error, 1)
+		go churn(stop, done, &msgs)
+		t0 := time.Now()
+		m.moves(n)
+		tChurn += time.Since(t0)
+		close(stop)
+		if err := <-done; err != nil {
+			bm.Fatal("churn:", err)
+		}
+	}
+	quiet := func(n int) {
+		bm.StopTimer()
+		t0 := time.Now()
+		m.moves(n)
+		tQuiet += time.Since(t0)
+		bm.StartTimer()
+	}
+	bm.SetBytes(int64(size))
+	bm.ReportAllocs()
+	bm.ResetTimer()
+	for done, r := 0, 0; done < bm.N; r++ {
+		n := min(round, bm.N-done)
+		if r%2 == 0 {
+			disturbed(n)
+			quiet(n)
+		} else {
+			quiet(n)
+			disturbed(n)
+		}
+		done += n
+	}
+	bm.StopTimer()
+	bm.ReportMetric(float64(tQuiet.Nanoseconds())/float64(bm.N), "undisturbed-ns/op")
+	bm.ReportMetric(float64(tChurn)/float64(tQuiet), "x_undisturbed")
+	bm.ReportMetric(float64(msgs)/tChurn.Seconds(), "ctlmsgs/s")
+	st := m.s.fabric.Stats()
+	if st.RefusedTotal() != 0 || st.Moves < uint64(2*bm.N) {
+		bm.Fatalf("benchmark MOVEs did not all succeed: %+v", st)
+	}
+}
+
+// BenchmarkMove64KBesideChurn is 64 KiB MOVE throughput while another VM
+// churns its control state, next to the undisturbed throughput.
+func BenchmarkMove64KBesideChurn(bm *testing.B) { benchMovesBesideChurn(bm, 64<<10, 0) }
+
+// BenchmarkMove64BBesideChurn is the small-message rate beside the churn.
+func BenchmarkMove64BBesideChurn(bm *testing.B) { benchMovesBesideChurn(bm, 64, 0) }
+
+// BenchmarkMove64KBesidePacedChurn is BenchmarkMove64KBesideChurn with C's
+// churn held to 2000 messages/s, for a comparison at the same churn.
+func BenchmarkMove64KBesidePacedChurn(bm *testing.B) {
+	benchMovesBesideChurn(bm, 64<<10, 2*time.Millisecond)
+}
+
+// BenchmarkMove64BBesidePacedChurn is the small-message rate beside the
+// paced churn.
+func BenchmarkMove64BBesidePacedChurn(bm *testing.B) {
+	benchMovesBesideChurn(bm, 64, 2*time.Millisecond)
+}

@@ -12,9 +12,10 @@ import (
 )
 
 // heartbeat beats dev's SBA heartbeat (ism.Device.Beat) every
-// Options.Heartbeat until stop is closed. It takes the memory lock as a
+// Options.Heartbeat until stop is closed. It takes the VM's device lock as a
 // queue batch does, and beats only while dev is still this Backend's device
-// (Stop clears b.dev under the write lock, so a beat never follows a stop).
+// (Stop clears b.dev under that lock, exclusively, so a beat never follows
+// a stop).
 // The driver reads the count to tell a live backend from a dead one.
 func (b *Backend) heartbeat(vdev *vhostuser.Device, dev *ism.Device, stop <-chan struct{}) {
 	// The SBA is guest RAM: a front-end may have shrunk the memory file

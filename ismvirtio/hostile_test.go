@@ -36,14 +36,20 @@ type publishingPeer struct {
 	calls   *atomic.Int64
 	publish func()
 	total   int
+	done    chan struct{}
+
+	// mu: the test reads these while a's teardown (its cleanup) may post
+	// the peer a GID-gone event.
+	mu      sync.Mutex
 	got     int
 	perCall map[int64]int
-	done    chan struct{}
 }
 
 func (p *publishingPeer) Interrupt() {}
 
 func (p *publishingPeer) PostEvent(ev abi.Event) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
 	p.got++
 	p.perCall[p.calls.Load()]++
 	if p.got < p.total {
@@ -55,9 +61,9 @@ func (p *publishingPeer) PostEvent(ev abi.Event) bool {
 }
 
 // TestRequestBatchBounded: a guest that keeps refilling its request ring
-// must not keep one HandleQueue call (and with it the memory read lock every
-// VM's memory-table change waits for) for ever: one call serves at most a
-// ring's worth of chains, and the rest is served after the lock was let go.
+// must not keep one HandleQueue call (and with it the device lock its own
+// control messages wait for) for ever: one call serves at most the work
+// budget of chains, and the rest is served after the lock was let go.
 func TestRequestBatchBounded(t *testing.T) {
 	const gidP = 0xD000_0000_0000_000D
 	backends := make(chan *countingBackend, 1)
@@ -111,9 +117,11 @@ func TestRequestBatchBounded(t *testing.T) {
 		}
 	}
 	<-peer.done
+	peer.mu.Lock()
+	defer peer.mu.Unlock()
 	for call, n := range peer.perCall {
-		if n > int(ring) {
-			t.Fatalf("HandleQueue call %d served %d requests of a ring of %d", call, n, ring)
+		if n > DefaultBatchChains {
+			t.Fatalf("HandleQueue call %d served %d requests, budget %d", call, n, DefaultBatchChains)
 		}
 	}
 	if len(peer.perCall) < 3 {
@@ -161,8 +169,8 @@ func TestGuestWarningsRateLimited(t *testing.T) {
 // TestEventQueueFaultDoesNotHang: when a front-end shrinks its guest RAM
 // under the mapping, the fault in the event-queue flush closes that VM's
 // connection (a recovered panic); the event lock must not stay held, or the
-// teardown (Stop takes it under the memory write lock) hangs and with it
-// every other VM.
+// teardown (Stop takes it under the device's lock) hangs, and with it every
+// peer posting an event to the VM.
 func TestEventQueueFaultDoesNotHang(t *testing.T) {
 	s := newFabricServer(t, map[string]uint64{"a": gidA, "b": gidB})
 	a, b := s.connect("a"), s.connect("b")

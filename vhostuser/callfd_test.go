@@ -13,8 +13,7 @@ import (
 )
 
 // TestFullCallFDDoesNotBlock: the call fd is written from queue goroutines
-// (and, for cross-VM interrupts, from other VMs' goroutines) under the
-// memory read lock. A front-end that gives a blocking pipe and never reads
+// (and, for cross-VM interrupts, from other VMs' goroutines). A front-end that gives a blocking pipe and never reads
 // it must not stall the queue: the interrupt is dropped (one is pending
 // anyway) and requests go on being served.
 func TestFullCallFDDoesNotBlock(t *testing.T) {
@@ -76,9 +75,9 @@ func TestFullCallFDDoesNotBlock(t *testing.T) {
 	}
 }
 
-// TestWakeNeverBlocks: Queue.Wake is called from HandleQueue (a backend
-// that bounds its batches wakes itself) with the memory read lock held, and
-// writes the kick fd, which the front-end chose. With a socket as kick fd
+// TestWakeNeverBlocks: Queue.Wake is called from other goroutines (an event
+// for this VM, a completed map) and with device locks held, and writes the
+// kick fd, which the front-end chose. With a socket as kick fd
 // whose peer never reads, the writes fill it: Wake must not wait for room,
 // and the queue still runs on the front-end's kicks.
 func TestWakeNeverBlocks(t *testing.T) {

@@ -13,11 +13,19 @@ import (
 	"github.com/sirupsen/logrus"
 )
 
-// MaxMemSlots is what GET_MAX_MEM_SLOTS answers: the most regions a memory
-// table may have with ADD_MEM_REG. QEMU (VHOST_USER_MAX_RAM_SLOTS, 512 for
-// x86 in 11.1) adds every SHMEM_MAP mapping as a region of its own besides
-// guest RAM, so attach mode needs many; each costs the back-end one mmap.
+// MaxMemSlots is the most regions a memory table may have with ADD_MEM_REG,
+// and what GET_MAX_MEM_SLOTS answers unless Server.MaxMemRegions is lower.
+// QEMU (VHOST_USER_MAX_RAM_SLOTS, 512 for x86 in 11.1) adds every SHMEM_MAP
+// mapping as a region of its own besides guest RAM, so attach mode needs
+// many; each costs the back-end one mmap.
 const MaxMemSlots = 512
+
+// DefaultMaxMemBytes bounds the guest memory one connection may have mapped
+// (the sum of its memory table's region sizes) unless Server.MaxMemBytes
+// says otherwise. The address space of the process is shared by every VM:
+// without a bound one front-end could map sparse files until no other VM's
+// table fits (about 125 TiB were accepted before the bound).
+const DefaultMaxMemBytes = 256 << 30
 
 // maxQueues bounds Backend.NumQueues (vring fd messages carry an 8-bit index).
 const maxQueues = 256
@@ -71,9 +79,18 @@ type Device struct {
 	shmemSizes      []uint64
 	status          uint8
 
-	// Guarded by srv.mem (write lock to change, read lock to use).
-	mem    *Memory
+	// mu is the device's lock (see Server's Locking comment): held shared
+	// by each HandleQueue batch and WithMemoryLock, exclusively by every
+	// change to the queues (ring addresses, sizes, fds) and to which Memory
+	// is current, and around Backend.Start, Stop and Close.
+	mu     sync.RWMutex
+	mem    atomic.Pointer[Memory] // current table, holding its own reference; replaced under mu
 	queues []*Queue
+
+	// Caps on the memory table (from the Server's MaxMemBytes and
+	// MaxMemRegions).
+	maxMemBytes   uint64
+	maxMemRegions int
 
 	// memChanged is closed and replaced whenever mem is (guarded by
 	// memChangedMu); mapsUnseen is set once the front-end failed to show
@@ -108,9 +125,44 @@ type Device struct {
 // Name is the VM name the Server was given for this socket.
 func (d *Device) Name() string { return d.name }
 
-// Memory is the current memory table (nil before SET_MEM_TABLE). Valid only
-// with the memory read lock held (inside HandleQueue).
-func (d *Device) Memory() *Memory { return d.mem }
+// Memory is the current memory table (nil before SET_MEM_TABLE), for use
+// with the device's lock held (inside HandleQueue or WithMemoryLock): it
+// stays current, and mapped, until the lock is released.
+func (d *Device) Memory() *Memory { return d.mem.Load() }
+
+// AcquireMemory returns the current memory table with a reference held, or
+// nil before SET_MEM_TABLE and after teardown. It never waits: a table
+// change goes on meanwhile, and the table returned (and its slices) stays
+// mapped until Release. For access from outside this device's lock, such as
+// another VM's queue goroutine copying into this VM's RAM; release it after
+// that one use.
+func (d *Device) AcquireMemory() *Memory {
+	for {
+		m := d.mem.Load()
+		if m == nil || m.tryAcquire() {
+			return m
+		}
+		// m was retired between the load and the reference: a newer
+		// table is current already.
+	}
+}
+
+// setMemory makes next the current table and drops the old one's current
+// reference (it is unmapped once its last user releases it); d.mu is held
+// exclusively.
+func (d *Device) setMemory(next *Memory) {
+	if next != nil {
+		next.install()
+	}
+	d.memChangedMu.Lock()
+	old := d.mem.Swap(next)
+	if d.memChanged != nil {
+		close(d.memChanged)
+	}
+	d.memChanged = make(chan struct{})
+	d.memChangedMu.Unlock()
+	old.Release()
+}
 
 // Queue returns queue i, or nil when i is out of range.
 func (d *Device) Queue(i int) *Queue {
@@ -141,15 +193,30 @@ func (d *Device) Stats() Stats {
 	}
 }
 
-// WithMemoryLock runs fn with the Server's memory read lock held, for work
-// on guest memory or queues outside HandleQueue (for example completing a
-// request from another goroutine). Never call it from HandleQueue, Start or
-// Stop, nor while holding a lock that HandleQueue may wait for: read locks
-// do not nest safely once a writer waits.
+// WithMemoryLock runs fn with this device's lock held shared, as HandleQueue
+// runs, for work on its queues and current memory outside HandleQueue (for
+// example completing a request from another goroutine). It waits for this
+// device's control messages only. Never call it from this device's
+// HandleQueue, Start or Stop, nor while holding a lock that its HandleQueue
+// may wait for: read locks do not nest safely once a writer waits (use
+// TryWithMemoryLock there).
 func (d *Device) WithMemoryLock(fn func()) {
-	d.srv.mem.RLock()
-	defer d.srv.mem.RUnlock()
+	d.mu.RLock()
+	defer d.mu.RUnlock()
 	fn()
+}
+
+// TryWithMemoryLock is WithMemoryLock if the lock can be had without waiting
+// (no control message of this device holds or waits for it), and otherwise
+// does nothing and returns false. For another VM's goroutine delivering into
+// this device's queues: it must never wait for this VM.
+func (d *Device) TryWithMemoryLock(fn func()) bool {
+	if !d.mu.TryRLock() {
+		return false
+	}
+	defer d.mu.RUnlock()
+	fn()
+	return true
 }
 
 // Close ends the connection (the Server then tears the device down).
@@ -164,11 +231,12 @@ func (d *Device) protoAcked(bit uint) bool { return d.ackedProto.Load()&(1<<bit)
 // ShmemMap asks the front-end to map length bytes of fd from fdOffset into
 // VIRTIO shared-memory region shmid at shmOffset (VHOST_USER_BACKEND_SHMEM_MAP).
 // It waits for the front-end's reply when REPLY_ACK was acked. It fails with
-// ErrNotStarted while the device is not started. Never call it with the
-// memory lock held (not from HandleQueue, Start or Stop), nor while holding
-// a lock that a HandleQueue may wait for: the front-end changes the memory
-// table (ADD_MEM_REG or SET_MEM_TABLE) before it answers, which needs the
-// write lock, which waits for every HandleQueue to return.
+// ErrNotStarted while the device is not started. Never call it with this
+// device's lock held (not from HandleQueue, Start or Stop, nor inside
+// WithMemoryLock), nor while holding a lock that its HandleQueue may wait
+// for: the front-end changes the memory table (ADD_MEM_REG or
+// SET_MEM_TABLE) before it answers, which takes the device's lock
+// exclusively, which waits for the device's HandleQueue to return.
 func (d *Device) ShmemMap(shmid uint8, fd int, fdOffset, shmOffset, length uint64, writable bool) error {
 	if err := d.checkShmem(shmid, shmOffset, length); err != nil {
 		return err
@@ -241,7 +309,7 @@ func (d *Device) memFileRegions(file fileKey) (int, <-chan struct{}) {
 	if d.memChanged == nil {
 		d.memChanged = make(chan struct{})
 	}
-	return d.mem.regionsOf(file), d.memChanged
+	return d.mem.Load().regionsOf(file), d.memChanged
 }
 
 // ShmemUnmap asks the front-end to unmap [shmOffset, shmOffset+length) of

@@ -8,7 +8,9 @@
 //     the connection).
 //   - memory.go: the guest memory table (GPA -> host mapping), bounds-checked
 //     without integer overflow, with contiguous (Bytes) and segmented
-//     (AppendSegments, Segments) lookups and vring (user address) translation.
+//     (AppendSegments, Segments) lookups and vring (user address) translation;
+//     tables are reference-counted snapshots, swapped without waiting for
+//     their users (as rust-vmm's GuestMemoryAtomic).
 //   - queue.go: device-side split virtqueues: descriptor chains (direct and
 //     indirect, with loop, bound and order checks), used-ring publication and
 //     EVENT_IDX / NO_INTERRUPT notification suppression.
@@ -16,8 +18,8 @@
 //     Device a Backend sees, and the back-end request channel (SHMEM_MAP,
 //     SHMEM_UNMAP).
 //   - server.go: one listening socket per VM, one connection at a time, the
-//     per-queue goroutines, and the memory lock shared by all connections
-//     (see Server for the locking rules).
+//     per-queue goroutines, and each connection's lock (see Server for the
+//     locking rules: nothing is shared between VMs).
 //
 // A device implements Backend. vhostusertest is a front-end that plays QEMU
 // for tests. What QEMU 11.1.3 actually sends is written down in

@@ -139,9 +139,9 @@ func (d *Device) queueIndex(i uint32) (*Queue, error) {
 	return d.queues[i], nil
 }
 
-// handle carries out one validated request. Every change to memory tables,
-// rings or queue fds happens under the memory write lock (d.lock), so no
-// HandleQueue of any device runs meanwhile. Starting and stopping the
+// handle carries out one validated request. Every change to the memory
+// table, rings or queue fds happens under the device's lock (d.lock), so no
+// HandleQueue of this device runs meanwhile; other devices go on. Starting and stopping the
 // device and its queue goroutines happens in reconcile.
 func (d *Device) handle(m *Message) (reply []byte, hasReply bool, err error) {
 	p := m.Payload
@@ -188,7 +188,7 @@ func (d *Device) handle(m *Message) (reply []byte, hasReply bool, err error) {
 		return u64(uint64(len(d.queues))), true, nil
 
 	case ReqGetMaxMemSlots:
-		return u64(MaxMemSlots), true, nil
+		return u64(uint64(d.maxMemRegions)), true, nil
 
 	case ReqSetBackendReqFD:
 		fd := takeFD(m)
@@ -219,7 +219,7 @@ func (d *Device) handle(m *Message) (reply []byte, hasReply bool, err error) {
 			q.size = uint16(n)
 			// The old addresses may not fit the new size; SET_VRING_ADDR
 			// follows and decides.
-			if terr := q.translate(d.mem); terr != nil {
+			if terr := q.translate(d.Memory()); terr != nil {
 				if e := d.traceLog(); e != nil {
 					e.WithError(terr).Debug("ring does not translate with the new size yet")
 				}
@@ -237,7 +237,7 @@ func (d *Device) handle(m *Message) (reply []byte, hasReply bool, err error) {
 			q.descAddr, q.usedAddr, q.availAddr = le64(p[8:16]), le64(p[16:24]), le64(p[24:32])
 			q.addrSet = true
 			q.broken = false
-			err = q.translate(d.mem)
+			err = q.translate(d.Memory())
 		})
 		d.reconcile()
 		return nil, false, err
@@ -307,9 +307,9 @@ func (d *Device) handle(m *Message) (reply []byte, hasReply bool, err error) {
 			}
 		case ReqSetVringCall:
 			// Interrupt writes the call fd from any VM's queue
-			// goroutine with the memory read lock held: a write that
-			// blocks (a full pipe given as call fd) would stall every
-			// VM. Nonblocking, a full fd just means an interrupt is
+			// goroutine (a MOVE's signal): a write that blocks (a
+			// full pipe given as call fd) would stall that VM.
+			// Nonblocking, a full fd just means an interrupt is
 			// already pending.
 			if fd >= 0 {
 				if err := unix.SetNonblock(fd, true); err != nil {
@@ -317,12 +317,7 @@ func (d *Device) handle(m *Message) (reply []byte, hasReply bool, err error) {
 					return nil, false, fmt.Errorf("queue %d call fd: %w", q.index, err)
 				}
 			}
-			d.lock(func() {
-				if q.callFD >= 0 {
-					closeFD(q.callFD)
-				}
-				q.callFD = fd
-			})
+			d.lock(func() { q.setCall(fd) })
 		case ReqSetVringErr:
 			d.lock(func() {
 				if q.errFD >= 0 {
@@ -432,17 +427,17 @@ func (d *Device) call(what string, fn func()) (panicked bool) {
 	return false
 }
 
-// lock runs fn under the memory write lock.
+// lock runs fn under the device's lock, exclusively.
 func (d *Device) lock(fn func()) {
-	d.srv.mem.Lock()
-	defer d.srv.mem.Unlock()
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	fn()
 }
 
 // --- memory table ------------------------------------------------------------
 
-func decodeRegion(b []byte) MemoryRegion {
-	return MemoryRegion{
+func decodeRegion(b []byte) *MemoryRegion {
+	return &MemoryRegion{
 		GuestPhysAddr: le64(b[0:8]),
 		Size:          le64(b[8:16]),
 		UserAddr:      le64(b[16:24]),
@@ -451,8 +446,37 @@ func decodeRegion(b []byte) MemoryRegion {
 	}
 }
 
+// ErrMemoryCap refuses a memory table beyond the connection's caps
+// (Server.MaxMemBytes, Server.MaxMemRegions).
+var ErrMemoryCap = errors.New("vhost-user: memory table beyond this connection's caps")
+
+// checkMemCaps refuses a table of n regions and size bytes in all; it runs
+// before anything is mapped.
+func (d *Device) checkMemCaps(n int, size uint64, overflow bool) error {
+	if n > d.maxMemRegions {
+		return fmt.Errorf("%w: %d regions, at most %d", ErrMemoryCap, n, d.maxMemRegions)
+	}
+	if overflow || size > d.maxMemBytes {
+		return fmt.Errorf("%w: %d bytes, at most %d", ErrMemoryCap, size, d.maxMemBytes)
+	}
+	return nil
+}
+
+// addSize adds region sizes, reporting overflow.
+func addSize(total, size uint64, overflow bool) (uint64, bool) {
+	return total + size, overflow || total+size < total
+}
+
 func (d *Device) setMemTable(m *Message) error {
 	n := int(le32(m.Payload[0:4]))
+	var total uint64
+	var overflow bool
+	for i := 0; i < n; i++ {
+		total, overflow = addSize(total, decodeRegion(m.Payload[8+i*memRegionSize:]).Size, overflow)
+	}
+	if err := d.checkMemCaps(n, total, overflow); err != nil {
+		return err
+	}
 	regions := make([]*MemoryRegion, 0, n)
 	fail := func(err error) error {
 		for _, r := range regions {
@@ -481,22 +505,25 @@ func (d *Device) setMemTable(m *Message) error {
 
 func (d *Device) addMemReg(m *Message) error {
 	want := decodeRegion(m.Payload[8:])
-	old := d.mem.Regions()
+	old := d.Memory().Regions()
+	var total uint64
+	var overflow bool
 	for _, r := range old {
 		if r.GuestPhysAddr == want.GuestPhysAddr && r.Size == want.Size && r.UserAddr == want.UserAddr {
 			// The same region again (a front-end that lost track of
 			// its table): nothing changes.
 			return nil
 		}
+		total, overflow = addSize(total, r.Size, overflow)
+	}
+	total, overflow = addSize(total, want.Size, overflow)
+	if err := d.checkMemCaps(len(old)+1, total, overflow); err != nil {
+		return err
 	}
 	fd := takeFD(m)
 	r, err := mapRegion(want, fd)
 	if err != nil {
 		return err
-	}
-	if len(old)+1 > MaxMemSlots {
-		r.unmap()
-		return fmt.Errorf("more than %d memory slots", MaxMemSlots)
 	}
 	regions := append(append(make([]*MemoryRegion, 0, len(old)+1), old...), r)
 	next, err := newMemory(regions)
@@ -510,7 +537,7 @@ func (d *Device) addMemReg(m *Message) error {
 
 func (d *Device) remMemReg(b []byte) error {
 	want := decodeRegion(b)
-	old := d.mem.Regions()
+	old := d.Memory().Regions()
 	regions := make([]*MemoryRegion, 0, len(old))
 	found := false
 	for _, r := range old {
@@ -528,20 +555,14 @@ func (d *Device) remMemReg(b []byte) error {
 	return nil
 }
 
-// swapMemory installs next as the memory table and re-translates the rings.
-// The old regions that next does not keep are unmapped while the write lock
-// is still held: no HandleQueue of any device can be using them then, and
-// none can start before the lock is released.
+// swapMemory installs next as the memory table and re-translates the rings,
+// under the device's lock: it waits for this device's batch in progress,
+// never for another device. The old table is not waited for: its regions
+// that next does not keep are unmapped when its last user (a peer's MOVE
+// into this VM) releases it, or here if it has none.
 func (d *Device) swapMemory(next *Memory) {
 	d.lock(func() {
-		old := d.mem
-		d.memChangedMu.Lock()
-		d.mem = next
-		if d.memChanged != nil {
-			close(d.memChanged)
-		}
-		d.memChanged = make(chan struct{})
-		d.memChangedMu.Unlock()
+		d.setMemory(next)
 		for _, q := range d.queues {
 			if err := q.translate(next); err != nil {
 				if e := d.guestLog(logrus.WarnLevel); e != nil {
@@ -549,7 +570,6 @@ func (d *Device) swapMemory(next *Memory) {
 				}
 			}
 		}
-		unmapDropped(old, next)
 	})
 	d.reconcile()
 }

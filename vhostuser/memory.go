@@ -24,6 +24,10 @@ type MemoryRegion struct {
 	mapped []byte // what mmap returned (page-aligned), for munmap
 	fd     int
 	file   fileKey // the file behind fd (ShmemMap matches its own fds by it)
+
+	// tables counts the live Memory snapshots holding the region: it is
+	// unmapped when the last of them is retired (see Memory.Release).
+	tables atomic.Int64
 }
 
 // fileKey identifies an open file whatever fd refers to it: the memfd a
@@ -64,9 +68,9 @@ func (r *MemoryRegion) unmap() {
 	}
 }
 
-// mapRegion mmaps fd for r (MAP_SHARED, read-write). It takes ownership of
-// fd: on error fd is closed.
-func mapRegion(r MemoryRegion, fd int) (*MemoryRegion, error) {
+// mapRegion mmaps fd for r (MAP_SHARED, read-write) and returns r. It takes
+// ownership of fd: on error fd is closed.
+func mapRegion(r *MemoryRegion, fd int) (*MemoryRegion, error) {
 	fail := func(err error) (*MemoryRegion, error) {
 		unix.Close(fd)
 		return nil, err
@@ -104,7 +108,7 @@ func mapRegion(r MemoryRegion, fd int) (*MemoryRegion, error) {
 	r.mapped = m
 	r.host = m[skew : skew+r.Size : skew+r.Size]
 	r.fd = fd
-	return &r, nil
+	return r, nil
 }
 
 const (
@@ -112,16 +116,72 @@ const (
 	maxInt64 = 1<<63 - 1
 )
 
-// Memory is one immutable memory table. A new SET_MEM_TABLE or ADD/REM_MEM_REG
-// makes a new Memory; the old one is unmapped under the Server's memory write
-// lock. So a Memory (and every slice taken from it) is valid only while the
-// caller holds the memory read lock, i.e. within one HandleQueue call: never
-// keep slices across calls.
+// Memory is one immutable memory table: a snapshot of a VM's guest RAM. A
+// new SET_MEM_TABLE or ADD/REM_MEM_REG makes a new Memory and installs it as
+// the Device's current one without waiting for anyone still using the old
+// one (as rust-vmm's GuestMemoryAtomic does).
+//
+// Lifetime. A Memory is reference-counted: one reference while it is its
+// Device's current table, one per Device.AcquireMemory until the matching
+// Release. When the count drops to 0 the Memory is retired: each region that
+// no other live snapshot holds is unmapped and its fd closed. So a region
+// is never unmapped while anyone may touch it, and slices taken from a
+// Memory are valid while a reference to it is held:
+//
+//   - inside HandleQueue (or Device.WithMemoryLock) through Device.Memory,
+//     Queue and Chain: the current table cannot be replaced while the
+//     device's lock is held, and the current table holds its own reference;
+//   - anywhere, between Device.AcquireMemory and Release (a peer's MOVE into
+//     this VM). Hold it for one use, not longer: the old table's regions
+//     (the VM's old RAM) stay mapped until then.
 type Memory struct {
 	regions []*MemoryRegion
+	refs    atomic.Int64
 	// last is the index of the region that served the last lookup: chains
 	// mostly stay in one region.
 	last atomic.Uint32
+}
+
+// install gives a new table its first (current) reference and its regions
+// one table each.
+func (m *Memory) install() {
+	for _, r := range m.regions {
+		r.tables.Add(1)
+	}
+	m.refs.Store(1)
+}
+
+// tryAcquire takes a reference unless m is already retired (refs 0), after
+// which it must never come back to life.
+func (m *Memory) tryAcquire() bool {
+	for {
+		n := m.refs.Load()
+		if n <= 0 {
+			return false
+		}
+		if m.refs.CompareAndSwap(n, n+1) {
+			return true
+		}
+	}
+}
+
+// Release drops a reference taken by Device.AcquireMemory. The last one
+// retires m and unmaps the regions no live table holds any more, on the
+// caller's goroutine. Release of a nil Memory does nothing.
+func (m *Memory) Release() {
+	if m == nil {
+		return
+	}
+	switch n := m.refs.Add(-1); {
+	case n == 0:
+		for _, r := range m.regions {
+			if r.tables.Add(-1) == 0 {
+				r.unmap()
+			}
+		}
+	case n < 0:
+		panic("vhostuser: Memory released more often than acquired")
+	}
 }
 
 func newMemory(regions []*MemoryRegion) (*Memory, error) {
@@ -251,35 +311,4 @@ func (m *Memory) UserBytes(uaddr, n uint64) ([]byte, error) {
 		}
 	}
 	return nil, fmt.Errorf("%w: user address %#x", ErrBadAddress, uaddr)
-}
-
-// unmapAll unmaps every region of m (the table must no longer be in use).
-func (m *Memory) unmapAll() {
-	if m == nil {
-		return
-	}
-	for _, r := range m.regions {
-		r.unmap()
-	}
-}
-
-// unmapDropped unmaps the regions of old that next does not keep.
-func unmapDropped(old, next *Memory) {
-	if old == nil {
-		return
-	}
-	for _, r := range old.regions {
-		kept := false
-		if next != nil {
-			for _, k := range next.regions {
-				if k == r {
-					kept = true
-					break
-				}
-			}
-		}
-		if !kept {
-			r.unmap()
-		}
-	}
 }

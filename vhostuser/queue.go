@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"time"
 	"unsafe"
@@ -46,7 +47,8 @@ var (
 // Writable are host views of the device-readable and device-writable
 // buffers, in chain order; a descriptor that crosses a memory-region boundary
 // gives several slices. The slices are valid until the Chain is reused and
-// only while the memory read lock is held (inside HandleQueue).
+// only while the device's lock is held (inside HandleQueue or
+// WithMemoryLock), which keeps the memory table they point into current.
 //
 // A Chain is meant to be reused: Next resets it and keeps the capacity of the
 // slices, so the hot path does not allocate.
@@ -125,20 +127,22 @@ func scatter(segs [][]byte, src []byte, off int) int {
 }
 
 // Queue is one device-side split virtqueue. Its methods are not safe for
-// concurrent use and must run with the memory read lock held: call them from
-// HandleQueue (of this or, for cross-VM delivery, another device of the same
-// Server) or inside Device.WithMemoryLock, and serialise per queue yourself.
+// concurrent use and must run with its device's lock held (shared): call
+// them from its device's HandleQueue or inside Device.WithMemoryLock or
+// TryWithMemoryLock, and serialise per queue yourself. Interrupt and Wake
+// are the exceptions: safe from any goroutine.
 type Queue struct {
 	index int
 	dev   *Device
 	log   *logrus.Entry
 
-	// Set by the front-end (under the memory write lock).
+	// Set by the front-end (under the device's lock, exclusively).
 	size                          uint16
 	descAddr, availAddr, usedAddr uint64 // front-end user addresses
 	addrSet                       bool
 	enabled                       bool
-	kickFD, callFD, errFD         int
+	kickFD, errFD                 int
+	call                          *callFD // kept across resetState
 	eventIdx, indirectOK          bool
 
 	// Host views of the rings in the current memory table (nil: not
@@ -158,6 +162,7 @@ type Queue struct {
 	pushed        bool // something was pushed since the last notification
 	broken        bool
 	badChains     uint64 // malformed chains and broken-queue events so far
+	yielded       atomic.Bool
 
 	// Guest-caused log lines are rate-limited (see logLimiter); both
 	// survive resetState, so a guest cannot renew its allowance by
@@ -165,19 +170,27 @@ type Queue struct {
 	lim *logLimiter
 	now func() time.Time
 
-	one   [8]byte // eventfd increment, kept here so Notify does not allocate
 	fence uint32
 }
 
+// callFD is a queue's call eventfd. Interrupt writes it from any VM's
+// goroutine (a peer's MOVE signals this VM), without the device's lock:
+// mu keeps SET_VRING_CALL from closing the fd under that write.
+type callFD struct {
+	mu  sync.Mutex
+	fd  int
+	one [8]byte // the eventfd increment, kept here so Interrupt does not allocate
+}
+
 func newQueue(d *Device, i int) *Queue {
-	q := &Queue{index: i, dev: d, kickFD: -1, callFD: -1, errFD: -1, maxChainLen: DefaultMaxChainLen,
+	q := &Queue{index: i, dev: d, kickFD: -1, errFD: -1, call: &callFD{fd: -1}, maxChainLen: DefaultMaxChainLen,
 		lim: &logLimiter{}, now: time.Now}
 	if d != nil {
 		q.log = d.log.WithField("queue", i)
 	} else {
 		q.log = logrus.NewEntry(logrus.StandardLogger()).WithField("queue", i)
 	}
-	binary.LittleEndian.PutUint64(q.one[:], 1)
+	binary.LittleEndian.PutUint64(q.call.one[:], 1)
 	return q
 }
 
@@ -251,7 +264,7 @@ func (q *Queue) translate(m *Memory) error {
 func (q *Queue) resetState() {
 	q.closeFDs()
 	max := q.maxChainLen
-	*q = Queue{index: q.index, dev: q.dev, log: q.log, kickFD: -1, callFD: -1, errFD: -1, maxChainLen: max, one: q.one,
+	*q = Queue{index: q.index, dev: q.dev, log: q.log, kickFD: -1, errFD: -1, call: q.call, maxChainLen: max,
 		lim: q.lim, now: q.now}
 }
 
@@ -265,8 +278,19 @@ func (q *Queue) setKick(fd int) {
 	q.kickFD = fd
 }
 
+// setCall replaces the call fd (-1: none).
+func (q *Queue) setCall(fd int) {
+	q.call.mu.Lock()
+	defer q.call.mu.Unlock()
+	if q.call.fd >= 0 {
+		unix.Close(q.call.fd)
+	}
+	q.call.fd = fd
+}
+
 func (q *Queue) closeFDs() {
-	for _, p := range []*int{&q.kickFD, &q.callFD, &q.errFD} {
+	q.setCall(-1)
+	for _, p := range []*int{&q.kickFD, &q.errFD} {
 		if *p >= 0 {
 			unix.Close(*p)
 			*p = -1
@@ -495,12 +519,23 @@ func (q *Queue) Notify() {
 	q.Interrupt()
 }
 
-// Interrupt raises the call eventfd unconditionally.
+// Interrupt raises the call eventfd unconditionally. Safe from any
+// goroutine, with or without the device's lock.
 func (q *Queue) Interrupt() {
-	if q.callFD >= 0 {
-		unix.Write(q.callFD, q.one[:])
+	c := q.call
+	c.mu.Lock()
+	if c.fd >= 0 {
+		unix.Write(c.fd, c.one[:])
 	}
+	c.mu.Unlock()
 }
+
+// Yield is for HandleQueue that stops with work left (its work budget
+// spent): the queue's goroutine calls HandleQueue again as soon as this call
+// has returned and released the device's lock, without waiting for a kick.
+// In between, this VM's control messages and other goroutines get their
+// turn. Call it only from this queue's own HandleQueue (elsewhere: Wake).
+func (q *Queue) Yield() { q.yielded.Store(true) }
 
 // Wake makes the queue's goroutine call HandleQueue again, as if the driver
 // had kicked. Safe from any goroutine; a no-op when the queue is not running.

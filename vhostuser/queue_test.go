@@ -33,7 +33,8 @@ func testMemory(tb testing.TB, base uint64, sizes ...uint64) *Memory {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	tb.Cleanup(mem.unmapAll)
+	mem.install()
+	tb.Cleanup(mem.Release)
 	return mem
 }
 
@@ -191,21 +192,21 @@ func TestMemoryRegionChecks(t *testing.T) {
 		t.Error("overlapping regions accepted")
 	}
 	fd, _ := unix.MemfdCreate("r", 0)
-	if _, err := mapRegion(MemoryRegion{GuestPhysAddr: 0, Size: 0}, fd); err == nil {
+	if _, err := mapRegion(&MemoryRegion{GuestPhysAddr: 0, Size: 0}, fd); err == nil {
 		t.Error("empty region accepted")
 	}
 	fd, _ = unix.MemfdCreate("r", 0)
-	if _, err := mapRegion(MemoryRegion{GuestPhysAddr: ^uint64(0) - 10, Size: 4096}, fd); err == nil {
+	if _, err := mapRegion(&MemoryRegion{GuestPhysAddr: ^uint64(0) - 10, Size: 4096}, fd); err == nil {
 		t.Error("wrapping region accepted")
 	}
 	fd, _ = unix.MemfdCreate("r", 0)
 	unix.Ftruncate(fd, 4096)
-	if _, err := mapRegion(MemoryRegion{GuestPhysAddr: 0, Size: 8192}, fd); err == nil {
+	if _, err := mapRegion(&MemoryRegion{GuestPhysAddr: 0, Size: 8192}, fd); err == nil {
 		t.Error("region larger than its file accepted")
 	}
 	fd, _ = unix.MemfdCreate("r", 0)
 	unix.Ftruncate(fd, 3*4096)
-	r, err := mapRegion(MemoryRegion{GuestPhysAddr: 0x1000, Size: 4096, MmapOffset: 4096 + 16}, fd)
+	r, err := mapRegion(&MemoryRegion{GuestPhysAddr: 0x1000, Size: 4096, MmapOffset: 4096 + 16}, fd)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -369,9 +370,10 @@ func TestNotifySuppression(t *testing.T) {
 	mem := testMemory(t, 0, 0x20000)
 	r := newTestRing(t, mem, 8)
 	call := eventfd(t)
-	// The queue owns callFD and would close it; give it a dup.
-	r.q.callFD, _ = unix.Dup(call)
-	defer unix.Close(r.q.callFD)
+	// The queue owns its call fd and closes it; give it a dup.
+	dup, _ := unix.Dup(call)
+	r.q.setCall(dup)
+	defer r.q.setCall(-1)
 	var c Chain
 	r.desc16(0, 0x1000, 8, 0, 0)
 	roundTrip := func() {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"runtime"
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
@@ -21,25 +22,35 @@ const DefaultReplyTimeout = 10 * time.Second
 
 // Server serves vhost-user connections, one listening socket per VM.
 //
-// Locking. All devices of a Server share one sync.RWMutex for guest memory,
-// because a device may copy from one VM's memory into another VM's memory
-// (the ISM MOVE) from the sending VM's queue goroutine: a per-VM lock would
-// not keep the receiver's table from being unmapped under that copy.
+// Locking. Each Device (one VM's connection) has its own lock and its own
+// reference-counted memory snapshots (Memory); nothing is shared between
+// VMs, so one VM's control messages pause that VM's queues and nothing else.
 //
-//   - Read lock: every Backend.HandleQueue call (one batch per call) runs with
-//     it held, as does Device.WithMemoryLock. Memory, Queue and Chain slices
-//     are valid only while it is held.
-//   - Write lock: every change to any memory table (SET_MEM_TABLE,
-//     ADD/REM_MEM_REG, teardown), to ring addresses, sizes and queue fds, and
-//     Backend.Start, Stop and Close. So no HandleQueue of any VM runs during
-//     them, and old mappings are unmapped while nobody can use them.
-//   - The lock is never held while waiting for a back-end request reply
-//     (ShmemMap): QEMU sends SET_MEM_TABLE, which needs the write lock,
-//     before it answers. Nor while waiting for a queue goroutine to exit:
-//     the goroutine may be waiting for the read lock.
+//   - A device's lock, shared: each Backend.HandleQueue call (one batch) of
+//     that device, and Device.WithMemoryLock. Its queues, rings and chains,
+//     and its current Memory, are valid while it is held.
+//   - A device's lock, exclusive: every change of that device's memory table
+//     (SET_MEM_TABLE, ADD/REM_MEM_REG, teardown), ring addresses, sizes and
+//     queue fds, and its Backend.Start, Stop and Close. It waits for that
+//     device's batch in progress, which Backends keep short (a work budget
+//     per call, see ismvirtio).
+//   - Another VM's memory (the ISM MOVE copies from the sender's chain into
+//     the receiver's RAM on the sender's queue goroutine) is used through
+//     Device.AcquireMemory and Memory.Release, for one MOVE: that never
+//     waits, and the receiver's table change does not wait for it either.
+//     The old table's regions stay mapped until the last reference is
+//     released and are unmapped then, so no region is ever touched after
+//     its munmap (a fault is still recovered, see runQueue, but that is for
+//     a front-end that shrinks a file under a live mapping, not for this).
+//   - Another VM's queues (events posted into its event queue) are used
+//     only under Device.TryWithMemoryLock: when that VM's lock is not to be
+//     had at once, its own queue goroutine delivers them (Queue.Wake).
+//   - No device lock is held while waiting for a back-end request reply
+//     (ShmemMap): QEMU sends SET_MEM_TABLE, which needs the lock
+//     exclusively, before it answers. Nor while waiting for a queue
+//     goroutine to exit: the goroutine may be waiting for the lock.
 type Server struct {
 	log *logrus.Entry
-	mem sync.RWMutex
 
 	// ReplyTimeout bounds waits for back-end request replies
 	// (DefaultReplyTimeout if zero). Set it before Serve.
@@ -49,6 +60,14 @@ type Server struct {
 	// connect (checked with SO_PEERCRED); others are closed at once and
 	// the listener goes on. Set it before Serve.
 	AllowUIDs []uint32
+
+	// MaxMemBytes bounds the sum of the region sizes of one connection's
+	// memory table (DefaultMaxMemBytes if zero); MaxMemRegions bounds its
+	// regions (MaxMemSlots if zero or larger) and is what GET_MAX_MEM_SLOTS
+	// answers. A SET_MEM_TABLE or ADD_MEM_REG beyond them is refused and the
+	// table stays as it was. Set them before Serve.
+	MaxMemBytes   uint64
+	MaxMemRegions int
 
 	mu      sync.Mutex
 	devices map[string]*Device
@@ -216,6 +235,13 @@ func (s *Server) newDevice(ctx context.Context, name string, log *logrus.Entry, 
 	if d.replyTimeout <= 0 {
 		d.replyTimeout = DefaultReplyTimeout
 	}
+	d.maxMemBytes, d.maxMemRegions = s.MaxMemBytes, s.MaxMemRegions
+	if d.maxMemBytes == 0 {
+		d.maxMemBytes = DefaultMaxMemBytes
+	}
+	if d.maxMemRegions <= 0 || d.maxMemRegions > MaxMemSlots {
+		d.maxMemRegions = MaxMemSlots
+	}
 	d.offeredFeatures = be.Features() | 1<<FeatureVersion1 | 1<<FeatureRingEventIdx |
 		1<<FeatureRingIndirectDesc | 1<<FeatureProtocolFeatures
 	d.offeredProto = 1<<ProtocolMQ | 1<<ProtocolReplyAck | 1<<ProtocolConfig | 1<<ProtocolBackendReq |
@@ -256,7 +282,7 @@ func (d *Device) reconcile() {
 			anyReady = anyReady || q.Ready()
 		}
 	}
-	want := d.mem != nil && any && d.status&StatusFailed == 0
+	want := d.mem.Load() != nil && any && d.status&StatusFailed == 0
 	if !want {
 		if d.started.Load() {
 			d.stopDevice()
@@ -344,8 +370,8 @@ func (d *Device) teardown() {
 			q.closeFDs()
 			q.translate(nil)
 		}
-		d.mem.unmapAll()
-		d.mem = nil
+		// Unmapped now, or by the last peer still copying into it.
+		d.setMemory(nil)
 	})
 }
 
@@ -387,7 +413,7 @@ func (d *Device) startRunner(q *Queue) {
 }
 
 // stopRunner stops queue i's goroutine and waits for it. Never call it with
-// the memory lock held.
+// the device's lock held.
 func (d *Device) stopRunner(i int) {
 	d.runMu.Lock()
 	r := d.runners[i]
@@ -409,9 +435,10 @@ func (d *Device) stopAllRunners() {
 
 // wake writes the kick fd of queue i's runner. The write is a raw
 // nonblocking one, never one that waits: wake is called from HandleQueue
-// with the memory read lock held, and the kick fd is the front-end's
-// choice; one that is not an eventfd and fills up (a socket) must not stall
-// every VM. A failed write leaves the queue to the driver's next kick.
+// with a device lock held (and from other VMs' goroutines), and the kick fd
+// is the front-end's choice; one that is not an eventfd and fills up (a
+// socket) must not stall anyone. A failed write leaves the queue to the
+// driver's next kick.
 func (d *Device) wake(i int) {
 	d.runMu.Lock()
 	defer d.runMu.Unlock()
@@ -439,8 +466,10 @@ func (d *Device) runQueue(r *runner) {
 		}
 	}()
 	var buf [8]byte
-	for first := true; ; first = false {
-		if !first {
+	// The first look is after start; later ones after a kick, or at once
+	// after a HandleQueue that yielded with work left.
+	for again := true; ; {
+		if !again {
 			if _, err := r.kick.Read(buf[:]); err != nil {
 				if !r.stop.Load() {
 					if e := d.guestLog(logrus.ErrorLevel); e != nil {
@@ -453,13 +482,19 @@ func (d *Device) runQueue(r *runner) {
 		if r.stop.Load() || !d.handleQueue(r) {
 			return
 		}
+		if again = r.q.yielded.Swap(false); again {
+			// The device's lock is free here: a control message
+			// waiting for it goes first (a waiting writer holds off
+			// new readers), and so may other goroutines.
+			runtime.Gosched()
+		}
 	}
 }
 
-// handleQueue runs one HandleQueue batch under the memory read lock.
+// handleQueue runs one HandleQueue batch under the device's lock (shared).
 func (d *Device) handleQueue(r *runner) bool {
-	d.srv.mem.RLock()
-	defer d.srv.mem.RUnlock()
+	d.mu.RLock()
+	defer d.mu.RUnlock()
 	if r.stop.Load() {
 		return false
 	}

@@ -977,9 +977,11 @@ func (b *crossBackend) HandleQueue(dev *vhostuser.Device, q *vhostuser.Queue) {
 		}
 		n := c.CopyOut(buf, 0)
 		if peer := b.srv.Device(b.target); peer != nil {
-			if dst, err := peer.Memory().Bytes(b.gpa, uint64(n)); err == nil {
-				// Slowly, yielding: a table change that did not wait
-				// for this copy would unmap dst under it.
+			mem := peer.AcquireMemory()
+			if dst, err := mem.Bytes(b.gpa, uint64(n)); err == nil {
+				// Slowly, yielding: a table change that unmapped the
+				// old region before this reference is released would
+				// unmap dst under the copy.
 				for i := range dst {
 					dst[i] = buf[i]
 					runtime.Gosched()
@@ -988,6 +990,7 @@ func (b *crossBackend) HandleQueue(dev *vhostuser.Device, q *vhostuser.Queue) {
 			} else {
 				b.misses.Add(1)
 			}
+			mem.Release()
 		}
 		q.Push(c, 0)
 	}

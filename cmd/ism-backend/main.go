@@ -56,6 +56,10 @@ type options struct {
 	signalRate      int
 	signalBurst     int
 
+	// Caps on each connection's memory table (-max-mem-bytes,
+	// -max-mem-regions).
+	maxMemBytes   uint64
+	maxMemRegions int
 	// Who may reach the sockets: file mode and group, peer uids (none:
 	// anyone the file lets through).
 	socket    socketAccess
@@ -145,6 +149,8 @@ func parseFlags(args []string, errOut io.Writer) (*options, error) {
 		fmt.Sprintf("software events (SIGNALs) of one sender that may wait in a VM's event queue; more are refused (1..%d)", ismvirtio.MaxPendingEvents))
 	fs.IntVar(&opts.signalRate, "signal-rate", ism.DefaultSignalRate, "SIGNALs per second one VM may send, after -signal-burst; more are refused")
 	fs.IntVar(&opts.signalBurst, "signal-burst", ism.DefaultSignalBurst, "SIGNALs one VM may send at once")
+	fs.Uint64Var(&opts.maxMemBytes, "max-mem-bytes", vhostuser.DefaultMaxMemBytes, "bytes of guest memory one VM's connection may have mapped (its memory table: guest RAM and attach-mode mappings)")
+	fs.IntVar(&opts.maxMemRegions, "max-mem-regions", vhostuser.MaxMemSlots, fmt.Sprintf("regions one VM's memory table may have, 1..%d (what GET_MAX_MEM_SLOTS answers)", vhostuser.MaxMemSlots))
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			fs.SetOutput(errOut)
@@ -176,6 +182,12 @@ func parseFlags(args []string, errOut io.Writer) (*options, error) {
 	}
 	if _, err := opts.backendOptions(""); err != nil {
 		return nil, err
+	}
+	if opts.maxMemBytes == 0 {
+		return nil, errors.New("-max-mem-bytes must not be 0")
+	}
+	if opts.maxMemRegions < 1 || opts.maxMemRegions > vhostuser.MaxMemSlots {
+		return nil, fmt.Errorf("-max-mem-regions %d: want 1..%d", opts.maxMemRegions, vhostuser.MaxMemSlots)
 	}
 	c, err := strconv.ParseUint(chid, 0, 16)
 	if err != nil {
@@ -246,6 +258,7 @@ func run(ctx context.Context, opts *options) error {
 	fabric := ism.NewFabric(opts.chid, logrus.NewEntry(log)) // adds the chid field itself
 	fabric.SetLimits(opts.limits())
 	server := vhostuser.NewServer(log.WithField("component", "vhostuser"))
+	server.MaxMemBytes, server.MaxMemRegions = opts.maxMemBytes, opts.maxMemRegions
 	server.AllowUIDs = opts.allowUIDs
 
 	// Listen on every socket first, so a failure leaves nothing half-started.

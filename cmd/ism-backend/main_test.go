@@ -9,6 +9,7 @@ import (
 	"github.com/ism-backend/ism-backend/abi"
 	"github.com/ism-backend/ism-backend/ism"
 	"github.com/ism-backend/ism-backend/ismvirtio"
+	"github.com/ism-backend/ism-backend/vhostuser"
 )
 
 func TestParseFlags(t *testing.T) {
@@ -21,6 +22,16 @@ func TestParseFlags(t *testing.T) {
 	}
 	if opts.vms[0].GID != gidForName("vm1") || opts.vms[0].GID == gidForName("vm2") {
 		t.Fatal("derived GIDs not stable or not distinct")
+	}
+	if opts.maxMemBytes != vhostuser.DefaultMaxMemBytes || opts.maxMemRegions != vhostuser.MaxMemSlots {
+		t.Fatalf("memory caps default to %d bytes, %d regions", opts.maxMemBytes, opts.maxMemRegions)
+	}
+	opts, err = parseFlags([]string{"-vm", "vm1", "-max-mem-bytes", "1073741824", "-max-mem-regions", "16"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if opts.maxMemBytes != 1<<30 || opts.maxMemRegions != 16 {
+		t.Fatalf("memory caps %d bytes, %d regions", opts.maxMemBytes, opts.maxMemRegions)
 	}
 }
 
@@ -36,6 +47,9 @@ func TestParseFlagsRefuses(t *testing.T) {
 		{"-vm", "a", "-log-level", "loud"},
 		{"-vm", "a", "-virtio-id", "0"},
 		{"-vm", "a", "extra"},
+		{"-vm", "a", "-max-mem-bytes", "0"},
+		{"-vm", "a", "-max-mem-regions", "0"},
+		{"-vm", "a", "-max-mem-regions", "513"},
 		{"-bogus"},
 	} {
 		var out bytes.Buffer
