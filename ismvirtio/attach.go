@@ -2,7 +2,6 @@ package ismvirtio
 
 import (
 	"errors"
-	"fmt"
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
@@ -121,17 +120,7 @@ func (s *session) drain() {
 }
 
 func (s *session) runJob(job func()) {
-	defer func() {
-		r := recover()
-		if r == nil {
-			return
-		}
-		if _, ok := r.(interface{ Addr() uintptr }); !ok {
-			panic(r)
-		}
-		s.b.warnGuest(logrus.Fields{"fault": fmt.Sprint(r)}, "fault in this VM's memory in the mapping worker: closing its connection")
-		s.vdev.Close()
-	}()
+	defer s.b.closeOnFault(s.vdev, "in the mapping worker")
 	job()
 }
 

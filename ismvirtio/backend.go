@@ -431,7 +431,7 @@ func (b *Backend) Interrupt() {
 func (b *Backend) PostEvent(ev abi.Event) (queued bool) {
 	b.evMu.Lock()
 	defer b.evMu.Unlock()
-	defer b.closeOnFault()
+	defer b.closeOnFault(b.vdev, "delivering an event")
 	if !b.pending.push(ev) {
 		return false
 	}
@@ -449,8 +449,9 @@ func (b *Backend) PostEvent(ev abi.Event) (queued bool) {
 }
 
 // closeOnFault, deferred, turns a memory fault (debug.SetPanicOnFault) in
-// this VM's memory into closing this VM's connection; other panics go on.
-func (b *Backend) closeOnFault() {
+// this VM's memory, met while doing what, into closing this VM's connection
+// vdev (if not nil); other panics go on.
+func (b *Backend) closeOnFault(vdev *vhostuser.Device, what string) {
 	r := recover()
 	if r == nil {
 		return
@@ -458,9 +459,9 @@ func (b *Backend) closeOnFault() {
 	if _, ok := r.(interface{ Addr() uintptr }); !ok {
 		panic(r)
 	}
-	b.warnGuest(logrus.Fields{"fault": fmt.Sprint(r)}, "fault in this VM's memory while delivering an event: closing its connection")
-	if b.vdev != nil {
-		b.vdev.Close()
+	b.warnGuest(logrus.Fields{"fault": fmt.Sprint(r)}, "fault in this VM's memory "+what+": closing its connection")
+	if vdev != nil {
+		vdev.Close()
 	}
 }
 

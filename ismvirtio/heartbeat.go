@@ -1,11 +1,8 @@
 package ismvirtio
 
 import (
-	"fmt"
 	"runtime/debug"
 	"time"
-
-	"github.com/sirupsen/logrus"
 
 	"github.com/ism-backend/ism-backend/ism"
 	"github.com/ism-backend/ism-backend/vhostuser"
@@ -21,17 +18,7 @@ func (b *Backend) heartbeat(vdev *vhostuser.Device, dev *ism.Device, stop <-chan
 	// The SBA is guest RAM: a front-end may have shrunk the memory file
 	// under it. A fault closes this VM's connection, not the backend.
 	debug.SetPanicOnFault(true)
-	defer func() {
-		r := recover()
-		if r == nil {
-			return
-		}
-		if _, ok := r.(interface{ Addr() uintptr }); !ok {
-			panic(r)
-		}
-		b.warnGuest(logrus.Fields{"fault": fmt.Sprint(r)}, "fault in this VM's memory writing the heartbeat: closing its connection")
-		vdev.Close()
-	}()
+	defer b.closeOnFault(vdev, "writing the heartbeat")
 	t := time.NewTicker(b.opts.Heartbeat)
 	defer t.Stop()
 	for {
