@@ -1,13 +1,9 @@
 package vhostuser
 
 import (
-	"context"
 	"encoding/binary"
 	"net"
-	"path/filepath"
-	"strings"
 	"testing"
-	"time"
 
 	"github.com/sirupsen/logrus"
 	logtest "github.com/sirupsen/logrus/hooks/test"
@@ -32,20 +28,7 @@ func (nopBackend) HandleQueue(*Device, *Queue)      {}
 func TestRefusedMessagesLogRateLimited(t *testing.T) {
 	logger, hook := logtest.NewNullLogger()
 	s := NewServer(logrus.NewEntry(logger))
-	now := time.Unix(1700000000, 0)
-	s.now = func() time.Time { return now } // no token comes back
-	path := filepath.Join(t.TempDir(), "vm.sock")
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		s.Serve(ctx, "vm", ln, func(string) (Backend, error) { return nopBackend{}, nil })
-	}()
-	defer func() { cancel(); <-done }()
+	path := serveNop(t, s) // a fixed clock: no token comes back
 
 	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
@@ -60,19 +43,10 @@ func TestRefusedMessagesLogRateLimited(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	// A request with a reply: every message before it was handled.
-	if err := WriteMessage(c, ReqGetFeatures, flagVersion, nil, nil); err != nil {
+	if err := getFeatures(c); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := ReadMessage(c); err != nil {
-		t.Fatal(err)
-	}
-	refused := 0
-	for _, e := range hook.AllEntries() {
-		if strings.Contains(e.Message, "refused") {
-			refused++
-		}
-	}
+	refused := countLines(hook, "refused")
 	if refused == 0 || refused > logBurst {
 		t.Fatalf("%d refused messages gave %d warnings, want 1 to %d", msgs, refused, logBurst)
 	}
