@@ -106,13 +106,21 @@ const testRegion = 64 << 20
 
 func newAttachGuest(t *testing.T, f *Fabric, name string, gid uint64, modes uint16) *attachGuest {
 	t.Helper()
+	return newAttachGuestConfig(t, f, name, gid, DeviceConfig{Modes: modes})
+}
+
+// newAttachGuestConfig is newAttachGuest with cfg's modes and limits; the
+// mapper and the region size are the tests'.
+func newAttachGuestConfig(t *testing.T, f *Fabric, name string, gid uint64, cfg DeviceConfig) *attachGuest {
+	t.Helper()
 	g := &guest{low: make([]byte, lowSize), high: make([]byte, highSize), n: &notifier{}}
 	var err error
 	if g.mem, err = NewSliceMemory(Region{GPA: lowGPA, Data: g.low}, Region{GPA: highGPA, Data: g.high}); err != nil {
 		t.Fatal(err)
 	}
 	m := newFakeMapper()
-	if g.dev, err = f.ConnectDevice(name, gid, g.mem, g.n, DeviceConfig{Modes: modes, Mapper: m, RegionSize: testRegion}); err != nil {
+	cfg.Mapper, cfg.RegionSize = m, testRegion
+	if g.dev, err = f.ConnectDevice(name, gid, g.mem, g.n, cfg); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { g.dev.Disconnect(); m.flush() })
@@ -394,15 +402,7 @@ func TestAttachMapFails(t *testing.T) {
 func TestAttachMaxMapped(t *testing.T) {
 	f := newFabric()
 	a := newAttachGuest(t, f, "a", 0xA, both)
-	g := &guest{low: make([]byte, lowSize), high: make([]byte, highSize), n: &notifier{}}
-	g.mem, _ = NewSliceMemory(Region{GPA: lowGPA, Data: g.low})
-	m := newFakeMapper()
-	var err error
-	g.dev, err = f.ConnectDevice("b", 0xB, g.mem, g.n, DeviceConfig{Modes: both, Mapper: m, RegionSize: testRegion, MaxMapped: 8192})
-	if err != nil {
-		t.Fatal(err)
-	}
-	b := &attachGuest{g, m}
+	b := newAttachGuestConfig(t, f, "b", 0xB, DeviceConfig{Modes: both, MaxMapped: 8192})
 	t1, _ := registerAttach(t, a, 8192, 0xB, 0)
 	t2, _ := registerAttach(t, a, 4096, 0xB, 1)
 	attach(t, b, t1, abi.StatusOK)
@@ -411,9 +411,9 @@ func TestAttachMaxMapped(t *testing.T) {
 		t.Fatalf("%d refusals by the mapped-bytes limit, want 1", s.MappedLimitRefused)
 	}
 	do(t, b.dev, abi.Request{Op: abi.OpDetachDMB, Token: t1}, nil, abi.StatusOK)
-	m.flush()
+	b.m.flush()
 	attach(t, b, t2, abi.StatusOK)
-	if !bytes.Equal(m.at(0)[:4], make([]byte, 4)) {
+	if !bytes.Equal(b.m.at(0)[:4], make([]byte, 4)) {
 		t.Fatal("a new DMB is not zeroed")
 	}
 }

@@ -208,16 +208,7 @@ func TestDMBLimit(t *testing.T) {
 func TestAttachMemoryLimit(t *testing.T) {
 	f := newFabric()
 	a := newAttachGuest(t, f, "a", 0xA, both)
-	g := &guest{low: make([]byte, lowSize), high: make([]byte, highSize), n: &notifier{}}
-	g.mem, _ = NewSliceMemory(Region{GPA: lowGPA, Data: g.low})
-	m := newFakeMapper()
-	var err error
-	g.dev, err = f.ConnectDevice("b", 0xB, g.mem, g.n, DeviceConfig{Modes: both, Mapper: m, RegionSize: testRegion, MaxAttach: 8192})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { g.dev.Disconnect(); m.flush() })
-	b := &attachGuest{g, m}
+	b := newAttachGuestConfig(t, f, "b", 0xB, DeviceConfig{Modes: both, MaxAttach: 8192})
 
 	t1, _ := registerAttach(t, b, 5000, 0xA, 0) // 8192 bytes of memfd
 	do(t, b.dev, abi.Request{Op: abi.OpRegisterDMB, Flags: abi.FlagAttach, Len: 1, GID: 0xA, Index: 1}, nil, abi.StatusNoSpace)
@@ -228,7 +219,7 @@ func TestAttachMemoryLimit(t *testing.T) {
 		t.Fatalf("stats %+v", s)
 	}
 	do(t, b.dev, abi.Request{Op: abi.OpUnregisterDMB, Token: t1}, nil, abi.StatusOK)
-	m.flush()
+	b.m.flush()
 	registerAttach(t, b, 8192, 0xA, 1)
 	if s := b.dev.Stats(); s.AttachBytes != 8192 {
 		t.Fatalf("attach bytes %d after unregister and register", s.AttachBytes)
