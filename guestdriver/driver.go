@@ -124,7 +124,7 @@ type Driver struct {
 
 	attachWritten atomic.Uint64 // bytes written through attachments
 
-	signals signalReader // the poller's alone
+	signals signalReader // the poller's alone, but for its SBA view (fixed at Open), which Heartbeat reads too
 
 	reqMu     sync.Mutex
 	reqQ      *pci.Queue
