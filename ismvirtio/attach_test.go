@@ -305,18 +305,6 @@ func TestDetachAnswersAfterUnmap(t *testing.T) {
 	}
 	b.wantShmem(mapReq(0, 4096))
 
-	var answered atomic.Bool
-	early := make(chan bool, 2)
-	hold := func(f *fe.Frontend, r fe.ShmemRequest) error {
-		if r.Request == vhostuser.BackendReqShmemUnmap {
-			deadline := time.Now().Add(200 * time.Millisecond)
-			for time.Now().Before(deadline) && !answered.Load() {
-				time.Sleep(time.Millisecond)
-			}
-			early <- answered.Load()
-		}
-		return nil
-	}
 	for _, tc := range []struct {
 		g   *guest
 		req abi.Request
@@ -324,10 +312,26 @@ func TestDetachAnswersAfterUnmap(t *testing.T) {
 		{b, abi.Request{Op: abi.OpDetachDMB, Token: tokA}},
 		{a, abi.Request{Op: abi.OpUnregisterDMB, Token: tokA}},
 	} {
-		answered.Store(false)
-		tc.g.fe.SetBeforeShmemReply(hold)
+		// One flag per request: the previous request's goroutine must not
+		// be able to set this one's.
+		var answered atomic.Bool
+		early := make(chan bool, 2)
+		tc.g.fe.SetBeforeShmemReply(func(f *fe.Frontend, r fe.ShmemRequest) error {
+			if r.Request == vhostuser.BackendReqShmemUnmap {
+				deadline := time.Now().Add(200 * time.Millisecond)
+				for time.Now().Before(deadline) && !answered.Load() {
+					time.Sleep(time.Millisecond)
+				}
+				early <- answered.Load()
+			}
+			return nil
+		})
 		done := make(chan abi.Status, 1)
-		go func() { done <- tc.g.do(tc.req, nil).Status; answered.Store(true) }()
+		go func() {
+			st := tc.g.do(tc.req, nil).Status
+			answered.Store(true)
+			done <- st
+		}()
 		if st := <-done; st != abi.StatusOK {
 			t.Fatalf("%v: %v", tc.req.Op, st)
 		}
