@@ -68,7 +68,7 @@ type attachment struct {
 	dev    *Device
 	e      *dmbEntry
 	tok    uint64
-	region *dmb.RegionAllocator // the one off came from (Reset replaces dev's)
+	region *dmb.RegionAllocator // the one off came from: a late unmap frees there after dev's disconnect
 	off    uint64
 	size   uint64 // page-rounded mapping length
 }
@@ -88,12 +88,12 @@ func (a *attachment) unmapLater() {
 // attachState is a device's attach-mode bookkeeping, guarded by the
 // fabric's attach lock (Fabric.amu).
 type attachState struct {
-	region     *dmb.RegionAllocator   // replaced on Reset: late frees go to the old one
+	region     *dmb.RegionAllocator   // nil once disconnected (late frees use attachment.region)
 	attached   map[uint64]*attachment // DMBs this device attached, by token
 	owned      int                    // own live attach-mode DMBs
 	ownedBytes uint64                 // their memfds' bytes, and those of one being mapped (against Device.maxAttach)
 	mapped     uint64                 // bytes mapped: own DMBs and attachments
-	gen        uint64                 // bumped by Reset: a Map begun before it is void
+	gen        uint64                 // bumped by Disconnect: a Map begun before it is void
 }
 
 func (d *Device) attachOffered() bool { return d.modes&abi.ModeAttach != 0 && d.mapper != nil }
@@ -365,13 +365,13 @@ func (e *dmbEntry) revokeLocked() []*attachment {
 	return out
 }
 
-// afterRevoke unmaps revoked attachments and, with notify, tells each
-// attacher but the owner itself that the DMB is gone (EventDMB: token,
-// GID = owner). Call it with no lock held.
-func afterRevoke(revoked []*attachment, notify bool) {
+// afterRevoke unmaps revoked attachments and tells each attacher but the
+// owner itself that the DMB is gone (EventDMB: token, GID = owner). Call it
+// with no lock held.
+func afterRevoke(revoked []*attachment) {
 	for _, a := range revoked {
 		a.unmapLater()
-		if o := a.e.owner; notify && a.dev != o {
+		if o := a.e.owner; a.dev != o {
 			a.dev.post(abi.Event{Type: abi.EventDMB, Token: a.tok, GID: o.gid})
 		}
 	}
@@ -404,6 +404,6 @@ func (d *Device) unregisterAttach(req abi.Request, e *dmbEntry) error {
 	// No MOVE writes the memfd once e is dead under d.mu.
 	e.buf.Close()
 	e.own.unmapLater()
-	afterRevoke(revoked, true)
+	afterRevoke(revoked)
 	return nil
 }

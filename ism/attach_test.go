@@ -75,16 +75,6 @@ func (m *fakeMapper) flush() int {
 	return len(q)
 }
 
-// drop forgets every mapping, as the front-end does on a device reset.
-func (m *fakeMapper) drop() {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	for off, b := range m.maps {
-		unix.Munmap(b)
-		delete(m.maps, off)
-	}
-}
-
 func (m *fakeMapper) at(off uint64) []byte {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -315,40 +305,6 @@ func TestDisconnectWhileMapped(t *testing.T) {
 	if s := f.Stats(); s.MappedBytes != 0 || s.Attached != 0 {
 		t.Fatalf("stats %+v", s)
 	}
-}
-
-// TestResetDropsAttachments: after a reset the device's DMBs are gone from
-// its peers' regions, its own attachments are forgotten, and its region is
-// whole again.
-func TestResetDropsAttachments(t *testing.T) {
-	f := newFabric()
-	a := newAttachGuest(t, f, "a", 0xA, both)
-	b := newAttachGuest(t, f, "b", 0xB, both)
-	tok, _ := registerAttach(t, a, 4096, 0xB, 0)
-	attach(t, b, tok, abi.StatusOK)
-	other, _ := registerAttach(t, b, 4096, 0xA, 0)
-	attach(t, a, other, abi.StatusOK)
-	a.dev.Reset()
-	a.m.drop()
-	if b.m.flush() != 1 || a.m.flush() != 0 {
-		t.Fatal("reset: wrong unmaps")
-	}
-	if s := a.dev.Stats(); s.MappedBytes != 0 || s.Attached != 0 || s.AttachDMBs != 0 {
-		t.Fatalf("a after reset %+v", s)
-	}
-	_, evs := b.n.snapshot()
-	if len(evs) != 1 || evs[0].Token != tok {
-		t.Fatalf("b's events %+v", evs)
-	}
-	// a can attach b's DMB again, and the whole region is free.
-	attach(t, a, other, abi.StatusOK)
-	big := abi.Request{Op: abi.OpRegisterDMB, Flags: abi.FlagAttach, Len: abi.MaxDMBSize, GID: 0xB}
-	for i := range uint32(63) { // 64 MiB region, one page used by the attachment
-		big.Index = i
-		do(t, a.dev, big, nil, abi.StatusOK)
-	}
-	big.Index = 63
-	do(t, a.dev, big, nil, abi.StatusNoSpace)
 }
 
 // TestAttachRevokedDuringMap: the owner unregisters while the attacher's

@@ -576,42 +576,12 @@ func (d *Device) dropDMBsLocked() map[uint64]*dmbEntry {
 	return old
 }
 
-// Reset is a device reset by the driver (or the transport): all DMBs go away
-// (their rgid peers get an abi.EventDMB each) and the SBA is forgotten; the
-// device stays connected with its GID. Attach mode: the front-end dropped
-// this device's mappings with the reset (a virtio reset does), so its
-// attachments are only forgotten; other devices' mappings of its DMBs are
-// unmapped.
-func (d *Device) Reset() {
-	d.f.amu.Lock()
-	d.mu.Lock()
-	if d.gone {
-		d.mu.Unlock()
-		d.f.amu.Unlock()
-		return
-	}
-	old := d.dropDMBsLocked()
-	revoked, bufs := d.dropAttachLocked(old, false)
-	d.mu.Unlock()
-	d.f.amu.Unlock()
-	closeBuffers(bufs)
-	afterRevoke(revoked, false)
-	for tok, e := range old {
-		if e.rgid == d.gid {
-			continue
-		}
-		if p := d.f.device(e.rgid); p != nil {
-			p.post(abi.Event{Type: abi.EventDMB, Token: tok, GID: d.gid})
-		}
-	}
-}
-
-// dropAttachLocked ends the attach-mode state of a device that was reset
-// (gone false) or disconnected: old are its dead DMBs. f.amu and d.mu are
-// held. It returns the other devices' mappings of those DMBs, for
-// afterRevoke, and their buffers, to close once no lock is held (no MOVE
-// uses them: they are dead under d.mu).
-func (d *Device) dropAttachLocked(old map[uint64]*dmbEntry, gone bool) ([]*attachment, []*dmb.Buffer) {
+// dropAttachLocked ends the attach-mode state of a device being
+// disconnected: old are its dead DMBs. f.amu and d.mu are held. It returns
+// the other devices' mappings of those DMBs, for afterRevoke, and their
+// buffers, to close once no lock is held (no MOVE uses them: they are dead
+// under d.mu).
+func (d *Device) dropAttachLocked(old map[uint64]*dmbEntry) ([]*attachment, []*dmb.Buffer) {
 	var revoked []*attachment
 	var bufs []*dmb.Buffer
 	for _, e := range old {
@@ -619,7 +589,9 @@ func (d *Device) dropAttachLocked(old map[uint64]*dmbEntry, gone bool) ([]*attac
 			continue
 		}
 		for _, a := range e.revokeLocked() {
-			if a.dev != d { // our own mappings went with the reset
+			// Our own mappings went with the front-end's reset or
+			// disconnect, which is what disconnected us.
+			if a.dev != d {
 				revoked = append(revoked, a)
 			}
 		}
@@ -628,12 +600,7 @@ func (d *Device) dropAttachLocked(old map[uint64]*dmbEntry, gone bool) ([]*attac
 	for _, a := range d.att.attached {
 		delete(a.e.attachers, d)
 	}
-	st := attachState{gen: d.att.gen + 1}
-	if !gone && d.attachOffered() {
-		st.region, _ = newRegion(d.att.region.Size())
-		st.attached = make(map[uint64]*attachment)
-	}
-	d.att = st
+	d.att = attachState{gen: d.att.gen + 1}
 	return revoked, bufs
 }
 
@@ -665,13 +632,13 @@ func (d *Device) disconnect() {
 	f.amu.Lock()
 	d.mu.Lock()
 	old := d.dropDMBsLocked()
-	revoked, bufs := d.dropAttachLocked(old, true)
+	revoked, bufs := d.dropAttachLocked(old)
 	d.gone = true
 	d.mem = nil
 	d.mu.Unlock()
 	f.amu.Unlock()
 	closeBuffers(bufs)
-	afterRevoke(revoked, true)
+	afterRevoke(revoked)
 
 	peers := make(map[*Device]struct{})
 	for _, e := range old {

@@ -27,14 +27,14 @@
 //     StatusUnsupported, by a GID other than the rgid StatusPermission, a
 //     second time StatusBusy; DETACH_DMB of a DMB not attached is
 //     StatusNoEntry (StatusPermission if not the rgid). UNREGISTER of an
-//     attach-mode DMB, and its owner's reset or disconnect, unmap it from
-//     every attacher's region and send each an EventDMB (token, GID = owner).
+//     attach-mode DMB, and its owner's disconnect, unmap it from every
+//     attacher's region and send each an EventDMB (token, GID = owner).
 //   - Disconnect sends EventGID to the rgids of the device's DMBs and to the
 //     owners of DMBs whose rgid is the device (never to itself); UNREGISTER
 //     of a copy-mode DMB sends nothing (SMC closes the connection in its
-//     CDC first). The transport disconnects a device on a virtio reset, so
-//     that is what peers see of a reset; Device.Reset (EventDMB to each
-//     DMB's rgid) is the model's alone.
+//     CDC first). The transport disconnects a device on a virtio reset (and
+//     connects a new one when the driver starts it again), so peers see a
+//     reset as the GID going away.
 //   - SIGNAL is accepted only between devices with a DMB relationship: one
 //     of the two owns a live DMB whose rgid is the other (or the sender
 //     signals itself); otherwise StatusPermission. Each device may SIGNAL at
@@ -46,7 +46,7 @@
 //
 // Locking: the token table and the GID map have their own RWMutexes; each
 // Device has a RWMutex that guards its DMBs, SBA and Memory. A MOVE holds the
-// owner's lock shared while it copies, so UNREGISTER, SetMemory, Reset and
+// owner's lock shared while it copies, so UNREGISTER, SetMemory and
 // Disconnect (which take it exclusively) wait for in-flight MOVEs and none
 // touches the owner's RAM after they return. The owner's RAM itself is
 // used through a MemoryView acquired for that one MOVE, so the transport's

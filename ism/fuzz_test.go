@@ -19,8 +19,8 @@ import (
 // the model says it may.
 //
 // Input: records of [sender byte][split byte][48-byte request][MOVE data].
-// sender bit 0 picks A or B; bit 7 resets the sender instead. A token below 16 names the model's n-th
-// registered DMB, so that the fuzzer reaches live tokens. MOVE data is the
+// sender bit 0 picks A or B; bit 7 resets the sender instead (disconnect
+// and connect again). A token below 16 names the model's n-th registered DMB, so that the fuzzer reaches live tokens. MOVE data is the
 // next min(len, remaining, 64 KiB) bytes, cut in two at the split byte.
 func FuzzHandle(f *testing.F) {
 	f.Fuzz(func(t *testing.T, in []byte) {
@@ -37,6 +37,8 @@ const (
 
 type fzGuest struct {
 	dev        *Device
+	name       string
+	mem        Memory
 	n          *notifier
 	low, high  []byte // the device's view
 	mlow, mhig []byte // the model
@@ -86,7 +88,8 @@ func runFuzzHandle(t *testing.T, in []byte) Stats {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if g.dev, err = fab.Connect(fmt.Sprint("g", i), uint64(0xA+i), mem, g.n); err != nil {
+		g.name, g.mem = fmt.Sprint("g", i), mem
+		if g.dev, err = fab.Connect(g.name, uint64(0xA+i), mem, g.n); err != nil {
 			t.Fatal(err)
 		}
 		gs[i] = g
@@ -113,9 +116,15 @@ func runFuzzHandle(t *testing.T, in []byte) Stats {
 			req.Token = slots[req.Token]
 		}
 		if in0&0x80 != 0 {
-			// A device reset instead of the request: the sender's DMBs die
-			// and its SBA is forgotten.
-			g.dev.Reset()
+			// A virtio reset instead of the request, as the transport
+			// does it: the device is disconnected and a new one connects
+			// with the same GID. The sender's DMBs die and its SBA is
+			// forgotten.
+			gid := g.dev.GID()
+			g.dev.Disconnect()
+			if g.dev, err = fab.Connect(g.name, gid, g.mem, g.n); err != nil {
+				t.Fatalf("step %d: reconnect after the reset: %v", step, err)
+			}
 			for _, e := range dmbs {
 				if e.owner == g {
 					e.live = false

@@ -215,19 +215,26 @@ func TestDisconnectEvents(t *testing.T) {
 	}
 }
 
-func TestReset(t *testing.T) {
+// TestReconnectAfterDisconnect: a virtio reset, as the transport does it
+// (disconnect, then a new device with the same GID): the old DMBs are dead
+// for the peer, which gets an EventGID; the DMB index is free again and the
+// SBA forgotten.
+func TestReconnectAfterDisconnect(t *testing.T) {
 	f := newFabric()
 	a := newGuest(t, f, "a", 0xA)
 	b := newGuest(t, f, "b", 0xB)
 	setSBA(t, a.dev, sbaGPA, true)
 	tok := register(t, a.dev, dmbGPA, 4096, 0xB, 7)
-	a.dev.Reset()
+	a.dev.Disconnect()
 	do(t, b.dev, move(tok, 0, 0, 1, false), [][]byte{{1}}, abi.StatusNoEntry)
-	if _, evs := b.n.snapshot(); len(evs) != 1 || evs[0] != (abi.Event{Type: abi.EventDMB, Token: tok, GID: 0xA}) {
+	if _, evs := b.n.snapshot(); len(evs) != 1 || evs[0] != (abi.Event{Type: abi.EventGID, GID: 0xA}) {
 		t.Fatalf("B events %+v", evs)
 	}
-	// Index free again; SBA forgotten.
-	tok2 := register(t, a.dev, dmbGPA, 4096, 0xB, 7)
+	a2 := newGuest(t, f, "a", 0xA)
+	tok2 := register(t, a2.dev, dmbGPA, 4096, 0xB, 7)
+	if tok2 == tok {
+		t.Fatal("the reconnected device got the dead DMB's token again")
+	}
 	do(t, b.dev, move(tok2, 0, 0, 1, true), [][]byte{{1}}, abi.StatusNotReady)
 	do(t, b.dev, move(tok2, 0, 0, 1, false), [][]byte{{1}}, abi.StatusOK)
 }
