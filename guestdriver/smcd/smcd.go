@@ -1,8 +1,16 @@
 // Package smcd is a userspace SMC-D stack: it negotiates with CLC over a TCP
 // connection (Proposal, Accept, Confirm, or Decline), then moves data through
-// ISM DMBs with CDC cursors, and offers the result as a net.Conn. Any
-// failure to negotiate falls back to plain TCP on the same connection,
-// invisibly to the application.
+// ISM DMBs with CDC cursors, and offers the result as a net.Conn.
+//
+// Negotiation that fails before either end is committed to SMC-D (a
+// Decline either way, a peer that answers with something other than CLC, a
+// DMB the device cannot register) falls back to plain TCP on the same
+// connection: the application gets a working net.Conn either way, and IsSMC
+// and FallbackConn.Reason say which and why. Not every failure is a
+// fallback: once the server has sent its Accept only the client's Decline
+// lets both ends fall back, and anything else (a timeout, garbage, an
+// unusable Confirm) fails the connection, as Linux's smc_listen_decline
+// does; a TCP connection that fails is an error too.
 //
 // Both ends must use this stack: there is no SMC TCP option yet, so a Dial
 // to a plain TCP server sends it a Proposal it does not expect. A Listener
