@@ -333,6 +333,31 @@ var statusText = [...]string{
 	StatusInternal:    "internal error",
 }
 
+// statusNames are the statuses' names for machines: the stats file's and
+// the metrics' labels.
+var statusNames = [...]string{
+	StatusOK:          "ok",
+	StatusInvalid:     "invalid",
+	StatusUnsupported: "unsupported",
+	StatusNoEntry:     "no_entry",
+	StatusPermission:  "permission",
+	StatusRange:       "range",
+	StatusFault:       "fault",
+	StatusNoSpace:     "no_space",
+	StatusBusy:        "busy",
+	StatusNotReady:    "not_ready",
+	StatusInternal:    "internal",
+}
+
+// Name is the status's snake_case name ("no_entry"), or "status_N" for a
+// status this package does not know.
+func (s Status) Name() string {
+	if int(s) < len(statusNames) {
+		return statusNames[s]
+	}
+	return fmt.Sprintf("status_%d", uint32(s))
+}
+
 func (s Status) Error() string {
 	if int(s) < len(statusText) {
 		return "ism: " + statusText[s]

@@ -27,6 +27,7 @@ import (
 	"github.com/ism-backend/ism-backend/abi"
 	"github.com/ism-backend/ism-backend/ism"
 	"github.com/ism-backend/ism-backend/ismvirtio"
+	"github.com/ism-backend/ism-backend/metrics"
 	"github.com/ism-backend/ism-backend/vhostuser"
 )
 
@@ -60,6 +61,8 @@ type options struct {
 	// -max-mem-regions).
 	maxMemBytes   uint64
 	maxMemRegions int
+	// Prometheus metrics (metrics package), opt-in.
+	metricsAddr string
 	// Who may reach the sockets: file mode and group, peer uids (none:
 	// anyone the file lets through).
 	socket    socketAccess
@@ -111,6 +114,7 @@ func parseFlags(args []string, errOut io.Writer) (*options, error) {
 	fs.BoolVar(&opts.logJSON, "log-json", false, "log as JSON lines")
 	fs.StringVar(&opts.printQEMU, "print-qemu", "", "print the QEMU options VM `NAME` needs and exit")
 	fs.DurationVar(&opts.statsInterval, "stats-interval", 0, "log device statistics (and write -stats-file) this often (0: only on SIGUSR1 and at exit)")
+	fs.StringVar(&opts.metricsAddr, "metrics-addr", "", "serve Prometheus metrics at http://`HOST:PORT`/metrics (off when empty)")
 	fs.StringVar(&opts.statsFile, "stats-file", "", "also write device statistics as JSON to `PATH` (replaced atomically) on SIGUSR1, each -stats-interval and at exit")
 	modes := "copy,attach"
 	fs.StringVar(&modes, "modes", modes, "DMB modes every VM's device offers: copy, attach or copy,attach")
@@ -203,6 +207,12 @@ func parseFlags(args []string, errOut io.Writer) (*options, error) {
 	if opts.socketDir == "" {
 		return nil, errors.New("-socket-dir must not be empty")
 	}
+	if opts.metricsAddr != "" {
+		_, port, err := net.SplitHostPort(opts.metricsAddr)
+		if p, perr := strconv.ParseUint(port, 10, 16); err != nil || perr != nil || (p == 0 && port != "0") {
+			return nil, fmt.Errorf("-metrics-addr %q: want HOST:PORT (port 0: any free one)", opts.metricsAddr)
+		}
+	}
 	if opts.printQEMU != "" && !vmName.MatchString(opts.printQEMU) {
 		return nil, fmt.Errorf("-print-qemu %q: not a VM name", opts.printQEMU)
 	}
@@ -260,6 +270,18 @@ func run(ctx context.Context, opts *options) error {
 	server := vhostuser.NewServer(log.WithField("component", "vhostuser"))
 	server.MaxMemBytes, server.MaxMemRegions = opts.maxMemBytes, opts.maxMemRegions
 	server.AllowUIDs = opts.allowUIDs
+
+	if opts.metricsAddr != "" {
+		vms := make([]metrics.VM, len(opts.vms))
+		for i, v := range opts.vms {
+			vms[i] = metrics.VM{Name: v.Name, GID: v.GID}
+		}
+		addr, err := metrics.Listen(ctx, opts.metricsAddr, metrics.Registry(metrics.NewCollector(fabric, vms, server.Stats)))
+		if err != nil {
+			return fmt.Errorf("-metrics-addr: %w", err)
+		}
+		log.WithField("url", "http://"+addr.String()+"/metrics").Info("serving metrics")
+	}
 
 	// Listen on every socket first, so a failure leaves nothing half-started.
 	listeners := make([]*net.UnixListener, 0, len(opts.vms))

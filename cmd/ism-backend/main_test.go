@@ -33,6 +33,11 @@ func TestParseFlags(t *testing.T) {
 	if opts.maxMemBytes != 1<<30 || opts.maxMemRegions != 16 {
 		t.Fatalf("memory caps %d bytes, %d regions", opts.maxMemBytes, opts.maxMemRegions)
 	}
+	for _, addr := range []string{"127.0.0.1:9100", ":0", "[::1]:9100"} {
+		if opts, err := parseFlags([]string{"-vm", "vm1", "-metrics-addr", addr}, io.Discard); err != nil || opts.metricsAddr != addr {
+			t.Errorf("-metrics-addr %s: %v", addr, err)
+		}
+	}
 }
 
 func TestParseFlagsRefuses(t *testing.T) {
@@ -50,6 +55,9 @@ func TestParseFlagsRefuses(t *testing.T) {
 		{"-vm", "a", "-max-mem-bytes", "0"},
 		{"-vm", "a", "-max-mem-regions", "0"},
 		{"-vm", "a", "-max-mem-regions", "513"},
+		{"-vm", "a", "-metrics-addr", "9100"},
+		{"-vm", "a", "-metrics-addr", "localhost:99999"},
+		{"-vm", "a", "-metrics-addr", "localhost:http"},
 		{"-bogus"},
 	} {
 		var out bytes.Buffer
