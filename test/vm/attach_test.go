@@ -93,6 +93,49 @@ func checkNoAttachmentsLeft(t *testing.T, name string, o vmharness.Outcome) {
 
 var attachCases = []smcCase{{conns: 1}, {conns: 32}}
 
+// checkMetricsMatchStats scrapes the backend's /metrics between two fresh
+// writes of its stats file and checks each named VM's counters: every
+// scraped value lies between the two files' (a guest that is powering off
+// meanwhile may still move the counters, never backwards).
+func checkMetricsMatchStats(t *testing.T, be *vmharness.Backend, names ...string) {
+	t.Helper()
+	before, err := be.Stats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	fams, err := be.Metrics()
+	if err != nil {
+		t.Fatalf("scraping /metrics: %v", err)
+	}
+	after, err := be.Stats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range names {
+		b, ok1 := before.VM(name)
+		a, ok2 := after.VM(name)
+		if !ok1 || !ok2 {
+			t.Fatalf("the stats file lists no VM %q", name)
+		}
+		labels := map[string]string{"vm": name, "gid": b.GID}
+		for _, c := range []struct {
+			metric    string
+			low, high uint64
+		}{
+			{"ism_backend_vm_moves_total", b.Stats.Moves, a.Stats.Moves},
+			{"ism_backend_vm_move_bytes_total", b.Stats.MoveBytes, a.Stats.MoveBytes},
+			{"ism_backend_vm_shmem_maps_total", b.Stats.Maps, a.Stats.Maps},
+			{"ism_backend_vm_shmem_unmaps_total", b.Stats.Unmaps, a.Stats.Unmaps},
+			{"ism_backend_vm_events_total", b.Stats.Events, a.Stats.Events},
+		} {
+			got, ok := vmharness.MetricValue(fams, c.metric, labels)
+			if !ok || got < float64(c.low) || got > float64(c.high) {
+				t.Errorf("%s%v = %v (present %v); the stats file said %d, then %d", c.metric, labels, got, ok, c.low, c.high)
+			}
+		}
+	}
+}
+
 // TestSMCDAttachInterVM: 64 MiB between two guests over attach-mode DMBs;
 // every connection attaches on both sides, and the backend copied nothing.
 func TestSMCDAttachInterVM(t *testing.T) {
@@ -100,7 +143,7 @@ func TestSMCDAttachInterVM(t *testing.T) {
 		t.Run(c.String(), func(t *testing.T) {
 			r := vmharness.New(t)
 			r.RequireBackend()
-			be, a, b := smcPairOn(r, c.cpus, statsArgs(r),
+			be, a, b := smcPairOn(r, c.cpus, append(statsArgs(r), "-metrics-addr", "127.0.0.1:0"),
 				c.args(map[string]string{}),
 				c.args(map[string]string{"bytes": strconv.Itoa(smcBytes)}), 5*time.Minute)
 			ob := b.RequireOK(0)
@@ -124,6 +167,7 @@ func TestSMCDAttachInterVM(t *testing.T) {
 			if sa.Stats.Maps == 0 || sb.Stats.Maps == 0 {
 				t.Errorf("shared-memory maps: a %d, b %d; want both > 0", sa.Stats.Maps, sb.Stats.Maps)
 			}
+			checkMetricsMatchStats(t, be, "a", "b")
 			t.Logf("%d MiB over %d attach-mode SMC-D connection(s): client %ss (%s MB/s); backend: a %+v, b %+v",
 				smcBytes>>20, c.conns, ob.Results["client_seconds"], ob.Results["client_mbytes_per_s"], sa.Stats, sb.Stats)
 		})
