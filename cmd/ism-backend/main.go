@@ -8,6 +8,7 @@ package main
 
 import (
 	"context"
+	"encoding/xml"
 	"errors"
 	"flag"
 	"fmt"
@@ -231,10 +232,33 @@ func printQEMU(w io.Writer, opts *options) error {
 	if err != nil {
 		return err
 	}
+	chardev := fmt.Sprintf("socket,id=ism0,path=%s", sock)
+	device := fmt.Sprintf("vhost-user-test-device-pci,chardev=ism0,virtio-id=%d,num_vqs=%d,config_size=%d,vq_size=256",
+		opts.virtioID, abi.NumQueues, abi.ConfigSize)
 	fmt.Fprintf(w, "-object memory-backend-memfd,id=mem,size=<RAM>,share=on -machine q35,memory-backend=mem -m <RAM> "+
-		"-chardev socket,id=ism0,path=%s "+
-		"-device vhost-user-test-device-pci,chardev=ism0,virtio-id=%d,num_vqs=%d,config_size=%d,vq_size=256\n",
-		sock, opts.virtioID, abi.NumQueues, abi.ConfigSize)
+		"-chardev %s -device %s\n", chardev, device)
+	// libvirt has no element for QEMU's generic vhost-user device: the
+	// device goes in as qemu:commandline; the memory must still be a
+	// shared memfd, which memoryBacking says.
+	var esc strings.Builder
+	xmlAttr := func(v string) string {
+		esc.Reset()
+		xml.EscapeText(&esc, []byte(v))
+		return strings.ReplaceAll(esc.String(), "'", "&#39;")
+	}
+	fmt.Fprintf(w, `
+<!-- libvirt: the domain element needs xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0' and a q35 machine -->
+<memoryBacking>
+  <source type='memfd'/>
+  <access mode='shared'/>
+</memoryBacking>
+<qemu:commandline>
+  <qemu:arg value='-chardev'/>
+  <qemu:arg value='%s'/>
+  <qemu:arg value='-device'/>
+  <qemu:arg value='%s'/>
+</qemu:commandline>
+`, xmlAttr(chardev), xmlAttr(device))
 	return nil
 }
 

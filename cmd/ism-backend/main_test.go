@@ -3,6 +3,9 @@ package main
 import (
 	"bytes"
 	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -82,6 +85,46 @@ func TestPrintQEMU(t *testing.T) {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("missing %q in %s", want, out.String())
 		}
+	}
+}
+
+// TestPrintQEMULibvirt: the libvirt part of -print-qemu, put in a minimal
+// q35 domain, validates against libvirt's schema (where virt-xml-validate
+// and xmllint are installed).
+func TestPrintQEMULibvirt(t *testing.T) {
+	opts, err := parseFlags([]string{"-socket-dir", "/run/ism", "-print-qemu", "vm1"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	if err := printQEMU(&out, opts); err != nil {
+		t.Fatal(err)
+	}
+	_, frag, ok := strings.Cut(out.String(), "\n<!--")
+	if !ok {
+		t.Fatalf("no libvirt part in\n%s", out.String())
+	}
+	_, frag, _ = strings.Cut(frag, "-->")
+	for _, want := range []string{"<source type='memfd'/>", "<access mode='shared'/>", "<qemu:arg value='socket,id=ism0,path=/run/ism/vm1.sock'/>"} {
+		if !strings.Contains(frag, want) {
+			t.Errorf("libvirt part lacks %s:\n%s", want, frag)
+		}
+	}
+	v, err := exec.LookPath("virt-xml-validate")
+	if err != nil {
+		t.Skip("virt-xml-validate not installed: the schema is not checked")
+	}
+	if _, err := exec.LookPath("xmllint"); err != nil {
+		t.Skip("xmllint not installed: virt-xml-validate cannot run")
+	}
+	dom := "<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'><name>vm1</name><memory unit='GiB'>1</memory>" +
+		frag + "<os><type arch='x86_64' machine='q35'>hvm</type></os></domain>"
+	path := filepath.Join(t.TempDir(), "vm1.xml")
+	if err := os.WriteFile(path, []byte(dom), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := exec.Command(v, path, "domain").CombinedOutput(); err != nil || !strings.Contains(string(b), "validates") {
+		t.Fatalf("virt-xml-validate: %v\n%s\n%s", err, b, dom)
 	}
 }
 
