@@ -3,6 +3,7 @@ package ism
 import (
 	"sync"
 	"sync/atomic"
+	"time"
 	"unsafe"
 
 	"github.com/sirupsen/logrus"
@@ -26,6 +27,8 @@ type Device struct {
 	maxMapped uint64
 	maxAttach uint64
 	att       attachState // guarded by f.amu
+
+	connectedAt time.Time // when Connect made it
 
 	closed         atomic.Bool // set at the start of Disconnect
 	disconnectOnce sync.Once

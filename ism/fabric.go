@@ -245,6 +245,8 @@ func (f *Fabric) ConnectDevice(name string, gid uint64, mem Memory, n Notifier, 
 		dmbs:  make(map[uint64]*dmbEntry),
 		rgids: make(map[uint64]int),
 		log:   f.log.WithFields(logrus.Fields{"vm": name, "gid": fmt.Sprintf("%#016x", gid)}),
+
+		connectedAt: time.Now(),
 	}
 	if cfg.Modes&abi.ModeAttach != 0 {
 		if cfg.Mapper == nil || cfg.RegionSize < abi.ShmPage || cfg.RegionSize > MaxRegionSize {
@@ -327,8 +329,10 @@ type DeviceStats struct {
 	// offers (attach mode drops out when the front-end cannot map).
 	GID   uint64
 	Modes uint16
-	// Connected: the latest device is connected to the fabric now.
+	// Connected: the latest device is connected to the fabric now, since
+	// Since (when it connected).
 	Connected bool
+	Since     time.Time
 	// Stats: the counters of every device that connected under this name
 	// (so they survive a device stop and a reconnect); DMBs and the
 	// attach-mode gauges of the connected device (0 when not connected).
@@ -352,7 +356,7 @@ func (f *Fabric) DeviceStats() []DeviceStats {
 		it := item{out: DeviceStats{Name: name, GID: last.gid, Modes: last.modes, Stats: rec.folded}, devs: slices.Clone(rec.devs)}
 		if f.devices[last.gid] == last {
 			it.live = last
-			it.out.Connected = true
+			it.out.Connected, it.out.Since = true, last.connectedAt
 		}
 		items = append(items, it)
 	}

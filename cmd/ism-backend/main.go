@@ -71,6 +71,17 @@ type options struct {
 }
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "status" {
+		err := runStatus(os.Args[2:], os.Stdout, os.Stderr)
+		if errors.Is(err, flag.ErrHelp) {
+			os.Exit(0)
+		}
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "ism-backend status: %v\n", err)
+			os.Exit(1)
+		}
+		return
+	}
 	opts, err := parseFlags(os.Args[1:], os.Stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		os.Exit(0)
@@ -159,7 +170,7 @@ func parseFlags(args []string, errOut io.Writer) (*options, error) {
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			fs.SetOutput(errOut)
-			fmt.Fprintln(errOut, "usage: ism-backend -socket-dir DIR -vm NAME[=GID] ... | -print-qemu NAME")
+			fmt.Fprintln(errOut, "usage: ism-backend -socket-dir DIR -vm NAME[=GID] ... | -print-qemu NAME | status [-json]")
 			fs.PrintDefaults()
 		}
 		return nil, err
@@ -314,6 +325,12 @@ func run(ctx context.Context, opts *options) error {
 			ln.Close() // unlinks the socket file
 		}
 	}()
+	ctl, err := listenControl(opts.socketDir)
+	if err != nil {
+		return fmt.Errorf("control socket: %w", err)
+	}
+	defer ctl.Close()
+	go serveControl(ctx, ctl, fabric, opts, log)
 	for _, v := range opts.vms {
 		ln, err := listenUnix(filepath.Join(opts.socketDir, v.Name+".sock"), opts.socket)
 		if err != nil {
