@@ -113,6 +113,7 @@ func newConn(dev Device, tcp net.Conn, dmb DMB, peerGID, peerToken uint64, peerD
 	c.readDL.init()
 	c.writeDL.init()
 	go c.rxLoop()
+	track(c)
 	return c
 }
 
@@ -533,6 +534,7 @@ func (c *Conn) Close() error {
 	first := false
 	c.closeOnce.Do(func() {
 		first = true
+		untrack(c)
 		c.mu.Lock()
 		failed := c.err != nil
 		if c.rxProd > c.rxCons {

@@ -124,6 +124,12 @@ type FallbackConn struct {
 	replay []byte
 }
 
+// Close closes the TCP connection.
+func (f *FallbackConn) Close() error {
+	untrack(f)
+	return f.Conn.Close()
+}
+
 func (f *FallbackConn) Read(p []byte) (int, error) {
 	if len(f.replay) > 0 {
 		n := copy(p, f.replay)
@@ -176,7 +182,9 @@ func fallback(tcp net.Conn, reason *DeclineError, replay []byte) (net.Conn, erro
 		tcp.Close()
 		return nil, err
 	}
-	return &FallbackConn{Conn: tcp, Reason: reason, replay: replay}, nil
+	fc := &FallbackConn{Conn: tcp, Reason: reason, replay: replay}
+	track(fc)
+	return fc, nil
 }
 
 // connBuffers allocates the CDC buffer and a staging buffer of stageLen bytes.
