@@ -304,9 +304,7 @@ func (d *Driver) reapEvents() (bool, error) {
 			if ev.Type == abi.EventDMB && d.shm != nil {
 				d.shm.revoke(ev.Token) // before anyone hears of it
 			}
-			select {
-			case d.events <- ev:
-			default:
+			if !d.evq.push(ev) {
 				d.evDrops.Add(1)
 			}
 		}
@@ -325,7 +323,6 @@ func (d *Driver) reapEvents() (bool, error) {
 // sleeps on the interrupt or backs off to 1 ms sleeps.
 func (d *Driver) poll() {
 	defer close(d.polled)
-	defer close(d.events)
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
 	idle := 0

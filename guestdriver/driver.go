@@ -136,6 +136,7 @@ type Driver struct {
 	evBufs  *pci.DMA
 	evByHd  []int // head -> event buffer
 	events  chan abi.Event
+	evq     *eventQueue // between the poller and events (events.go)
 	evDrops atomic.Uint64
 
 	dmbMu     sync.Mutex
@@ -156,6 +157,7 @@ type Driver struct {
 	wake   chan struct{}
 	stop   chan struct{}
 	polled chan struct{}
+	pumped chan struct{} // pumpEvents has closed events
 	once   sync.Once
 }
 
@@ -367,11 +369,14 @@ func (d *Driver) start(nev int) error {
 	d.evQ.SetInterrupts(d.intx != nil)
 	d.evQ.Kick()
 	d.dmbs = make([]atomic.Pointer[DMB], d.maxDMBs)
-	d.events = make(chan abi.Event, 256)
+	d.events = make(chan abi.Event, 64)
+	d.evq = newEventQueue()
 	d.wake = make(chan struct{}, 1)
 	d.stop = make(chan struct{})
 	d.polled = make(chan struct{})
+	d.pumped = make(chan struct{})
 	go d.poll()
+	go d.pumpEvents()
 	var flags uint16
 	if d.intx != nil {
 		flags = abi.FlagInterrupts
@@ -431,11 +436,15 @@ func (d *Driver) CHID() uint16 { return d.cfg.CHID }
 // Config is the device config space as read at Open.
 func (d *Driver) Config() abi.Config { return d.cfg }
 
-// Events delivers the device's events. If nobody reads, events beyond the
-// channel's buffer are dropped (and counted) rather than stall signal polling.
+// Events delivers the device's events, in the device's order but device
+// events (a GID or a DMB gone) first. If nobody reads, device events wait
+// (they are never dropped) and software events past 256 waiting are
+// dropped and counted (EventDrops), rather than stall signal polling. The
+// channel is closed when the driver closes.
 func (d *Driver) Events() <-chan abi.Event { return d.events }
 
-// EventDrops is the number of events dropped because Events was not drained.
+// EventDrops is the number of software events dropped because Events was
+// not drained.
 func (d *Driver) EventDrops() uint64 { return d.evDrops.Load() }
 
 // Interrupts reports whether the driver sleeps on the device's interrupt
@@ -628,6 +637,7 @@ func (d *Driver) stopPoller() {
 		_ = d.intx.close() // ends a wait on the interrupt
 	}
 	<-d.polled
+	<-d.pumped
 }
 
 // Close resets the device, which makes the backend drop this guest's DMBs,
