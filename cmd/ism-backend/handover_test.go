@@ -243,3 +243,52 @@ func TestTakeover(t *testing.T) {
 		t.Fatal("the last run:", err)
 	}
 }
+
+// A takeover that fails rolls back: a new process that would drop a VM
+// ends with an error, and one that cannot rebuild a VM's device (another
+// GID for it) too; the old one serves on, its guests untouched.
+func TestTakeoverFailureRollsBack(t *testing.T) {
+	dir := t.TempDir()
+	base := []string{"-socket-dir", dir, "-vm", "a=0xa", "-vm", "b=0xb", "-modes", "copy", "-log-level", "error"}
+	hsock := filepath.Join(dir, "ism-backend.handover")
+	cancel, done := startRun(t, base)
+	for _, p := range []string{"a.sock", "b.sock", "ism-backend.handover"} {
+		waitFile(t, filepath.Join(dir, p), done)
+	}
+	a, b := newTestGuest(t, filepath.Join(dir, "a.sock")), newTestGuest(t, filepath.Join(dir, "b.sock"))
+	dmbGPA, dmb, err := a.mem.Alloc(4096, 4096)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := a.do(abi.Request{Op: abi.OpRegisterDMB, Addr: dmbGPA, Len: 4096, GID: 0xb, Index: 1}, nil)
+	if r.Status != abi.StatusOK {
+		t.Fatal("REGISTER_DMB:", r.Status)
+	}
+	for i, args := range [][]string{
+		{"-socket-dir", dir, "-vm", "a=0xa", "-modes", "copy", "-log-level", "error", "-takeover", hsock},                 // drops b
+		{"-socket-dir", dir, "-vm", "a=0xa", "-vm", "b=0xc", "-modes", "copy", "-log-level", "error", "-takeover", hsock}, // b's GID differs
+	} {
+		_, newDone := startRun(t, args)
+		err := <-newDone
+		if err == nil || !strings.Contains(err.Error(), "takeover") || strings.Contains(err.Error(), "\n") {
+			t.Fatalf("failed takeover %d: %v, want a one-line takeover error", i, err)
+		}
+		t.Logf("takeover %d: %v", i, err)
+		select {
+		case err := <-done:
+			t.Fatalf("the old run ended after failed takeover %d: %v", i, err)
+		default:
+		}
+		s := []byte{'x', byte('0' + i)}
+		if r := b.do(abi.Request{Op: abi.OpMove, Token: r.Value, Offset: uint64(2 * i), Len: 2}, s); r.Status != abi.StatusOK {
+			t.Fatalf("MOVE after failed takeover %d: %v", i, r.Status)
+		}
+	}
+	if string(dmb[:4]) != "x0x1" {
+		t.Fatalf("DMB %q", dmb[:4])
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
