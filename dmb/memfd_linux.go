@@ -1,6 +1,7 @@
 package dmb
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"sync"
@@ -90,4 +91,40 @@ func (b *Buffer) Close() error {
 	}
 	b.fd, b.data = -1, nil
 	return err
+}
+
+// BufferFromFD makes a Buffer of an existing memfd of size bytes (a page
+// multiple), as NewBuffer made it in another process: it takes a duplicate
+// of fd (the caller keeps fd) and maps it. The file must be a sealed memfd
+// of at least size bytes: a smaller or growable one could fault under the
+// mapping.
+func BufferFromFD(fd int, size uint64) (*Buffer, error) {
+	page := uint64(os.Getpagesize())
+	if size == 0 || size%page != 0 || size > 1<<40 {
+		return nil, fmt.Errorf("dmb: buffer size %d out of range", size)
+	}
+	seals, err := unix.FcntlInt(uintptr(fd), unix.F_GET_SEALS, 0)
+	if err != nil {
+		return nil, fmt.Errorf("dmb: not a memfd: %w", err)
+	}
+	if seals&unix.F_SEAL_SHRINK == 0 {
+		return nil, errors.New("dmb: memfd not sealed against shrinking")
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return nil, fmt.Errorf("dmb: fstat memfd: %w", err)
+	}
+	if st.Size < 0 || uint64(st.Size) < size {
+		return nil, fmt.Errorf("dmb: memfd of %d bytes, want %d", st.Size, size)
+	}
+	nfd, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("dmb: dup memfd: %w", err)
+	}
+	data, err := unix.Mmap(nfd, 0, int(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		unix.Close(nfd)
+		return nil, fmt.Errorf("dmb: mmap memfd: %w", err)
+	}
+	return &Buffer{fd: nfd, data: data}, nil
 }

@@ -118,3 +118,38 @@ func (a *RegionAllocator) Used() uint64 {
 	}
 	return t
 }
+
+// Reserve marks [off, off+n) (n rounded up to the alignment) allocated, as
+// an Alloc that returned off would have: for a region rebuilt after a
+// handover, whose mappings exist already. The range must be aligned,
+// inside the region and free; abi.StatusNoSpace past LimitRanges.
+func (a *RegionAllocator) Reserve(off, n uint64) error {
+	if n == 0 || AddOverflows(n, a.align-1) || off%a.align != 0 {
+		return abi.StatusRange
+	}
+	n = (n + a.align - 1) &^ (a.align - 1)
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.maxRanges > 0 && len(a.used) >= a.maxRanges {
+		return abi.StatusNoSpace
+	}
+	for i, e := range a.free {
+		if off < e.off || off-e.off >= e.n || n > e.n-(off-e.off) {
+			continue
+		}
+		// Split e into what lies before and after the range.
+		before := extent{e.off, off - e.off}
+		after := extent{off + n, e.n - (off - e.off) - n}
+		var keep []extent
+		if before.n > 0 {
+			keep = append(keep, before)
+		}
+		if after.n > 0 {
+			keep = append(keep, after)
+		}
+		a.free = append(a.free[:i], append(keep, a.free[i+1:]...)...)
+		a.used[off] = n
+		return nil
+	}
+	return abi.StatusBusy
+}

@@ -104,3 +104,25 @@ func (s *IndexSet) Has(i uint32) bool {
 
 // Clear releases every index.
 func (s *IndexSet) Clear() { s.w = [len(s.w)]uint64{} }
+
+// Insert stores v under a token chosen elsewhere (a table rebuilt after a
+// handover). It refuses token 0 and a token in use (abi.StatusBusy), and
+// more than limit entries (limit > 0) with abi.StatusNoSpace.
+func (t *Table[V]) Insert(token uint64, v V, limit int) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if token == 0 {
+		return abi.StatusInvalid
+	}
+	if limit > 0 && len(t.m) >= limit {
+		return abi.StatusNoSpace
+	}
+	if t.m == nil {
+		t.m = make(map[uint64]V)
+	}
+	if _, ok := t.m[token]; ok {
+		return abi.StatusBusy
+	}
+	t.m[token] = v
+	return nil
+}

@@ -54,13 +54,17 @@ type session struct {
 
 	stopped atomic.Bool
 
-	mu   sync.Mutex
-	jobs []func()
-	wake chan struct{} // capacity 1: there are jobs, or the session stopped
+	mu      sync.Mutex
+	jobs    []func()
+	running bool          // a job is being carried out
+	idle    *sync.Cond    // on mu: broadcast when a job ends (a handover waits for none in flight)
+	wake    chan struct{} // capacity 1: there are jobs, or the session stopped
 }
 
 func newSession(b *Backend, vdev *vhostuser.Device) *session {
-	return &session{b: b, vdev: vdev, wake: make(chan struct{}, 1)}
+	s := &session{b: b, vdev: vdev, wake: make(chan struct{}, 1)}
+	s.idle = sync.NewCond(&s.mu)
+	return s
 }
 
 func (s *session) poke() {
@@ -114,8 +118,16 @@ func (s *session) drain() {
 		job := s.jobs[0]
 		s.jobs[0] = nil
 		s.jobs = s.jobs[1:]
+		nested := s.running // a request job draining its unmaps
+		s.running = true
 		s.mu.Unlock()
 		s.runJob(job)
+		if !nested {
+			s.mu.Lock()
+			s.running = false
+			s.idle.Broadcast()
+			s.mu.Unlock()
+		}
 	}
 }
 

@@ -44,10 +44,21 @@ type Backend struct {
 	// lock (exclusive), so HandleQueue (shared) never sees them change.
 	// Other VMs' goroutines read vdev only under evMu (PostEvent,
 	// Interrupt), which Start and Stop take to change it.
-	vdev     *vhostuser.Device
-	dev      *ism.Device
-	sess     *session
-	stopBeat chan struct{} // closed by Stop: the heartbeat goroutine ends
+	vdev *vhostuser.Device
+	dev  *ism.Device
+	sess *session
+
+	// The heartbeat goroutine (heartbeat.go), under hbMu: stopBeat is
+	// closed to end it, beatDone is closed when it has; quiesced holds
+	// it off during a handover (handover.go).
+	hbMu     sync.Mutex
+	stopBeat chan struct{}
+	beatDone chan struct{}
+	quiesced bool
+
+	// What Resume takes over from another process (handover.go).
+	imp       *ism.Imported
+	impEvents *EventsState
 
 	// The attach-mode request the mapping worker is serving (nil: none).
 	// While it is set the request queue's goroutine takes no chain, so
@@ -231,6 +242,14 @@ func (b *Backend) ShmemSizes() []uint64 {
 // and BACKEND_SEND_FD; without them the device offers copy mode only
 // (attach-mode requests get StatusUnsupported).
 func (b *Backend) Start(vdev *vhostuser.Device) error {
+	return b.start(vdev, func(cfg ism.DeviceConfig) (*ism.Device, error) {
+		return b.fabric.ConnectDevice(b.name, b.gid, guestMemory{vdev}, b, cfg)
+	})
+}
+
+// start is Start with connect putting the device on the fabric (a new one,
+// or one taken over from another process).
+func (b *Backend) start(vdev *vhostuser.Device, connect func(ism.DeviceConfig) (*ism.Device, error)) error {
 	cfg := ism.DeviceConfig{Modes: b.opts.Modes}
 	var s *session
 	need := uint64(1<<vhostuser.ProtocolShmem | 1<<vhostuser.ProtocolBackendReq | 1<<vhostuser.ProtocolBackendSendFD)
@@ -253,7 +272,7 @@ func (b *Backend) Start(vdev *vhostuser.Device) error {
 	b.evMu.Lock()
 	b.vdev = vdev
 	b.evMu.Unlock()
-	dev, err := b.fabric.ConnectDevice(b.name, b.gid, guestMemory{vdev}, b, cfg)
+	dev, err := connect(cfg)
 	if err != nil {
 		b.evMu.Lock()
 		b.vdev = nil
@@ -265,10 +284,7 @@ func (b *Backend) Start(vdev *vhostuser.Device) error {
 		s.dev = dev
 		go s.run()
 	}
-	if b.opts.Heartbeat > 0 {
-		b.stopBeat = make(chan struct{})
-		go b.heartbeat(vdev, dev, b.stopBeat)
-	}
+	b.startBeat(vdev, dev)
 	if e := b.lifeLog(logrus.InfoLevel); e != nil {
 		e.Info("device started")
 	}
@@ -286,12 +302,9 @@ func (b *Backend) Stop(vdev *vhostuser.Device) {
 		// void) without touching the rings again, and sends nothing more.
 		b.sess.stop()
 	}
-	if b.stopBeat != nil {
-		// Not waited for: it may be waiting for the device lock Stop
-		// holds; under that lock it sees b.dev changed and beats no more.
-		close(b.stopBeat)
-		b.stopBeat = nil
-	}
+	// Not waited for: it may be waiting for the device lock Stop holds;
+	// under that lock it sees b.dev changed and beats no more.
+	b.stopHeartbeat()
 	st := b.dev.Stats()
 	b.dev.Disconnect()
 	if e := b.lifeLog(logrus.InfoLevel); e != nil {

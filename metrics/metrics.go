@@ -216,18 +216,24 @@ func Registry(c *Collector) *prometheus.Registry {
 }
 
 // Listen serves r's metrics at /metrics on addr (host:port) until ctx is
-// done. It returns once the listener is up, with its address (addr may ask
-// for port 0), or the error that kept it from listening.
-func Listen(ctx context.Context, addr string, r *prometheus.Registry) (net.Addr, error) {
+// done. It returns once the listener is up (its Addr says where: addr may
+// ask for port 0), or the error that kept it from listening.
+func Listen(ctx context.Context, addr string, r *prometheus.Registry) (net.Listener, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, err
 	}
+	Serve(ctx, ln, r)
+	return ln, nil
+}
+
+// Serve serves r's metrics at /metrics on ln (one a previous process
+// handed over, say) until ctx is done; it does not block.
+func Serve(ctx context.Context, ln net.Listener, r *prometheus.Registry) {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(r, promhttp.HandlerOpts{}))
 	// Timeouts: a scraper that stalls must not hold a connection for ever.
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, WriteTimeout: 30 * time.Second}
 	go srv.Serve(ln)
 	context.AfterFunc(ctx, func() { srv.Close() })
-	return ln.Addr(), nil
 }

@@ -212,7 +212,7 @@ func TestListen(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	resp, err := http.Get("http://" + addr.String() + "/metrics")
+	resp, err := http.Get("http://" + addr.Addr().String() + "/metrics")
 	if err != nil {
 		t.Fatal(err)
 	}

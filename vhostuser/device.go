@@ -101,8 +101,9 @@ type Device struct {
 
 	started atomic.Bool
 
-	runMu   sync.Mutex
-	runners []*runner
+	runMu    sync.Mutex
+	runners  []*runner
+	tornDown bool // under runMu: the connection is over, no runner starts
 
 	// Back-end request channel: bcPtrMu guards the pointer, bcMu
 	// serialises whole request/reply exchanges.
@@ -111,6 +112,17 @@ type Device struct {
 	bcMu    sync.Mutex
 
 	closeOnce sync.Once
+
+	// Handover (handover.go). queuesFrozen: no queue goroutine may start
+	// (written under runMu). The rest is guarded by srv.mu: freezing asks
+	// the control goroutine to park before its next message, inMsg says
+	// it is reading or handling one, parked that it waits, handedOver
+	// that it is to return without touching the connection.
+	queuesFrozen atomic.Bool
+	freezing     bool
+	inMsg        bool
+	parked       bool
+	handedOver   bool
 
 	// lim rate-limits the warnings about refused front-end messages: a
 	// guest can make QEMU send some (a queue size that is not a power of
@@ -222,6 +234,12 @@ func (d *Device) TryWithMemoryLock(fn func()) bool {
 // Close ends the connection (the Server then tears the device down).
 func (d *Device) Close() {
 	d.closeOnce.Do(func() { d.conn.Close() })
+}
+
+func (d *Device) isHandedOver() bool {
+	d.srv.mu.Lock()
+	defer d.srv.mu.Unlock()
+	return d.handedOver
 }
 
 func (d *Device) protoAcked(bit uint) bool { return d.ackedProto.Load()&(1<<bit) != 0 }

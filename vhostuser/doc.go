@@ -20,6 +20,9 @@
 //   - server.go: one listening socket per VM, one connection at a time, the
 //     per-queue goroutines, and each connection's lock (see Server for the
 //     locking rules: nothing is shared between VMs).
+//   - handover.go: a Server frozen at a safe point and its connections
+//     exported with their fds, and rebuilt in another process
+//     (ServeImported), for an upgrade without a reconnect.
 //
 // A device implements Backend. vhostusertest is a front-end that plays QEMU
 // for tests. What QEMU 11.1.3 actually sends is written down in

@@ -22,8 +22,12 @@ func fatal(err error) error { return fatalError{err} }
 // goroutine that handles front-end messages for this device.
 func (d *Device) serve() {
 	for {
+		if !d.awaitMessage() {
+			return // handed over: the connection lives on elsewhere
+		}
 		m, err := ReadMessage(d.conn)
 		if err != nil {
+			d.msgDone()
 			if errors.Is(err, errEOF) || !errors.Is(err, ErrMalformed) {
 				if e := d.lifeLog(logrus.InfoLevel); e != nil {
 					e.WithError(err).Info("front-end disconnected")
@@ -40,7 +44,9 @@ func (d *Device) serve() {
 		if e := d.traceLog(); e != nil {
 			e.Debugf("%s flags %#x size %d fds %d", RequestName(m.Request), m.Flags, len(m.Payload), len(m.FDs))
 		}
-		if !d.dispatch(m) {
+		goOn := d.dispatch(m)
+		d.msgDone()
+		if !goOn {
 			return
 		}
 	}

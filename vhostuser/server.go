@@ -71,6 +71,13 @@ type Server struct {
 	mu      sync.Mutex
 	devices map[string]*Device
 
+	// Handover (handover.go), guarded by mu: the Serve loops, whether
+	// they are frozen or handed over, and cond for their state changes.
+	loops    map[string]*vmLoop
+	frozen   bool
+	released bool
+	cond     *sync.Cond
+
 	now func() time.Time // the log rate limiters' clock; tests fix it
 }
 
@@ -79,7 +86,9 @@ func NewServer(log *logrus.Entry) *Server {
 	if log == nil {
 		log = logrus.NewEntry(logrus.StandardLogger())
 	}
-	return &Server{log: log, devices: map[string]*Device{}, now: time.Now}
+	s := &Server{log: log, devices: map[string]*Device{}, loops: map[string]*vmLoop{}, now: time.Now}
+	s.cond = sync.NewCond(&s.mu)
+	return s
 }
 
 // Device returns the device currently connected for VM name, or nil.
@@ -102,51 +111,106 @@ func (s *Server) Stats(name string) Stats {
 // (Stop, Close, fds closed, memory unmapped). newBackend makes the Backend
 // for each connection. Serve returns when ctx is done (ctx.Err()) or the
 // listener fails; it closes ln and the current connection on return.
+//
+// Once the VM was handed over to another process (Frozen.Release), Serve
+// returns ErrHandedOver without closing the connection's socket for the
+// front-end (see handover.go).
 func (s *Server) Serve(ctx context.Context, name string, ln *net.UnixListener, newBackend func(name string) (Backend, error)) error {
+	return s.serve(ctx, name, ln, newBackend, nil, nil)
+}
+
+// serve is Serve; first, if not nil, is a connection to serve before the
+// first accept (ServeImported), and serving, if not nil, is called once the
+// VM is registered (and first with it: a Hold covers it).
+func (s *Server) serve(ctx context.Context, name string, ln *net.UnixListener, newBackend func(name string) (Backend, error),
+	first *Device, serving func(error)) error {
 	log := s.log.WithField("vm", name)
 	var cur atomic.Pointer[Device]
+	cur.Store(first)
+	lp := &vmLoop{name: name, ln: ln}
 	stop := context.AfterFunc(ctx, func() {
-		ln.Close()
+		lp.closeListener(false)
 		if d := cur.Load(); d != nil {
 			d.Close()
 		}
+		s.mu.Lock()
+		s.cond.Broadcast() // a loop parked at accept returns
+		s.mu.Unlock()
 	})
 	defer stop()
-	defer ln.Close()
+	defer lp.closeListener(false)
+	s.mu.Lock()
+	if _, dup := s.loops[name]; dup {
+		s.mu.Unlock()
+		if first != nil {
+			first.abandon()
+		}
+		err := fmt.Errorf("vhost-user %s: served twice", name)
+		if serving != nil {
+			serving(err)
+		}
+		return err
+	}
+	s.loops[name] = lp
+	s.cond.Broadcast() // WaitServing
+	s.mu.Unlock()
+	if first == nil && serving != nil {
+		serving(nil)
+		serving = nil
+	}
+	defer func() {
+		s.mu.Lock()
+		delete(s.loops, name)
+		s.cond.Broadcast()
+		s.mu.Unlock()
+	}()
 	// The VM's lifecycle lines (connects, starts, stops) and refused
 	// connections are rate-limited across its connections: a reconnect
 	// loop gets no fresh allowance. Refusals have their own, so that a
 	// stranger's connect loop cannot hide the VM's own lines.
 	life, refusals := &logLimiter{}, &logLimiter{}
 	for {
-		c, err := ln.AcceptUnix()
-		if err != nil {
-			if ctx.Err() != nil {
-				return ctx.Err()
+		d := first
+		first = nil
+		if d == nil {
+			if !s.parkAccept(ctx, lp) {
+				return ErrHandedOver
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
+			c, err := ln.AcceptUnix()
+			if err != nil {
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				s.mu.Lock()
+				released := s.released
+				s.mu.Unlock()
+				if released {
+					return ErrHandedOver
+				}
+				var ne net.Error
+				if errors.As(err, &ne) && ne.Timeout() {
+					continue // a freeze's deadline: parkAccept waits
+				}
+				return fmt.Errorf("vhost-user %s: accept: %w", name, err)
+			}
+			if cred, err := s.checkPeer(c); err != nil {
+				if e := refusals.Entry(s.now(), log, logrus.WarnLevel); e != nil {
+					e.WithFields(cred).WithError(err).Warn("connection refused")
+				}
+				c.Close()
 				continue
 			}
-			return fmt.Errorf("vhost-user %s: accept: %w", name, err)
-		}
-		if cred, err := s.checkPeer(c); err != nil {
-			if e := refusals.Entry(s.now(), log, logrus.WarnLevel); e != nil {
-				e.WithFields(cred).WithError(err).Warn("connection refused")
+			if e := life.Entry(s.now(), log, logrus.InfoLevel); e != nil {
+				e.Info("front-end connected")
 			}
-			c.Close()
-			continue
-		}
-		if e := life.Entry(s.now(), log, logrus.InfoLevel); e != nil {
-			e.Info("front-end connected")
-		}
-		d, err := s.newDevice(ctx, name, log, c, newBackend)
-		if err != nil {
-			if e := life.Entry(s.now(), log, logrus.ErrorLevel); e != nil {
-				e.WithError(err).Error("cannot create the device; closing the connection")
+			d, err = s.newDevice(ctx, name, log, c, newBackend)
+			if err != nil {
+				if e := life.Entry(s.now(), log, logrus.ErrorLevel); e != nil {
+					e.WithError(err).Error("cannot create the device; closing the connection")
+				}
+				c.Close()
+				continue
 			}
-			c.Close()
-			continue
 		}
 		d.lifeLim = life
 		cur.Store(d)
@@ -155,20 +219,45 @@ func (s *Server) Serve(ctx context.Context, name string, ln *net.UnixListener, n
 		}
 		s.mu.Lock()
 		s.devices[name] = d
+		lp.cur = d
+		if s.frozen {
+			// Accepted (or imported) while a freeze runs: frozen from
+			// the start; its messages wait for the new process.
+			d.queuesFrozen.Store(true)
+			d.freezing = true
+		}
+		s.cond.Broadcast()
 		s.mu.Unlock()
+		if serving != nil {
+			serving(nil)
+			serving = nil
+		}
 		// Backend.Start/Stop/Close run on this goroutine and may touch
 		// guest memory: a fault on it (a shrunk memory file) becomes a
 		// recovered panic that closes the connection, see runQueue.
 		prev := debug.SetPanicOnFault(true)
+		if d.started.Load() {
+			d.reconcile() // an imported device: start its queues
+		}
 		d.serve()
-		d.teardown()
+		handedOver := d.isHandedOver()
+		if handedOver {
+			d.abandon()
+		} else {
+			d.teardown()
+		}
 		debug.SetPanicOnFault(prev)
 		s.mu.Lock()
 		if s.devices[name] == d {
 			delete(s.devices, name)
 		}
+		lp.cur = nil
+		s.cond.Broadcast()
 		s.mu.Unlock()
 		cur.Store(nil)
+		if handedOver {
+			return ErrHandedOver
+		}
 		if e := life.Entry(s.now(), log, logrus.InfoLevel); e != nil {
 			e.WithField("stats", fmt.Sprintf("%+v", d.Stats())).Info("connection torn down")
 		}
@@ -318,7 +407,7 @@ func (d *Device) reconcile() {
 		running := d.runner(q.index) != nil
 		switch {
 		case q.runnable() && !running:
-			d.startRunner(q)
+			d.startRunner(q) // not while a handover freeze holds the queues
 		case !q.runnable() && running:
 			d.stopRunner(q.index)
 		}
@@ -357,6 +446,9 @@ func (d *Device) resetDevice() {
 // teardown ends the connection: nothing of it survives, so the next
 // connection for the same VM starts clean.
 func (d *Device) teardown() {
+	d.runMu.Lock()
+	d.tornDown = true // no runner starts again (a failed handover's Thaw)
+	d.runMu.Unlock()
 	d.Close()
 	d.closeBackendChannel() // fails any ShmemMap still waiting
 	d.stopAllRunners()
@@ -406,6 +498,13 @@ func (d *Device) startRunner(q *Queue) {
 	}
 	r := &runner{q: q, kick: os.NewFile(uintptr(fd), fmt.Sprintf("kick%d", q.index)), fd: fd, done: make(chan struct{})}
 	d.runMu.Lock()
+	if d.queuesFrozen.Load() || d.tornDown || d.runners[q.index] != nil {
+		// Frozen for a handover (thawQueues starts it), or started
+		// already by thawQueues and reconcile at once.
+		d.runMu.Unlock()
+		r.kick.Close()
+		return
+	}
 	d.runners[q.index] = r
 	d.runMu.Unlock()
 	go d.runQueue(r)

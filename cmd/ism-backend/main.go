@@ -24,8 +24,10 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
 
 	"github.com/ism-backend/ism-backend/abi"
+	"github.com/ism-backend/ism-backend/handover"
 	"github.com/ism-backend/ism-backend/ism"
 	"github.com/ism-backend/ism-backend/ismvirtio"
 	"github.com/ism-backend/ism-backend/metrics"
@@ -68,6 +70,13 @@ type options struct {
 	// anyone the file lets through).
 	socket    socketAccess
 	allowUIDs []uint32
+
+	// Upgrades without a disconnect (handover.go): where this process
+	// offers its VMs to a new one, where it takes them from (-takeover),
+	// and how long either may take.
+	handoverSocket  string
+	takeover        string
+	handoverTimeout time.Duration
 }
 
 func main() {
@@ -167,6 +176,9 @@ func parseFlags(args []string, errOut io.Writer) (*options, error) {
 	fs.IntVar(&opts.signalBurst, "signal-burst", ism.DefaultSignalBurst, "SIGNALs one VM may send at once")
 	fs.Uint64Var(&opts.maxMemBytes, "max-mem-bytes", vhostuser.DefaultMaxMemBytes, "bytes of guest memory one VM's connection may have mapped (its memory table: guest RAM and attach-mode mappings)")
 	fs.IntVar(&opts.maxMemRegions, "max-mem-regions", vhostuser.MaxMemSlots, fmt.Sprintf("regions one VM's memory table may have, 1..%d (what GET_MAX_MEM_SLOTS answers)", vhostuser.MaxMemSlots))
+	fs.StringVar(&opts.handoverSocket, "handover-socket", "", "where a new process may take this one's VMs over, `PATH` (default DIR/ism-backend.handover)")
+	fs.StringVar(&opts.takeover, "takeover", "", "take every VM over from the backend running with handover socket `PATH` (an upgrade: the guests see a pause)")
+	fs.DurationVar(&opts.handoverTimeout, "handover-timeout", 60*time.Second, "how long a handover may take before it is given up (the old process then serves on)")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			fs.SetOutput(errOut)
@@ -224,6 +236,12 @@ func parseFlags(args []string, errOut io.Writer) (*options, error) {
 		if p, perr := strconv.ParseUint(port, 10, 16); err != nil || perr != nil || (p == 0 && port != "0") {
 			return nil, fmt.Errorf("-metrics-addr %q: want HOST:PORT (port 0: any free one)", opts.metricsAddr)
 		}
+	}
+	if opts.handoverSocket == "" {
+		opts.handoverSocket = filepath.Join(opts.socketDir, "ism-backend.handover")
+	}
+	if opts.handoverTimeout <= 0 {
+		return nil, errors.New("-handover-timeout must be positive")
 	}
 	if opts.printQEMU != "" && !vmName.MatchString(opts.printQEMU) {
 		return nil, fmt.Errorf("-print-qemu %q: not a VM name", opts.printQEMU)
@@ -306,59 +324,205 @@ func run(ctx context.Context, opts *options) error {
 	server.MaxMemBytes, server.MaxMemRegions = opts.maxMemBytes, opts.maxMemRegions
 	server.AllowUIDs = opts.allowUIDs
 
-	if opts.metricsAddr != "" {
-		vms := make([]metrics.VM, len(opts.vms))
-		for i, v := range opts.vms {
-			vms[i] = metrics.VM{Name: v.Name, GID: v.GID}
+	// An upgrade: the running backend's state and fds first.
+	var tk *takeover
+	if opts.takeover != "" {
+		var err error
+		if tk, err = startTakeover(opts.takeover, fabric, opts.handoverTimeout); err != nil {
+			return fmt.Errorf("takeover: %w", err)
 		}
-		addr, err := metrics.Listen(ctx, opts.metricsAddr, metrics.Registry(metrics.NewCollector(fabric, vms, server.Stats)))
-		if err != nil {
-			return fmt.Errorf("-metrics-addr: %w", err)
+		if err := tk.checkVMs(opts.vms); err != nil {
+			return fmt.Errorf("takeover: %w", tk.abort(err))
 		}
-		log.WithField("url", "http://"+addr.String()+"/metrics").Info("serving metrics")
+		if stats != nil {
+			stats.seq.Store(tk.st.StatsSeq)
+		}
+		server.Hold() // nothing runs until the old process let go
 	}
 
 	// Listen on every socket first, so a failure leaves nothing half-started.
+	// The socket files this process made (owned) are removed at its
+	// exit, not when their listeners close: after a handover they are
+	// the new process's, and a listener closed by Serve must not unlink
+	// them. Those taken over become this process's at the commit.
 	listeners := make([]*net.UnixListener, 0, len(opts.vms))
+	var owned, takenOver []string
+	handedOver := false
 	defer func() {
 		for _, ln := range listeners {
-			ln.Close() // unlinks the socket file
+			ln.Close()
+		}
+		if !handedOver {
+			for _, p := range owned {
+				os.Remove(p)
+			}
 		}
 	}()
-	ctl, err := listenControl(opts.socketDir)
-	if err != nil {
-		return fmt.Errorf("control socket: %w", err)
-	}
-	defer ctl.Close()
-	go serveControl(ctx, ctl, fabric, opts, log)
 	for _, v := range opts.vms {
-		ln, err := listenUnix(filepath.Join(opts.socketDir, v.Name+".sock"), opts.socket)
+		path := filepath.Join(opts.socketDir, v.Name+".sock")
+		var ln *net.UnixListener
+		var err error
+		if vs := tk.vm(v.Name); vs != nil {
+			ln, err = vhostuser.ListenerOf(tk.fds, vs.Listener)
+			takenOver = append(takenOver, path)
+		} else if ln, err = listenUnix(path, opts.socket); err == nil {
+			owned = append(owned, path)
+		}
+		if err != nil {
+			if tk != nil {
+				return fmt.Errorf("takeover: %w", tk.abort(err))
+			}
+			return err
+		}
+		ln.SetUnlinkOnClose(false)
+		listeners = append(listeners, ln)
+	}
+	var hoLn *net.UnixListener
+	if tk != nil {
+		ln, err := handover.FileListener(tk.fdAt(tk.st.Handover))
+		if err != nil {
+			return fmt.Errorf("takeover: %w", tk.abort(err))
+		}
+		hoLn = ln
+		takenOver = append(takenOver, opts.takeover)
+	} else {
+		ln, err := handover.Listen(opts.handoverSocket)
 		if err != nil {
 			return err
 		}
-		listeners = append(listeners, ln)
+		hoLn = ln
+		owned = append(owned, opts.handoverSocket)
+	}
+	hoLn.SetUnlinkOnClose(false)
+	defer hoLn.Close()
+
+	// The control socket and the metrics listener: the old process's
+	// after an upgrade (the address is in use until it exits), else new.
+	var ctl *net.UnixListener
+	ctlPath := filepath.Join(opts.socketDir, controlName)
+	if tk != nil {
+		ln, err := handover.FileListener(tk.fdAt(tk.st.Control))
+		if err != nil {
+			return fmt.Errorf("takeover: control socket: %w", tk.abort(err))
+		}
+		ctl = ln
+		takenOver = append(takenOver, ctlPath)
+	} else {
+		ln, err := listenControl(opts.socketDir)
+		if err != nil {
+			return fmt.Errorf("control socket: %w", err)
+		}
+		ctl = ln
+		owned = append(owned, ctlPath)
+	}
+	ctl.SetUnlinkOnClose(false)
+	defer ctl.Close()
+	var metricsLn *net.TCPListener
+	if tk != nil && tk.st.Metrics >= 0 {
+		ln, err := inheritTCPListener(tk.fdAt(tk.st.Metrics))
+		if err != nil {
+			return fmt.Errorf("takeover: metrics listener: %w", tk.abort(err))
+		}
+		if opts.metricsAddr == "" {
+			ln.Close() // the new flags ask for none
+		} else {
+			metricsLn = ln
+		}
+	}
+	if metricsLn == nil && opts.metricsAddr != "" {
+		ln, err := net.Listen("tcp", opts.metricsAddr)
+		if err != nil {
+			if tk != nil {
+				return fmt.Errorf("takeover: -metrics-addr: %w", tk.abort(err))
+			}
+			return fmt.Errorf("-metrics-addr: %w", err)
+		}
+		metricsLn = ln.(*net.TCPListener)
 	}
 
 	var wg sync.WaitGroup
 	errs := make(chan error, len(opts.vms))
+	ready := make(chan error, len(opts.vms))
+	imported := 0
 	for i, v := range opts.vms {
 		vmLog := log.WithFields(logrus.Fields{"vm": v.Name, "gid": fmt.Sprintf("%#016x", v.GID)})
+		vs := tk.vm(v.Name)
 		newBackend := func(name string) (vhostuser.Backend, error) {
 			bo, err := opts.backendOptions(name)
 			if err != nil {
 				return nil, err
 			}
-			return ismvirtio.NewWithOptions(fabric, name, v.GID, vmLog, bo)
+			b, err := ismvirtio.NewWithOptions(fabric, name, v.GID, vmLog, bo)
+			if err == nil && vs != nil && vs.Events != nil {
+				// The connection taken over (the first) resumes its
+				// device; later ones start afresh.
+				b.SetImported(tk.imp, *vs.Events)
+				vs = nil
+			}
+			return b, err
 		}
 		vmLog.WithField("socket", listeners[i].Addr().String()).Info("serving VM")
 		wg.Add(1)
+		if vs != nil {
+			imported++
+			go func(ln *net.UnixListener, conn *vhostuser.ConnState) {
+				defer wg.Done()
+				err := server.ServeImported(ctx, v.Name, ln, conn, tk.fds, newBackend, func(err error) {
+					if err != nil {
+						err = fmt.Errorf("vm %s: %w", v.Name, err)
+					}
+					ready <- err
+				})
+				if err != nil && ctx.Err() == nil && !errors.Is(err, vhostuser.ErrHandedOver) {
+					errs <- fmt.Errorf("vm %s: %w", v.Name, err)
+				}
+			}(listeners[i], vs.Conn)
+			continue
+		}
 		go func(ln *net.UnixListener) {
 			defer wg.Done()
-			if err := server.Serve(ctx, v.Name, ln, newBackend); err != nil && ctx.Err() == nil {
+			if err := server.Serve(ctx, v.Name, ln, newBackend); err != nil && ctx.Err() == nil && !errors.Is(err, vhostuser.ErrHandedOver) {
 				errs <- fmt.Errorf("vm %s: %w", v.Name, err)
 			}
 		}(listeners[i])
 	}
+	if tk != nil {
+		// Every VM rebuilt and held: ready, and go on once the old
+		// process let go. On a failure this process exits at once: the
+		// VMs it holds never ran here, and nothing of them is torn
+		// down (that would tell the peers their devices are gone).
+		for ; imported > 0; imported-- {
+			if err := <-ready; err != nil {
+				return fmt.Errorf("takeover: %w", tk.abort(err))
+			}
+		}
+		if err := tk.commit(log); err != nil {
+			return fmt.Errorf("takeover: %w", err)
+		}
+		server.Unhold()
+		owned = append(owned, takenOver...) // this process's now
+		log.Info("took over from the old process")
+	}
+	go serveControl(ctx, ctl, fabric, opts, log)
+	if metricsLn != nil {
+		vms := make([]metrics.VM, len(opts.vms))
+		for i, v := range opts.vms {
+			vms[i] = metrics.VM{Name: v.Name, GID: v.GID}
+		}
+		metrics.Serve(ctx, metricsLn, metrics.Registry(metrics.NewCollector(fabric, vms, server.Stats)))
+		log.WithField("url", "http://"+metricsLn.Addr().String()+"/metrics").Info("serving metrics")
+	}
+	names := make([]string, len(opts.vms))
+	for i, v := range opts.vms {
+		names[i] = v.Name
+	}
+	// A handover sees every VM: each Serve is under way first.
+	if err := server.WaitServing(ctx, names...); err != nil {
+		return err
+	}
+	old := &oldSide{log: log, opts: opts, srv: server, fabric: fabric, hoLn: hoLn, stats: stats, done: make(chan struct{}), timeout: opts.handoverTimeout,
+		lns: listenersToHand{handover: hoLn, control: ctl, metrics: metricsLn}}
+	go old.serve(ctx)
 
 	report := func() {
 		logStats(log, fabric)
@@ -381,6 +545,14 @@ loop:
 		case <-ctx.Done():
 			log.Info("shutting down")
 			break loop
+		case <-old.done:
+			// Handed over: the new process serves every VM, this one
+			// only waits for its Serve calls to return. No stats at
+			// exit and no socket file removed: they are the new
+			// process's now.
+			handedOver = true
+			wg.Wait()
+			return nil
 		case runErr = <-errs:
 			stop()
 			break loop
@@ -434,4 +606,28 @@ func (o *options) backendOptions(name string) (ismvirtio.Options, error) {
 	}
 	err := bo.Check()
 	return bo, err
+}
+
+// inheritTCPListener makes a listener of a TCP listening socket's fd handed
+// over by the old process (the fd stays the caller's).
+func inheritTCPListener(fd int) (*net.TCPListener, error) {
+	if fd < 0 {
+		return nil, errors.New("no such fd in the state")
+	}
+	nfd, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	f := os.NewFile(uintptr(nfd), "metrics")
+	defer f.Close()
+	ln, err := net.FileListener(f)
+	if err != nil {
+		return nil, err
+	}
+	tl, ok := ln.(*net.TCPListener)
+	if !ok {
+		ln.Close()
+		return nil, errors.New("not a TCP listener")
+	}
+	return tl, nil
 }

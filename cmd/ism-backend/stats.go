@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"sync/atomic"
 	"time"
 
 	"github.com/ism-backend/ism-backend/abi"
@@ -119,16 +120,16 @@ func toStatsJSON(s ism.Stats) statsJSON {
 type statsWriter struct {
 	path string
 	opts *options
-	seq  uint64
+	seq  atomic.Uint64 // also read by a handover, which carries it on
 }
 
 // snapshot is the file's content now, with the next sequence number.
 func (w *statsWriter) snapshot(f *ism.Fabric, now time.Time) statsFile {
-	w.seq++
+	seq := w.seq.Add(1)
 	total := f.Stats()
 	out := statsFile{
 		Time:  now.Format(time.RFC3339Nano),
-		Seq:   w.seq,
+		Seq:   seq,
 		CHID:  fmt.Sprintf("%#04x", f.CHID()),
 		Total: toStatsJSON(total),
 		VMs:   make([]vmStatsJSON, 0, len(w.opts.vms)),

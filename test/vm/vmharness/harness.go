@@ -54,6 +54,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -296,6 +297,8 @@ type Backend struct {
 
 	statsMu sync.Mutex
 	lastSeq int // the latest stats file's seq Stats has seen
+
+	args []string // its command line, for Handover
 }
 
 // StartBackend runs ISM_BACKEND with args (paths usually from r.Path) and
@@ -306,8 +309,32 @@ func (r *Run) StartBackend(args []string, sockets ...string) *Backend {
 	t := r.T
 	t.Helper()
 	r.RequireBackend()
+	b := r.startBackend(args)
+	limit := r.Scaled(10 * time.Second)
+	deadline := time.Now().Add(limit)
+	for _, s := range sockets {
+		for {
+			if fi, err := os.Stat(s); err == nil && fi.Mode()&os.ModeSocket != 0 {
+				break
+			}
+			if exited, err := b.Exited(); exited {
+				t.Fatalf("backend exited before creating %s: %v\n%s", s, err, readTail(b.LogPath, 50))
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("backend did not create %s within %v\n%s", s, limit, readTail(b.LogPath, 50))
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	return b
+}
+
+// startBackend starts ISM_BACKEND with args and registers its cleanup.
+func (r *Run) startBackend(args []string) *Backend {
+	t := r.T
+	t.Helper()
 	b := &Backend{r: r, cmd: exec.Command(r.Cfg.Backend, args...), LogPath: r.Path(fmt.Sprintf("backend%d.log", len(r.backends))),
-		StatsPath: flagValue(args, "stats-file")}
+		StatsPath: flagValue(args, "stats-file"), args: slices.Clone(args)}
 	done, werr, err := startProcess(b.cmd, b.LogPath)
 	if err != nil {
 		t.Fatalf("start backend: %v", err)
@@ -329,23 +356,40 @@ func (r *Run) StartBackend(args []string, sockets ...string) *Backend {
 			t.Logf("=== backend log %s ===\n%s", b.LogPath, readTail(b.LogPath, 200))
 		}
 	})
-	limit := r.Scaled(10 * time.Second)
-	deadline := time.Now().Add(limit)
-	for _, s := range sockets {
-		for {
-			if fi, err := os.Stat(s); err == nil && fi.Mode()&os.ModeSocket != 0 {
-				break
-			}
-			if exited, err := b.Exited(); exited {
-				t.Fatalf("backend exited before creating %s: %v\n%s", s, err, readTail(b.LogPath, 50))
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("backend did not create %s within %v\n%s", s, limit, readTail(b.LogPath, 50))
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-	}
 	return b
+}
+
+// Handover upgrades old in place: it starts a new backend with old's
+// arguments plus -takeover (old's handover socket: its -handover-socket,
+// else DIR/ism-backend.handover of its -socket-dir) and waits until old
+// has exited with status 0, the sign that the new process took every VM
+// over (cmd/ism-backend, docs/handover.md). It fails the test if the new
+// process exits first, or old exits otherwise, or neither happens within
+// 60 s (scaled). The new backend has old's stats file.
+func (r *Run) Handover(old *Backend) *Backend {
+	t := r.T
+	t.Helper()
+	path := flagValue(old.args, "handover-socket")
+	if path == "" {
+		path = filepath.Join(flagValue(old.args, "socket-dir"), "ism-backend.handover")
+	}
+	old.stopped.Store(true) // it is to exit on its own
+	nb := r.startBackend(append(slices.Clone(old.args), "-takeover", path))
+	limit := r.Scaled(60 * time.Second)
+	select {
+	case <-old.done:
+		if err := *old.waitErr; err != nil {
+			t.Fatalf("the old backend exited with %v after the handover\n%s", err, readTail(old.LogPath, 50))
+		}
+	case <-nb.done:
+		t.Fatalf("the new backend exited during the handover: %v\n%s", *nb.waitErr, readTail(nb.LogPath, 50))
+	case <-time.After(limit):
+		t.Fatalf("no handover within %v\nold:\n%s\nnew:\n%s", limit, readTail(old.LogPath, 30), readTail(nb.LogPath, 30))
+	}
+	if exited, err := nb.Exited(); exited {
+		t.Fatalf("the new backend exited after the handover: %v\n%s", err, readTail(nb.LogPath, 50))
+	}
+	return nb
 }
 
 // flagValue returns the value of the last -name flag in args (-name V,
