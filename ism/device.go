@@ -78,6 +78,17 @@ func (d *Device) gaugesLocked(s *Stats) {
 	s.MappedBytes += d.att.mapped
 }
 
+// CountBadChain counts a request chain the transport refused before it
+// reached Handle (Stats.BadChains), or, with queueBroken, a request queue
+// the driver broke (Stats.QueuesBroken). The transport logs them.
+func (d *Device) CountBadChain(queueBroken bool) {
+	if queueBroken {
+		d.stats.queuesBroken.Add(1)
+		return
+	}
+	d.stats.badChains.Add(1)
+}
+
 // Handle carries out one request from the device's driver. data are the MOVE
 // data segments, in order; their total length must equal req.Len, and other
 // ops must carry none. Refusals are counted and logged (rate-limited).

@@ -419,6 +419,11 @@ type Stats struct {
 	DMBLimitRefused    uint64 // REGISTER_DMB over Limits.DeviceDMBs
 	AttachLimitRefused uint64 // attach-mode REGISTER_DMB over DeviceConfig.MaxAttach
 	MappedLimitRefused uint64 // attach-mode REGISTER_DMB or ATTACH_DMB over DeviceConfig.MaxMapped
+	// Request chains the transport refused before they reached the model
+	// (Device.CountBadChain): malformed chains, completed with no response,
+	// and avail-index jumps that broke the request queue until a reset.
+	BadChains    uint64
+	QueuesBroken uint64
 
 	// Attach-mode gauges, now: connected devices only.
 	AttachDMBs  uint64 // own live attach-mode DMBs
@@ -454,6 +459,8 @@ func (s *Stats) add(o Stats) {
 	s.DMBLimitRefused += o.DMBLimitRefused
 	s.AttachLimitRefused += o.AttachLimitRefused
 	s.MappedLimitRefused += o.MappedLimitRefused
+	s.BadChains += o.BadChains
+	s.QueuesBroken += o.QueuesBroken
 	for i := range s.Refused {
 		s.Refused[i] += o.Refused[i]
 	}
@@ -481,6 +488,8 @@ type counters struct {
 	dmbLimitRefused     atomic.Uint64
 	attachLimitRefused  atomic.Uint64
 	mappedLimitRefused  atomic.Uint64
+	badChains           atomic.Uint64
+	queuesBroken        atomic.Uint64
 }
 
 func (c *counters) snapshot() Stats {
@@ -503,6 +512,8 @@ func (c *counters) snapshot() Stats {
 		DMBLimitRefused:     c.dmbLimitRefused.Load(),
 		AttachLimitRefused:  c.attachLimitRefused.Load(),
 		MappedLimitRefused:  c.mappedLimitRefused.Load(),
+		BadChains:           c.badChains.Load(),
+		QueuesBroken:        c.queuesBroken.Load(),
 	}
 	for i := range c.refused {
 		s.Refused[i] = c.refused[i].Load()
@@ -528,6 +539,8 @@ func (c *counters) addStats(s Stats) {
 	c.dmbLimitRefused.Add(s.DMBLimitRefused)
 	c.attachLimitRefused.Add(s.AttachLimitRefused)
 	c.mappedLimitRefused.Add(s.MappedLimitRefused)
+	c.badChains.Add(s.BadChains)
+	c.queuesBroken.Add(s.QueuesBroken)
 	for i := range c.refused {
 		c.refused[i].Add(s.Refused[i])
 	}

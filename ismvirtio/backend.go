@@ -369,7 +369,9 @@ func (b *Backend) serveRequests(q *vhostuser.Queue) {
 		}
 		ok, err := q.Next(c)
 		if err != nil {
-			continue // malformed chain: vhostuser completed and logged it
+			// Malformed: vhostuser completed and logged it.
+			b.dev.CountBadChain(errors.Is(err, vhostuser.ErrQueueBroken))
+			continue
 		}
 		if !ok {
 			break
@@ -388,6 +390,7 @@ func (b *Backend) serveRequests(q *vhostuser.Queue) {
 // serve handles one request chain and returns the bytes written into it.
 func (b *Backend) serve(c *vhostuser.Chain) uint32 {
 	if c.WritableLen() < abi.ResponseSize {
+		b.dev.CountBadChain(false)
 		b.warnGuest(logrus.Fields{"writable": c.WritableLen()}, "request without room for a response")
 		return 0
 	}

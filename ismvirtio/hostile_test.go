@@ -232,3 +232,53 @@ func TestEventFaultClosesOnlyTheReceiver(t *testing.T) {
 		t.Fatalf("A after B's fault: %v", st)
 	}
 }
+
+// vmStats is VM name's counters in the fabric's statistics.
+func vmStats(t *testing.T, s *fabricServer, name string) ism.Stats {
+	t.Helper()
+	for _, d := range s.fabric.DeviceStats() {
+		if d.Name == name {
+			return d.Stats
+		}
+	}
+	t.Fatalf("no statistics for VM %s", name)
+	return ism.Stats{}
+}
+
+// TestBadChainsCounted: malformed request chains (no room for a response,
+// a header outside guest RAM) and a broken request queue are counted per
+// VM, so the stats file can show what a hostile guest tried; a well-formed
+// request counts nothing.
+func TestBadChainsCounted(t *testing.T) {
+	s := newFabricServer(t, map[string]uint64{"a": gidA})
+	a := s.connect("a")
+	if st := a.do(abi.Request{Op: abi.OpQueryRGID, GID: gidA}, nil).Status; st != abi.StatusOK {
+		t.Fatalf("QUERY_RGID: %v", st)
+	}
+	if got := vmStats(t, s, "a"); got.BadChains != 0 || got.QueuesBroken != 0 {
+		t.Fatalf("after a good request: %d bad chains, %d broken queues", got.BadChains, got.QueuesBroken)
+	}
+	for _, bufs := range [][]fe.Buf{
+		{{GPA: a.hdrGPA, Len: abi.RequestSize}},
+		{{GPA: 1 << 50, Len: abi.RequestSize}, {GPA: a.respGPA, Len: abi.ResponseSize, Write: true}},
+	} {
+		if _, n := a.submit(a.req.AddChain(bufs)); n != 0 {
+			t.Fatalf("malformed chain %+v: used len %d", bufs, n)
+		}
+	}
+	if got := vmStats(t, s, "a"); got.BadChains != 2 || got.QueuesBroken != 0 {
+		t.Fatalf("after 2 malformed chains: %d bad chains, %d broken queues", got.BadChains, got.QueuesBroken)
+	}
+	a.req.SetAvailIdx(a.req.AvailIdx() + a.req.Size + 1)
+	if err := a.req.Kick(); err != nil {
+		t.Fatal(err)
+	}
+	// Nothing completes on a broken queue: the counter is the state to
+	// wait for (bounded by go test's -timeout).
+	for vmStats(t, s, "a").QueuesBroken == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	if got := vmStats(t, s, "a"); got.BadChains != 2 || got.QueuesBroken != 1 {
+		t.Fatalf("after the jump: %d bad chains, %d broken queues", got.BadChains, got.QueuesBroken)
+	}
+}

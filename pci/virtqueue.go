@@ -20,8 +20,9 @@ import (
 // half is padding.
 
 const (
-	descFlagNext  = 1
-	descFlagWrite = 2
+	descFlagNext     = 1
+	descFlagWrite    = 2
+	descFlagIndirect = 4
 
 	availFlagNoInterrupt = 1
 )
@@ -190,14 +191,7 @@ func (q *Queue) Add(out, in []Seg) (uint16, error) {
 		inBytes = 1<<32 - 1
 	}
 	q.inLen[head] = uint32(inBytes)
-
-	slot := q.availOff + 4 + 2*int(q.availIdx%q.size)
-	le.PutUint16(b[slot:], head)
-	q.availIdx++
-	// The ring entry and descriptors are plain stores; the atomic store of
-	// the idx word orders them before it (and the flags half is ours).
-	w := (*uint32)(q.mem.ptr(q.availOff))
-	atomic.StoreUint32(w, uint32(q.availIdx)<<16|atomic.LoadUint32(w)&0xffff)
+	q.publish(head)
 	return head, nil
 }
 
@@ -270,4 +264,130 @@ func (q *Queue) release(head uint16) {
 	q.numFree += n
 	q.chainLen[head] = 0
 	q.inLen[head] = 0
+}
+
+// Desc is one descriptor as AddDescs and EncodeDescs write it. They exist
+// for drivers that test how a device copes with what a well-behaved driver
+// (Add) never makes: loops, indirect tables, addresses and lengths of any
+// value. Nothing in Desc is checked.
+type Desc struct {
+	Addr     uint64
+	Len      uint32
+	Write    bool // device-writable (VIRTQ_DESC_F_WRITE)
+	Indirect bool // VIRTQ_DESC_F_INDIRECT: Addr and Len are a descriptor table
+	// Next is the position, in the same slice, of the descriptor this one
+	// links to (VIRTQ_DESC_F_NEXT), or -1 for none. It may point backwards:
+	// a loop.
+	Next int
+}
+
+func (d Desc) flags() uint16 {
+	var f uint16
+	if d.Write {
+		f |= descFlagWrite
+	}
+	if d.Indirect {
+		f |= descFlagIndirect
+	}
+	if d.Next >= 0 {
+		f |= descFlagNext
+	}
+	return f
+}
+
+// EncodeDescs writes descs as a descriptor table into b (an indirect
+// table: Next is the index in the table itself). b must hold 16 bytes per
+// descriptor; a Next outside descs is an error.
+func EncodeDescs(b []byte, descs []Desc) error {
+	if len(b) < 16*len(descs) {
+		return fmt.Errorf("pci: %d bytes for %d descriptors", len(b), len(descs))
+	}
+	le := binary.LittleEndian
+	for i, d := range descs {
+		if d.Next >= len(descs) {
+			return fmt.Errorf("pci: descriptor %d links to %d of %d", i, d.Next, len(descs))
+		}
+		o := 16 * i
+		le.PutUint64(b[o:], d.Addr)
+		le.PutUint32(b[o+8:], d.Len)
+		le.PutUint16(b[o+12:], d.flags())
+		le.PutUint16(b[o+14:], uint16(max(d.Next, 0)))
+	}
+	return nil
+}
+
+// AddDescs places descs in free descriptors, each linking where its Next
+// says, and makes descs[0] available as the head (not yet notified: see
+// Kick). Poll reports the chain back like one from Add; the device should
+// write nothing into a chain it refuses, and Poll still holds it to no more
+// than the writable bytes the chain claims.
+func (q *Queue) AddDescs(descs []Desc) (uint16, error) {
+	if len(descs) == 0 {
+		return 0, errors.New("pci: empty chain")
+	}
+	if len(descs) > int(q.size) {
+		return 0, fmt.Errorf("pci: chain of %d descriptors exceeds queue size %d", len(descs), q.size)
+	}
+	if len(descs) > int(q.numFree) {
+		return 0, ErrQueueFull
+	}
+	// The descriptors taken are those of the free list, in its order,
+	// as in Add, so release gives back the same ones.
+	idx := make([]uint16, len(descs))
+	d := q.freeHead
+	for i := range descs {
+		idx[i] = d
+		d = q.next[d]
+	}
+	b := q.mem.Bytes()
+	le := binary.LittleEndian
+	var inBytes uint64
+	for i, ds := range descs {
+		if ds.Next >= len(descs) {
+			return 0, fmt.Errorf("pci: descriptor %d links to %d of %d", i, ds.Next, len(descs))
+		}
+		next := uint16(0)
+		if ds.Next >= 0 {
+			next = idx[ds.Next]
+		}
+		if ds.Write {
+			inBytes += uint64(ds.Len)
+		}
+		o := 16 * int(idx[i])
+		le.PutUint64(b[o:], ds.Addr)
+		le.PutUint32(b[o+8:], ds.Len)
+		le.PutUint16(b[o+12:], ds.flags())
+		le.PutUint16(b[o+14:], next)
+	}
+	head := idx[0]
+	q.freeHead = d
+	q.numFree -= uint16(len(descs))
+	q.chainLen[head] = uint16(len(descs))
+	q.inLen[head] = uint32(min(inBytes, 1<<32-1))
+	q.publish(head)
+	return head, nil
+}
+
+// publish puts head in the avail ring and moves avail idx past it.
+func (q *Queue) publish(head uint16) {
+	b := q.mem.Bytes()
+	slot := q.availOff + 4 + 2*int(q.availIdx%q.size)
+	binary.LittleEndian.PutUint16(b[slot:], head)
+	q.availIdx++
+	// The ring entry and descriptors are plain stores; the atomic store of
+	// the idx word orders them before it (and the flags half is ours).
+	w := (*uint32)(q.mem.ptr(q.availOff))
+	atomic.StoreUint32(w, uint32(q.availIdx)<<16|atomic.LoadUint32(w)&0xffff)
+}
+
+// CorruptAvailIdx publishes an avail idx delta entries past what the
+// driver made available and notifies the device, as a broken or hostile
+// driver might. A device that checks (virtio 1.2 §2.7.13.4.1: the driver
+// must not move the idx by more than the queue size) stops using the
+// queue; so must the caller, until it has reset the device.
+func (q *Queue) CorruptAvailIdx(delta uint16) {
+	w := (*uint32)(q.mem.ptr(q.availOff))
+	atomic.StoreUint32(w, uint32(q.availIdx+delta)<<16|atomic.LoadUint32(w)&0xffff)
+	q.kickedIdx = q.availIdx + delta
+	q.notify()
 }

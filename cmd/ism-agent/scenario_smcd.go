@@ -4,12 +4,13 @@ package main
 //
 //	smcd-server  listen on ism.listen (default :7000); serve ism.conns
 //	             connections (default 1) in ism.mode sink (default), echo,
-//	             sink-vanish or sink-hold (read until the VM is killed,
-//	             reporting holding_<i>=1 after 1 MiB), then exit.
+//	             sink-vanish, sink-hold (read until the VM is killed,
+//	             reporting holding_<i>=1 after 1 MiB) or sink-gone (below),
+//	             then exit.
 //	smcd-client  dial ism.connect; ism.conns connections in ism.mode send
-//	             (default), echo, stream (send until the VM is killed) or
+//	             (default), echo, stream (send until the VM is killed),
 //	             stream-error (send until a write fails, report
-//	             stream_error_<i>).
+//	             stream_error_<i>) or send-hold (below).
 //	smcd-local   server and client in this one guest (intra-VM SMC-D: the DMB
 //	             rgid is the device's own GID), over 127.0.0.1.
 //
@@ -20,6 +21,12 @@ package main
 // echo: ism.pairs (default 1000) request/response pairs of ism.msg bytes.
 // sink-vanish: the server expects every connection to end in an error (the
 // client's VM is killed mid-stream) and reports how long that took.
+// send-hold / sink-gone: as send/sink, but the client does not half-close:
+// the server reads exactly ism.bytes/ism.conns bytes (give it ism.bytes
+// too) and answers the digest; the client checks it, reports sent_<i>=1 and
+// keeps the connection (and its DMBs) until its VM is killed; the server,
+// having reported waiting_gone_<i>=1, reads until the connection fails and
+// reports the error as peer_gone_<i> (a clean EOF is an error).
 // Each SMC-D connection reports send_mode_<i> and recv_mode_<i> (copy or
 // attach, smcd.Info), and the scenario ends with attach_bytes (written
 // through attachments) and attachments_left (held by the driver once every
@@ -212,6 +219,8 @@ func serveConns(e *Env, ln net.Listener, a smcArgs) error {
 				_, errs[i] = io.Copy(c, c)
 			case "sink", "sink-vanish", "sink-hold":
 				errs[i] = sink(e, c, a.mode, start)
+			case "sink-gone":
+				errs[i] = sinkGone(e, c, a.bytes/a.conns)
 			default:
 				errs[i] = fmt.Errorf("unknown server mode %q", a.mode)
 			}
@@ -297,7 +306,7 @@ func runClients(e *Env, dev smcd.Device, d *smcd.Dialer, addr string, a smcArgs)
 			e.Result(fmt.Sprintf("client_smc_%d", i), smcd.IsSMC(c))
 			reportMode(e, c, i)
 			switch a.mode {
-			case "send", "stream":
+			case "send", "stream", "send-hold":
 				errs[i] = send(e, c, i, per, a)
 			case "stream-error":
 				if err := send(e, c, i, per, a); err != nil {
@@ -371,7 +380,8 @@ func send(e *Env, c net.Conn, i, n int, a smcArgs) error {
 	}
 	sum := h.Sum(nil)
 	e.Result(fmt.Sprintf("sha_%d", i), hex.EncodeToString(sum))
-	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+	hold := a.mode == "send-hold"
+	if cw, ok := c.(interface{ CloseWrite() error }); ok && !hold {
 		if err := cw.CloseWrite(); err != nil {
 			return fmt.Errorf("connection %d: half-close: %w", i, err)
 		}
@@ -383,6 +393,46 @@ func send(e *Env, c net.Conn, i, n int, a smcArgs) error {
 	if !bytes.Equal(got, sum) {
 		return fmt.Errorf("connection %d: server read sha256 %x, sent %x", i, got, sum)
 	}
+	if hold {
+		e.Result(fmt.Sprintf("sent_%d", i), 1)
+		// The test kills this VM while the connection is open.
+		k, err := c.Read(got[:1])
+		return fmt.Errorf("connection %d: held connection ended (%d bytes, %v) before the VM was killed", i, k, err)
+	}
+	return nil
+}
+
+// sinkGone is the server of send-hold: it reads exactly n bytes after the
+// index, answers their digest and then waits on the open connection until
+// it fails, which must be because the client's device went away.
+func sinkGone(e *Env, c net.Conn, n int) error {
+	var idx [4]byte
+	if _, err := io.ReadFull(c, idx[:]); err != nil {
+		return fmt.Errorf("reading connection index: %w", err)
+	}
+	i := binary.BigEndian.Uint32(idx[:])
+	e.Result(fmt.Sprintf("smc_%d", i), smcd.IsSMC(c))
+	reportMode(e, c, int(i))
+	h := sha256.New()
+	if k, err := io.CopyN(h, c, int64(n)); err != nil {
+		return fmt.Errorf("connection %d after %d of %d bytes: %w", i, k, n, err)
+	}
+	sum := h.Sum(nil)
+	e.Result(fmt.Sprintf("bytes_%d", i), n)
+	e.Result(fmt.Sprintf("sha_%d", i), hex.EncodeToString(sum))
+	if _, err := c.Write(sum); err != nil {
+		return fmt.Errorf("connection %d: writing digest: %w", i, err)
+	}
+	e.Result(fmt.Sprintf("waiting_gone_%d", i), 1)
+	var b [1]byte
+	k, err := c.Read(b[:])
+	switch {
+	case err == nil:
+		return fmt.Errorf("connection %d: %d bytes after the stream", i, k)
+	case errors.Is(err, io.EOF):
+		return fmt.Errorf("connection %d: clean EOF, want the client's device gone", i)
+	}
+	e.Result(fmt.Sprintf("peer_gone_%d", i), err.Error())
 	return nil
 }
 

@@ -31,7 +31,12 @@ import (
 // "sw_events_dropped" and "device_events_dropped" count events for the VM
 // that were not queued (device events: 0 unless the design fails);
 // "dmb_limit_refused", "attach_limit_refused" and "mapped_limit_refused"
-// count refusals by -max-dmbs, -max-attach-memory and -max-mapped. "modes" are what its device offers: the
+// count refusals by -max-dmbs, -max-attach-memory and -max-mapped;
+// "bad_chains" counts the VM's request chains refused as malformed before
+// any request was read (completed with no response) and "queues_broken"
+// the times its driver moved the request ring's avail idx past the ring
+// (the queue then serves nothing until the guest resets the device).
+// "modes" are what its device offers: the
 // latest connection's (attach mode drops out when the front-end cannot map
 // shared memory), else what the flags configure.
 type statsFile struct {
@@ -78,6 +83,8 @@ type statsJSON struct {
 	DMBLimitRefused     uint64 `json:"dmb_limit_refused"`
 	AttachLimitRefused  uint64 `json:"attach_limit_refused"`
 	MappedLimitRefused  uint64 `json:"mapped_limit_refused"`
+	BadChains           uint64 `json:"bad_chains"`
+	QueuesBroken        uint64 `json:"queues_broken"`
 }
 
 // statusNames name the refusal statuses in the stats file (abi.StatusOK is
@@ -107,6 +114,7 @@ func toStatsJSON(s ism.Stats) statsJSON {
 		SignalsRefusedQueue: s.SignalsRefusedQueue, SWEventsDropped: s.SWEventsDropped,
 		DeviceEventsDropped: s.DeviceEventsDropped, DMBLimitRefused: s.DMBLimitRefused,
 		AttachLimitRefused: s.AttachLimitRefused, MappedLimitRefused: s.MappedLimitRefused,
+		BadChains: s.BadChains, QueuesBroken: s.QueuesBroken,
 	}
 	for st, name := range statusNames {
 		if st != int(abi.StatusOK) {

@@ -24,7 +24,8 @@ func TestStatsJSONFields(t *testing.T) {
 	s := ism.Stats{Devices: 99, DMBs: 1, Registered: 2, Moves: 3, MoveBytes: 4, Signals: 5, SWEvents: 6, Interrupts: 7,
 		Events: 8, Maps: 9, Unmaps: 10, AttachDMBs: 11, Attached: 12, MappedBytes: 13, AttachBytes: 14,
 		SignalsRefusedPeer: 15, SignalsRefusedRate: 16, SignalsRefusedQueue: 17, SWEventsDropped: 18,
-		DeviceEventsDropped: 19, DMBLimitRefused: 20, AttachLimitRefused: 21, MappedLimitRefused: 22}
+		DeviceEventsDropped: 19, DMBLimitRefused: 20, AttachLimitRefused: 21, MappedLimitRefused: 22,
+		BadChains: 23, QueuesBroken: 24}
 	for st := range s.Refused {
 		s.Refused[st] = uint64(100 + st)
 	}
@@ -40,7 +41,7 @@ func TestStatsJSONFields(t *testing.T) {
 		"interrupts": 7, "events": 8, "maps": 9, "unmaps": 10, "attach_dmbs": 11, "attached": 12, "mapped_bytes": 13,
 		"attach_bytes": 14, "signals_refused_peer": 15, "signals_refused_rate": 16, "signals_refused_queue": 17,
 		"sw_events_dropped": 18, "device_events_dropped": 19, "dmb_limit_refused": 20, "attach_limit_refused": 21,
-		"mapped_limit_refused": 22, "refused_total": float64(s.RefusedTotal())}
+		"mapped_limit_refused": 22, "bad_chains": 23, "queues_broken": 24, "refused_total": float64(s.RefusedTotal())}
 	for k, v := range want {
 		if m[k] != v {
 			t.Errorf("%s = %v, want %v (in %s)", k, m[k], v, b)

@@ -432,6 +432,17 @@ type Counters struct {
 	// Refused requests by status ("no_entry", "permission", ...).
 	Refused      map[string]uint64 `json:"refused"`
 	RefusedTotal uint64            `json:"refused_total"`
+	// SIGNALs this VM sent that were refused, by reason; events for it
+	// that were not queued.
+	SignalsRefusedPeer  uint64 `json:"signals_refused_peer"`
+	SignalsRefusedRate  uint64 `json:"signals_refused_rate"`
+	SignalsRefusedQueue uint64 `json:"signals_refused_queue"`
+	SWEventsDropped     uint64 `json:"sw_events_dropped"`
+	DeviceEventsDropped uint64 `json:"device_events_dropped"`
+	// Request chains refused as malformed, and request queues broken by
+	// an avail idx jump.
+	BadChains    uint64 `json:"bad_chains"`
+	QueuesBroken uint64 `json:"queues_broken"`
 }
 
 // VMStats is one -vm of the backend. Its counters add up over all its
