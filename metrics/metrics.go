@@ -96,6 +96,8 @@ func NewCollector(f *ism.Fabric, vms []VM, conn func(vm string) vhostuser.Stats)
 		{vmDesc("events_total", "Events posted to the VM's driver."), func(s *ism.Stats) uint64 { return s.Events }},
 		{vmDesc("shmem_maps_total", "SHMEM_MAPs into the VM's shared-memory region the front-end did."), func(s *ism.Stats) uint64 { return s.Maps }},
 		{vmDesc("shmem_unmaps_total", "SHMEM_UNMAPs of the VM's shared-memory region the front-end did."), func(s *ism.Stats) uint64 { return s.Unmaps }},
+		{vmDesc("bad_chains_total", "Request chains of the VM refused as malformed before any request was read, over all its connections."), func(s *ism.Stats) uint64 { return s.BadChains }},
+		{vmDesc("queues_broken_total", "Times the VM's driver moved the request ring's avail idx past the ring."), func(s *ism.Stats) uint64 { return s.QueuesBroken }},
 	}
 	c.refused = vmDesc("requests_refused_total", "Requests of the VM refused, by status.", "status")
 	c.signalsRefused = vmDesc("signals_refused_total",
