@@ -49,6 +49,8 @@ var (
 // gives several slices. The slices are valid until the Chain is reused and
 // only while the device's lock is held (inside HandleQueue or
 // WithMemoryLock), which keeps the memory table they point into current.
+// Its Reader and Writer methods make views of them bound to that table
+// (chainview.go).
 //
 // A Chain is meant to be reused: Next resets it and keeps the capacity of the
 // slices, so the hot path does not allocate.
@@ -57,6 +59,7 @@ type Chain struct {
 	Readable [][]byte
 	Writable [][]byte
 
+	mem      *Memory // the table Readable and Writable point into
 	readLen  uint64
 	writeLen uint64
 }
@@ -67,6 +70,7 @@ func (c *Chain) reset() {
 	// 64-byte request.
 	c.Readable = c.Readable[:0]
 	c.Writable = c.Writable[:0]
+	c.mem = nil
 	c.readLen, c.writeLen = 0, 0
 }
 
@@ -372,6 +376,7 @@ func (q *Queue) countBadChain() {
 
 // walk collects the chain starting at head into c.
 func (q *Queue) walk(c *Chain, head uint16) error {
+	c.mem = q.mem
 	table := q.desc
 	n := uint32(q.size)
 	idx := uint32(head)
