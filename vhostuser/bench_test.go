@@ -43,9 +43,10 @@ func benchRing(b *testing.B, indirect bool) {
 		if !ok || err != nil {
 			b.Fatal(ok, err)
 		}
-		c.CopyOut(hdr[:], 0)
+		rd, wr := c.Reader(), c.Writer()
+		rd.Read(hdr[:])
 		out[0] = hdr[0]
-		c.CopyIn(out[:], 0)
+		wr.Write(out[:])
 		r.q.Push(&c, 16)
 		if availIdx&63 == 0 {
 			r.q.Next(&c) // empty: sets avail_event, as at the end of a batch

@@ -45,12 +45,12 @@ type Writer struct {
 
 // Reader returns a view of c's whole device-readable part.
 func (c *Chain) Reader() Reader {
-	return Reader{mem: c.mem, cur: cursor{segs: c.Readable, left: int(c.readLen)}}
+	return Reader{mem: c.mem, cur: cursor{segs: c.readable, left: int(c.readLen)}}
 }
 
 // Writer returns a view of c's whole device-writable part.
 func (c *Chain) Writer() Writer {
-	return Writer{mem: c.mem, cur: cursor{segs: c.Writable, left: int(c.writeLen)}}
+	return Writer{mem: c.mem, cur: cursor{segs: c.writable, left: int(c.writeLen)}}
 }
 
 // Memory is the table c was walked with (nil when c holds no chain).

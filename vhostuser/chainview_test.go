@@ -72,11 +72,11 @@ func (l *viewLayout) guardsIntact() bool {
 // readChain and writeChain make a Chain whose readable (writable) part is
 // l's segments.
 func (l *viewLayout) readChain() *Chain {
-	return &Chain{Readable: l.segs, readLen: uint64(len(l.flat))}
+	return &Chain{readable: l.segs, readLen: uint64(len(l.flat))}
 }
 
 func (l *viewLayout) writeChain() *Chain {
-	return &Chain{Writable: l.segs, writeLen: uint64(len(l.flat))}
+	return &Chain{writable: l.segs, writeLen: uint64(len(l.flat))}
 }
 
 func TestReaderShortChain(t *testing.T) {
