@@ -172,7 +172,8 @@ func (b *Backend) waitsForFrontEnd(c *vhostuser.Chain) (abi.Request, bool) {
 	if b.sess == nil || c.WritableLen() < abi.ResponseSize || c.ReadableLen() != abi.RequestSize {
 		return abi.Request{}, false
 	}
-	r := c.Reader()
+	r := &b.rd
+	r.Reset(c)
 	if n, _ := r.Read(b.hdr[:]); n < abi.RequestSize {
 		return abi.Request{}, false
 	}

@@ -57,7 +57,10 @@ type Backend struct {
 	async   bool
 
 	// Request-queue state, used only by the request queue's goroutine.
+	// The chain's views are kept and Reset per chain (see Chain.Reader).
 	chain vhostuser.Chain
+	rd    vhostuser.Reader
+	wr    vhostuser.Writer
 	hdr   [abi.RequestSize]byte
 	data  [][]byte
 
@@ -65,6 +68,7 @@ type Backend struct {
 	// PostEvent and Interrupt from the sender's HandleQueue).
 	evMu    sync.Mutex
 	evChain vhostuser.Chain
+	evWr    vhostuser.Writer
 	pending eventQueue
 }
 
@@ -378,13 +382,14 @@ func (b *Backend) serveRequests(q *vhostuser.Queue) {
 // (Reader.AppendSegments), so that it is copied once, straight into the
 // owner's DMB.
 func (b *Backend) serve(c *vhostuser.Chain) uint32 {
-	w := c.Writer()
+	w, r := &b.wr, &b.rd
+	w.Reset(c)
 	if w.Len() < abi.ResponseSize {
 		b.warnGuest(logrus.Fields{"writable": w.Len()}, "request without room for a response")
 		return 0
 	}
 	var resp abi.Response
-	r := c.Reader()
+	r.Reset(c)
 	if n, _ := r.Read(b.hdr[:]); n < abi.RequestSize {
 		resp.Status = abi.StatusInvalid
 	} else {
@@ -478,7 +483,8 @@ func (b *Backend) flushEvents(q *vhostuser.Queue) (more bool) {
 		if !ok {
 			break
 		}
-		w := c.Writer()
+		w := &b.evWr
+		w.Reset(c)
 		if w.Len() < abi.EventSize {
 			b.warnGuest(logrus.Fields{"writable": w.Len()}, "event buffer too small")
 			q.Push(c, 0)

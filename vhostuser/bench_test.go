@@ -30,6 +30,8 @@ func benchRing(b *testing.B, indirect bool) {
 	var hdr [64]byte
 	var out [16]byte
 	var availIdx uint16
+	var rd Reader
+	var wr Writer
 	b.ReportAllocs()
 	b.SetBytes(64)
 	b.ResetTimer()
@@ -43,7 +45,8 @@ func benchRing(b *testing.B, indirect bool) {
 		if !ok || err != nil {
 			b.Fatal(ok, err)
 		}
-		rd, wr := c.Reader(), c.Writer()
+		rd.Reset(&c)
+		wr.Reset(&c)
 		rd.Read(hdr[:])
 		out[0] = hdr[0]
 		wr.Write(out[:])

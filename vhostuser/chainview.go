@@ -43,60 +43,95 @@ type Writer struct {
 	cur cursor
 }
 
-// Reader returns a view of c's whole device-readable part.
+// Reader returns a view of c's whole device-readable part. On a hot path
+// keep a Reader and Reset it instead: a view returned by value is copied
+// with wide moves right after its fields were stored, which the CPU cannot
+// forward (some 25 ns per view in a microbenchmark, more than the rest of
+// a request's reading and writing).
 func (c *Chain) Reader() Reader {
-	return Reader{mem: c.mem, cur: cursor{segs: c.readable, left: int(c.readLen)}}
+	var r Reader
+	r.Reset(c)
+	return r
 }
 
-// Writer returns a view of c's whole device-writable part.
+// Writer returns a view of c's whole device-writable part (see Reader for
+// the hot path).
 func (c *Chain) Writer() Writer {
-	return Writer{mem: c.mem, cur: cursor{segs: c.writable, left: int(c.writeLen)}}
+	var w Writer
+	w.Reset(c)
+	return w
+}
+
+// Reset makes r a view of c's whole device-readable part.
+func (r *Reader) Reset(c *Chain) {
+	r.mem = c.mem
+	r.cur.reset(c.readable, c.readLen)
+}
+
+// Reset makes w a view of c's whole device-writable part.
+func (w *Writer) Reset(c *Chain) {
+	w.mem = c.mem
+	w.cur.reset(c.writable, c.writeLen)
 }
 
 // Memory is the table c was walked with (nil when c holds no chain).
 func (c *Chain) Memory() *Memory { return c.mem }
 
-// cursor is a position in a list of segments and how many bytes of the view
-// are left from there; the segments may go on past the view's end (after a
-// split). done counts the bytes this view has consumed.
+// cursor is a position in a view over a list of segments: cur is the rest
+// of the current segment, segs the segments after it, and after the bytes
+// of the view in them (they may go on past the view's end, after a split).
+// done counts the bytes this view has consumed. The hot path (a header read
+// from its own segment, a response written into its own) is one copy from
+// or into cur.
 type cursor struct {
-	segs [][]byte // segs[0][off:] holds the next byte
-	off  int
-	left int
-	done int
+	cur   []byte // no capacity beyond the view: a split head cannot reach its rest
+	segs  [][]byte
+	after int
+	done  int
 }
 
-// run returns the next contiguous bytes of the view, at most left, with no
-// capacity beyond them (a split view's head must not reach its rest); empty
-// only at the end of the view (a view whose segments end before left is cut
-// to them, so that no caller loops or reads past them).
-func (c *cursor) run() []byte {
-	for c.left > 0 {
-		if len(c.segs) == 0 {
-			c.left = 0
-			break
-		}
-		s := c.segs[0][c.off:]
-		if len(s) == 0 {
-			c.segs, c.off = c.segs[1:], 0
-			continue
-		}
-		if len(s) > c.left {
-			s = s[:c.left:c.left]
-		}
-		return s
+// reset makes c a cursor over the first n bytes of segs (their total, for a
+// whole part of a chain), with the first segment loaded. Field by field, so
+// that the loads that follow are forwarded from these stores.
+func (c *cursor) reset(segs [][]byte, n uint64) {
+	c.done = 0
+	c.after = int(n)
+	c.cur = nil
+	if len(segs) > 0 && len(segs[0]) <= c.after {
+		c.cur = segs[0]
+		segs = segs[1:]
+		c.after -= len(c.cur)
 	}
-	return nil
+	c.segs = segs
+}
+
+func (c *cursor) len() int { return len(c.cur) + c.after }
+
+// run returns the next contiguous bytes of the view: cur, or when it is
+// spent the next segment, cut to the view. It is empty only at the end of
+// the view (a view whose segments end early is cut to them, so that no
+// caller loops or reads past them).
+func (c *cursor) run() []byte {
+	for len(c.cur) == 0 {
+		if c.after == 0 || len(c.segs) == 0 {
+			c.after = 0
+			return nil
+		}
+		s := c.segs[0]
+		c.segs = c.segs[1:]
+		if len(s) > c.after {
+			s = s[:c.after:c.after]
+		}
+		c.after -= len(s)
+		c.cur = s
+	}
+	return c.cur
 }
 
 // advance consumes k bytes of the run just returned (0 <= k <= its length).
 func (c *cursor) advance(k int) {
-	c.off += k
-	c.left -= k
+	c.cur = c.cur[k:]
 	c.done += k
-	if c.off == len(c.segs[0]) {
-		c.segs, c.off = c.segs[1:], 0
-	}
 }
 
 func (c *cursor) skip(n int) (int, error) {
@@ -119,13 +154,17 @@ func (c *cursor) skip(n int) (int, error) {
 // split cuts the view after its next n bytes and returns a cursor over the
 // rest, which has consumed nothing yet.
 func (c *cursor) split(n int) (cursor, error) {
-	if n < 0 || n > c.left {
+	if n < 0 || n > c.len() {
 		return cursor{}, ErrViewRange
 	}
 	rest := *c
 	rest.skip(n)
 	rest.done = 0
-	c.left = n
+	if n <= len(c.cur) {
+		c.cur, c.after = c.cur[:n:n], 0
+	} else {
+		c.after = n - len(c.cur)
+	}
 	return rest, nil
 }
 
@@ -133,7 +172,7 @@ func (c *cursor) split(n int) (cursor, error) {
 func (r *Reader) Memory() *Memory { return r.mem }
 
 // Len is the number of bytes left to read.
-func (r *Reader) Len() int { return r.cur.left }
+func (r *Reader) Len() int { return r.cur.len() }
 
 // Consumed is the number of bytes read or skipped through this view.
 func (r *Reader) Consumed() int { return r.cur.done }
@@ -141,10 +180,8 @@ func (r *Reader) Consumed() int { return r.cur.done }
 // Read implements io.Reader: it fills p as far as the view allows, across
 // segments; at the end of the view it returns 0, io.EOF.
 func (r *Reader) Read(p []byte) (int, error) {
-	if r.cur.left == 0 {
-		return 0, io.EOF
-	}
-	n := 0
+	n := copy(p, r.cur.cur) // mostly all of p: a header in its own segment
+	r.cur.advance(n)
 	for n < len(p) {
 		s := r.cur.run()
 		if len(s) == 0 {
@@ -153,6 +190,9 @@ func (r *Reader) Read(p []byte) (int, error) {
 		k := copy(p[n:], s)
 		r.cur.advance(k)
 		n += k
+	}
+	if n == 0 && r.cur.len() == 0 {
+		return 0, io.EOF
 	}
 	return n, nil
 }
@@ -203,22 +243,30 @@ func (r *Reader) WriteTo(w io.Writer) (int64, error) {
 // valid only while r is (see Reader): never keep them past the device's
 // lock or the reference to r.Memory that made them valid.
 func (r *Reader) AppendSegments(dst [][]byte) [][]byte {
-	c := r.cur
-	for {
-		s := c.run()
-		if len(s) == 0 {
-			return dst
-		}
-		dst = append(dst, s)
-		c.advance(len(s))
+	if len(r.cur.cur) > 0 {
+		dst = append(dst, r.cur.cur)
 	}
+	after := r.cur.after
+	for _, s := range r.cur.segs {
+		if after == 0 {
+			break
+		}
+		if len(s) > after {
+			s = s[:after:after]
+		}
+		if len(s) > 0 {
+			dst = append(dst, s)
+		}
+		after -= len(s)
+	}
+	return dst
 }
 
 // Memory is the table the view's bytes belong to.
 func (w *Writer) Memory() *Memory { return w.mem }
 
 // Len is the number of bytes left to write.
-func (w *Writer) Len() int { return w.cur.left }
+func (w *Writer) Len() int { return w.cur.len() }
 
 // Written is the number of bytes written or skipped through this view: the
 // used length to push, for a Writer over the whole writable part.
@@ -228,7 +276,8 @@ func (w *Writer) Written() int { return w.cur.done }
 // across segments. When p does not fit it writes what fits and returns
 // io.ErrShortWrite.
 func (w *Writer) Write(p []byte) (int, error) {
-	n := 0
+	n := copy(w.cur.cur, p) // mostly all of p: a response in its own segment
+	w.cur.advance(n)
 	for n < len(p) {
 		s := w.cur.run()
 		if len(s) == 0 {

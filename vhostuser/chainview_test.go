@@ -110,6 +110,32 @@ func TestReaderShortChain(t *testing.T) {
 	}
 }
 
+// TestViewsReset: a view Reset to another chain forgets the old one: its
+// position, its count and its table.
+func TestViewsReset(t *testing.T) {
+	l1, l2 := newViewLayout(2, 2), newViewLayout(3)
+	c1, c2 := l1.readChain(), l2.writeChain()
+	c1.writable, c1.writeLen = l1.segs, uint64(len(l1.flat))
+	c1.mem = &Memory{}
+	var r Reader
+	var w Writer
+	r.Reset(c1)
+	w.Reset(c1)
+	r.Skip(3)
+	w.Write([]byte{7, 7, 7})
+	r.Reset(c2) // c2 has no readable part
+	w.Reset(c2)
+	if r.Len() != 0 || r.Consumed() != 0 || r.Memory() != nil {
+		t.Fatalf("reader after Reset: len %d consumed %d", r.Len(), r.Consumed())
+	}
+	if n, err := w.Write([]byte{1, 2, 3, 4}); n != 3 || err != io.ErrShortWrite || w.Written() != 3 || w.Memory() != nil {
+		t.Fatalf("writer after Reset: %d %v written %d", n, err, w.Written())
+	}
+	if !bytes.Equal(l2.contents(), []byte{1, 2, 3}) || !l2.guardsIntact() {
+		t.Fatalf("second chain % x", l2.contents())
+	}
+}
+
 func TestWriterShortChain(t *testing.T) {
 	l := newViewLayout(4)
 	w := l.writeChain().Writer()
@@ -340,6 +366,12 @@ func TestReaderAppendSegments(t *testing.T) {
 	}
 	if segs = rest.AppendSegments(segs[:0]); len(segs) != 1 || &segs[0][0] != &l.segs[2][2] || len(segs[0]) != 3 {
 		t.Fatal("rest of a split: wrong segments")
+	}
+	// A head cut inside one segment reaches nothing past the cut.
+	r = l.readChain().Reader()
+	r.SplitAt(2)
+	if segs = r.AppendSegments(segs[:0]); len(segs) != 1 || len(segs[0]) != 2 || cap(segs[0]) != 2 {
+		t.Fatalf("head cut inside a segment: %d segments", len(segs))
 	}
 }
 
