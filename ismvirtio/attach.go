@@ -184,7 +184,9 @@ func (b *Backend) waitsForFrontEnd(c *vhostuser.Chain) (abi.Request, bool) {
 	if b.sess == nil || c.WritableLen() < abi.ResponseSize || c.ReadableLen() != abi.RequestSize {
 		return abi.Request{}, false
 	}
-	if c.CopyOut(b.hdr[:], 0) < abi.RequestSize {
+	r := &b.rd
+	r.Reset(c)
+	if n, _ := r.Read(b.hdr[:]); n < abi.RequestSize {
 		return abi.Request{}, false
 	}
 	req, _ := abi.DecodeRequest(b.hdr[:])
@@ -222,8 +224,9 @@ func (b *Backend) startAsync(q *vhostuser.Queue, head uint16, req abi.Request) {
 			if err := q.Retake(&c, head); err == nil && c.WritableLen() >= abi.ResponseSize {
 				var out [abi.ResponseSize]byte
 				resp.Encode(out[:])
-				c.CopyIn(out[:], 0)
-				n = abi.ResponseSize
+				w := c.Writer()
+				w.Write(out[:])
+				n = uint32(w.Written())
 			} else {
 				b.warnGuest(nil, "request chain changed while its map was in flight")
 			}

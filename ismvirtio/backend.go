@@ -6,8 +6,9 @@
 //
 //	kick eventfd -> vhostuser queue goroutine -> Backend.HandleQueue
 //	-> Queue.Next (descriptor walk, GPA -> host slices)
-//	-> abi.DecodeRequest -> ism.Device.Handle -> copy() into the owner's DMB
-//	-> response written, Queue.Push, Queue.Notify
+//	-> Chain.Reader: the header (abi.DecodeRequest), then the data's slices
+//	-> ism.Device.Handle -> copy() into the owner's DMB
+//	-> response written through Chain.Writer, Queue.Push, Queue.Notify
 package ismvirtio
 
 import (
@@ -67,7 +68,10 @@ type Backend struct {
 	async   bool
 
 	// Request-queue state, used only by the request queue's goroutine.
+	// The chain's views are kept and Reset per chain (see Chain.Reader).
 	chain vhostuser.Chain
+	rd    vhostuser.Reader
+	wr    vhostuser.Writer
 	hdr   [abi.RequestSize]byte
 	data  [][]byte
 
@@ -75,6 +79,7 @@ type Backend struct {
 	// PostEvent and Interrupt from the sender's HandleQueue).
 	evMu    sync.Mutex
 	evChain vhostuser.Chain
+	evWr    vhostuser.Writer
 	pending eventQueue
 }
 
@@ -388,38 +393,30 @@ func (b *Backend) serveRequests(q *vhostuser.Queue) {
 }
 
 // serve handles one request chain and returns the bytes written into it.
+// The MOVE data after the header goes to ism as the chain's own segments
+// (Reader.AppendSegments), so that it is copied once, straight into the
+// owner's DMB.
 func (b *Backend) serve(c *vhostuser.Chain) uint32 {
-	if c.WritableLen() < abi.ResponseSize {
+	w, r := &b.wr, &b.rd
+	w.Reset(c)
+	if w.Len() < abi.ResponseSize {
 		b.dev.CountBadChain(false)
-		b.warnGuest(logrus.Fields{"writable": c.WritableLen()}, "request without room for a response")
+		b.warnGuest(logrus.Fields{"writable": w.Len()}, "request without room for a response")
 		return 0
 	}
 	var resp abi.Response
-	if n := c.CopyOut(b.hdr[:], 0); n < abi.RequestSize {
+	r.Reset(c)
+	if n, _ := r.Read(b.hdr[:]); n < abi.RequestSize {
 		resp.Status = abi.StatusInvalid
 	} else {
 		req, _ := abi.DecodeRequest(b.hdr[:])
-		b.data = readableFrom(b.data[:0], c.Readable, abi.RequestSize)
+		b.data = r.AppendSegments(b.data[:0])
 		resp = b.dev.Handle(req, b.data)
 	}
 	var out [abi.ResponseSize]byte
 	resp.Encode(out[:])
-	c.CopyIn(out[:], 0)
-	return abi.ResponseSize
-}
-
-// readableFrom appends to dst the segments of src that follow the first off
-// bytes: the MOVE data after the request header, without copying it.
-func readableFrom(dst, src [][]byte, off int) [][]byte {
-	for _, seg := range src {
-		if off >= len(seg) {
-			off -= len(seg)
-			continue
-		}
-		dst = append(dst, seg[off:])
-		off = 0
-	}
-	return dst
+	n, _ := w.Write(out[:])
+	return uint32(n)
 }
 
 // Interrupt raises the event queue's interrupt (a DMB was signalled).
@@ -502,16 +499,18 @@ func (b *Backend) flushEvents(q *vhostuser.Queue) (more bool) {
 		if !ok {
 			break
 		}
-		if c.WritableLen() < abi.EventSize {
-			b.warnGuest(logrus.Fields{"writable": c.WritableLen()}, "event buffer too small")
+		w := &b.evWr
+		w.Reset(c)
+		if w.Len() < abi.EventSize {
+			b.warnGuest(logrus.Fields{"writable": w.Len()}, "event buffer too small")
 			q.Push(c, 0)
 			continue
 		}
 		var out [abi.EventSize]byte
 		ev := b.pending.front()
 		ev.Encode(out[:])
-		c.CopyIn(out[:], 0)
-		q.Push(c, abi.EventSize)
+		w.Write(out[:])
+		q.Push(c, uint32(w.Written()))
 		b.pending.pop()
 		sent++
 	}

@@ -32,7 +32,8 @@ type Backend interface {
 	// start, or Queue.Wake was called). It is called with the device's
 	// lock held shared, from the queue's own goroutine: it must not call
 	// Device.ShmemMap/ShmemUnmap or this device's WithMemoryLock, and must
-	// not keep slices of guest memory after it returns. Every control
+	// not keep slices of guest memory, or a Chain's Reader and Writer,
+	// after it returns (unless it holds a reference to their Memory). Every control
 	// message of this VM waits for it, so it should do a bounded amount of
 	// work per call: take chains with Queue.Next until that returns false
 	// (with EVENT_IDX the driver kicks again only after the device saw the

@@ -30,6 +30,8 @@ func benchRing(b *testing.B, indirect bool) {
 	var hdr [64]byte
 	var out [16]byte
 	var availIdx uint16
+	var rd Reader
+	var wr Writer
 	b.ReportAllocs()
 	b.SetBytes(64)
 	b.ResetTimer()
@@ -43,9 +45,11 @@ func benchRing(b *testing.B, indirect bool) {
 		if !ok || err != nil {
 			b.Fatal(ok, err)
 		}
-		c.CopyOut(hdr[:], 0)
+		rd.Reset(&c)
+		wr.Reset(&c)
+		rd.Read(hdr[:])
 		out[0] = hdr[0]
-		c.CopyIn(out[:], 0)
+		wr.Write(out[:])
 		r.q.Push(&c, 16)
 		if availIdx&63 == 0 {
 			r.q.Next(&c) // empty: sets avail_event, as at the end of a batch

@@ -14,6 +14,9 @@
 //   - queue.go: device-side split virtqueues: descriptor chains (direct and
 //     indirect, with loop, bound and order checks), used-ring publication and
 //     EVENT_IDX / NO_INTERRUPT notification suppression.
+//   - chainview.go: a chain's buffers as a Reader (device-readable part)
+//     and a Writer (device-writable part), bound to the memory table the
+//     chain was walked with (as rust-vmm's virtio-queue Reader and Writer).
 //   - handler.go, device.go: one connection's protocol state machine, the
 //     Device a Backend sees, and the back-end request channel (SHMEM_MAP,
 //     SHMEM_UNMAP).

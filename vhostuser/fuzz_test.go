@@ -106,7 +106,7 @@ func FuzzChainWalk(f *testing.F) {
 				if errors.Is(err, ErrQueueBroken) {
 					t.Fatal("queue broken by a valid avail idx")
 				}
-				if len(c.Readable)+len(c.Writable) != 0 {
+				if len(c.readable)+len(c.writable) != 0 {
 					t.Fatal("refused chain not emptied")
 				}
 				continue
@@ -115,7 +115,7 @@ func FuzzChainWalk(f *testing.F) {
 				break
 			}
 			var total uint64
-			for _, segs := range [][][]byte{c.Readable, c.Writable} {
+			for _, segs := range [][][]byte{c.readable, c.writable} {
 				for _, s := range segs {
 					total += uint64(len(s))
 					if !inside(mem, s) {

@@ -43,19 +43,22 @@ var (
 	ErrQueueBroken = errors.New("vhost-user: queue broken")
 )
 
-// Chain is one descriptor chain taken from the available ring. Readable and
-// Writable are host views of the device-readable and device-writable
-// buffers, in chain order; a descriptor that crosses a memory-region boundary
-// gives several slices. The slices are valid until the Chain is reused and
-// only while the device's lock is held (inside HandleQueue or
-// WithMemoryLock), which keeps the memory table they point into current.
+// Chain is one descriptor chain taken from the available ring. Its
+// device-readable and device-writable buffers are read and written through
+// the views its Reader and Writer methods make (chainview.go), which are
+// bound to the memory table the chain was walked with; a descriptor that
+// crosses a memory-region boundary is several segments there. They are
+// valid until the Chain is reused, and only while that table is (inside
+// HandleQueue or WithMemoryLock: until the device's lock is released).
 //
-// A Chain is meant to be reused: Next resets it and keeps the capacity of the
-// slices, so the hot path does not allocate.
+// A Chain is meant to be reused: Next resets it and keeps the capacity of
+// its segment lists, so the hot path does not allocate.
 type Chain struct {
-	Head     uint16
-	Readable [][]byte
-	Writable [][]byte
+	Head uint16
+
+	mem      *Memory  // the table readable and writable point into
+	readable [][]byte // host views of the device-readable buffers, in order
+	writable [][]byte // and of the device-writable ones
 
 	readLen  uint64
 	writeLen uint64
@@ -65,8 +68,9 @@ func (c *Chain) reset() {
 	// Truncate only: the old slices point into mmap'd guest memory, which
 	// the garbage collector does not manage, and clearing costs ~15% of a
 	// 64-byte request.
-	c.Readable = c.Readable[:0]
-	c.Writable = c.Writable[:0]
+	c.readable = c.readable[:0]
+	c.writable = c.writable[:0]
+	c.mem = nil
 	c.readLen, c.writeLen = 0, 0
 }
 
@@ -75,56 +79,6 @@ func (c *Chain) ReadableLen() int { return int(c.readLen) }
 
 // WritableLen is the total length of the device-writable part.
 func (c *Chain) WritableLen() int { return int(c.writeLen) }
-
-// CopyOut copies the readable bytes from offset off into dst, across
-// segments, and returns how many were copied (less than len(dst) when the
-// readable part ends first).
-func (c *Chain) CopyOut(dst []byte, off int) int {
-	return gather(dst, c.Readable, off)
-}
-
-// CopyIn copies src into the writable part from offset off, across segments,
-// and returns how many bytes were written (less than len(src) when the
-// writable part ends first).
-func (c *Chain) CopyIn(src []byte, off int) int {
-	return scatter(c.Writable, src, off)
-}
-
-func gather(dst []byte, segs [][]byte, off int) int {
-	n := 0
-	for _, s := range segs {
-		if len(dst) == 0 {
-			break
-		}
-		if off >= len(s) {
-			off -= len(s)
-			continue
-		}
-		k := copy(dst, s[off:])
-		off = 0
-		dst = dst[k:]
-		n += k
-	}
-	return n
-}
-
-func scatter(segs [][]byte, src []byte, off int) int {
-	n := 0
-	for _, s := range segs {
-		if len(src) == 0 {
-			break
-		}
-		if off >= len(s) {
-			off -= len(s)
-			continue
-		}
-		k := copy(s[off:], src)
-		off = 0
-		src = src[k:]
-		n += k
-	}
-	return n
-}
 
 // Queue is one device-side split virtqueue. Its methods are not safe for
 // concurrent use and must run with its device's lock held (shared): call
@@ -372,6 +326,7 @@ func (q *Queue) countBadChain() {
 
 // walk collects the chain starting at head into c.
 func (q *Queue) walk(c *Chain, head uint16) error {
+	c.mem = q.mem
 	table := q.desc
 	n := uint32(q.size)
 	idx := uint32(head)
@@ -418,13 +373,13 @@ func (q *Queue) walk(c *Chain, head uint16) error {
 			var err error
 			if flags&descFWrite != 0 {
 				writable = true
-				c.Writable, err = q.mem.AppendSegments(c.Writable, addr, length)
+				c.writable, err = q.mem.AppendSegments(c.writable, addr, length)
 				c.writeLen += length
 			} else {
 				if writable {
 					return ErrChainOrder
 				}
-				c.Readable, err = q.mem.AppendSegments(c.Readable, addr, length)
+				c.readable, err = q.mem.AppendSegments(c.readable, addr, length)
 				c.readLen += length
 			}
 			if err != nil {
@@ -444,9 +399,9 @@ func (q *Queue) walk(c *Chain, head uint16) error {
 
 // Retake fills c again with the chain at head, translated through the
 // current memory table, for a Backend that completes a chain after
-// HandleQueue returned (the table may have changed since, and c's old slices
-// with it): inside Device.WithMemoryLock it retakes the chain, writes its
-// response and Pushes it. head must be the Head of a chain Next returned in
+// HandleQueue returned (the table may have changed since, and views of the
+// old walk belong to the old table): inside Device.WithMemoryLock it retakes
+// the chain, writes its response through c.Writer and Pushes it. head must be the Head of a chain Next returned in
 // this start of the device and not yet pushed. The descriptors are read and
 // checked again (the driver may have changed them meanwhile); on an error
 // c has no buffers and the caller pushes it with length 0.

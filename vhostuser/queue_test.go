@@ -229,7 +229,7 @@ func TestChainDirectIndirectAndCrossing(t *testing.T) {
 	if !ok || err != nil {
 		t.Fatal(ok, err)
 	}
-	if c.Head != 0 || len(c.Readable) != 2 || c.ReadableLen() != 64 || c.WritableLen() != 16 || len(c.Writable) != 1 {
+	if c.Head != 0 || len(c.readable) != 2 || c.ReadableLen() != 64 || c.WritableLen() != 16 || len(c.writable) != 1 {
 		t.Fatalf("chain %+v", c)
 	}
 	src := make([]byte, 64)
@@ -238,14 +238,18 @@ func TestChainDirectIndirectAndCrossing(t *testing.T) {
 	}
 	mem.testWrite(t, sz-24, src)
 	got := make([]byte, 80)
-	if n := c.CopyOut(got, 0); n != 64 || got[23] != 23 || got[24] != 24 || got[63] != 63 {
-		t.Fatalf("CopyOut %d % x", n, got[20:28])
+	rd := c.Reader()
+	if n, _ := rd.Read(got); n != 64 || got[23] != 23 || got[24] != 24 || got[63] != 63 {
+		t.Fatalf("Read %d % x", n, got[20:28])
 	}
-	if n := c.CopyOut(got[:10], 20); n != 10 || got[0] != 20 || got[9] != 29 {
-		t.Fatalf("CopyOut at offset: %d", n)
+	rd = c.Reader()
+	rd.Skip(20)
+	if n, _ := rd.Read(got[:10]); n != 10 || got[0] != 20 || got[9] != 29 {
+		t.Fatalf("Read after Skip: %d", n)
 	}
-	if n := c.CopyIn(src, 0); n != 16 {
-		t.Fatalf("CopyIn wrote %d into 16 bytes", n)
+	wr := c.Writer()
+	if n, _ := wr.Write(src); n != 16 {
+		t.Fatalf("Write wrote %d into 16 bytes", n)
 	}
 	r.q.Push(&c, 1000)
 	if id, l, ok := r.usedElem(); !ok || id != 0 || l != 16 {
@@ -321,7 +325,7 @@ func TestChainErrors(t *testing.T) {
 		if id, l, ok := r.usedElem(); !ok || id != 0 || l != 0 {
 			t.Errorf("%s: not completed with length 0: %d %d %v", c.name, id, l, ok)
 		}
-		if len(ch.Readable)+len(ch.Writable) != 0 {
+		if len(ch.readable)+len(ch.writable) != 0 {
 			t.Errorf("%s: chain not emptied", c.name)
 		}
 		// the queue goes on

@@ -87,8 +87,9 @@ func (b *echoBackend) HandleQueue(dev *vhostuser.Device, q *vhostuser.Queue) {
 		if !ok {
 			break
 		}
-		n := c.CopyOut(buf, 0)
-		w := c.CopyIn(buf[:n], 0)
+		rd, wr := c.Reader(), c.Writer()
+		n, _ := rd.Read(buf)
+		w, _ := wr.Write(buf[:n])
 		q.Push(c, uint32(w))
 	}
 	q.Notify()
@@ -975,7 +976,8 @@ func (b *crossBackend) HandleQueue(dev *vhostuser.Device, q *vhostuser.Queue) {
 		if !ok {
 			break
 		}
-		n := c.CopyOut(buf, 0)
+		rd := c.Reader()
+		n, _ := rd.Read(buf)
 		if peer := b.srv.Device(b.target); peer != nil {
 			mem := peer.AcquireMemory()
 			if dst, err := mem.Bytes(b.gpa, uint64(n)); err == nil {
