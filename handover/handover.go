@@ -111,7 +111,7 @@ func Accept(ln *net.UnixListener) (*Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := checkPeer(c); err != nil {
+	if err := CheckPeer(c); err != nil {
 		c.Close()
 		return nil, err
 	}
@@ -125,14 +125,17 @@ func Dial(path string) (*Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := checkPeer(c); err != nil {
+	if err := CheckPeer(c); err != nil {
 		c.Close()
 		return nil, err
 	}
 	return &Conn{c: c}, nil
 }
 
-func checkPeer(c *net.UnixConn) error {
+// CheckPeer lets through a peer that runs as this process's user or as
+// root (SO_PEERCRED): the handover socket's rule, and the control
+// socket's.
+func CheckPeer(c *net.UnixConn) error {
 	rc, err := c.SyscallConn()
 	if err != nil {
 		return err

@@ -8,13 +8,12 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
 	"path/filepath"
 	"time"
 
 	"github.com/sirupsen/logrus"
-	"golang.org/x/sys/unix"
 
+	"github.com/ism-backend/ism-backend/handover"
 	"github.com/ism-backend/ism-backend/ism"
 )
 
@@ -120,7 +119,7 @@ func serveControl(ctx context.Context, ln *net.UnixListener, f *ism.Fabric, opts
 		}
 		go func() {
 			defer c.Close()
-			if err := checkControlPeer(c); err != nil {
+			if err := handover.CheckPeer(c); err != nil {
 				log.WithError(err).Warn("control socket: connection refused")
 				return
 			}
@@ -128,28 +127,6 @@ func serveControl(ctx context.Context, ln *net.UnixListener, f *ism.Fabric, opts
 			json.NewEncoder(c).Encode(handleControl(c, f, opts))
 		}()
 	}
-}
-
-// checkControlPeer lets through the backend's own uid and root.
-func checkControlPeer(c *net.UnixConn) error {
-	raw, err := c.SyscallConn()
-	if err != nil {
-		return err
-	}
-	var cred *unix.Ucred
-	var credErr error
-	if err := raw.Control(func(fd uintptr) {
-		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
-	}); err != nil {
-		return err
-	}
-	if credErr != nil {
-		return credErr
-	}
-	if cred.Uid != 0 && int(cred.Uid) != os.Getuid() {
-		return fmt.Errorf("peer uid %d (pid %d) is neither root nor the backend's uid", cred.Uid, cred.Pid)
-	}
-	return nil
 }
 
 // handleControl reads one request from r and returns the answer.
