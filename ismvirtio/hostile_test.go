@@ -266,6 +266,13 @@ func TestBadChainsCounted(t *testing.T) {
 			t.Fatalf("malformed chain %+v: used len %d", bufs, n)
 		}
 	}
+	// A chain vhostuser refuses is completed inside Queue.Next, and
+	// ismvirtio counts it after Next returns: the completion can be seen
+	// first. The count is the state to wait for (bounded by go test's
+	// -timeout); then it must be exactly 2.
+	for vmStats(t, s, "a").BadChains < 2 {
+		time.Sleep(time.Millisecond)
+	}
 	if got := vmStats(t, s, "a"); got.BadChains != 2 || got.QueuesBroken != 0 {
 		t.Fatalf("after 2 malformed chains: %d bad chains, %d broken queues", got.BadChains, got.QueuesBroken)
 	}
