@@ -350,19 +350,29 @@ func closeAll(fds []int) {
 	}
 }
 
-// FileListener makes a listener of a duplicate of fd (the caller keeps
-// fd): the handover socket, handed over with the rest. Closing it does
-// not unlink the socket file unless the caller says so.
-func FileListener(fd int) (*net.UnixListener, error) {
+// NetListener makes a listener of a duplicate of fd, a listening socket
+// handed over (the caller keeps fd).
+func NetListener(fd int) (net.Listener, error) {
 	nfd, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("handover: dup listener: %w", err)
 	}
-	f := os.NewFile(uintptr(nfd), "handover")
-	defer f.Close()
+	f := os.NewFile(uintptr(nfd), "listener")
+	defer f.Close() // net.FileListener made its own duplicate
 	l, err := net.FileListener(f)
 	if err != nil {
 		return nil, fmt.Errorf("handover: listener: %w", err)
+	}
+	return l, nil
+}
+
+// FileListener is NetListener for a unix socket: the handover and control
+// sockets, handed over with the rest. Closing it does not unlink the
+// socket file unless the caller says so.
+func FileListener(fd int) (*net.UnixListener, error) {
+	l, err := NetListener(fd)
+	if err != nil {
+		return nil, err
 	}
 	ul, ok := l.(*net.UnixListener)
 	if !ok {

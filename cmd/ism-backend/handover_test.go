@@ -4,15 +4,18 @@ import (
 	"context"
 	"encoding/binary"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/sirupsen/logrus"
 
 	"github.com/ism-backend/ism-backend/abi"
+	"github.com/ism-backend/ism-backend/handover"
 	"github.com/ism-backend/ism-backend/ism"
 	"github.com/ism-backend/ism-backend/vhostuser/vhostusertest"
 )
@@ -299,5 +302,55 @@ func TestTakeoverFailureRollsBack(t *testing.T) {
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestInheritTCPListener: a TCP listener handed over as an fd (the
+// -metrics-addr listener) accepts on the same address in its new owner; a
+// unix socket's fd is refused.
+func TestInheritTCPListener(t *testing.T) {
+	old, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer old.Close()
+	fd, err := handover.ListenerFD(old.(*net.TCPListener))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Close(fd)
+	ln, err := inheritTCPListener(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	if ln.Addr().String() != old.Addr().String() {
+		t.Fatalf("inherited %v, handed %v", ln.Addr(), old.Addr())
+	}
+	old.Close() // the old process lets go: the new owner still accepts
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	s, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+
+	u, err := net.ListenUnix("unix", &net.UnixAddr{Name: filepath.Join(t.TempDir(), "u.sock"), Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Close()
+	ufd, err := handover.ListenerFD(u)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Close(ufd)
+	if l, err := inheritTCPListener(ufd); err == nil {
+		l.Close()
+		t.Fatal("a unix socket's fd was taken for a TCP listener")
 	}
 }

@@ -24,7 +24,6 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
-	"golang.org/x/sys/unix"
 
 	"github.com/ism-backend/ism-backend/abi"
 	"github.com/ism-backend/ism-backend/handover"
@@ -611,16 +610,7 @@ func (o *options) backendOptions(name string) (ismvirtio.Options, error) {
 // inheritTCPListener makes a listener of a TCP listening socket's fd handed
 // over by the old process (the fd stays the caller's).
 func inheritTCPListener(fd int) (*net.TCPListener, error) {
-	if fd < 0 {
-		return nil, errors.New("no such fd in the state")
-	}
-	nfd, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
-	if err != nil {
-		return nil, err
-	}
-	f := os.NewFile(uintptr(nfd), "metrics")
-	defer f.Close()
-	ln, err := net.FileListener(f)
+	ln, err := handover.NetListener(fd)
 	if err != nil {
 		return nil, err
 	}
