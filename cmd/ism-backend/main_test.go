@@ -72,7 +72,10 @@ func TestParseFlagsRefuses(t *testing.T) {
 	}
 }
 
-func TestPrintQEMU(t *testing.T) {
+// printedQEMU is what ism-backend -socket-dir /run/ism -print-qemu vm1
+// prints.
+func printedQEMU(t *testing.T) *bytes.Buffer {
+	t.Helper()
 	opts, err := parseFlags([]string{"-socket-dir", "/run/ism", "-print-qemu", "vm1"}, io.Discard)
 	if err != nil {
 		t.Fatal(err)
@@ -81,6 +84,11 @@ func TestPrintQEMU(t *testing.T) {
 	if err := printQEMU(&out, opts); err != nil {
 		t.Fatal(err)
 	}
+	return &out
+}
+
+func TestPrintQEMU(t *testing.T) {
+	out := printedQEMU(t)
 	for _, want := range []string{"share=on", "path=/run/ism/vm1.sock", "vhost-user-test-device-pci", "virtio-id=38", "num_vqs=2", "config_size=64"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("missing %q in %s", want, out.String())
@@ -92,14 +100,7 @@ func TestPrintQEMU(t *testing.T) {
 // q35 domain, validates against libvirt's schema (where virt-xml-validate
 // and xmllint are installed).
 func TestPrintQEMULibvirt(t *testing.T) {
-	opts, err := parseFlags([]string{"-socket-dir", "/run/ism", "-print-qemu", "vm1"}, io.Discard)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out bytes.Buffer
-	if err := printQEMU(&out, opts); err != nil {
-		t.Fatal(err)
-	}
+	out := printedQEMU(t)
 	_, frag, ok := strings.Cut(out.String(), "\n<!--")
 	if !ok {
 		t.Fatalf("no libvirt part in\n%s", out.String())
