@@ -208,7 +208,7 @@ func Open(opts Options) (*Driver, error) {
 	return nil, errors.Join(errs...)
 }
 
-func open(dev *pci.Device, opts Options) (*Driver, error) {
+func open(dev *pci.Function, opts Options) (*Driver, error) {
 	if err := takeOver(dev, identifyByWindow, opts.Logf); err != nil {
 		return nil, err
 	}

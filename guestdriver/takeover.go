@@ -35,11 +35,11 @@ import (
 
 // identifyFunc reads a bound device's config and device status without
 // mapping its BARs.
-type identifyFunc func(dev *pci.Device) (abi.Config, uint8, error)
+type identifyFunc func(dev *pci.Function) (abi.Config, uint8, error)
 
 // identifyByWindow reads and decodes the ISM config, and the status, through
 // the device's PCI config access window.
-func identifyByWindow(dev *pci.Device) (abi.Config, uint8, error) {
+func identifyByWindow(dev *pci.Function) (abi.Config, uint8, error) {
 	w, c, err := dev.OpenCfgWindow()
 	if err != nil {
 		return abi.Config{}, 0, err
@@ -59,7 +59,7 @@ func identifyByWindow(dev *pci.Device) (abi.Config, uint8, error) {
 
 // takeOver unbinds dev from a kernel driver other than uio_pci_generic if
 // identify says it is an ISM device this driver can drive; see above.
-func takeOver(dev *pci.Device, identify identifyFunc, logf func(string, ...any)) error {
+func takeOver(dev *pci.Function, identify identifyFunc, logf func(string, ...any)) error {
 	drv, err := dev.Driver()
 	if err != nil {
 		return err

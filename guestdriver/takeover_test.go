@@ -43,7 +43,7 @@ func (s *fakeSysfs) read(path string) string {
 
 // add makes an ISM-id device (1af4:1066) at addr bound to drv ("" for none)
 // with config space cfg (nil for none).
-func (s *fakeSysfs) add(addr, drv string, cfg []byte) *pci.Device {
+func (s *fakeSysfs) add(addr, drv string, cfg []byte) *pci.Function {
 	s.t.Helper()
 	dev := filepath.Join(s.devices(), addr)
 	s.write(filepath.Join(dev, "vendor"), "0x1af4\n")
@@ -71,13 +71,13 @@ func (s *fakeSysfs) unbound(drv string) string {
 }
 
 func TestTakeOver(t *testing.T) {
-	ism := func(*pci.Device) (abi.Config, uint8, error) {
+	ism := func(*pci.Function) (abi.Config, uint8, error) {
 		return abi.Config{Magic: abi.Magic, Version: abi.Version}, pci.StatusAcknowledge, nil
 	}
-	foreign := func(*pci.Device) (abi.Config, uint8, error) {
+	foreign := func(*pci.Function) (abi.Config, uint8, error) {
 		return abi.Config{}, 0, errors.New("abi: config magic 0x0, want 0x764d5349: not an ISM device")
 	}
-	mustNotIdentify := func(*pci.Device) (abi.Config, uint8, error) {
+	mustNotIdentify := func(*pci.Function) (abi.Config, uint8, error) {
 		t.Error("identify called for a device that needs no takeover")
 		return abi.Config{}, 0, errors.New("no")
 	}

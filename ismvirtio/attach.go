@@ -25,7 +25,7 @@ import (
 //     the queue goroutine, which hands the header and the chain's head to
 //     the worker and stops taking chains (Backend.async). The worker runs
 //     ism.Device.Handle, which blocks in session.Map with no lock held,
-//     then, inside Device.WithMemoryLock, takes the chain again through the
+//     then, inside Guest.WithMemoryLock, takes the chain again through the
 //     current memory table (Queue.Retake: the table may have changed during
 //     the map), writes the response, pushes it, and wakes the queue. Only
 //     one request is ever with the worker, and chains complete in order, as
@@ -49,7 +49,7 @@ import (
 //     (the device left the fabric) and the peers were told.
 type session struct {
 	b    *Backend
-	vdev *vhostuser.Device
+	vdev *vhostuser.Guest
 	dev  *ism.Device // set by Start before the worker runs
 
 	stopped atomic.Bool
@@ -61,7 +61,7 @@ type session struct {
 	wake    chan struct{} // capacity 1: there are jobs, or the session stopped
 }
 
-func newSession(b *Backend, vdev *vhostuser.Device) *session {
+func newSession(b *Backend, vdev *vhostuser.Guest) *session {
 	s := &session{b: b, vdev: vdev, wake: make(chan struct{}, 1)}
 	s.idle = sync.NewCond(&s.mu)
 	return s

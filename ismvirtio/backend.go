@@ -45,7 +45,7 @@ type Backend struct {
 	// lock (exclusive), so HandleQueue (shared) never sees them change.
 	// Other VMs' goroutines read vdev only under evMu (PostEvent,
 	// Interrupt), which Start and Stop take to change it.
-	vdev *vhostuser.Device
+	vdev *vhostuser.Guest
 	dev  *ism.Device
 	sess *session
 
@@ -246,7 +246,7 @@ func (b *Backend) ShmemSizes() []uint64 {
 // worker. Attach mode needs the front-end to have acked SHMEM, BACKEND_REQ
 // and BACKEND_SEND_FD; without them the device offers copy mode only
 // (attach-mode requests get StatusUnsupported).
-func (b *Backend) Start(vdev *vhostuser.Device) error {
+func (b *Backend) Start(vdev *vhostuser.Guest) error {
 	return b.start(vdev, func(cfg ism.DeviceConfig) (*ism.Device, error) {
 		return b.fabric.ConnectDevice(b.name, b.gid, guestMemory{vdev}, b, cfg)
 	})
@@ -254,7 +254,7 @@ func (b *Backend) Start(vdev *vhostuser.Device) error {
 
 // start is Start with connect putting the device on the fabric (a new one,
 // or one taken over from another process).
-func (b *Backend) start(vdev *vhostuser.Device, connect func(ism.DeviceConfig) (*ism.Device, error)) error {
+func (b *Backend) start(vdev *vhostuser.Guest, connect func(ism.DeviceConfig) (*ism.Device, error)) error {
 	cfg := ism.DeviceConfig{Modes: b.opts.Modes}
 	var s *session
 	need := uint64(1<<vhostuser.ProtocolShmem | 1<<vhostuser.ProtocolBackendReq | 1<<vhostuser.ProtocolBackendSendFD)
@@ -297,7 +297,7 @@ func (b *Backend) start(vdev *vhostuser.Device, connect func(ism.DeviceConfig) (
 }
 
 // Stop disconnects the device: its DMBs die and its peers are told.
-func (b *Backend) Stop(vdev *vhostuser.Device) {
+func (b *Backend) Stop(vdev *vhostuser.Guest) {
 	if b.dev == nil {
 		return
 	}
@@ -329,7 +329,7 @@ func (b *Backend) Stop(vdev *vhostuser.Device) {
 func (b *Backend) Close() {}
 
 // HandleQueue serves a kick.
-func (b *Backend) HandleQueue(vdev *vhostuser.Device, q *vhostuser.Queue) {
+func (b *Backend) HandleQueue(vdev *vhostuser.Guest, q *vhostuser.Queue) {
 	if b.dev == nil {
 		return
 	}
@@ -464,7 +464,7 @@ func (b *Backend) PostEvent(ev abi.Event) (queued bool) {
 // closeOnFault, deferred, turns a memory fault (debug.SetPanicOnFault) in
 // this VM's memory, met while doing what, into closing this VM's connection
 // vdev (if not nil); other panics go on.
-func (b *Backend) closeOnFault(vdev *vhostuser.Device, what string) {
+func (b *Backend) closeOnFault(vdev *vhostuser.Guest, what string) {
 	r := recover()
 	if r == nil {
 		return
@@ -524,7 +524,7 @@ func (b *Backend) flushEvents(q *vhostuser.Queue) (more bool) {
 // VM, from any VM's goroutine) acquires the memory table current then and
 // releases it after, so this VM's table changes neither wait for the MOVE
 // nor unmap anything under it.
-type guestMemory struct{ vdev *vhostuser.Device }
+type guestMemory struct{ vdev *vhostuser.Guest }
 
 // Acquire returns the current table (a nil *Memory, which refuses every
 // range, when there is none).

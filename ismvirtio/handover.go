@@ -27,7 +27,7 @@ type EventsState struct {
 // current returns the device, session and vhostuser device of the start
 // in force (nil when stopped), read under the device's lock so that a
 // Start or Stop on the control goroutine is not half seen.
-func (b *Backend) current() (*ism.Device, *session, *vhostuser.Device) {
+func (b *Backend) current() (*ism.Device, *session, *vhostuser.Guest) {
 	b.evMu.Lock()
 	vdev := b.vdev
 	b.evMu.Unlock()
@@ -130,7 +130,7 @@ func (b *Backend) SetImported(imp *ism.Imported, ev EventsState) {
 // imported fabric, as it was in the old process. The mappings of its
 // shared-memory region are still QEMU's; the new mapping worker unmaps them
 // when their time comes.
-func (b *Backend) Resume(vdev *vhostuser.Device) error {
+func (b *Backend) Resume(vdev *vhostuser.Guest) error {
 	if b.imp == nil {
 		return errors.New("ismvirtio: Resume without an imported fabric")
 	}

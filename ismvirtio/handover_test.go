@@ -48,7 +48,7 @@ func handOverServer(t *testing.T, s *fabricServer, gids map[string]uint64) *ism.
 	events := map[string]EventsState{}
 	for _, vm := range vms {
 		if vm.Conn != nil && vm.Conn.Started {
-			events[vm.Name] = s.server.Device(vm.Name).Backend().(*Backend).ExportEvents()
+			events[vm.Name] = s.server.Guest(vm.Name).Backend().(*Backend).ExportEvents()
 		}
 	}
 

@@ -14,7 +14,7 @@ import (
 // (Stop clears b.dev under that lock, exclusively, so a beat never follows
 // a stop).
 // The driver reads the count to tell a live backend from a dead one.
-func (b *Backend) heartbeat(vdev *vhostuser.Device, dev *ism.Device, stop <-chan struct{}, done chan<- struct{}) {
+func (b *Backend) heartbeat(vdev *vhostuser.Guest, dev *ism.Device, stop <-chan struct{}, done chan<- struct{}) {
 	defer close(done)
 	// The SBA is guest RAM: a front-end may have shrunk the memory file
 	// under it. A fault closes this VM's connection, not the backend.
@@ -38,7 +38,7 @@ func (b *Backend) heartbeat(vdev *vhostuser.Device, dev *ism.Device, stop <-chan
 
 // startBeat starts the heartbeat of dev, unless it runs already, the
 // options have none, or a handover holds it off (Quiesce).
-func (b *Backend) startBeat(vdev *vhostuser.Device, dev *ism.Device) {
+func (b *Backend) startBeat(vdev *vhostuser.Guest, dev *ism.Device) {
 	if b.opts.Heartbeat <= 0 {
 		return
 	}

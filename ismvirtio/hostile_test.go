@@ -22,7 +22,7 @@ type countingBackend struct {
 	calls atomic.Int64
 }
 
-func (c *countingBackend) HandleQueue(d *vhostuser.Device, q *vhostuser.Queue) {
+func (c *countingBackend) HandleQueue(d *vhostuser.Guest, q *vhostuser.Queue) {
 	if q.Index() == abi.RequestQueue {
 		c.calls.Add(1)
 	}
@@ -198,7 +198,7 @@ func TestEventQueueFaultDoesNotHang(t *testing.T) {
 			t.Fatalf("QUERY_RGID: %v", st)
 		}
 	}
-	for s.server.Device("b") != nil {
+	for s.server.Guest("b") != nil {
 		if st := a.do(abi.Request{Op: abi.OpQueryRGID, GID: gidA}, nil).Status; st != abi.StatusOK {
 			t.Fatalf("QUERY_RGID: %v", st)
 		}

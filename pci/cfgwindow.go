@@ -160,7 +160,7 @@ func (w *CfgWindow) ReadDeviceConfig(n int) ([]byte, error) {
 
 // OpenCfgWindow opens d's config space for a CfgWindow; close the
 // returned closer when done.
-func (d *Device) OpenCfgWindow() (*CfgWindow, io.Closer, error) {
+func (d *Function) OpenCfgWindow() (*CfgWindow, io.Closer, error) {
 	f, err := os.OpenFile(filepath.Join(d.Path, "config"), os.O_RDWR, 0)
 	if err != nil {
 		return nil, nil, err

@@ -25,7 +25,7 @@ type MMIO struct {
 }
 
 // MapBAR maps resource<bar> of d read-write, shared, uncached (O_SYNC).
-func (d *Device) MapBAR(bar int) (*MMIO, error) {
+func (d *Function) MapBAR(bar int) (*MMIO, error) {
 	if bar < 0 || bar > 5 {
 		return nil, fmt.Errorf("pci: BAR %d out of range", bar)
 	}

@@ -42,8 +42,8 @@ const (
 	CapIDMSIX   = 0x11
 )
 
-// Device is one PCI function as seen in sysfs.
-type Device struct {
+// Function is one PCI function as seen in sysfs.
+type Function struct {
 	Addr     string // domain:bus:dev.fn, e.g. 0000:00:04.0
 	Path     string // its sysfs directory
 	Vendor   uint16
@@ -51,7 +51,7 @@ type Device struct {
 	Class    uint32
 }
 
-func (d *Device) String() string {
+func (d *Function) String() string {
 	return fmt.Sprintf("%s [%04x:%04x] class %06x", d.Addr, d.Vendor, d.DeviceID, d.Class)
 }
 
@@ -70,14 +70,14 @@ func readHex(path string, bits int) (uint64, error) {
 }
 
 // Open describes the device at root/addr.
-func Open(root, addr string) (*Device, error) {
+func Open(root, addr string) (*Function, error) {
 	if root == "" {
 		root = DefaultSysfsRoot
 	}
 	if addr == "" || strings.ContainsAny(addr, "/\x00") || addr == "." || addr == ".." {
 		return nil, fmt.Errorf("pci: bad device address %q", addr)
 	}
-	d := &Device{Addr: addr, Path: filepath.Join(root, addr)}
+	d := &Function{Addr: addr, Path: filepath.Join(root, addr)}
 	v, err := readHex(filepath.Join(d.Path, "vendor"), 16)
 	if err != nil {
 		return nil, err
@@ -97,7 +97,7 @@ func Open(root, addr string) (*Device, error) {
 // List returns every device under root (DefaultSysfsRoot if empty), sorted
 // by address. Entries that cannot be read are skipped: one odd device must
 // not hide the others.
-func List(root string) ([]*Device, error) {
+func List(root string) ([]*Function, error) {
 	if root == "" {
 		root = DefaultSysfsRoot
 	}
@@ -105,7 +105,7 @@ func List(root string) ([]*Device, error) {
 	if err != nil {
 		return nil, err
 	}
-	var out []*Device
+	var out []*Function
 	for _, e := range ents {
 		d, err := Open(root, e.Name())
 		if err != nil {
@@ -121,12 +121,12 @@ func List(root string) ([]*Device, error) {
 var ErrNotFound = errors.New("pci: no such device")
 
 // Find returns the devices with the given vendor and device id.
-func Find(root string, vendor, device uint16) ([]*Device, error) {
+func Find(root string, vendor, device uint16) ([]*Function, error) {
 	all, err := List(root)
 	if err != nil {
 		return nil, err
 	}
-	var out []*Device
+	var out []*Function
 	for _, d := range all {
 		if d.Vendor == vendor && d.DeviceID == device {
 			out = append(out, d)
@@ -143,7 +143,7 @@ func Find(root string, vendor, device uint16) ([]*Device, error) {
 
 // Driver returns the name of the kernel driver bound to d ("virtio-pci",
 // "uio_pci_generic"), or "" if none is.
-func (d *Device) Driver() (string, error) {
+func (d *Function) Driver() (string, error) {
 	l, err := os.Readlink(filepath.Join(d.Path, "driver"))
 	if errors.Is(err, fs.ErrNotExist) {
 		return "", nil
@@ -158,7 +158,7 @@ func (d *Device) Driver() (string, error) {
 // driver's unbind attribute. The kernel runs the driver's remove before the
 // write returns, and fails the write if the device is not bound to that
 // driver (any more).
-func (d *Device) Unbind() error {
+func (d *Function) Unbind() error {
 	if err := os.WriteFile(filepath.Join(d.Path, "driver", "unbind"), []byte(d.Addr), 0); err != nil {
 		return fmt.Errorf("pci: %s: unbind: %w", d.Addr, err)
 	}
@@ -167,7 +167,7 @@ func (d *Device) Unbind() error {
 
 // SetDriverOverride makes drv the only driver the kernel will bind to d
 // from now on ("" clears it). It does not touch a driver already bound.
-func (d *Device) SetDriverOverride(drv string) error {
+func (d *Function) SetDriverOverride(drv string) error {
 	if drv == "" {
 		drv = "\n"
 	}
@@ -179,12 +179,12 @@ func (d *Device) SetDriverOverride(drv string) error {
 
 // ReadConfig reads the whole config space the kernel exposes (256 bytes, or
 // 4096 for PCIe; only 64 for a non-root reader).
-func (d *Device) ReadConfig() ([]byte, error) {
+func (d *Function) ReadConfig() ([]byte, error) {
 	return os.ReadFile(filepath.Join(d.Path, "config"))
 }
 
 // WriteConfig writes b at off in config space.
-func (d *Device) WriteConfig(off int64, b []byte) error {
+func (d *Function) WriteConfig(off int64, b []byte) error {
 	f, err := os.OpenFile(filepath.Join(d.Path, "config"), os.O_WRONLY, 0)
 	if err != nil {
 		return err
@@ -201,7 +201,7 @@ func (d *Device) WriteConfig(off int64, b []byte) error {
 // the BARs (the kernel keeps a count; it stays on until disabled). The
 // kernel refuses the write (EBUSY) while a driver is bound; such a driver
 // (uio_pci_generic, for interrupts) has enabled the device itself.
-func (d *Device) Enable() error {
+func (d *Function) Enable() error {
 	err := os.WriteFile(filepath.Join(d.Path, "enable"), []byte("1"), 0)
 	if errors.Is(err, syscall.EBUSY) {
 		if b, rerr := os.ReadFile(filepath.Join(d.Path, "enable")); rerr == nil && strings.TrimSpace(string(b)) != "0" {
@@ -213,7 +213,7 @@ func (d *Device) Enable() error {
 
 // SetBusMaster sets the command register's bus-master and memory bits so
 // the device may DMA. Read-modify-write of the 16-bit register only.
-func (d *Device) SetBusMaster() error {
+func (d *Function) SetBusMaster() error {
 	f, err := os.OpenFile(filepath.Join(d.Path, "config"), os.O_RDWR, 0)
 	if err != nil {
 		return err
@@ -249,7 +249,7 @@ func (r Resource) Size() uint64 {
 }
 
 // Resources parses the sysfs resource file (BAR0..BAR5 first).
-func (d *Device) Resources() ([]Resource, error) {
+func (d *Function) Resources() ([]Resource, error) {
 	b, err := os.ReadFile(filepath.Join(d.Path, "resource"))
 	if err != nil {
 		return nil, err

@@ -140,7 +140,7 @@ type SharedMemRegion struct {
 
 // Virtio is a started-or-startable modern virtio-pci device.
 type Virtio struct {
-	Dev        *Device
+	Dev        *Function
 	Caps       []VirtioCap
 	bars       [6]*MMIO
 	common     *MMIO
@@ -154,7 +154,7 @@ type Virtio struct {
 // OpenVirtio enables d, turns on bus mastering, maps the BARs its virtio
 // capabilities name and checks that each structure lies inside its BAR.
 // It does not touch the device status.
-func OpenVirtio(d *Device) (*Virtio, error) {
+func OpenVirtio(d *Function) (*Virtio, error) {
 	cfg, err := d.ReadConfig()
 	if err != nil {
 		return nil, err

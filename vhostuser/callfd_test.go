@@ -96,7 +96,7 @@ func TestWakeNeverBlocks(t *testing.T) {
 		t.Fatal(err)
 	}
 	unix.Close(sp[0]) // the back-end has its own copy
-	q0 := e.srv.Device("vm").Queue(0)
+	q0 := e.srv.Guest("vm").Queue(0)
 	for range 200000 { // far more than a socket buffer holds
 		q0.Wake()
 	}

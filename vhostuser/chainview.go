@@ -15,7 +15,7 @@ import (
 // which their Memory method returns; their bytes are that table's mapping
 // and are valid exactly as long as the table is:
 //
-//   - inside HandleQueue or Device.WithMemoryLock, where the chain was
+//   - inside HandleQueue or Guest.WithMemoryLock, where the chain was
 //     taken (Queue.Next, Queue.Retake): the device's lock keeps the table
 //     current, and mapped, until it is released;
 //   - beyond the lock only with a reference to that table: the device's

@@ -17,8 +17,8 @@
 //   - chainview.go: a chain's buffers as a Reader (device-readable part)
 //     and a Writer (device-writable part), bound to the memory table the
 //     chain was walked with (as rust-vmm's virtio-queue Reader and Writer).
-//   - handler.go, device.go: one connection's protocol state machine, the
-//     Device a Backend sees, and the back-end request channel (SHMEM_MAP,
+//   - handler.go, guest.go: one connection's protocol state machine, the
+//     Guest a Backend sees, and the back-end request channel (SHMEM_MAP,
 //     SHMEM_UNMAP).
 //   - server.go: one listening socket per VM, one connection at a time, the
 //     per-queue goroutines, and each connection's lock (see Server for the

@@ -20,7 +20,7 @@ func fatal(err error) error { return fatalError{err} }
 
 // serve runs the front-end channel until it fails or closes. It is the only
 // goroutine that handles front-end messages for this device.
-func (d *Device) serve() {
+func (d *Guest) serve() {
 	for {
 		if !d.awaitMessage() {
 			return // handed over: the connection lives on elsewhere
@@ -53,7 +53,7 @@ func (d *Device) serve() {
 }
 
 // dispatch handles one message and reports whether the connection goes on.
-func (d *Device) dispatch(m *Message) (goOn bool) {
+func (d *Guest) dispatch(m *Message) (goOn bool) {
 	defer func() {
 		if r := recover(); r != nil {
 			d.stats.badMessages.Add(1)
@@ -108,7 +108,7 @@ func (d *Device) dispatch(m *Message) (goOn bool) {
 }
 
 // ack sends the REPLY_ACK status when the front-end asked for one.
-func (d *Device) ack(m *Message, err error) bool {
+func (d *Guest) ack(m *Message, err error) bool {
 	if !m.NeedReply() || !d.protoAcked(ProtocolReplyAck) {
 		return true
 	}
@@ -138,7 +138,7 @@ func takeFD(m *Message) int {
 	return fd
 }
 
-func (d *Device) queueIndex(i uint32) (*Queue, error) {
+func (d *Guest) queueIndex(i uint32) (*Queue, error) {
 	if int64(i) >= int64(len(d.queues)) {
 		return nil, fmt.Errorf("queue index %d out of range (%d queues)", i, len(d.queues))
 	}
@@ -149,7 +149,7 @@ func (d *Device) queueIndex(i uint32) (*Queue, error) {
 // table, rings or queue fds happens under the device's lock (d.lock), so no
 // HandleQueue of this device runs meanwhile; other devices go on. Starting and stopping the
 // device and its queue goroutines happens in reconcile.
-func (d *Device) handle(m *Message) (reply []byte, hasReply bool, err error) {
+func (d *Guest) handle(m *Message) (reply []byte, hasReply bool, err error) {
 	p := m.Payload
 	switch m.Request {
 	case ReqGetFeatures:
@@ -413,13 +413,13 @@ func (d *Device) handle(m *Message) (reply []byte, hasReply bool, err error) {
 	return nil, false, fmt.Errorf("request %d not handled", m.Request)
 }
 
-func (d *Device) protocolFeaturesAcked() bool {
+func (d *Guest) protocolFeaturesAcked() bool {
 	return d.ackedFeatures&(1<<FeatureProtocolFeatures) != 0
 }
 
 // call runs a Backend method, turning a panic into a closed connection.
 // It reports whether fn panicked.
-func (d *Device) call(what string, fn func()) (panicked bool) {
+func (d *Guest) call(what string, fn func()) (panicked bool) {
 	defer func() {
 		if r := recover(); r != nil {
 			if e := d.lifeLog(logrus.ErrorLevel); e != nil {
@@ -434,7 +434,7 @@ func (d *Device) call(what string, fn func()) (panicked bool) {
 }
 
 // lock runs fn under the device's lock, exclusively.
-func (d *Device) lock(fn func()) {
+func (d *Guest) lock(fn func()) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	fn()
@@ -458,7 +458,7 @@ var ErrMemoryCap = errors.New("vhost-user: memory table beyond this connection's
 
 // checkMemCaps refuses a table of n regions and size bytes in all; it runs
 // before anything is mapped.
-func (d *Device) checkMemCaps(n int, size uint64, overflow bool) error {
+func (d *Guest) checkMemCaps(n int, size uint64, overflow bool) error {
 	if n > d.maxMemRegions {
 		return fmt.Errorf("%w: %d regions, at most %d", ErrMemoryCap, n, d.maxMemRegions)
 	}
@@ -473,7 +473,7 @@ func addSize(total, size uint64, overflow bool) (uint64, bool) {
 	return total + size, overflow || total+size < total
 }
 
-func (d *Device) setMemTable(m *Message) error {
+func (d *Guest) setMemTable(m *Message) error {
 	n := int(le32(m.Payload[0:4]))
 	var total uint64
 	var overflow bool
@@ -509,7 +509,7 @@ func (d *Device) setMemTable(m *Message) error {
 	return nil
 }
 
-func (d *Device) addMemReg(m *Message) error {
+func (d *Guest) addMemReg(m *Message) error {
 	want := decodeRegion(m.Payload[8:])
 	old := d.Memory().Regions()
 	var total uint64
@@ -541,7 +541,7 @@ func (d *Device) addMemReg(m *Message) error {
 	return nil
 }
 
-func (d *Device) remMemReg(b []byte) error {
+func (d *Guest) remMemReg(b []byte) error {
 	want := decodeRegion(b)
 	old := d.Memory().Regions()
 	regions := make([]*MemoryRegion, 0, len(old))
@@ -566,7 +566,7 @@ func (d *Device) remMemReg(b []byte) error {
 // never for another device. The old table is not waited for: its regions
 // that next does not keep are unmapped when its last user (a peer's MOVE
 // into this VM) releases it, or here if it has none.
-func (d *Device) swapMemory(next *Memory) {
+func (d *Guest) swapMemory(next *Memory) {
 	d.lock(func() {
 		d.setMemory(next)
 		for _, q := range d.queues {

@@ -64,7 +64,7 @@ type Quiescer interface {
 // connection whose device was started. Same rules as Backend.Start. A
 // Backend that is not a Resumer gets Start.
 type Resumer interface {
-	Resume(dev *Device) error
+	Resume(dev *Guest) error
 }
 
 // ExportedVM is one VM of a Server as Export describes it. FD fields are
@@ -120,8 +120,8 @@ type QueueState struct {
 type vmLoop struct {
 	name   string
 	ln     *net.UnixListener
-	cur    *Device // the connection served (also while it is torn down)
-	parked bool    // waiting, instead of accepting, for Thaw or Release
+	cur    *Guest // the connection served (also while it is torn down)
+	parked bool   // waiting, instead of accepting, for Thaw or Release
 
 	// lnMu orders the listener's closes: Release's, which must not
 	// unlink the socket file (keep), and Serve's.
@@ -186,7 +186,7 @@ func (s *Server) WaitServing(ctx context.Context, names ...string) error {
 // awaitMessage waits until the next front-end message can be read, or the
 // connection is parked by a freeze. It reports false when the connection
 // was handed over: serve returns without touching it.
-func (d *Device) awaitMessage() bool {
+func (d *Guest) awaitMessage() bool {
 	s := d.srv
 	for {
 		s.mu.Lock()
@@ -218,7 +218,7 @@ func (d *Device) awaitMessage() bool {
 }
 
 // msgDone ends what awaitMessage began.
-func (d *Device) msgDone() {
+func (d *Guest) msgDone() {
 	d.srv.mu.Lock()
 	d.inMsg = false
 	d.srv.mu.Unlock()
@@ -226,7 +226,7 @@ func (d *Device) msgDone() {
 
 // waitReadable waits until the connection has bytes (or EOF) to read
 // without consuming any, or until the read deadline a freeze sets.
-func (d *Device) waitReadable() error {
+func (d *Guest) waitReadable() error {
 	rc, err := d.conn.SyscallConn()
 	if err != nil {
 		return err
@@ -245,7 +245,7 @@ var pastDeadline = time.Unix(1, 0)
 // Frozen is a Server stopped at a safe point by Freeze.
 type Frozen struct {
 	s       *Server
-	devs    []*Device
+	devs    []*Guest
 	loops   []*vmLoop
 	quiesce []Quiescer
 	done    bool
@@ -401,7 +401,7 @@ func (fz *Frozen) Thaw() {
 	s := fz.s
 	s.mu.Lock()
 	s.frozen = false
-	var devs []*Device
+	var devs []*Guest
 	for _, lp := range fz.loops {
 		lp.ln.SetDeadline(time.Time{})
 		if d := lp.cur; d != nil {
@@ -447,7 +447,7 @@ func (fz *Frozen) Release() {
 // none starts again until thawQueues. A kick meanwhile stays counted in its
 // eventfd, and a queue goroutine's first look after a start finds the
 // chains it announced.
-func (d *Device) freezeQueues() {
+func (d *Guest) freezeQueues() {
 	d.runMu.Lock()
 	d.queuesFrozen.Store(true)
 	d.runMu.Unlock()
@@ -456,7 +456,7 @@ func (d *Device) freezeQueues() {
 
 // thawQueues starts the queue goroutines the device's state asks for; the
 // control channel is parked (it owns that state).
-func (d *Device) thawQueues() {
+func (d *Guest) thawQueues() {
 	d.runMu.Lock()
 	d.queuesFrozen.Store(false)
 	d.runMu.Unlock()
@@ -528,7 +528,7 @@ func (fz *Frozen) Export() ([]ExportedVM, []int, error) {
 }
 
 // export describes the parked device d.
-func (d *Device) export(add func(int) (int, error), addConn func(syscall.Conn) (int, error)) (*ConnState, error) {
+func (d *Guest) export(add func(int) (int, error), addConn func(syscall.Conn) (int, error)) (*ConnState, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	st := &ConnState{
@@ -677,12 +677,12 @@ func (s *Server) ServeImported(ctx context.Context, name string, ln *net.UnixLis
 // state comes from another process, and a bad one is an error, never a
 // panic or a device that touches memory it should not.
 func (s *Server) importDevice(ctx context.Context, name string, log *logrus.Entry, st *ConnState, fds []int,
-	newBackend func(string) (Backend, error)) (d *Device, err error) {
+	newBackend func(string) (Backend, error)) (d *Guest, err error) {
 	c, err := unixConnOf(fds, st.Conn, "connection")
 	if err != nil {
 		return nil, err
 	}
-	d, err = s.newDevice(ctx, name, log, c, newBackend)
+	d, err = s.newGuest(ctx, name, log, c, newBackend)
 	if err != nil {
 		c.Close()
 		return nil, err
@@ -858,7 +858,7 @@ func (q *Queue) importState(qs QueueState, fds []int, mem *Memory) error {
 // abandon closes what the device holds in this process without a word to
 // the front-end and without calling its Backend: the connection lives on in
 // another process (or was never served here). Its runners are stopped.
-func (d *Device) abandon() {
+func (d *Guest) abandon() {
 	d.runMu.Lock()
 	d.tornDown = true
 	d.runMu.Unlock()
@@ -902,4 +902,4 @@ func (s *Server) Unhold() {
 }
 
 // Backend is the device's Backend.
-func (d *Device) Backend() Backend { return d.backend }
+func (d *Guest) Backend() Backend { return d.backend }

@@ -242,7 +242,7 @@ func TestHandoverMovesRunningConnection(t *testing.T) {
 	if cfg := <-cfgc; len(cfg) != 64 || cfg[63] != 63 {
 		t.Fatalf("GET_CONFIG answered % x", cfg)
 	}
-	d := nw.srv.Device("vm")
+	d := nw.srv.Guest("vm")
 	if d == nil || !d.Started() {
 		t.Fatal("new Server has no started device")
 	}
@@ -370,7 +370,7 @@ func TestHandoverImportRefusesBadState(t *testing.T) {
 		if err == nil || rerr == nil {
 			t.Errorf("%s: imported (%v, %v)", name, err, rerr)
 		}
-		if srv.Device("vm") != nil {
+		if srv.Guest("vm") != nil {
 			t.Errorf("%s: a device is served", name)
 		}
 	}

@@ -26,14 +26,14 @@ type logLimiter = ratelog.Limiter
 //     a debug log cannot use up the warnings' allowance.
 //   - lifeLog: connects, disconnects, device start and stop, per VM, so
 //     that neither a guest's reset loop nor a QEMU's reconnect loop floods.
-func (d *Device) guestLog(level logrus.Level) *logrus.Entry {
+func (d *Guest) guestLog(level logrus.Level) *logrus.Entry {
 	return d.lim.Entry(d.srv.now(), d.log, level)
 }
 
-func (d *Device) traceLog() *logrus.Entry {
+func (d *Guest) traceLog() *logrus.Entry {
 	return d.traceLim.Entry(d.srv.now(), d.log, logrus.DebugLevel)
 }
 
-func (d *Device) lifeLog(level logrus.Level) *logrus.Entry {
+func (d *Guest) lifeLog(level logrus.Level) *logrus.Entry {
 	return d.lifeLim.Entry(d.srv.now(), d.log, level)
 }

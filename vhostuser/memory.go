@@ -118,20 +118,20 @@ const (
 
 // Memory is one immutable memory table: a snapshot of a VM's guest RAM. A
 // new SET_MEM_TABLE or ADD/REM_MEM_REG makes a new Memory and installs it as
-// the Device's current one without waiting for anyone still using the old
+// the Guest's current one without waiting for anyone still using the old
 // one (as rust-vmm's GuestMemoryAtomic does).
 //
 // Lifetime. A Memory is reference-counted: one reference while it is its
-// Device's current table, one per Device.AcquireMemory until the matching
+// Guest's current table, one per Guest.AcquireMemory until the matching
 // Release. When the count drops to 0 the Memory is retired: each region that
 // no other live snapshot holds is unmapped and its fd closed. So a region
 // is never unmapped while anyone may touch it, and slices taken from a
 // Memory are valid while a reference to it is held:
 //
-//   - inside HandleQueue (or Device.WithMemoryLock) through Device.Memory,
+//   - inside HandleQueue (or Guest.WithMemoryLock) through Guest.Memory,
 //     Queue and Chain: the current table cannot be replaced while the
 //     device's lock is held, and the current table holds its own reference;
-//   - anywhere, between Device.AcquireMemory and Release (a peer's MOVE into
+//   - anywhere, between Guest.AcquireMemory and Release (a peer's MOVE into
 //     this VM). Hold it for one use, not longer: the old table's regions
 //     (the VM's old RAM) stay mapped until then.
 type Memory struct {
@@ -165,7 +165,7 @@ func (m *Memory) tryAcquire() bool {
 	}
 }
 
-// Release drops a reference taken by Device.AcquireMemory. The last one
+// Release drops a reference taken by Guest.AcquireMemory. The last one
 // retires m and unmaps the regions no live table holds any more, on the
 // caller's goroutine. Release of a nil Memory does nothing.
 func (m *Memory) Release() {

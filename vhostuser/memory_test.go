@@ -30,7 +30,7 @@ func table(t *testing.T, regions ...*MemoryRegion) *Memory {
 // table changes, and is unmapped when the last of them is released; a
 // retired snapshot is never handed out again.
 func TestSnapshotRegionLifetime(t *testing.T) {
-	d := &Device{}
+	d := &Guest{}
 	a, b, c := anonRegion(t, 0), anonRegion(t, 0x1000), anonRegion(t, 0x2000)
 	mapped := func(rs ...*MemoryRegion) (s string) {
 		for _, r := range rs {
@@ -85,7 +85,7 @@ func TestSnapshotRegionLifetime(t *testing.T) {
 // in an unmapped region (it would crash the test binary) and every region
 // dropped for good ends unmapped.
 func TestSnapshotSwapsBesideReaders(t *testing.T) {
-	d := &Device{}
+	d := &Guest{}
 	a, b := anonRegion(t, 0), anonRegion(t, 0x1000)
 	d.setMemory(table(t, a, b))
 	stop := make(chan struct{})

@@ -38,7 +38,7 @@ func sparseRegion(t *testing.T, gpa, size uint64) *vhostusertest.Region {
 	return &vhostusertest.Region{GPA: gpa, Size: size, FD: fd, Host: host}
 }
 
-func tableRegions(dev *vhostuser.Device) int {
+func tableRegions(dev *vhostuser.Guest) int {
 	var n int
 	dev.WithMemoryLock(func() { n = len(dev.Memory().Regions()) })
 	return n
@@ -56,7 +56,7 @@ func TestMemoryCapsRefuse(t *testing.T) {
 	if f.MaxMemSlots != 3 {
 		t.Errorf("GET_MAX_MEM_SLOTS answered %d, want the region cap 3", f.MaxMemSlots)
 	}
-	dev := e.srv.Device("vm")
+	dev := e.srv.Guest("vm")
 	end := f.Mem.End()
 	refused := func(what string, err error) {
 		t.Helper()
@@ -135,7 +135,7 @@ type holdBackend struct {
 	release chan struct{}
 }
 
-func (b *holdBackend) HandleQueue(dev *vhostuser.Device, q *vhostuser.Queue) {
+func (b *holdBackend) HandleQueue(dev *vhostuser.Guest, q *vhostuser.Queue) {
 	if q.Index() != 0 || b.held.Load() {
 		b.echoBackend.HandleQueue(dev, q)
 		return
@@ -146,7 +146,7 @@ func (b *holdBackend) HandleQueue(dev *vhostuser.Device, q *vhostuser.Queue) {
 		return // the kick of the test's chain comes
 	}
 	b.held.Store(true)
-	mem := b.srv.Device("a").AcquireMemory()
+	mem := b.srv.Guest("a").AcquireMemory()
 	dst, err := mem.Bytes(b.gpa, 8)
 	b.entered <- err
 	<-b.release

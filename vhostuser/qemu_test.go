@@ -190,7 +190,7 @@ func TestRealQEMU(t *testing.T) {
 	qt.write("writew", common+28, 1)
 	qt.write("writeb", common+20, vhostuser.StatusAcknowledge|vhostuser.StatusDriver|vhostuser.StatusFeaturesOK|vhostuser.StatusDriverOK)
 
-	dev := e.srv.Device("vm")
+	dev := e.srv.Guest("vm")
 	if dev == nil || !dev.Started() {
 		t.Fatal("device not started after DRIVER_OK")
 	}

@@ -82,12 +82,12 @@ func (c *Chain) WritableLen() int { return int(c.writeLen) }
 
 // Queue is one device-side split virtqueue. Its methods are not safe for
 // concurrent use and must run with its device's lock held (shared): call
-// them from its device's HandleQueue or inside Device.WithMemoryLock or
+// them from its device's HandleQueue or inside Guest.WithMemoryLock or
 // TryWithMemoryLock, and serialise per queue yourself. Interrupt and Wake
 // are the exceptions: safe from any goroutine.
 type Queue struct {
 	index int
-	dev   *Device
+	dev   *Guest
 	log   *logrus.Entry
 
 	// Set by the front-end (under the device's lock, exclusively).
@@ -136,7 +136,7 @@ type callFD struct {
 	one [8]byte // the eventfd increment, kept here so Interrupt does not allocate
 }
 
-func newQueue(d *Device, i int) *Queue {
+func newQueue(d *Guest, i int) *Queue {
 	q := &Queue{index: i, dev: d, kickFD: -1, errFD: -1, call: &callFD{fd: -1}, maxChainLen: DefaultMaxChainLen,
 		lim: &logLimiter{}, now: time.Now}
 	if d != nil {
@@ -165,8 +165,8 @@ func (q *Queue) Broken() bool { return q.broken }
 // are refused. Call it from Backend.Start.
 func (q *Queue) SetMaxChainLen(n uint64) { q.maxChainLen = n }
 
-// Device returns the device the queue belongs to.
-func (q *Queue) Device() *Device { return q.dev }
+// Guest returns the device the queue belongs to.
+func (q *Queue) Guest() *Guest { return q.dev }
 
 // translate maps the ring addresses through m. It leaves the queue not
 // ready (desc nil) when they do not translate or are misaligned.
@@ -400,7 +400,7 @@ func (q *Queue) walk(c *Chain, head uint16) error {
 // Retake fills c again with the chain at head, translated through the
 // current memory table, for a Backend that completes a chain after
 // HandleQueue returned (the table may have changed since, and views of the
-// old walk belong to the old table): inside Device.WithMemoryLock it retakes
+// old walk belong to the old table): inside Guest.WithMemoryLock it retakes
 // the chain, writes its response through c.Writer and Pushes it. head must be the Head of a chain Next returned in
 // this start of the device and not yet pushed. The descriptors are read and
 // checked again (the driver may have changed them meanwhile); on an error

@@ -16,10 +16,10 @@ func (nopBackend) NumQueues() int                   { return 2 }
 func (nopBackend) ReadConfig(uint32, []byte) error  { return nil }
 func (nopBackend) WriteConfig(uint32, []byte) error { return nil }
 func (nopBackend) ShmemSizes() []uint64             { return nil }
-func (nopBackend) Start(*Device) error              { return nil }
-func (nopBackend) Stop(*Device)                     {}
+func (nopBackend) Start(*Guest) error               { return nil }
+func (nopBackend) Stop(*Guest)                      {}
 func (nopBackend) Close()                           {}
-func (nopBackend) HandleQueue(*Device, *Queue)      {}
+func (nopBackend) HandleQueue(*Guest, *Queue)       {}
 
 // TestRefusedMessagesLogRateLimited: a guest can make QEMU send a message
 // the back-end refuses (a ring size that is not a power of two, which QEMU

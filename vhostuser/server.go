@@ -21,12 +21,12 @@ const DefaultReplyTimeout = 10 * time.Second
 
 // Server serves vhost-user connections, one listening socket per VM.
 //
-// Locking. Each Device (one VM's connection) has its own lock and its own
+// Locking. Each Guest (one VM's connection) has its own lock and its own
 // reference-counted memory snapshots (Memory); nothing is shared between
 // VMs, so one VM's control messages pause that VM's queues and nothing else.
 //
 //   - A device's lock, shared: each Backend.HandleQueue call (one batch) of
-//     that device, and Device.WithMemoryLock. Its queues, rings and chains,
+//     that device, and Guest.WithMemoryLock. Its queues, rings and chains,
 //     and its current Memory, are valid while it is held.
 //   - A device's lock, exclusive: every change of that device's memory table
 //     (SET_MEM_TABLE, ADD/REM_MEM_REG, teardown), ring addresses, sizes and
@@ -35,14 +35,14 @@ const DefaultReplyTimeout = 10 * time.Second
 //     per call, see ismvirtio).
 //   - Another VM's memory (the ISM MOVE copies from the sender's chain into
 //     the receiver's RAM on the sender's queue goroutine) is used through
-//     Device.AcquireMemory and Memory.Release, for one MOVE: that never
+//     Guest.AcquireMemory and Memory.Release, for one MOVE: that never
 //     waits, and the receiver's table change does not wait for it either.
 //     The old table's regions stay mapped until the last reference is
 //     released and are unmapped then, so no region is ever touched after
 //     its munmap (a fault is still recovered, see runQueue, but that is for
 //     a front-end that shrinks a file under a live mapping, not for this).
 //   - Another VM's queues (events posted into its event queue) are used
-//     only under Device.TryWithMemoryLock: when that VM's lock is not to be
+//     only under Guest.TryWithMemoryLock: when that VM's lock is not to be
 //     had at once, its own queue goroutine delivers them (Queue.Wake).
 //   - No device lock is held while waiting for a back-end request reply
 //     (ShmemMap): QEMU sends SET_MEM_TABLE, which needs the lock
@@ -69,7 +69,7 @@ type Server struct {
 	MaxMemRegions int
 
 	mu      sync.Mutex
-	devices map[string]*Device
+	devices map[string]*Guest
 
 	// Handover (handover.go), guarded by mu: the Serve loops, whether
 	// they are frozen or handed over, and cond for their state changes.
@@ -86,13 +86,13 @@ func NewServer(log *logrus.Entry) *Server {
 	if log == nil {
 		log = logrus.NewEntry(logrus.StandardLogger())
 	}
-	s := &Server{log: log, devices: map[string]*Device{}, loops: map[string]*vmLoop{}, now: time.Now}
+	s := &Server{log: log, devices: map[string]*Guest{}, loops: map[string]*vmLoop{}, now: time.Now}
 	s.cond = sync.NewCond(&s.mu)
 	return s
 }
 
-// Device returns the device currently connected for VM name, or nil.
-func (s *Server) Device(name string) *Device {
+// Guest returns the device currently connected for VM name, or nil.
+func (s *Server) Guest(name string) *Guest {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.devices[name]
@@ -100,7 +100,7 @@ func (s *Server) Device(name string) *Device {
 
 // Stats returns the counters of VM name's current connection (zero if none).
 func (s *Server) Stats(name string) Stats {
-	if d := s.Device(name); d != nil {
+	if d := s.Guest(name); d != nil {
 		return d.Stats()
 	}
 	return Stats{}
@@ -123,9 +123,9 @@ func (s *Server) Serve(ctx context.Context, name string, ln *net.UnixListener, n
 // first accept (ServeImported), and serving, if not nil, is called once the
 // VM is registered (and first with it: a Hold covers it).
 func (s *Server) serve(ctx context.Context, name string, ln *net.UnixListener, newBackend func(name string) (Backend, error),
-	first *Device, serving func(error)) error {
+	first *Guest, serving func(error)) error {
 	log := s.log.WithField("vm", name)
-	var cur atomic.Pointer[Device]
+	var cur atomic.Pointer[Guest]
 	cur.Store(first)
 	lp := &vmLoop{name: name, ln: ln}
 	stop := context.AfterFunc(ctx, func() {
@@ -203,7 +203,7 @@ func (s *Server) serve(ctx context.Context, name string, ln *net.UnixListener, n
 			if e := life.Entry(s.now(), log, logrus.InfoLevel); e != nil {
 				e.Info("front-end connected")
 			}
-			d, err = s.newDevice(ctx, name, log, c, newBackend)
+			d, err = s.newGuest(ctx, name, log, c, newBackend)
 			if err != nil {
 				if e := life.Entry(s.now(), log, logrus.ErrorLevel); e != nil {
 					e.WithError(err).Error("cannot create the device; closing the connection")
@@ -296,7 +296,7 @@ func (s *Server) checkPeer(c *net.UnixConn) (logrus.Fields, error) {
 	return fields, errPeerUID
 }
 
-func (s *Server) newDevice(ctx context.Context, name string, log *logrus.Entry, c *net.UnixConn, newBackend func(string) (Backend, error)) (d *Device, err error) {
+func (s *Server) newGuest(ctx context.Context, name string, log *logrus.Entry, c *net.UnixConn, newBackend func(string) (Backend, error)) (d *Guest, err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			err = fmt.Errorf("panic in Backend: %v\n%s", r, debug.Stack())
@@ -311,7 +311,7 @@ func (s *Server) newDevice(ctx context.Context, name string, log *logrus.Entry, 
 		be.Close()
 		return nil, fmt.Errorf("backend has %d queues", nq)
 	}
-	d = &Device{
+	d = &Guest{
 		name:         name,
 		srv:          s,
 		log:          log,
@@ -362,7 +362,7 @@ func (q *Queue) runnable() bool { return q.enabled && q.addrSet && q.size > 0 &&
 // STATUS. Stop: no runnable queue (SET_VRING_ENABLE 0, GET_VRING_BASE),
 // SET_STATUS 0 or FAILED, RESET_DEVICE/RESET_OWNER, disconnect. Called on
 // the connection goroutine without the lock.
-func (d *Device) reconcile() {
+func (d *Guest) reconcile() {
 	any, anyReady := false, false
 	for _, q := range d.queues {
 		if q.runnable() {
@@ -414,7 +414,7 @@ func (d *Device) reconcile() {
 	}
 }
 
-func (d *Device) stopDevice() {
+func (d *Guest) stopDevice() {
 	d.stopAllRunners()
 	d.lock(func() {
 		if d.started.Swap(false) {
@@ -428,7 +428,7 @@ func (d *Device) stopDevice() {
 
 // resetDevice handles RESET_DEVICE and RESET_OWNER: stop, and forget all
 // ring state and fds (the memory table stays until replaced).
-func (d *Device) resetDevice() {
+func (d *Guest) resetDevice() {
 	if d.started.Load() {
 		d.stopDevice()
 	}
@@ -445,7 +445,7 @@ func (d *Device) resetDevice() {
 
 // teardown ends the connection: nothing of it survives, so the next
 // connection for the same VM starts clean.
-func (d *Device) teardown() {
+func (d *Guest) teardown() {
 	d.runMu.Lock()
 	d.tornDown = true // no runner starts again (a failed handover's Thaw)
 	d.runMu.Unlock()
@@ -475,13 +475,13 @@ type runner struct {
 	done chan struct{}
 }
 
-func (d *Device) runner(i int) *runner {
+func (d *Guest) runner(i int) *runner {
 	d.runMu.Lock()
 	defer d.runMu.Unlock()
 	return d.runners[i]
 }
 
-func (d *Device) startRunner(q *Queue) {
+func (d *Guest) startRunner(q *Queue) {
 	fd, err := unix.FcntlInt(uintptr(q.kickFD), unix.F_DUPFD_CLOEXEC, 0)
 	if err != nil {
 		if e := d.guestLog(logrus.ErrorLevel); e != nil {
@@ -512,7 +512,7 @@ func (d *Device) startRunner(q *Queue) {
 
 // stopRunner stops queue i's goroutine and waits for it. Never call it with
 // the device's lock held.
-func (d *Device) stopRunner(i int) {
+func (d *Guest) stopRunner(i int) {
 	d.runMu.Lock()
 	r := d.runners[i]
 	d.runners[i] = nil
@@ -525,7 +525,7 @@ func (d *Device) stopRunner(i int) {
 	<-r.done
 }
 
-func (d *Device) stopAllRunners() {
+func (d *Guest) stopAllRunners() {
 	for i := range d.runners {
 		d.stopRunner(i)
 	}
@@ -537,7 +537,7 @@ func (d *Device) stopAllRunners() {
 // is the front-end's choice; one that is not an eventfd and fills up (a
 // socket) must not stall anyone. A failed write leaves the queue to the
 // driver's next kick.
-func (d *Device) wake(i int) {
+func (d *Guest) wake(i int) {
 	d.runMu.Lock()
 	defer d.runMu.Unlock()
 	if i >= 0 && i < len(d.runners) && d.runners[i] != nil {
@@ -549,7 +549,7 @@ func (d *Device) wake(i int) {
 	}
 }
 
-func (d *Device) runQueue(r *runner) {
+func (d *Guest) runQueue(r *runner) {
 	// A front-end can shrink a guest memory file after it was mapped; a
 	// touch of the missing pages then faults. Make that a panic (recovered
 	// below: this connection closes) instead of the end of the process.
@@ -591,7 +591,7 @@ func (d *Device) runQueue(r *runner) {
 }
 
 // handleQueue runs one HandleQueue batch under the device's lock (shared).
-func (d *Device) handleQueue(r *runner) bool {
+func (d *Guest) handleQueue(r *runner) bool {
 	d.mu.RLock()
 	defer d.mu.RUnlock()
 	if r.stop.Load() {

@@ -31,7 +31,7 @@ type echoBackend struct {
 	closed     atomic.Int32
 	badChains  atomic.Int32
 	calls      atomic.Int32 // HandleQueue calls for queue 0
-	startedDev chan *vhostuser.Device
+	startedDev chan *vhostuser.Guest
 
 	// per queue: each queue has its own goroutine
 	chain [numQueues]vhostuser.Chain
@@ -53,7 +53,7 @@ func (b *echoBackend) ReadConfig(off uint32, buf []byte) error {
 }
 func (b *echoBackend) WriteConfig(uint32, []byte) error { return errors.New("read-only") }
 func (b *echoBackend) ShmemSizes() []uint64             { return b.shmem }
-func (b *echoBackend) Start(dev *vhostuser.Device) error {
+func (b *echoBackend) Start(dev *vhostuser.Guest) error {
 	b.started.Add(1)
 	if b.maxChain != 0 {
 		for i := 0; i < dev.NumQueues(); i++ {
@@ -68,9 +68,9 @@ func (b *echoBackend) Start(dev *vhostuser.Device) error {
 	}
 	return nil
 }
-func (b *echoBackend) Stop(*vhostuser.Device) { b.stopped.Add(1) }
-func (b *echoBackend) Close()                 { b.closed.Add(1) }
-func (b *echoBackend) HandleQueue(dev *vhostuser.Device, q *vhostuser.Queue) {
+func (b *echoBackend) Stop(*vhostuser.Guest) { b.stopped.Add(1) }
+func (b *echoBackend) Close()                { b.closed.Add(1) }
+func (b *echoBackend) HandleQueue(dev *vhostuser.Guest, q *vhostuser.Queue) {
 	if q.Index() == 0 {
 		b.calls.Add(1)
 	}
@@ -274,7 +274,7 @@ func TestNegotiationQEMUOrder(t *testing.T) {
 		if _, err := f.GetConfig(32, 64); err == nil {
 			t.Error("GET_CONFIG beyond the config space answered")
 		}
-		dev := e.srv.Device("vm")
+		dev := e.srv.Guest("vm")
 		if dev == nil || dev.Started() {
 			t.Fatal("device missing or started before DRIVER_OK")
 		}
@@ -334,7 +334,7 @@ func TestGuestResetAndRestart(t *testing.T) {
 	path := e.serve(context.Background(), "vm", func() *echoBackend { return &echoBackend{} })
 	f := started(t, path, vhostusertest.StartOptions{Queues: []int{0}})
 	echo(t, f, 0, 64, false)
-	dev := e.srv.Device("vm")
+	dev := e.srv.Guest("vm")
 	b := e.backends("vm")[0]
 	if err := f.Stop(); err != nil {
 		t.Fatal(err)
@@ -470,7 +470,7 @@ func TestHostileChains(t *testing.T) {
 			return a
 		}},
 	}
-	dev := e.srv.Device("a")
+	dev := e.srv.Guest("a")
 	for i, c := range cases {
 		head := c.build()
 		q.Publish(head)
@@ -608,7 +608,7 @@ func TestStatusZeroStopsAndRestarts(t *testing.T) {
 	if err := f.SetStatus(0); err != nil {
 		t.Fatal(err)
 	}
-	dev := e.srv.Device("vm")
+	dev := e.srv.Guest("vm")
 	b := e.backends("vm")[0]
 	if dev.Started() || b.stopped.Load() != 1 {
 		t.Fatal("status 0 did not stop the device")
@@ -650,7 +650,7 @@ func TestShmemMapRefusedBeforeStart(t *testing.T) {
 	memfd, _ := unix.MemfdCreate("dmb", unix.MFD_CLOEXEC)
 	defer unix.Close(memfd)
 	unix.Ftruncate(memfd, 4096)
-	dev := e.srv.Device("vm")
+	dev := e.srv.Guest("vm")
 	if err := dev.ShmemMap(0, memfd, 0, 0, 4096, true); !errors.Is(err, vhostuser.ErrNotStarted) {
 		t.Fatalf("ShmemMap before start: %v", err)
 	}
@@ -713,7 +713,7 @@ func testShmemInterleaved(t *testing.T, slots bool) {
 	if err := f.Start(vhostusertest.StartOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	dev := e.srv.Device("vm")
+	dev := e.srv.Guest("vm")
 	memfd, _ := unix.MemfdCreate("dmb", unix.MFD_CLOEXEC)
 	defer unix.Close(memfd)
 	unix.Ftruncate(memfd, 1<<16)
@@ -894,7 +894,7 @@ func TestWake(t *testing.T) {
 	echo(t, f, 0, 64, false)
 	b := e.backends("vm")[0]
 	before := b.calls.Load()
-	e.srv.Device("vm").Queue(0).Wake()
+	e.srv.Guest("vm").Queue(0).Wake()
 	deadline := time.Now().Add(vhostusertest.Timeout)
 	for b.calls.Load() == before {
 		if time.Now().After(deadline) {
@@ -911,7 +911,7 @@ func TestResetDevice(t *testing.T) {
 	path := e.serve(context.Background(), "vm", func() *echoBackend { return &echoBackend{} })
 	f := started(t, path, vhostusertest.StartOptions{})
 	echo(t, f, 0, 64, false)
-	dev := e.srv.Device("vm")
+	dev := e.srv.Guest("vm")
 	if _, err := f.Request(vhostuser.ReqResetDevice, nil, nil, true); err != nil {
 		t.Fatal(err)
 	}
@@ -937,7 +937,7 @@ func TestMemTableChangeKeepsDeviceStarted(t *testing.T) {
 	path := e.serve(context.Background(), "vm", func() *echoBackend { return &echoBackend{} })
 	f := started(t, path, vhostusertest.StartOptions{})
 	echo(t, f, 0, 64, false)
-	dev := e.srv.Device("vm")
+	dev := e.srv.Guest("vm")
 	if err := f.RemMemReg(f.Mem.Regions[0]); err != nil {
 		t.Fatal(err)
 	}
@@ -966,7 +966,7 @@ type crossBackend struct {
 	misses atomic.Int64
 }
 
-func (b *crossBackend) HandleQueue(dev *vhostuser.Device, q *vhostuser.Queue) {
+func (b *crossBackend) HandleQueue(dev *vhostuser.Guest, q *vhostuser.Queue) {
 	c, buf := &b.chain[q.Index()], b.buf[q.Index()][:]
 	for {
 		ok, err := q.Next(c)
@@ -978,7 +978,7 @@ func (b *crossBackend) HandleQueue(dev *vhostuser.Device, q *vhostuser.Queue) {
 		}
 		rd := c.Reader()
 		n, _ := rd.Read(buf)
-		if peer := b.srv.Device(b.target); peer != nil {
+		if peer := b.srv.Guest(b.target); peer != nil {
 			mem := peer.AcquireMemory()
 			if dst, err := mem.Bytes(b.gpa, uint64(n)); err == nil {
 				// Slowly, yielding: a table change that unmapped the
@@ -1105,7 +1105,7 @@ func TestShmemMapWaitsUntilVisible(t *testing.T) {
 	if err := f.Start(vhostusertest.StartOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	dev := e.srv.Device("vm")
+	dev := e.srv.Guest("vm")
 	var base int
 	dev.WithMemoryLock(func() { base = len(dev.Memory().Regions()) })
 	for i := range 16 { // the region is 1 MiB

@@ -15,7 +15,7 @@ package main
 // Transports: smcd-attach (the sender writes the receiver's DMB through its
 // attachment; the connection fails the measurement unless both directions
 // attach), smcd-copy (DMBs in guest RAM, every byte MOVEd; the same device,
-// through smcdev.Device.CopyOnly), tcp, unix (bench-local only).
+// through smcdev.Adapter.CopyOnly), tcp, unix (bench-local only).
 //
 // Measurements (ism.tests, default all, in this order):
 //
@@ -360,11 +360,11 @@ func smcTransport(name string) (smcd.Mode, bool) {
 }
 
 // smcDevice is dev as transport name uses it: copy-only for smcd-copy.
-func smcDevice(dev smcd.Device, name string) smcd.Device {
+func smcDevice(dev smcd.ISM, name string) smcd.ISM {
 	if name != tSMCCopy {
 		return dev
 	}
-	if v, ok := dev.(smcdev.Device); ok {
+	if v, ok := dev.(smcdev.Adapter); ok {
 		return v.CopyOnly()
 	}
 	return copyOnly{dev}
@@ -372,12 +372,12 @@ func smcDevice(dev smcd.Device, name string) smcd.Device {
 
 // copyOnly is a device other than the driver's (the tests' loopback) with
 // attach mode hidden: no Attacher, and DMBs that do not say Shared.
-type copyOnly struct{ smcd.Device }
+type copyOnly struct{ smcd.ISM }
 
 type copyDMB struct{ smcd.DMB }
 
 func (d copyOnly) RegisterDMB(size int, rgid uint64) (smcd.DMB, error) {
-	m, err := d.Device.RegisterDMB(size, rgid)
+	m, err := d.ISM.RegisterDMB(size, rgid)
 	if err != nil {
 		return nil, err
 	}
@@ -388,7 +388,7 @@ func (d copyOnly) UnregisterDMB(m smcd.DMB) error {
 	if c, ok := m.(copyDMB); ok {
 		m = c.DMB
 	}
-	return d.Device.UnregisterDMB(m)
+	return d.ISM.UnregisterDMB(m)
 }
 
 type closeWriter interface{ CloseWrite() error }
@@ -883,7 +883,7 @@ func sendQuit(addr string) {
 // localTransports sets up the listeners and dialers of bench-local: SMC-D
 // over dev (nil: none) in both modes, tcp over 127.0.0.1, unix (abstract
 // sockets).
-func localTransports(dev smcd.Device, c benchConfig) ([]benchListeners, []benchTransport, error) {
+func localTransports(dev smcd.ISM, c benchConfig) ([]benchListeners, []benchTransport, error) {
 	var lns []benchListeners
 	var ts []benchTransport
 	fail := func(err error) ([]benchListeners, []benchTransport, error) {
@@ -953,7 +953,7 @@ func localTransports(dev smcd.Device, c benchConfig) ([]benchListeners, []benchT
 
 // benchLocal runs server and client in one process; the client's error
 // comes first, and the server is told to quit in any case.
-func benchLocal(ctx context.Context, e *Env, dev smcd.Device, c benchConfig, report func(benchSample), fail func(benchSample, error)) error {
+func benchLocal(ctx context.Context, e *Env, dev smcd.ISM, c benchConfig, report func(benchSample), fail func(benchSample, error)) error {
 	lns, ts, err := localTransports(dev, c)
 	if err != nil {
 		return err
@@ -982,7 +982,7 @@ func benchLocalScenario(e *Env) error {
 	if err != nil {
 		return err
 	}
-	var dev smcd.Device
+	var dev smcd.ISM
 	if contains(c.transports, tSMCAttach) || contains(c.transports, tSMCCopy) {
 		d, closeDev, err := openSMC(e)
 		if err != nil {

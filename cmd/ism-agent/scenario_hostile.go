@@ -90,7 +90,7 @@ const (
 // openRaw opens and starts the device: queues set up, event buffers posted,
 // DRIVER_OK. It negotiates indirect descriptors so that the backend's checks
 // of indirect tables are reached.
-func openRaw(dev *pci.Device, hugepages int) (r *rawISM, err error) {
+func openRaw(dev *pci.Function, hugepages int) (r *rawISM, err error) {
 	vio, err := pci.OpenVirtio(dev)
 	if err != nil {
 		return nil, err
@@ -328,7 +328,7 @@ func (r *rawISM) must(e *Env, calls ...*call) error {
 // hostileState is what the scenario counts across rounds and device resets.
 type hostileState struct {
 	e       *Env
-	dev     *pci.Device
+	dev     *pci.Function
 	hpages  int
 	r       *rawISM
 	victims []uint64

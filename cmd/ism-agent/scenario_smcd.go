@@ -104,13 +104,13 @@ func smcdArgs(e *Env, defMode string) (smcArgs, error) {
 	return a, nil
 }
 
-// openSMC opens the ISM device as an smcd.Device; its close function
+// openSMC opens the ISM device as an smcd.ISM; its close function
 // reports the driver's attach-mode counters (the connections are closed by
 // then) and resets the device.
-func openSMC(e *Env) (smcdev.Device, func(), error) {
+func openSMC(e *Env) (smcdev.Adapter, func(), error) {
 	d, err := openDriver(e)
 	if err != nil {
-		return smcdev.Device{}, nil, err
+		return smcdev.Adapter{}, nil, err
 	}
 	e.Result("gid", fmt.Sprintf("%#x", d.GID()))
 	e.Result("attach_offered", d.AttachOffered())
@@ -138,8 +138,8 @@ func reportMode(e *Env, c net.Conn, i int) {
 }
 
 // setupSMC parses the scenario's arguments and opens the ISM device as an
-// smcd.Device; closeDev resets it.
-func setupSMC(e *Env, defMode string) (a smcArgs, dev smcdev.Device, closeDev func(), err error) {
+// smcd.ISM; closeDev resets it.
+func setupSMC(e *Env, defMode string) (a smcArgs, dev smcdev.Adapter, closeDev func(), err error) {
 	if a, err = smcdArgs(e, defMode); err != nil {
 		return a, dev, nil, err
 	}
@@ -148,7 +148,7 @@ func setupSMC(e *Env, defMode string) (a smcArgs, dev smcdev.Device, closeDev fu
 }
 
 // listenSMC listens on addr with the scenario's server options.
-func listenSMC(e *Env, a smcArgs, dev smcd.Device, addr string) (net.Listener, error) {
+func listenSMC(e *Env, a smcArgs, dev smcd.ISM, addr string) (net.Listener, error) {
 	srv := &smcd.Server{DMBSize: a.dmbSize, ForceDecline: a.decline, HandshakeTimeout: a.clc, Logf: e.Logf}
 	return srv.Listen(dev, "tcp", addr)
 }
@@ -288,7 +288,7 @@ func (h *holdReporter) Write(p []byte) (int, error) {
 }
 
 // runClients opens a.conns connections to addr and runs a.mode on each.
-func runClients(e *Env, dev smcd.Device, d *smcd.Dialer, addr string, a smcArgs) error {
+func runClients(e *Env, dev smcd.ISM, d *smcd.Dialer, addr string, a smcArgs) error {
 	var wg sync.WaitGroup
 	errs := make([]error, a.conns)
 	per := a.bytes / a.conns
@@ -336,7 +336,7 @@ func runClients(e *Env, dev smcd.Device, d *smcd.Dialer, addr string, a smcArgs)
 // loaded host, and a fixed bound here failed the client alone. No bound
 // per attempt either: a cut-off handshake would leave the server half a
 // connection, and TCP resends a lost SYN by itself.
-func dialPeer(ctx context.Context, dev smcd.Device, d *smcd.Dialer, addr string) (net.Conn, error) {
+func dialPeer(ctx context.Context, dev smcd.ISM, d *smcd.Dialer, addr string) (net.Conn, error) {
 	for {
 		c, err := d.DialContext(ctx, dev, "tcp", addr)
 		booting := errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.EHOSTUNREACH) || errors.Is(err, syscall.ENETUNREACH)

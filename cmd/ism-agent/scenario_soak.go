@@ -234,7 +234,7 @@ func soakClient(e *Env) error {
 
 // soakSend runs a.conns loops of streams to addr until ctx ends or a
 // stream arrives changed. Even loops use dev as it is, odd ones copy-only.
-func soakSend(ctx context.Context, dev smcd.Device, d *smcd.Dialer, addr string, a smcArgs, s *soakCounters) {
+func soakSend(ctx context.Context, dev smcd.ISM, d *smcd.Dialer, addr string, a smcArgs, s *soakCounters) {
 	var wg sync.WaitGroup
 	for loop := range a.conns {
 		ldev := dev
@@ -255,7 +255,7 @@ func soakSend(ctx context.Context, dev smcd.Device, d *smcd.Dialer, addr string,
 }
 
 // soakStream sends one stream and checks the digest the server answers.
-func soakStream(ctx context.Context, dev smcd.Device, d *smcd.Dialer, addr string, id uint64, n int, s *soakCounters) {
+func soakStream(ctx context.Context, dev smcd.ISM, d *smcd.Dialer, addr string, id uint64, n int, s *soakCounters) {
 	c, err := dialPeer(ctx, dev, d, addr)
 	if err != nil {
 		if ctx.Err() == nil {

@@ -139,7 +139,7 @@ func exportState(fz *vhostuser.Frozen, srv *vhostuser.Server, fabric *ism.Fabric
 	for _, vm := range vms {
 		vs := vmState{ExportedVM: vm}
 		if vm.Conn != nil && vm.Conn.Started {
-			d := srv.Device(vm.Name)
+			d := srv.Guest(vm.Name)
 			if d == nil {
 				return fail(fmt.Errorf("VM %s: no device to export", vm.Name))
 			}

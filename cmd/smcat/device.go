@@ -20,7 +20,7 @@ var (
 
 // openDevice returns the ISM device smcat runs over: the guest's virtio ISM
 // device through the userspace driver (as root), or the loopback device.
-func openDevice() (smcd.Device, error) {
+func openDevice() (smcd.ISM, error) {
 	if *loopback {
 		return smcd.NewLoopback(), nil
 	}

@@ -71,7 +71,7 @@ func report(c net.Conn) {
 	}
 }
 
-func dial(dev smcd.Device, addr string) error {
+func dial(dev smcd.ISM, addr string) error {
 	d := smcd.Dialer{DMBSize: *dmbSize, HandshakeTimeout: *timeout}
 	c, err := d.DialContext(context.Background(), dev, *network, addr)
 	if err != nil {
@@ -81,7 +81,7 @@ func dial(dev smcd.Device, addr string) error {
 	return pipe(c)
 }
 
-func serve(dev smcd.Device, addr string) error {
+func serve(dev smcd.ISM, addr string) error {
 	s := smcd.Server{DMBSize: *dmbSize, HandshakeTimeout: *timeout}
 	ln, err := s.Listen(dev, *network, addr)
 	if err != nil {

@@ -110,7 +110,7 @@ func TestAdvanceCursor(t *testing.T) {
 
 // forge writes a CDC header into victim's DMB from the hostile peer's
 // device, which is the DMB's rgid and so may write anything there.
-func forge(t *testing.T, hostile Device, victim *Conn, hdr []byte) {
+func forge(t *testing.T, hostile ISM, victim *Conn, hdr []byte) {
 	t.Helper()
 	buf, _ := hostile.AllocBuffer(CDCLen)
 	copy(buf.Bytes(), hdr)

@@ -24,7 +24,7 @@ import (
 // The TCP connection of the handshake stays open, idle, as in Linux: its
 // close tells us the peer is gone.
 type Conn struct {
-	dev Device
+	dev ISM
 	tcp net.Conn
 
 	dmb   DMB
@@ -91,7 +91,7 @@ var (
 
 // newConn starts a connection whose DMB dmb is registered for the peer and
 // whose header is zero; peer* describe the peer's DMB from CLC.
-func newConn(dev Device, tcp net.Conn, dmb DMB, peerGID, peerToken uint64, peerDMBE uint32, peerSize int, cdcBuf, stage Buffer) *Conn {
+func newConn(dev ISM, tcp net.Conn, dmb DMB, peerGID, peerToken uint64, peerDMBE uint32, peerSize int, cdcBuf, stage Buffer) *Conn {
 	c := &Conn{
 		dev: dev, tcp: tcp, dmb: dmb,
 		ring:    dmb.Bytes()[CDCLen:],

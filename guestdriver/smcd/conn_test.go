@@ -23,7 +23,7 @@ import (
 const hangGuard = 20 * time.Second
 
 type env struct {
-	srvDev, cliDev Device
+	srvDev, cliDev ISM
 	srv            Server
 	dial           Dialer
 }
@@ -578,12 +578,12 @@ func TestPeerDeviceGone(t *testing.T) {
 // it lands: it lets a test put the peer's close exactly between a Write's
 // last CDC and its return.
 type closeOnCDC struct {
-	Device
+	ISM
 	hook atomic.Pointer[func()]
 }
 
 func (d *closeOnCDC) Move(token uint64, dmbe uint32, signal bool, offset uint32, src Buffer, srcOff, n int) error {
-	err := d.Device.Move(token, dmbe, signal, offset, src, srcOff, n)
+	err := d.ISM.Move(token, dmbe, signal, offset, src, srcOff, n)
 	if !signal {
 		return err
 	}
@@ -598,7 +598,7 @@ func (d *closeOnCDC) Move(token uint64, dmbe uint32, signal bool, offset uint32,
 // delivered everything and must report success.
 func TestWriteDeliveredThenPeerCloses(t *testing.T) {
 	e := twoHosts()
-	dev := &closeOnCDC{Device: e.srvDev}
+	dev := &closeOnCDC{ISM: e.srvDev}
 	e.srvDev = dev
 	cli, srv := e.pair(t)
 	mustSMC(t, cli, srv)

@@ -32,7 +32,7 @@ func fallbackPair(t *testing.T, e env) (cli, srv *FallbackConn) {
 	return cf, sf
 }
 
-func loopDMBs(d Device) int {
+func loopDMBs(d ISM) int {
 	l := d.(*Loopback)
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -367,7 +367,7 @@ func TestIPv6(t *testing.T) {
 // allocFailer is a device whose failAt-th AllocBuffer (1-based) fails, and
 // which counts the buffers it handed out that were not freed.
 type allocFailer struct {
-	Device
+	ISM
 	failAt      int32
 	calls, live atomic.Int32
 }
@@ -376,7 +376,7 @@ func (d *allocFailer) AllocBuffer(size int) (Buffer, error) {
 	if d.calls.Add(1) == d.failAt {
 		return nil, abi.StatusInternal
 	}
-	b, err := d.Device.AllocBuffer(size)
+	b, err := d.ISM.AllocBuffer(size)
 	if err != nil {
 		return nil, err
 	}
@@ -408,7 +408,7 @@ func TestServerAllocFailsBeforeAccept(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			e := twoHosts()
 			lo := e.srvDev
-			dev := &allocFailer{Device: lo, failAt: c.failAt}
+			dev := &allocFailer{ISM: lo, failAt: c.failAt}
 			e.srvDev = dev
 			cli, srv := fallbackPair(t, e)
 			if r := srv.Reason; r.Remote || r.Code != DeclineMem {
@@ -432,7 +432,7 @@ func TestServerAllocFailsBeforeAccept(t *testing.T) {
 type rawAccepted struct {
 	raw      net.Conn
 	acc      *AcceptConfirm
-	srvDev   Device
+	srvDev   ISM
 	ln       net.Listener
 	accepted chan net.Conn
 }

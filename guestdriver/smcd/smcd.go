@@ -68,13 +68,13 @@ type Server struct {
 
 // Dial connects to addr ("tcp", "tcp4", "tcp6") and negotiates SMC-D over
 // dev. It returns a *Conn, or the TCP connection if SMC-D was declined.
-func Dial(ctx context.Context, dev Device, network, addr string) (net.Conn, error) {
+func Dial(ctx context.Context, dev ISM, network, addr string) (net.Conn, error) {
 	var d Dialer
 	return d.DialContext(ctx, dev, network, addr)
 }
 
 // Listen listens on addr and negotiates SMC-D over dev with each client.
-func Listen(dev Device, network, addr string) (net.Listener, error) {
+func Listen(dev ISM, network, addr string) (net.Listener, error) {
 	var s Server
 	return s.Listen(dev, network, addr)
 }
@@ -188,7 +188,7 @@ func fallback(tcp net.Conn, reason *DeclineError, replay []byte) (net.Conn, erro
 }
 
 // connBuffers allocates the CDC buffer and a staging buffer of stageLen bytes.
-func connBuffers(dev Device, stageLen int) (Buffer, Buffer, error) {
+func connBuffers(dev ISM, stageLen int) (Buffer, Buffer, error) {
 	cdc, err := dev.AllocBuffer(CDCLen)
 	if err != nil {
 		return nil, nil, err
@@ -202,7 +202,7 @@ func connBuffers(dev Device, stageLen int) (Buffer, Buffer, error) {
 }
 
 // DialContext is Dial with options.
-func (d *Dialer) DialContext(ctx context.Context, dev Device, network, addr string) (net.Conn, error) {
+func (d *Dialer) DialContext(ctx context.Context, dev ISM, network, addr string) (net.Conn, error) {
 	size, code, err := dmbSize(d.DMBSize)
 	if err != nil {
 		return nil, err
@@ -222,7 +222,7 @@ func (d *Dialer) DialContext(ctx context.Context, dev Device, network, addr stri
 	return c, nil
 }
 
-func (d *Dialer) handshake(ctx context.Context, dev Device, tcp net.Conn, size int, code uint8) (net.Conn, error) {
+func (d *Dialer) handshake(ctx context.Context, dev ISM, tcp net.Conn, size int, code uint8) (net.Conn, error) {
 	tcp.SetDeadline(time.Now().Add(timeoutOr(d.HandshakeTimeout)))
 	stop := context.AfterFunc(ctx, func() { tcp.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
@@ -367,7 +367,7 @@ func prefixMatch(p *Proposal, local net.Addr) bool {
 }
 
 // Listen listens on a TCP address and negotiates SMC-D with each client.
-func (s *Server) Listen(dev Device, network, addr string) (net.Listener, error) {
+func (s *Server) Listen(dev ISM, network, addr string) (net.Listener, error) {
 	if _, _, err := dmbSize(s.DMBSize); err != nil {
 		return nil, err
 	}
@@ -381,7 +381,7 @@ func (s *Server) Listen(dev Device, network, addr string) (net.Listener, error) 
 // NewListener negotiates SMC-D over dev on connections accepted from tl.
 // Each handshake runs in its own goroutine, so a slow client does not hold
 // up others.
-func (s *Server) NewListener(dev Device, tl net.Listener) net.Listener {
+func (s *Server) NewListener(dev ISM, tl net.Listener) net.Listener {
 	ctx, cancel := context.WithCancel(context.Background())
 	l := &listener{srv: s, dev: dev, tl: tl, conns: make(chan net.Conn), ctx: ctx, cancel: cancel, acceptErr: make(chan struct{})}
 	go l.acceptLoop()
@@ -390,7 +390,7 @@ func (s *Server) NewListener(dev Device, tl net.Listener) net.Listener {
 
 type listener struct {
 	srv    *Server
-	dev    Device
+	dev    ISM
 	tl     net.Listener
 	conns  chan net.Conn
 	ctx    context.Context
@@ -452,7 +452,7 @@ func (s *Server) logf(format string, args ...any) {
 	}
 }
 
-func (s *Server) handshake(ctx context.Context, dev Device, tcp net.Conn) (net.Conn, error) {
+func (s *Server) handshake(ctx context.Context, dev ISM, tcp net.Conn) (net.Conn, error) {
 	size, code, err := dmbSize(s.DMBSize)
 	if err != nil {
 		return nil, err

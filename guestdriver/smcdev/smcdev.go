@@ -1,6 +1,6 @@
 // Package smcdev lets the SMC-D stack (guestdriver/smcd) run over the
 // guest's virtio ISM driver (guestdriver). It only converts types: Go's
-// interfaces need the exact return types smcd.Device names, and keeping the
+// interfaces need the exact return types smcd.ISM names, and keeping the
 // two packages apart keeps smcd testable on its in-process loopback device.
 package smcdev
 
@@ -13,11 +13,11 @@ import (
 	"github.com/ism-backend/ism-backend/guestdriver/smcd"
 )
 
-// Device is a *guestdriver.Driver as an smcd.Device. It also tells the
+// Adapter is a *guestdriver.Driver as an smcd.Adapter. It also tells the
 // stack when a peer's device goes away (smcd.PeerWatcher), how long a MOVE
 // may be (smcd.MoveLimiter), and attaches peers' DMBs in attach mode
 // (smcd.Attacher). It takes over the driver's event channel.
-type Device struct {
+type Adapter struct {
 	d        *guestdriver.Driver
 	peers    *smcd.PeerWatchers
 	once     *sync.Once
@@ -25,28 +25,28 @@ type Device struct {
 }
 
 var (
-	_ smcd.Device      = Device{}
-	_ smcd.PeerWatcher = Device{}
-	_ smcd.MoveLimiter = Device{}
-	_ smcd.Attacher    = Device{}
+	_ smcd.ISM         = Adapter{}
+	_ smcd.PeerWatcher = Adapter{}
+	_ smcd.MoveLimiter = Adapter{}
+	_ smcd.Attacher    = Adapter{}
 	_ smcd.SharedDMB   = (*guestdriver.DMB)(nil)
 	_ smcd.PeerDMB     = (*guestdriver.Attachment)(nil)
 )
 
 // New wraps d.
-func New(d *guestdriver.Driver) Device {
-	return Device{d: d, peers: &smcd.PeerWatchers{}, once: &sync.Once{}}
+func New(d *guestdriver.Driver) Adapter {
+	return Adapter{d: d, peers: &smcd.PeerWatchers{}, once: &sync.Once{}}
 }
 
 // WatchPeer implements smcd.PeerWatcher from the device's GID events: the
 // backend posts one when a peer's device resets or its VM disconnects.
-func (v Device) WatchPeer(gid uint64, gone func()) (cancel func()) {
+func (v Adapter) WatchPeer(gid uint64, gone func()) (cancel func()) {
 	v.once.Do(func() { go v.dispatch() })
 	return v.peers.Watch(gid, gone)
 }
 
 // dispatch reads events until the driver closes its channel.
-func (v Device) dispatch() {
+func (v Adapter) dispatch() {
 	for ev := range v.d.Events() {
 		if ev.Type == abi.EventGID {
 			v.peers.Gone(ev.GID)
@@ -57,22 +57,22 @@ func (v Device) dispatch() {
 // CopyOnly returns the same device for connections that must use copy
 // mode whatever the driver offers: their DMBs are in guest RAM and peers'
 // DMBs are MOVEd into, never attached (for side-by-side measurements).
-func (v Device) CopyOnly() Device {
+func (v Adapter) CopyOnly() Adapter {
 	v.copyOnly = true
 	return v
 }
 
 // MaxMoveLen implements smcd.MoveLimiter from the config space.
-func (v Device) MaxMoveLen() int { return int(v.d.Config().MaxMoveLen) }
+func (v Adapter) MaxMoveLen() int { return int(v.d.Config().MaxMoveLen) }
 
 // Driver returns the wrapped driver.
-func (v Device) Driver() *guestdriver.Driver { return v.d }
+func (v Adapter) Driver() *guestdriver.Driver { return v.d }
 
-func (v Device) GID() uint64                 { return v.d.GID() }
-func (v Device) CHID() uint16                { return v.d.CHID() }
-func (v Device) QueryRGID(rgid uint64) error { return v.d.QueryRGID(rgid) }
+func (v Adapter) GID() uint64                 { return v.d.GID() }
+func (v Adapter) CHID() uint16                { return v.d.CHID() }
+func (v Adapter) QueryRGID(rgid uint64) error { return v.d.QueryRGID(rgid) }
 
-func (v Device) RegisterDMB(size int, rgid uint64) (smcd.DMB, error) {
+func (v Adapter) RegisterDMB(size int, rgid uint64) (smcd.DMB, error) {
 	var m *guestdriver.DMB
 	var err error
 	if v.copyOnly {
@@ -86,7 +86,7 @@ func (v Device) RegisterDMB(size int, rgid uint64) (smcd.DMB, error) {
 	return m, nil
 }
 
-func (v Device) UnregisterDMB(m smcd.DMB) error {
+func (v Adapter) UnregisterDMB(m smcd.DMB) error {
 	dm, ok := m.(*guestdriver.DMB)
 	if !ok {
 		return fmt.Errorf("smcdev: DMB %T is not this driver's", m)
@@ -94,7 +94,7 @@ func (v Device) UnregisterDMB(m smcd.DMB) error {
 	return v.d.UnregisterDMB(dm)
 }
 
-func (v Device) AllocBuffer(size int) (smcd.Buffer, error) {
+func (v Adapter) AllocBuffer(size int) (smcd.Buffer, error) {
 	b, err := v.d.AllocBuffer(size)
 	if err != nil {
 		return nil, err
@@ -105,7 +105,7 @@ func (v Device) AllocBuffer(size int) (smcd.Buffer, error) {
 // AttachDMB implements smcd.Attacher through the driver's attach mode; a
 // driver that does not use it answers abi.StatusUnsupported, and the stack
 // MOVEs.
-func (v Device) AttachDMB(token uint64) (smcd.PeerDMB, error) {
+func (v Adapter) AttachDMB(token uint64) (smcd.PeerDMB, error) {
 	if v.copyOnly {
 		return nil, fmt.Errorf("smcdev: copy mode only: %w", abi.StatusUnsupported)
 	}
@@ -116,7 +116,7 @@ func (v Device) AttachDMB(token uint64) (smcd.PeerDMB, error) {
 	return a, nil
 }
 
-func (v Device) Move(token uint64, dmbe uint32, signal bool, offset uint32, src smcd.Buffer, srcOff, n int) error {
+func (v Adapter) Move(token uint64, dmbe uint32, signal bool, offset uint32, src smcd.Buffer, srcOff, n int) error {
 	if n == 0 && src == nil { // a signal alone
 		return v.d.Move(token, dmbe, signal, offset, nil, 0, 0)
 	}

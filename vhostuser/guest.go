@@ -56,10 +56,10 @@ type stats struct {
 	messages, badMessages, badChains atomic.Uint64
 }
 
-// Device is one connection's device as a Backend sees it: guest memory,
+// Guest is one connection's device as a Backend sees it: guest memory,
 // queues and the back-end request channel. It is created per connection by
 // the Server.
-type Device struct {
+type Guest struct {
 	name    string
 	srv     *Server
 	log     *logrus.Entry
@@ -135,12 +135,12 @@ type Device struct {
 }
 
 // Name is the VM name the Server was given for this socket.
-func (d *Device) Name() string { return d.name }
+func (d *Guest) Name() string { return d.name }
 
 // Memory is the current memory table (nil before SET_MEM_TABLE), for use
 // with the device's lock held (inside HandleQueue or WithMemoryLock): it
 // stays current, and mapped, until the lock is released.
-func (d *Device) Memory() *Memory { return d.mem.Load() }
+func (d *Guest) Memory() *Memory { return d.mem.Load() }
 
 // AcquireMemory returns the current memory table with a reference held, or
 // nil before SET_MEM_TABLE and after teardown. It never waits: a table
@@ -148,7 +148,7 @@ func (d *Device) Memory() *Memory { return d.mem.Load() }
 // mapped until Release. For access from outside this device's lock, such as
 // another VM's queue goroutine copying into this VM's RAM; release it after
 // that one use.
-func (d *Device) AcquireMemory() *Memory {
+func (d *Guest) AcquireMemory() *Memory {
 	for {
 		m := d.mem.Load()
 		if m == nil || m.tryAcquire() {
@@ -162,7 +162,7 @@ func (d *Device) AcquireMemory() *Memory {
 // setMemory makes next the current table and drops the old one's current
 // reference (it is unmapped once its last user releases it); d.mu is held
 // exclusively.
-func (d *Device) setMemory(next *Memory) {
+func (d *Guest) setMemory(next *Memory) {
 	if next != nil {
 		next.install()
 	}
@@ -177,7 +177,7 @@ func (d *Device) setMemory(next *Memory) {
 }
 
 // Queue returns queue i, or nil when i is out of range.
-func (d *Device) Queue(i int) *Queue {
+func (d *Guest) Queue(i int) *Queue {
 	if i < 0 || i >= len(d.queues) {
 		return nil
 	}
@@ -185,19 +185,19 @@ func (d *Device) Queue(i int) *Queue {
 }
 
 // NumQueues is the number of queues.
-func (d *Device) NumQueues() int { return len(d.queues) }
+func (d *Guest) NumQueues() int { return len(d.queues) }
 
 // Started reports whether the device is started (between Start and Stop).
-func (d *Device) Started() bool { return d.started.Load() }
+func (d *Guest) Started() bool { return d.started.Load() }
 
 // AckedFeatures returns the virtio features the driver acknowledged.
-func (d *Device) AckedFeatures() uint64 { return d.ackedFeatures }
+func (d *Guest) AckedFeatures() uint64 { return d.ackedFeatures }
 
 // AckedProtocolFeatures returns the protocol features the front-end acked.
-func (d *Device) AckedProtocolFeatures() uint64 { return d.ackedProto.Load() }
+func (d *Guest) AckedProtocolFeatures() uint64 { return d.ackedProto.Load() }
 
 // Stats returns the connection's counters.
-func (d *Device) Stats() Stats {
+func (d *Guest) Stats() Stats {
 	return Stats{
 		Messages:    d.stats.messages.Load(),
 		BadMessages: d.stats.badMessages.Load(),
@@ -212,7 +212,7 @@ func (d *Device) Stats() Stats {
 // HandleQueue, Start or Stop, nor while holding a lock that its HandleQueue
 // may wait for: read locks do not nest safely once a writer waits (use
 // TryWithMemoryLock there).
-func (d *Device) WithMemoryLock(fn func()) {
+func (d *Guest) WithMemoryLock(fn func()) {
 	d.mu.RLock()
 	defer d.mu.RUnlock()
 	fn()
@@ -222,7 +222,7 @@ func (d *Device) WithMemoryLock(fn func()) {
 // (no control message of this device holds or waits for it), and otherwise
 // does nothing and returns false. For another VM's goroutine delivering into
 // this device's queues: it must never wait for this VM.
-func (d *Device) TryWithMemoryLock(fn func()) bool {
+func (d *Guest) TryWithMemoryLock(fn func()) bool {
 	if !d.mu.TryRLock() {
 		return false
 	}
@@ -232,17 +232,17 @@ func (d *Device) TryWithMemoryLock(fn func()) bool {
 }
 
 // Close ends the connection (the Server then tears the device down).
-func (d *Device) Close() {
+func (d *Guest) Close() {
 	d.closeOnce.Do(func() { d.conn.Close() })
 }
 
-func (d *Device) isHandedOver() bool {
+func (d *Guest) isHandedOver() bool {
 	d.srv.mu.Lock()
 	defer d.srv.mu.Unlock()
 	return d.handedOver
 }
 
-func (d *Device) protoAcked(bit uint) bool { return d.ackedProto.Load()&(1<<bit) != 0 }
+func (d *Guest) protoAcked(bit uint) bool { return d.ackedProto.Load()&(1<<bit) != 0 }
 
 // --- back-end request channel -----------------------------------------------
 
@@ -255,7 +255,7 @@ func (d *Device) protoAcked(bit uint) bool { return d.ackedProto.Load()&(1<<bit)
 // for: the front-end changes the memory table (ADD_MEM_REG or
 // SET_MEM_TABLE) before it answers, which takes the device's lock
 // exclusively, which waits for the device's HandleQueue to return.
-func (d *Device) ShmemMap(shmid uint8, fd int, fdOffset, shmOffset, length uint64, writable bool) error {
+func (d *Guest) ShmemMap(shmid uint8, fd int, fdOffset, shmOffset, length uint64, writable bool) error {
 	if err := d.checkShmem(shmid, shmOffset, length); err != nil {
 		return err
 	}
@@ -299,7 +299,7 @@ var MapVisibleTimeout = 10 * time.Second
 // were lost. The commit also has TCG flush the vCPUs' TLBs (its listener
 // runs before vhost's). A front-end that never shows its mappings costs
 // one MapVisibleTimeout, logged, and no waiting after that.
-func (d *Device) awaitMapVisible(file fileKey, before int) {
+func (d *Guest) awaitMapVisible(file fileKey, before int) {
 	timeout := time.NewTimer(MapVisibleTimeout)
 	defer timeout.Stop()
 	for {
@@ -321,7 +321,7 @@ func (d *Device) awaitMapVisible(file fileKey, before int) {
 
 // memFileRegions counts the regions of the memory table backed by file,
 // and returns the channel closed at the table's next change.
-func (d *Device) memFileRegions(file fileKey) (int, <-chan struct{}) {
+func (d *Guest) memFileRegions(file fileKey) (int, <-chan struct{}) {
 	d.memChangedMu.Lock()
 	defer d.memChangedMu.Unlock()
 	if d.memChanged == nil {
@@ -332,14 +332,14 @@ func (d *Device) memFileRegions(file fileKey) (int, <-chan struct{}) {
 
 // ShmemUnmap asks the front-end to unmap [shmOffset, shmOffset+length) of
 // region shmid (VHOST_USER_BACKEND_SHMEM_UNMAP). Same rules as ShmemMap.
-func (d *Device) ShmemUnmap(shmid uint8, shmOffset, length uint64) error {
+func (d *Guest) ShmemUnmap(shmid uint8, shmOffset, length uint64) error {
 	if err := d.checkShmem(shmid, shmOffset, length); err != nil {
 		return err
 	}
 	return d.backendRequest(BackendReqShmemUnmap, shmemPayload(shmid, 0, shmOffset, length, 0), nil)
 }
 
-func (d *Device) checkShmem(shmid uint8, off, length uint64) error {
+func (d *Guest) checkShmem(shmid uint8, off, length uint64) error {
 	if !d.started.Load() {
 		return ErrNotStarted
 	}
@@ -370,7 +370,7 @@ func shmemPayload(shmid uint8, fdOffset, shmOffset, length, flags uint64) []byte
 	return p
 }
 
-func (d *Device) backendRequest(req uint32, payload []byte, fds []int) error {
+func (d *Guest) backendRequest(req uint32, payload []byte, fds []int) error {
 	d.bcMu.Lock()
 	defer d.bcMu.Unlock()
 	d.bcPtrMu.Lock()
@@ -423,7 +423,7 @@ func (d *Device) backendRequest(req uint32, payload []byte, fds []int) error {
 	return nil
 }
 
-func (d *Device) setBackendChannel(fd int) error {
+func (d *Guest) setBackendChannel(fd int) error {
 	f := os.NewFile(uintptr(fd), "vhost-user-backend-req")
 	fc, err := net.FileConn(f)
 	f.Close() // FileConn dups
@@ -445,7 +445,7 @@ func (d *Device) setBackendChannel(fd int) error {
 	return nil
 }
 
-func (d *Device) closeBackendChannel() {
+func (d *Guest) closeBackendChannel() {
 	d.bcPtrMu.Lock()
 	old := d.bc
 	d.bc = nil

@@ -1,9 +1,9 @@
 package smcd
 
-// Device is an ISM device as the SMC-D stack uses it. The guest's virtio ISM
+// ISM is an ISM device as the SMC-D stack uses it. The guest's virtio ISM
 // driver implements it; so does the in-process Loopback. Errors are
 // abi.Status values.
-type Device interface {
+type ISM interface {
 	GID() uint64
 	CHID() uint16
 	// RegisterDMB registers a DMB of size bytes that only rgid may write;
@@ -35,14 +35,14 @@ type Buffer interface {
 	Free()
 }
 
-// MoveLimiter is implemented by a Device whose MOVE data length is bounded
+// MoveLimiter is implemented by an ISM whose MOVE data length is bounded
 // (the config space's max_move_len); the stack then splits data MOVEs to
 // fit. A limit <= 0 means none.
 type MoveLimiter interface {
 	MaxMoveLen() int
 }
 
-// PeerWatcher is implemented by a Device that learns when a peer's device
+// PeerWatcher is implemented by an ISM that learns when a peer's device
 // goes away (the ISM event queue's GID event). The stack then fails that
 // peer's connections at once: when a peer's whole VM dies, its TCP
 // connection says nothing until keepalive gives up, minutes later.
@@ -52,7 +52,7 @@ type PeerWatcher interface {
 	WatchPeer(gid uint64, gone func()) (cancel func())
 }
 
-// Attacher is implemented by a Device that can map a peer's attach-mode DMB
+// Attacher is implemented by an ISM that can map a peer's attach-mode DMB
 // into this guest (Linux's "nocopy" SMC-D, attach_dmb). A sender whose
 // device can attach the peer's DMB writes its data and CDC straight into
 // it and only signals through the device; otherwise it MOVEs.
