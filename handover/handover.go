@@ -206,7 +206,13 @@ func (c *Conn) recv() (byte, []byte, []int, error) {
 			unix.Close(fd)
 		}
 	}
-	if flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0 {
+	if flags&unix.MSG_CTRUNC != 0 {
+		// The kernel drops the fds that do not fit, the usual cause
+		// being a process that may not open that many.
+		closeFDs()
+		return 0, nil, nil, errors.New("handover: fds lost in transit (is the new process's RLIMIT_NOFILE below the fds the running backend holds?)")
+	}
+	if flags&unix.MSG_TRUNC != 0 {
 		closeFDs()
 		return 0, nil, nil, errors.New("handover: message truncated")
 	}

@@ -189,36 +189,44 @@ func (o *oldSide) serve(ctx context.Context) {
 			o.log.WithError(err).Warn("handover socket: connection refused")
 			continue
 		}
-		err = o.handOver(ctx, c)
+		paused, err := o.handOver(ctx, c)
 		c.Close()
 		if err == nil {
-			o.log.Info("handed over to the new process; exiting")
+			o.log.WithField("paused", paused.Round(time.Millisecond)).Info("handed over to the new process; exiting")
 			close(o.done)
 			return
 		}
-		o.log.WithError(err).Warn("handover failed; serving on as before")
+		f := o.log.WithError(err)
+		if paused > 0 {
+			f = f.WithField("paused", paused.Round(time.Millisecond))
+		}
+		f.Warn("handover failed; serving on as before")
 	}
 }
 
 // handOver runs one handover; on an error everything goes on as before.
-func (o *oldSide) handOver(ctx context.Context, c *handover.Conn) error {
+// paused is how long the VMs were held here: from the freeze until the
+// commit went out (or until the thaw, on an error after the freeze). The
+// new process starts them right after the commit.
+func (o *oldSide) handOver(ctx context.Context, c *handover.Conn) (paused time.Duration, err error) {
 	c.SetDeadline(time.Now().Add(o.timeout))
 	vs, err := c.ReadHello()
 	if err != nil {
-		return err
+		return 0, err
 	}
 	if !slices.Contains(vs, stateVersion) {
 		err := fmt.Errorf("this backend writes state version %d, the new binary reads %v", stateVersion, vs)
 		c.Abort(err.Error())
-		return err
+		return 0, err
 	}
 	ctx, cancel := context.WithTimeout(ctx, o.timeout)
 	defer cancel()
+	frozen := time.Now()
 	fz, err := o.srv.Freeze(ctx)
 	if err != nil {
 		c.SetDeadline(time.Now().Add(abortTimeout))
 		c.Abort(err.Error())
-		return err
+		return 0, err
 	}
 	b, fds, err := exportState(fz, o.srv, o.fabric, o.lns, o.stats)
 	if err == nil {
@@ -235,7 +243,7 @@ func (o *oldSide) handOver(ctx context.Context, c *handover.Conn) error {
 		c.SetDeadline(time.Now().Add(abortTimeout))
 		c.Abort(err.Error())
 		fz.Thaw()
-		return err
+		return time.Since(frozen), err
 	}
 	fz.Release()
 	if err := c.Commit(); err != nil {
@@ -243,7 +251,7 @@ func (o *oldSide) handOver(ctx context.Context, c *handover.Conn) error {
 		// a commit (this process let go either way).
 		o.log.WithError(err).Warn("handover: commit not sent")
 	}
-	return nil
+	return time.Since(frozen), nil
 }
 
 // takeover is the new process's half: it connects to the running backend,

@@ -1,7 +1,9 @@
 package vm
 
 import (
+	"regexp"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -32,22 +34,10 @@ func TestHandoverDuringSMCD(t *testing.T) {
 			// Hand over while data flows: the client has MOVEs counted
 			// (data in copy mode, signals in attach mode) and has not
 			// finished.
-			deadline := time.Now().Add(r.Scaled(3 * time.Minute))
-			for {
-				_, sb := backendStats(t, be, "b")
-				if sb.Stats.Moves > 0 {
-					break
-				}
-				if time.Now().After(deadline) {
-					t.Fatalf("no MOVE from the client within %v: %+v", r.Scaled(3*time.Minute), sb)
-				}
-				time.Sleep(50 * time.Millisecond)
-			}
-			if _, ok := b.Outcome().Results["client_seconds"]; ok {
-				t.Fatal("the transfer ended before the handover: nothing was tested")
-			}
+			waitMoving(t, r, be, b)
 			before, _ := backendStats(t, be, "b")
 			nb := r.Handover(be)
+			t.Logf("the old process held the VMs for %s", pausedFor(t, be))
 
 			ob := b.RequireOK(0)
 			oa := a.RequireOK(0)
@@ -76,5 +66,74 @@ func TestHandoverDuringSMCD(t *testing.T) {
 			oa2 := a2.RequireOK(0)
 			checkDigests(t, oa2, ob2, 1, true)
 		})
+	}
+}
+
+// pausedFor is how long the old backend held its VMs in its last handover,
+// as its log says (paused=...).
+func pausedFor(t *testing.T, be *vmharness.Backend) string {
+	t.Helper()
+	m := regexp.MustCompile(`paused=(\S+)`).FindAllStringSubmatch(be.Log(), -1)
+	if len(m) == 0 {
+		t.Errorf("no paused= in the backend's handover log line")
+		return "?"
+	}
+	return m[len(m)-1][1]
+}
+
+// waitMoving waits until the client VM b has MOVEs counted and has not
+// finished: data is flowing.
+func waitMoving(t *testing.T, r *vmharness.Run, be *vmharness.Backend, b *vmharness.VM) {
+	t.Helper()
+	deadline := time.Now().Add(r.Scaled(3 * time.Minute))
+	for {
+		_, sb := backendStats(t, be, "b")
+		if sb.Stats.Moves > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no MOVE from the client within %v: %+v", r.Scaled(3*time.Minute), sb)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if _, ok := b.Outcome().Results["client_seconds"]; ok {
+		t.Fatal("the transfer ended before the handover: nothing was tested")
+	}
+}
+
+// TestHandoverRollback: a new process that fails to take over after the
+// VMs were frozen (here: it may not hold as many fds as the running
+// backend passes it) exits non-zero with a clear error, and the running
+// backend thaws its VMs and serves on: a 64 MiB SMC-D transfer under way
+// completes with matching SHA-256, and a proper handover works after.
+func TestHandoverRollback(t *testing.T) {
+	r := vmharness.New(t)
+	r.RequireBackend()
+	client := map[string]string{"modes": "copy", "bytes": strconv.Itoa(smcBytes)}
+	be, a, b := smcPairOn(r, 1, statsArgs(r), map[string]string{"modes": "copy"}, client, 5*time.Minute)
+	waitMoving(t, r, be, b)
+
+	newLog := r.FailedHandover(be, "prlimit", "--nofile=16:16")
+	if !strings.Contains(newLog, "RLIMIT_NOFILE") {
+		t.Errorf("the new process's error does not name the fd limit:\n%s", newLog)
+	}
+	// The running backend froze its VMs and thawed them (it logs the
+	// pause only when it froze them).
+	if !regexp.MustCompile(`handover failed; serving on as before.*paused=`).MatchString(be.Log()) {
+		t.Errorf("the running backend did not log a rollback after a freeze:\n%s", be.Log())
+	}
+	t.Logf("rolled back after holding the VMs for %s", pausedFor(t, be))
+
+	ob := b.RequireOK(0)
+	oa := a.RequireOK(0)
+	checkDigests(t, oa, ob, 1, true)
+	checkModes(t, b, 1, 1, "copy", "copy")
+
+	// Still upgradable (the guests have powered off by now), and the
+	// new process goes on from the counters of the transfer.
+	nb := r.Handover(be)
+	t.Logf("then handed over after holding the VMs for %s", pausedFor(t, be))
+	if st, err := nb.Stats(); err != nil || st.Total.MoveBytes < smcBytes {
+		t.Errorf("after the handover: %d bytes moved (%v), want at least the transfer's %d", st.Total.MoveBytes, err, smcBytes)
 	}
 }

@@ -34,12 +34,26 @@ var hostileKernelArgs = []string{"no_timer_check"}
 // TestHostileGuestBesideTransfer: guest c attacks the device below the
 // driver (malformed chains, forged tokens, SIGNAL floods at a's and b's
 // GIDs, avail idx jumps and resets) for the whole life of a 64 MiB SMC-D
-// transfer from b to a. The transfer's SHA-256 matches over SMC-D; then b's
-// VM is killed while c goes on, and a still gets the peer-gone event (its
-// open connection fails with the device's GID event, not a timeout). c's
-// answers and the backend's counters show each attack refused, and the
-// backend still serves c's own valid requests at the end.
+// transfer from b to a, in attach mode and in copy mode. The transfer's
+// SHA-256 matches over SMC-D; then b's VM is killed while c goes on, and a
+// still gets the peer-gone event (its open connection fails with the
+// device's GID event, not a timeout). c's answers and the backend's
+// counters show each attack refused, and the backend still serves c's own
+// valid requests at the end.
 func TestHostileGuestBesideTransfer(t *testing.T) {
+	for _, mode := range []string{"attach", "copy"} {
+		t.Run(mode, func(t *testing.T) { hostileBesideTransfer(t, mode) })
+	}
+}
+
+func hostileBesideTransfer(t *testing.T, mode string) {
+	// The transfer's DMBs in mode; the SMC-D scenarios default to attach.
+	withMode := func(m map[string]string) map[string]string {
+		if mode == "copy" {
+			m["modes"] = "copy"
+		}
+		return m
+	}
 	r := vmharness.New(t)
 	r.RequireBackend()
 	sa, sb, sc := r.Path("a.sock"), r.Path("b.sock"), r.Path("c.sock")
@@ -56,10 +70,10 @@ func TestHostileGuestBesideTransfer(t *testing.T) {
 	srv, cli := r.NetPair()
 	bytes := strconv.Itoa(smcBytes)
 	a := r.StartVM(vmharness.VMConfig{Name: "a", Scenario: "smcd-server", Net: &srv, Timeout: 6 * time.Minute, HugePages: 32, Append: hostileKernelArgs,
-		Args: map[string]string{"ip": "169.254.7.1/24", "mode": "sink-gone", "bytes": bytes},
+		Args: withMode(map[string]string{"ip": "169.254.7.1/24", "mode": "sink-gone", "bytes": bytes}),
 		ISM:  []vmharness.ISMDevice{{Socket: sa}}})
 	b := r.StartVM(vmharness.VMConfig{Name: "b", Scenario: "smcd-client", Net: &cli, Timeout: 6 * time.Minute, HugePages: 32, Append: hostileKernelArgs,
-		Args: map[string]string{"ip": "169.254.7.2/24", "connect": "169.254.7.1:7000", "mode": "send-hold", "bytes": bytes},
+		Args: withMode(map[string]string{"ip": "169.254.7.2/24", "connect": "169.254.7.1:7000", "mode": "send-hold", "bytes": bytes}),
 		ISM:  []vmharness.ISMDevice{{Socket: sb}}})
 	if _, err := b.WaitResult("sent_0", 5*time.Minute); err != nil {
 		t.Fatal(err)
@@ -72,6 +86,7 @@ func TestHostileGuestBesideTransfer(t *testing.T) {
 	if smc := b.Outcome().Results["client_smc_0"]; smc != "true" {
 		t.Errorf("client smc=%q, want true", smc)
 	}
+	checkModes(t, b, 1, 1, mode, mode)
 	if o := c.Outcome(); o.Ended {
 		t.Fatalf("the hostile guest ended before the transfer did: %+v", o)
 	}

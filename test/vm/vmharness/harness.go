@@ -330,10 +330,12 @@ func (r *Run) StartBackend(args []string, sockets ...string) *Backend {
 }
 
 // startBackend starts ISM_BACKEND with args and registers its cleanup.
-func (r *Run) startBackend(args []string) *Backend {
+// A wrap command line (e.g. prlimit and its flags) runs the backend.
+func (r *Run) startBackend(args []string, wrap ...string) *Backend {
 	t := r.T
 	t.Helper()
-	b := &Backend{r: r, cmd: exec.Command(r.Cfg.Backend, args...), LogPath: r.Path(fmt.Sprintf("backend%d.log", len(r.backends))),
+	argv := append(append(slices.Clone(wrap), r.Cfg.Backend), args...)
+	b := &Backend{r: r, cmd: exec.Command(argv[0], argv[1:]...), LogPath: r.Path(fmt.Sprintf("backend%d.log", len(r.backends))),
 		StatsPath: flagValue(args, "stats-file"), args: slices.Clone(args)}
 	done, werr, err := startProcess(b.cmd, b.LogPath)
 	if err != nil {
@@ -359,9 +361,17 @@ func (r *Run) startBackend(args []string) *Backend {
 	return b
 }
 
+// handoverPath is old's handover socket: its -handover-socket, else
+// DIR/ism-backend.handover of its -socket-dir.
+func (old *Backend) handoverPath() string {
+	if p := flagValue(old.args, "handover-socket"); p != "" {
+		return p
+	}
+	return filepath.Join(flagValue(old.args, "socket-dir"), "ism-backend.handover")
+}
+
 // Handover upgrades old in place: it starts a new backend with old's
-// arguments plus -takeover (old's handover socket: its -handover-socket,
-// else DIR/ism-backend.handover of its -socket-dir) and waits until old
+// arguments plus -takeover (old's handover socket) and waits until old
 // has exited with status 0, the sign that the new process took every VM
 // over (cmd/ism-backend, docs/handover.md). It fails the test if the new
 // process exits first, or old exits otherwise, or neither happens within
@@ -369,12 +379,8 @@ func (r *Run) startBackend(args []string) *Backend {
 func (r *Run) Handover(old *Backend) *Backend {
 	t := r.T
 	t.Helper()
-	path := flagValue(old.args, "handover-socket")
-	if path == "" {
-		path = filepath.Join(flagValue(old.args, "socket-dir"), "ism-backend.handover")
-	}
 	old.stopped.Store(true) // it is to exit on its own
-	nb := r.startBackend(append(slices.Clone(old.args), "-takeover", path))
+	nb := r.startBackend(append(slices.Clone(old.args), "-takeover", old.handoverPath()))
 	limit := r.Scaled(60 * time.Second)
 	select {
 	case <-old.done:
@@ -390,6 +396,33 @@ func (r *Run) Handover(old *Backend) *Backend {
 		t.Fatalf("the new backend exited after the handover: %v\n%s", err, readTail(nb.LogPath, 50))
 	}
 	return nb
+}
+
+// FailedHandover starts a new backend, run by wrap (e.g. prlimit with
+// too few fds), to take old over, and expects that to fail: the new
+// process must exit non-zero within 60 s (scaled) while old serves on. It
+// fails the test otherwise, and returns the new process's log.
+func (r *Run) FailedHandover(old *Backend, wrap ...string) string {
+	t := r.T
+	t.Helper()
+	nb := r.startBackend(append(slices.Clone(old.args), "-takeover", old.handoverPath()), wrap...)
+	nb.stopped.Store(true) // it is to exit on its own
+	limit := r.Scaled(60 * time.Second)
+	select {
+	case <-nb.done:
+	case <-old.done:
+		t.Fatalf("the running backend exited during a handover that was to fail: %v\n%s", *old.waitErr, readTail(old.LogPath, 50))
+	case <-time.After(limit):
+		t.Fatalf("the new backend did not give up within %v\nold:\n%s\nnew:\n%s", limit, readTail(old.LogPath, 30), readTail(nb.LogPath, 30))
+	}
+	if *nb.waitErr == nil {
+		t.Fatalf("the new backend exited 0 from a handover that was to fail\n%s", readTail(nb.LogPath, 50))
+	}
+	if exited, err := old.Exited(); exited {
+		t.Fatalf("the running backend exited after a failed handover: %v\n%s", err, readTail(old.LogPath, 50))
+	}
+	b, _ := os.ReadFile(nb.LogPath)
+	return string(b)
 }
 
 // flagValue returns the value of the last -name flag in args (-name V,
