@@ -21,29 +21,63 @@ func tool(t *testing.T, name string) string {
 	return p
 }
 
-// TestSystemdUnit: systemd-analyze verify accepts the unit with nothing to
-// say (it reports a bad setting as a line and still exits 0). verify wants
-// ExecStart's binary to exist: the copy points it at this test binary.
+// TestSystemdUnit: systemd-analyze verify accepts the units with nothing
+// to say (it reports a bad setting as a line and still exits 0): the
+// service, and the socket unit with the service and its socket-activation
+// drop-in. verify wants ExecStart's binary to exist: the copies point it at
+// this test binary.
 func TestSystemdUnit(t *testing.T) {
 	sa := tool(t, "systemd-analyze")
-	unit, err := os.ReadFile("systemd/ism-backend.service")
+	self, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
 	}
-	self, err := os.Executable()
+	unit, err := os.ReadFile("systemd/ism-backend.service")
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !strings.Contains(string(unit), "ExecStart=/usr/local/bin/ism-backend ") {
 		t.Fatal("the unit's ExecStart is not /usr/local/bin/ism-backend")
 	}
-	copyPath := filepath.Join(t.TempDir(), "ism-backend.service")
-	if err := os.WriteFile(copyPath, []byte(strings.ReplaceAll(string(unit), "/usr/local/bin/ism-backend", self)), 0o644); err != nil {
-		t.Fatal(err)
+	dir := t.TempDir()
+	install := func(src, dst string, b []byte) string {
+		t.Helper()
+		if b == nil {
+			var err error
+			if b, err = os.ReadFile(src); err != nil {
+				t.Fatal(err)
+			}
+		}
+		p := filepath.Join(dir, dst)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
 	}
-	out, err := exec.Command(sa, "verify", copyPath).CombinedOutput()
-	if err != nil || len(strings.TrimSpace(string(out))) != 0 {
-		t.Fatalf("systemd-analyze verify: %v\n%s", err, out)
+	service := install("", "ism-backend.service", []byte(strings.ReplaceAll(string(unit), "/usr/local/bin/ism-backend", self)))
+	verify := func(path string) {
+		t.Helper()
+		out, err := exec.Command(sa, "verify", path).CombinedOutput()
+		if err != nil || len(strings.TrimSpace(string(out))) != 0 {
+			t.Fatalf("systemd-analyze verify %s: %v\n%s", filepath.Base(path), err, out)
+		}
+	}
+	verify(service)
+
+	install("systemd/ism-backend.service.d/socket-activation.conf", "ism-backend.service.d/socket-activation.conf", nil)
+	socket := install("systemd/ism-backend.socket", "ism-backend.socket", nil)
+	verify(socket)
+	verify(service)
+	// The socket unit names the control and handover sockets the backend
+	// looks for in -socket-dir /run/ism.
+	b, _ := os.ReadFile(socket)
+	for _, want := range []string{"ListenStream=/run/ism/ism-backend.ctl", "ListenStream=/run/ism/ism-backend.handover"} {
+		if !strings.Contains(string(b), want) {
+			t.Errorf("ism-backend.socket lacks %s", want)
+		}
 	}
 }
 

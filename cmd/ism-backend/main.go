@@ -339,6 +339,21 @@ func run(ctx context.Context, opts *options) error {
 		server.Hold() // nothing runs until the old process let go
 	}
 
+	// Sockets systemd holds for us (socket activation); a takeover gets
+	// its listeners from the old process instead.
+	act := activated{}
+	if tk == nil {
+		lns, err := activatedListeners(os.Getenv, os.Getpid(), listenFDsStart)
+		if err != nil {
+			return err
+		}
+		act = lns
+		if len(act) > 0 {
+			log.WithField("sockets", len(act)).Info("socket activation: serving the sockets systemd passed")
+		}
+	}
+	defer act.close() // on a return before they are handed out
+
 	// Listen on every socket first, so a failure leaves nothing half-started.
 	// The socket files this process made (owned) are removed at its
 	// exit, not when their listeners close: after a handover they are
@@ -364,6 +379,8 @@ func run(ctx context.Context, opts *options) error {
 		if vs := tk.vm(v.Name); vs != nil {
 			ln, err = vhostuser.ListenerOf(tk.fds, vs.Listener)
 			takenOver = append(takenOver, path)
+		} else if ln = act.take(path); ln != nil {
+			// The socket unit's file: not ours to unlink.
 		} else if ln, err = listenUnix(path, opts.socket); err == nil {
 			owned = append(owned, path)
 		}
@@ -384,6 +401,8 @@ func run(ctx context.Context, opts *options) error {
 		}
 		hoLn = ln
 		takenOver = append(takenOver, opts.takeover)
+	} else if ln := act.take(opts.handoverSocket); ln != nil {
+		hoLn = ln
 	} else {
 		ln, err := handover.Listen(opts.handoverSocket)
 		if err != nil {
@@ -406,6 +425,8 @@ func run(ctx context.Context, opts *options) error {
 		}
 		ctl = ln
 		takenOver = append(takenOver, ctlPath)
+	} else if ln := act.take(ctlPath); ln != nil {
+		ctl = ln
 	} else {
 		ln, err := listenControl(opts.socketDir)
 		if err != nil {
@@ -413,6 +434,9 @@ func run(ctx context.Context, opts *options) error {
 		}
 		ctl = ln
 		owned = append(owned, ctlPath)
+	}
+	if err := act.unused(); err != nil {
+		return err
 	}
 	ctl.SetUnlinkOnClose(false)
 	defer ctl.Close()
