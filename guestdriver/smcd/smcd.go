@@ -553,6 +553,17 @@ func (s *Server) handshake(ctx context.Context, dev ISM, tcp net.Conn, opt *syno
 		return decline(clcReadCode(err), err)
 	case err != nil:
 		return nil, err
+	case typ == CLCDecline:
+		// A client with no usable device declines at once instead of
+		// proposing (Linux's smc_connect_decline_fallback). As Linux's
+		// smc_clc_wait_msg, that is the peer's decline: fall back and
+		// send nothing back.
+		dl, err := DecodeDecline(msg)
+		if err != nil {
+			return fallback(tcp, &DeclineError{Remote: true, Err: err}, nil, rec)
+		}
+		s.logf("smcd: %v: client declined before proposing, with %#08x", tcp.RemoteAddr(), dl.Diagnosis)
+		return fallback(tcp, &DeclineError{Code: dl.Diagnosis, Remote: true}, nil, rec)
 	case typ != CLCProposal:
 		return decline(DeclineCnfErr, clcErr("type %d instead of proposal", typ))
 	}
