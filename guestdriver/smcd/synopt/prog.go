@@ -322,8 +322,10 @@ func Load(cgroupDir string) (*Program, error) {
 		return nil, &LoadError{"maps", err}
 	}
 	p.prog, err = ebpf.NewProgram(&ebpf.ProgramSpec{
-		Name:         "smc_synopt",
-		Type:         ebpf.SockOps,
+		Name: "smc_synopt",
+		Type: ebpf.SockOps,
+		// None of the helpers used is GPL-only; the kernel only
+		// checks the string for those.
 		License:      "GPL",
 		Instructions: instructions(p.marks, p.records),
 	})
