@@ -166,3 +166,22 @@ func TestOwnCgroupHere(t *testing.T) {
 		t.Fatalf("OwnCgroup() = %q, not absolute", dir)
 	}
 }
+
+// TestLoadErrorSaysWhy: where the program cannot be used, Load returns a
+// LoadError naming the step (as root, attaching to a directory that is no
+// cgroup fails; otherwise creating the maps does, for want of CAP_BPF).
+func TestLoadErrorSaysWhy(t *testing.T) {
+	if _, err := Load(""); err == nil || !strings.Contains(err.Error(), "synopt: cgroup: ") {
+		t.Fatalf("Load(\"\") = %v", err)
+	}
+	p, err := Load(t.TempDir())
+	if err == nil {
+		p.Close()
+		t.Fatal("attached to a directory that is not a cgroup")
+	}
+	var le *LoadError
+	if !errors.As(err, &le) || (le.Step != "attach" && le.Step != "maps" && le.Step != "load") {
+		t.Fatalf("Load(tmpdir) = %v", err)
+	}
+	t.Logf("%v", err)
+}
