@@ -76,20 +76,29 @@ func result(t *testing.T, p *Program, c net.Conn) Record {
 // and checks each side's record and decision.
 func TestProgramHandshakes(t *testing.T) {
 	p := testProgram(t)
-	for _, c := range []struct {
+	type hcase struct {
+		network, addr  string
 		client, server bool
 		clientErr      error // Decide on the client, if marked
 		serverErr      error // Decide on the server, if marked
-	}{
-		{true, true, nil, nil},
-		{true, false, ErrPeerNoSMC, nil},
-		{false, true, nil, ErrPeerNoSMC},
-		{false, false, nil, nil},
-	} {
-		t.Run(fmt.Sprintf("client=%v,server=%v", c.client, c.server), func(t *testing.T) {
+	}
+	cases := []hcase{
+		{"tcp4", "127.0.0.1:0", true, true, nil, nil},
+		{"tcp4", "127.0.0.1:0", true, false, ErrPeerNoSMC, nil},
+		{"tcp4", "127.0.0.1:0", false, true, nil, ErrPeerNoSMC},
+		{"tcp4", "127.0.0.1:0", false, false, nil, nil},
+	}
+	if ln, err := net.Listen("tcp6", "[::1]:0"); err == nil {
+		ln.Close()
+		cases = append(cases, hcase{"tcp6", "[::1]:0", true, true, nil, nil}, hcase{"tcp6", "[::1]:0", false, true, nil, ErrPeerNoSMC})
+	} else {
+		t.Logf("no IPv6 loopback here (%v): IPv4 only", err)
+	}
+	for _, c := range cases {
+		t.Run(fmt.Sprintf("%s,client=%v,server=%v", c.network, c.client, c.server), func(t *testing.T) {
 			srv := &side{p: p, marked: c.server}
 			lc := net.ListenConfig{Control: srv.control(true)}
-			ln, err := lc.Listen(context.Background(), "tcp4", "127.0.0.1:0")
+			ln, err := lc.Listen(context.Background(), c.network, c.addr)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -107,7 +116,7 @@ func TestProgramHandshakes(t *testing.T) {
 				}
 				accepted <- a
 			}()
-			cc, err := d.Dial("tcp4", ln.Addr().String())
+			cc, err := d.Dial(c.network, ln.Addr().String())
 			if err != nil {
 				t.Fatal(err)
 			}
