@@ -11,9 +11,11 @@ DIR=$CACHE/kernel
 STAMP=$DIR/.stamp
 # Modules for the guest network (virtio_net over virtio_pci, the default NIC;
 # e1000 for VMs that ask for one) and for the ISM driver's interrupts
-# (uio_pci_generic). Dependencies (virtio_net: net_failover, failover,
-# virtio, virtio_ring) are added from each module's .modinfo.
-MODULES=${ISM_KERNEL_MODULES:-"e1000 uio_pci_generic virtio_pci virtio_net"}
+# (uio_pci_generic), and the kernel's own SMC (smc, with ib_core, and
+# smc_diag for its view of each connection) for the AF_SMC interop tests.
+# Dependencies (virtio_net: net_failover, failover, virtio, virtio_ring;
+# smc: ib_core) are added from each module's .modinfo.
+MODULES=${ISM_KERNEL_MODULES:-"e1000 uio_pci_generic virtio_pci virtio_net smc smc_diag"}
 
 # The stamp names the module list, so a changed list provisions again.
 if [ -f "$STAMP" ] && [ -f "$DIR/vmlinuz" ] && [ "$(cat "$STAMP")" = "$MODULES" ]; then

@@ -37,6 +37,9 @@ package main
 // ism.clc_timeout bounds each CLC handshake (default: until the watchdog;
 // Linux's 6 s would let the speed of a TCG guest on a loaded host decide
 // between SMC-D and a TCP fallback, and the tests check which one ran).
+// ism.synopt=off negotiates in band; by default the SMC TCP option program
+// is loaded (smcd.EnableSYNOption) and the result synopt says which ran:
+// "option", or "in-band" when it could not be loaded.
 
 import (
 	"bytes"
@@ -143,8 +146,28 @@ func setupSMC(e *Env, defMode string) (a smcArgs, dev smcdev.Adapter, closeDev f
 	if a, err = smcdArgs(e, defMode); err != nil {
 		return a, dev, nil, err
 	}
+	if err := setupOption(e); err != nil {
+		return a, dev, nil, err
+	}
 	dev, closeDev, err = openSMC(e)
 	return a, dev, closeDev, err
+}
+
+// setupOption loads the SMC TCP option program unless ism.synopt=off.
+func setupOption(e *Env) error {
+	switch v := e.Arg("synopt", "on"); v {
+	case "on":
+		if smcd.EnableSYNOption(e.Logf) != nil {
+			e.Result("synopt", "option")
+		} else {
+			e.Result("synopt", "in-band")
+		}
+	case "off":
+		e.Result("synopt", "in-band")
+	default:
+		return fmt.Errorf("ism.synopt=%q: want on or off", v)
+	}
+	return nil
 }
 
 // listenSMC listens on addr with the scenario's server options.

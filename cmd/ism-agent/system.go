@@ -18,11 +18,16 @@ import (
 )
 
 // setupGuest prepares what scenarios rely on: hugetlbfs at /dev/hugepages (DMA
-// memory), extra modules (ism.modules) and eth0 (ism.ip).
+// memory), cgroup2 at /sys/fs/cgroup (the SMC option's BPF program attaches
+// to a cgroup), extra modules (ism.modules) and eth0 (ism.ip).
 func setupGuest(e *Env) error {
 	if err := mountHugetlbfs(); err != nil {
 		// Not fatal: only DMA scenarios need it, and they will say so.
 		e.Logf("hugetlbfs: %v", err)
+	}
+	if err := mountCgroup2(); err != nil {
+		// Not fatal either: smcd then negotiates in band, and says so.
+		e.Logf("cgroup2: %v", err)
 	}
 	if m := e.Arg("modules", ""); m != "" {
 		for _, name := range strings.Split(m, ",") {
@@ -41,6 +46,20 @@ func setupGuest(e *Env) error {
 
 // HugetlbfsDir is where setupGuest mounts hugetlbfs (when the kernel has it).
 const HugetlbfsDir = "/dev/hugepages"
+
+// Cgroup2Dir is where setupGuest mounts the cgroup v2 hierarchy.
+const Cgroup2Dir = "/sys/fs/cgroup"
+
+func mountCgroup2() error {
+	mounts, _ := os.ReadFile("/proc/mounts")
+	if strings.Contains(string(mounts), " cgroup2 ") {
+		return nil
+	}
+	if err := os.MkdirAll(Cgroup2Dir, 0o755); err != nil {
+		return err
+	}
+	return unix.Mount("cgroup2", Cgroup2Dir, "cgroup2", 0, "")
+}
 
 func mountHugetlbfs() error {
 	fs, err := os.ReadFile("/proc/filesystems")

@@ -11,6 +11,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/ism-backend/ism-backend/guestdriver/smcd/synopt"
 )
 
 // Conn is a net.Conn over SMC-D. Our receive buffer is a DMB only the peer
@@ -67,6 +69,8 @@ type Conn struct {
 	closed     bool  // local Close
 
 	readDL, writeDL deadline
+
+	synOpt *synopt.Record // the option program's record; nil in band
 
 	quit      chan struct{}
 	rxDone    chan struct{}
@@ -610,6 +614,9 @@ type Info struct {
 	// peer that can attach writes it directly.
 	RecvMode                 Mode
 	BytesSent, BytesReceived uint64
+	// SYNOption is the option program's record of the TCP handshake;
+	// nil when negotiation was in band.
+	SYNOption *synopt.Record
 }
 
 // Info returns the connection's description and byte counts.
@@ -620,6 +627,7 @@ func (c *Conn) Info() Info {
 		DMBSize: int(c.rsize) + CDCLen, PeerDMBSize: int(c.psize) + CDCLen,
 		SendNote:  c.sendNote,
 		BytesSent: c.sent.Load(), BytesReceived: c.received.Load(),
+		SYNOption: c.synOpt,
 	}
 	if c.view != nil {
 		in.SendMode = ModeAttach

@@ -164,6 +164,20 @@ func TestServerDeclinesMalformedProposal(t *testing.T) {
 	}
 }
 
+// TestClientDeclinesFirst: a client that declines instead of proposing
+// (Linux's, when it finds no SMC device) gets no Decline back, and both
+// ends are plain TCP with the peer's code as the reason.
+func TestClientDeclinesFirst(t *testing.T) {
+	raw, srv := rawClient(t, Server{})
+	d := Decline{Version: 1, Diagnosis: DeclineNoSMCDev}
+	b, _ := d.Encode()
+	raw.Write(b)
+	echoCheck(t, raw, srv)
+	if r := srv.(*lazyConn).get().(*FallbackConn).Reason; r.Code != DeclineNoSMCDev || !r.Remote {
+		t.Fatalf("reason %v", r)
+	}
+}
+
 func TestServerDeclinesV2Proposal(t *testing.T) {
 	raw, srv := rawClient(t, Server{})
 	b, _ := sampleProposal().Encode()

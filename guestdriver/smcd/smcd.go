@@ -12,9 +12,12 @@
 // unusable Confirm) fails the connection, as Linux's smc_listen_decline
 // does; a TCP connection that fails is an error too.
 //
-// Both ends must use this stack: there is no SMC TCP option yet, so a Dial
-// to a plain TCP server sends it a Proposal it does not expect. A Listener
-// tolerates plain TCP clients that speak first (their bytes are replayed).
+// With the SMC TCP option program (EnableSYNOption, or Dialer/Server
+// SYNOption) the TCP handshake decides as with Linux's SMC: CLC runs only
+// when both the SYN and the SYN-ACK carried the option, and any other peer
+// gets plain TCP with not one CLC byte sent. Without it negotiation is in
+// band, and both ends must use this stack (option.go says what a plain TCP
+// peer then sees).
 package smcd
 
 import (
@@ -26,9 +29,11 @@ import (
 	"net"
 	"os"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/ism-backend/ism-backend/abi"
+	"github.com/ism-backend/ism-backend/guestdriver/smcd/synopt"
 )
 
 // Defaults.
@@ -52,6 +57,10 @@ type Dialer struct {
 	ForceDecline uint32
 	// Net dials the TCP connection.
 	Net net.Dialer
+	// SYNOption decides from the TCP handshake (package synopt); nil
+	// means the default set by EnableSYNOption, and without one
+	// negotiation is in band.
+	SYNOption *synopt.Program
 }
 
 // Server holds options for Listen.
@@ -64,6 +73,10 @@ type Server struct {
 	// Logf, if set, receives one line per fallback to TCP, and one per
 	// handshake that failed after the Accept.
 	Logf func(format string, args ...any)
+	// SYNOption decides from the TCP handshake (package synopt) on the
+	// listeners Listen creates; nil means the default set by
+	// EnableSYNOption, and without one negotiation is in band.
+	SYNOption *synopt.Program
 }
 
 // Dial connects to addr ("tcp", "tcp4", "tcp6") and negotiates SMC-D over
@@ -121,8 +134,16 @@ type FallbackConn struct {
 	net.Conn
 	// Reason says why SMC-D was not used.
 	Reason *DeclineError
-	replay []byte
+	// SYNOption is the option program's record of the TCP handshake; nil
+	// when negotiation was in band.
+	SYNOption *synopt.Record
+	replay    []byte
 }
+
+// NetConn returns the TCP connection, as tls.Conn.NetConn does. Bytes read
+// during an in-band negotiation and not yet returned by Read (a plain client
+// that spoke first) are not in it.
+func (f *FallbackConn) NetConn() net.Conn { return f.Conn }
 
 // Close closes the TCP connection.
 func (f *FallbackConn) Close() error {
@@ -177,12 +198,12 @@ func clcReadCode(err error) uint32 {
 }
 
 // fallback clears the handshake deadline and hands back the TCP connection.
-func fallback(tcp net.Conn, reason *DeclineError, replay []byte) (net.Conn, error) {
+func fallback(tcp net.Conn, reason *DeclineError, replay []byte, rec *synopt.Record) (net.Conn, error) {
 	if err := tcp.SetDeadline(time.Time{}); err != nil {
 		tcp.Close()
 		return nil, err
 	}
-	fc := &FallbackConn{Conn: tcp, Reason: reason, replay: replay}
+	fc := &FallbackConn{Conn: tcp, Reason: reason, replay: replay, SYNOption: rec}
 	track(fc)
 	return fc, nil
 }
@@ -207,11 +228,33 @@ func (d *Dialer) DialContext(ctx context.Context, dev ISM, network, addr string)
 	if err != nil {
 		return nil, err
 	}
-	tcp, err := d.Net.DialContext(ctx, network, addr)
+	nd := d.Net
+	opt := optionOr(d.SYNOption)
+	var m *marker
+	if opt != nil {
+		m = &marker{p: opt}
+		nd = m.markDialer(nd)
+	}
+	tcp, err := nd.DialContext(ctx, network, addr)
+	if m != nil {
+		m.done()
+	}
 	if err != nil {
 		return nil, err
 	}
-	c, err := d.handshake(ctx, dev, tcp, size, code)
+	var rec *synopt.Record
+	if opt != nil {
+		var why *DeclineError
+		rec, why, err = optionDecision(opt, tcp, true)
+		if err != nil {
+			tcp.Close()
+			return nil, &net.OpError{Op: "dial", Net: "smcd", Source: tcp.LocalAddr(), Addr: tcp.RemoteAddr(), Err: err}
+		}
+		if why != nil {
+			return fallback(tcp, why, nil, rec)
+		}
+	}
+	c, err := d.handshake(ctx, dev, tcp, size, code, rec)
 	if err != nil {
 		tcp.Close()
 		if ctx.Err() != nil {
@@ -222,7 +265,7 @@ func (d *Dialer) DialContext(ctx context.Context, dev ISM, network, addr string)
 	return c, nil
 }
 
-func (d *Dialer) handshake(ctx context.Context, dev ISM, tcp net.Conn, size int, code uint8) (net.Conn, error) {
+func (d *Dialer) handshake(ctx context.Context, dev ISM, tcp net.Conn, size int, code uint8, rec *synopt.Record) (net.Conn, error) {
 	tcp.SetDeadline(time.Now().Add(timeoutOr(d.HandshakeTimeout)))
 	stop := context.AfterFunc(ctx, func() { tcp.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
@@ -241,7 +284,7 @@ func (d *Dialer) handshake(ctx context.Context, dev ISM, tcp net.Conn, size int,
 			return nil, ctx.Err()
 		}
 		sendDecline(tcp, code, timeoutOr(d.HandshakeTimeout))
-		return fallback(tcp, &DeclineError{Code: code, Err: err}, nil)
+		return fallback(tcp, &DeclineError{Code: code, Err: err}, nil, rec)
 	}
 	typ, msg, err := ReadCLC(tcp)
 	switch {
@@ -252,9 +295,9 @@ func (d *Dialer) handshake(ctx context.Context, dev ISM, tcp net.Conn, size int,
 	case typ == CLCDecline:
 		dl, err := DecodeDecline(msg)
 		if err != nil {
-			return fallback(tcp, &DeclineError{Remote: true, Err: err}, nil)
+			return fallback(tcp, &DeclineError{Remote: true, Err: err}, nil, rec)
 		}
-		return fallback(tcp, &DeclineError{Code: dl.Diagnosis, Remote: true}, nil)
+		return fallback(tcp, &DeclineError{Code: dl.Diagnosis, Remote: true}, nil, rec)
 	case typ != CLCAccept:
 		return decline(DeclineCnfErr, clcErr("type %d instead of accept", typ))
 	}
@@ -298,7 +341,9 @@ func (d *Dialer) handshake(ctx context.Context, dev ISM, tcp net.Conn, size int,
 		stage.Free()
 		return nil, err
 	}
-	return newConn(dev, tcp, dmb, acc.GID, acc.Token, uint32(acc.DMBEIndex), peerSize, cdcBuf, stage), nil
+	c := newConn(dev, tcp, dmb, acc.GID, acc.Token, uint32(acc.DMBEIndex), peerSize, cdcBuf, stage)
+	c.synOpt = rec
+	return c, nil
 }
 
 // setPrefix fills the Proposal's IP prefix area from the interface that owns
@@ -371,19 +416,34 @@ func (s *Server) Listen(dev ISM, network, addr string) (net.Listener, error) {
 	if _, _, err := dmbSize(s.DMBSize); err != nil {
 		return nil, err
 	}
-	tl, err := net.Listen(network, addr)
+	var lc net.ListenConfig
+	opt := optionOr(s.SYNOption)
+	var m *marker
+	if opt != nil {
+		m = &marker{p: opt, listener: true}
+		lc.Control = func(_, _ string, rc syscall.RawConn) error { return m.control(rc) }
+	}
+	tl, err := lc.Listen(context.Background(), network, addr)
+	if m != nil {
+		m.done()
+	}
 	if err != nil {
 		return nil, err
 	}
-	return s.NewListener(dev, tl), nil
+	return s.newListener(dev, tl, opt), nil
 }
 
 // NewListener negotiates SMC-D over dev on connections accepted from tl.
 // Each handshake runs in its own goroutine, so a slow client does not hold
-// up others.
+// up others. Negotiation is in band whatever SYNOption says: the option
+// program only acts on listeners marked before listen(), as Listen does.
 func (s *Server) NewListener(dev ISM, tl net.Listener) net.Listener {
+	return s.newListener(dev, tl, nil)
+}
+
+func (s *Server) newListener(dev ISM, tl net.Listener, opt *synopt.Program) net.Listener {
 	ctx, cancel := context.WithCancel(context.Background())
-	l := &listener{srv: s, dev: dev, tl: tl, conns: make(chan net.Conn), ctx: ctx, cancel: cancel, acceptErr: make(chan struct{})}
+	l := &listener{srv: s, dev: dev, tl: tl, opt: opt, conns: make(chan net.Conn), ctx: ctx, cancel: cancel, acceptErr: make(chan struct{})}
 	go l.acceptLoop()
 	return l
 }
@@ -392,6 +452,7 @@ type listener struct {
 	srv    *Server
 	dev    ISM
 	tl     net.Listener
+	opt    *synopt.Program // nil: in band
 	conns  chan net.Conn
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -410,7 +471,7 @@ func (l *listener) acceptLoop() {
 			return
 		}
 		go func() {
-			c, err := l.srv.handshake(l.ctx, l.dev, tcp)
+			c, err := l.srv.handshake(l.ctx, l.dev, tcp, l.opt)
 			if err != nil {
 				tcp.Close()
 				return
@@ -452,10 +513,22 @@ func (s *Server) logf(format string, args ...any) {
 	}
 }
 
-func (s *Server) handshake(ctx context.Context, dev ISM, tcp net.Conn) (net.Conn, error) {
+func (s *Server) handshake(ctx context.Context, dev ISM, tcp net.Conn, opt *synopt.Program) (net.Conn, error) {
 	size, code, err := dmbSize(s.DMBSize)
 	if err != nil {
 		return nil, err
+	}
+	var rec *synopt.Record
+	if opt != nil {
+		var why *DeclineError
+		rec, why, err = optionDecision(opt, tcp, false)
+		if err != nil {
+			return nil, err
+		}
+		if why != nil {
+			s.logf("smcd: %v: plain TCP: %v", tcp.RemoteAddr(), why.Err)
+			return fallback(tcp, why, nil, rec)
+		}
 	}
 	tcp.SetDeadline(time.Now().Add(timeoutOr(s.HandshakeTimeout)))
 	stop := context.AfterFunc(ctx, func() { tcp.SetDeadline(time.Unix(1, 0)) })
@@ -467,7 +540,7 @@ func (s *Server) handshake(ctx context.Context, dev ISM, tcp net.Conn) (net.Conn
 		}
 		s.logf("smcd: %v: declining with %#08x: %v", tcp.RemoteAddr(), code, err)
 		sendDecline(tcp, code, timeoutOr(s.HandshakeTimeout))
-		return fallback(tcp, &DeclineError{Code: code, Err: err}, nil)
+		return fallback(tcp, &DeclineError{Code: code, Err: err}, nil, rec)
 	}
 	typ, msg, err := ReadCLC(tcp)
 	switch {
@@ -475,11 +548,22 @@ func (s *Server) handshake(ctx context.Context, dev ISM, tcp net.Conn) (net.Conn
 		// Not a CLC message at all: a plain TCP client that spoke first.
 		// Give its bytes back to the application and say nothing.
 		s.logf("smcd: %v: client is not SMC, plain TCP", tcp.RemoteAddr())
-		return fallback(tcp, &DeclineError{Code: DeclinePeerNoSMC, Remote: true, Err: err}, bytes.Clone(msg))
+		return fallback(tcp, &DeclineError{Code: DeclinePeerNoSMC, Remote: true, Err: err}, bytes.Clone(msg), rec)
 	case err != nil && (errors.Is(err, ErrCLC) || errors.Is(err, os.ErrDeadlineExceeded)):
 		return decline(clcReadCode(err), err)
 	case err != nil:
 		return nil, err
+	case typ == CLCDecline:
+		// A client with no usable device declines at once instead of
+		// proposing (Linux's smc_connect_decline_fallback). As Linux's
+		// smc_clc_wait_msg, that is the peer's decline: fall back and
+		// send nothing back.
+		dl, err := DecodeDecline(msg)
+		if err != nil {
+			return fallback(tcp, &DeclineError{Remote: true, Err: err}, nil, rec)
+		}
+		s.logf("smcd: %v: client declined before proposing, with %#08x", tcp.RemoteAddr(), dl.Diagnosis)
+		return fallback(tcp, &DeclineError{Code: dl.Diagnosis, Remote: true}, nil, rec)
 	case typ != CLCProposal:
 		return decline(DeclineCnfErr, clcErr("type %d instead of proposal", typ))
 	}
@@ -555,10 +639,10 @@ func (s *Server) handshake(ctx context.Context, dev ISM, tcp net.Conn) (net.Conn
 		release()
 		dl, err := DecodeDecline(msg)
 		if err != nil {
-			return fallback(tcp, &DeclineError{Remote: true, Err: err}, nil)
+			return fallback(tcp, &DeclineError{Remote: true, Err: err}, nil, rec)
 		}
 		s.logf("smcd: %v: client declined with %#08x", tcp.RemoteAddr(), dl.Diagnosis)
-		return fallback(tcp, &DeclineError{Code: dl.Diagnosis, Remote: true}, nil)
+		return fallback(tcp, &DeclineError{Code: dl.Diagnosis, Remote: true}, nil, rec)
 	case typ != CLCConfirm:
 		return fail(clcErr("type %d instead of confirm", typ))
 	}
@@ -573,7 +657,9 @@ func (s *Server) handshake(ctx context.Context, dev ISM, tcp net.Conn) (net.Conn
 	if err := tcp.SetDeadline(time.Time{}); err != nil {
 		return fail(err)
 	}
-	return newConn(dev, tcp, dmb, conf.GID, conf.Token, uint32(conf.DMBEIndex), peerSize, cdcBuf, stage), nil
+	c := newConn(dev, tcp, dmb, conf.GID, conf.Token, uint32(conf.DMBEIndex), peerSize, cdcBuf, stage)
+	c.synOpt = rec
+	return c, nil
 }
 
 var _ io.ReadWriteCloser = (*Conn)(nil)
