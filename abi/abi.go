@@ -374,6 +374,17 @@ const (
 	EventSWR EventType = 2 // a software event from SIGNAL: GID (sender), Code, Info
 )
 
+// Codes of an EventDMB.
+const (
+	// DMBGone: its owner unregistered it, reset or went away (attachers
+	// only).
+	DMBGone uint16 = 0
+	// DMBRevoked: the device itself unregistered it (an operator's fault
+	// injection). Sent to the owner (GID = its own GID) and to the rgid,
+	// in either mode.
+	DMBRevoked uint16 = 1
+)
+
 // EventSize is the size of an event the device writes into an event buffer.
 const EventSize = 32
 

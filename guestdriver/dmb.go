@@ -27,7 +27,8 @@ type DMB struct {
 	sig     chan struct{}
 	pending atomic.Uint32 // DMBE bits seen signalled, not yet taken
 	dead    atomic.Bool
-	seen    dmbSignals // the SBA counters as the poller last saw them; the poller's alone once published
+	revoked atomic.Bool // the device unregistered it (EventDMB to its owner)
+	seen    dmbSignals  // the SBA counters as the poller last saw them; the poller's alone once published
 }
 
 // Token is the DMB's token (what a peer MOVEs to).
@@ -165,7 +166,11 @@ func (d *Driver) UnregisterDMB(m *DMB) error {
 		d.unregisterShared(m)
 	}
 	if _, err := d.do(&abi.Request{Op: abi.OpUnregisterDMB, Token: m.Token()}, nil); err != nil {
-		return err
+		// A DMB the device revoked is unregistered already, and the
+		// device wrote it last before it said so: free it as usual.
+		if !m.revoked.Load() || !errors.Is(err, abi.StatusNoEntry) {
+			return err
+		}
 	}
 	if !m.dead.CompareAndSwap(false, true) {
 		return fmt.Errorf("guestdriver: DMB unregistered twice: %w", abi.StatusNoEntry)
@@ -274,6 +279,18 @@ func (m *DMB) signalled(dmbes uint32) {
 	}
 }
 
+// revokedOwn marks this driver's DMB token as revoked by the device (an
+// EventDMB naming our own GID: docs/device-abi.md, "Events"). Rare: a scan
+// of the index table is fine.
+func (d *Driver) revokedOwn(token uint64) {
+	for i := range d.dmbs {
+		if m := d.dmbs[i].Load(); m != nil && m.Token() == token {
+			m.revoked.Store(true)
+			return
+		}
+	}
+}
+
 // postEvent makes event buffer i available to the device.
 func (d *Driver) postEvent(i int) error {
 	head, err := d.evQ.Add(nil, []pci.Seg{pci.SegOf(d.evBufs, i*abi.EventSize, abi.EventSize)})
@@ -303,6 +320,9 @@ func (d *Driver) reapEvents() (bool, error) {
 			ev, _ := abi.DecodeEvent(d.evBufs.Bytes()[i*abi.EventSize : (i+1)*abi.EventSize])
 			if ev.Type == abi.EventDMB && d.shm != nil {
 				d.shm.revoke(ev.Token) // before anyone hears of it
+			}
+			if ev.Type == abi.EventDMB && ev.Code == abi.DMBRevoked && ev.GID == d.GID() {
+				d.revokedOwn(ev.Token)
 			}
 			if !d.evq.push(ev) {
 				d.evDrops.Add(1)

@@ -527,10 +527,11 @@ var (
 
 // RevokeDMB unregisters a DMB of the VM owner as if its driver had, picked
 // by token or, with token 0, by its DMB index. The device then tells the
-// owner (EventDMB with the token and the owner's own GID) and the DMB's
-// rgid (EventDMB, GID = owner; in attach mode every attacher is told, as on
-// an UNREGISTER) that it is gone: SMC would otherwise learn of it only
-// from the next MOVE's NOENTRY, and the owner never. It returns the token.
+// owner (EventDMB, code abi.DMBRevoked, with the token and the owner's own
+// GID) and the DMB's rgid (the same event) that it is gone: SMC would
+// otherwise learn of it only from the next MOVE's NOENTRY, and the owner
+// never. Attachers also get the UNREGISTER's own EventDMB. It returns the
+// token.
 func (f *Fabric) RevokeDMB(owner string, token uint64, index uint32, by string) (uint64, error) {
 	d := f.deviceByName(owner)
 	if d == nil {
@@ -554,24 +555,16 @@ func (f *Fabric) RevokeDMB(owner string, token uint64, index uint32, by string) 
 		}
 		return 0, fmt.Errorf("%w: VM %q has no DMB at index %d", ErrNoSuchDMB, owner, index)
 	}
-	// The attachers hear of it from the UNREGISTER itself; the rgid is
-	// told here unless it is one of them.
-	f.amu.Lock()
-	rgid := f.device(e.rgid)
-	if rgid == d {
-		rgid = nil
-	}
-	if rgid != nil && e.attachers[rgid] != nil {
-		rgid = nil
-	}
-	f.amu.Unlock()
+	// Attachers also get the UNREGISTER's own EventDMB (code DMBGone),
+	// which unmaps their view; the revoke's says why.
 	if err := d.UnregisterDMB(token); err != nil {
 		return 0, fmt.Errorf("VM %q: DMB %#x: %w", owner, token, err)
 	}
 	d.stats.faults[FaultRevokeDMB].Add(1)
-	d.post(abi.Event{Type: abi.EventDMB, Token: token, GID: d.gid})
-	if rgid != nil {
-		rgid.post(abi.Event{Type: abi.EventDMB, Token: token, GID: d.gid})
+	ev := abi.Event{Type: abi.EventDMB, Code: abi.DMBRevoked, Token: token, GID: d.gid}
+	d.post(ev)
+	if r := f.device(e.rgid); r != nil && r != d {
+		r.post(ev)
 	}
 	f.log.WithFields(logrus.Fields{"vm": owner, "token": hex(token), "index": e.index, "rgid": hex(e.rgid), "by": by}).
 		Warn("ism: FAULT INJECTION: DMB revoked")

@@ -241,7 +241,7 @@ func TestFaultRevokeDMB(t *testing.T) {
 	if err != nil || got != tok {
 		t.Fatalf("RevokeDMB by index: %#x, %v", got, err)
 	}
-	want := abi.Event{Type: abi.EventDMB, Token: tok, GID: 0xA}
+	want := abi.Event{Type: abi.EventDMB, Code: abi.DMBRevoked, Token: tok, GID: 0xA}
 	for _, g := range []*guest{a, b} {
 		if _, evs := g.n.snapshot(); len(evs) != 1 || evs[0] != want {
 			t.Errorf("%s's events %+v, want %+v", g.dev.Name(), evs, want)
@@ -269,8 +269,8 @@ func TestFaultRevokeDMB(t *testing.T) {
 }
 
 // TestFaultRevokeAttachedDMB: an attach-mode DMB the rgid attached is
-// unmapped from both regions; the rgid is told once (as an attacher), the
-// owner once.
+// unmapped from both regions; the rgid gets the attacher's DMB-gone event
+// and the revoke's, the owner the revoke's.
 func TestFaultRevokeAttachedDMB(t *testing.T) {
 	f := newFabric()
 	a := newAttachGuest(t, f, "a", 0xA, abi.ModeCopy|abi.ModeAttach)
@@ -285,11 +285,14 @@ func TestFaultRevokeAttachedDMB(t *testing.T) {
 	if _, err := f.RevokeDMB("a", tok, 0, "test"); err != nil {
 		t.Fatal(err)
 	}
-	want := abi.Event{Type: abi.EventDMB, Token: tok, GID: 0xA}
-	for _, g := range []*attachGuest{a, b} {
-		if _, evs := g.n.snapshot(); len(evs) != 1 || evs[0] != want {
-			t.Errorf("%s's events %+v, want one %+v", g.dev.Name(), evs, want)
-		}
+	revoked := abi.Event{Type: abi.EventDMB, Code: abi.DMBRevoked, Token: tok, GID: 0xA}
+	gone := revoked
+	gone.Code = abi.DMBGone
+	if _, evs := a.n.snapshot(); len(evs) != 1 || evs[0] != revoked {
+		t.Errorf("a's events %+v, want %+v", evs, revoked)
+	}
+	if _, evs := b.n.snapshot(); len(evs) != 2 || evs[0] != gone || evs[1] != revoked {
+		t.Errorf("b's events %+v, want the UNREGISTER's %+v, then %+v", evs, gone, revoked)
 	}
 	if s := b.dev.Stats(); s.Attached != 0 {
 		t.Errorf("b still has %d attached", s.Attached)

@@ -52,6 +52,17 @@ type PeerWatcher interface {
 	WatchPeer(gid uint64, gone func()) (cancel func())
 }
 
+// DMBWatcher is implemented by an ISM that learns when the device revokes
+// a DMB (the event queue's DMB-gone event with code "revoked", which an
+// operator's fault injection causes), ours or the peer's. The stack then
+// fails the connections using it with an error wrapping ErrDMBGone,
+// instead of waiting on a ring nobody writes any more.
+type DMBWatcher interface {
+	// WatchDMB arranges for gone to be called once, from any goroutine,
+	// if the DMB with that token goes away before cancel is called.
+	WatchDMB(token uint64, gone func()) (cancel func())
+}
+
 // Attacher is implemented by an ISM that can map a peer's attach-mode DMB
 // into this guest (Linux's "nocopy" SMC-D, attach_dmb). A sender whose
 // device can attach the peer's DMB writes its data and CDC straight into
