@@ -372,7 +372,7 @@ func (b *Backend) serveRequests(q *vhostuser.Queue) {
 			q.Yield()
 			return
 		}
-		if b.fabric.FaultsOn() && b.throttled(q) {
+		if b.fabric.FaultsOn() && q.Pending() && b.throttled(q) {
 			return
 		}
 		ok, err := q.Next(c)
