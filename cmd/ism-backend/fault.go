@@ -120,6 +120,9 @@ func doFault(req *faultRequest, f *ism.Fabric, opts *options, by string) (*fault
 	if err != nil {
 		return nil, fmt.Errorf("%w, list, clear", err)
 	}
+	if err := checkFaultFields(kind, req); err != nil {
+		return nil, err
+	}
 	vm, err := resolveVM(req.VM, f, opts)
 	if err != nil {
 		return nil, err
@@ -163,6 +166,33 @@ func doFault(req *faultRequest, f *ism.Fabric, opts *options, by string) (*fault
 		return nil, err
 	}
 	return a, nil
+}
+
+// faultFields are the fields each kind takes besides vm (and, for the
+// signal and MOVE faults, from).
+var faultFields = [ism.NumFaultKinds][]string{
+	ism.FaultDropSignals:  {"from", "every"},
+	ism.FaultDelaySignals: {"from", "delay"},
+	ism.FaultFailMoves:    {"from", "status", "count", "dmb", "index"},
+	ism.FaultThrottle:     {"rate"},
+	ism.FaultRevokeDMB:    {"dmb", "index"},
+	ism.FaultGIDGone:      {},
+}
+
+// checkFaultFields refuses a field the kind does not take (a typo would
+// otherwise be ignored).
+func checkFaultFields(kind ism.FaultKind, req *faultRequest) error {
+	set := map[string]bool{"from": req.From, "dmb": req.DMB != "", "index": req.Index != nil, "every": req.Every != 0,
+		"count": req.Count != 0, "status": req.Status != "", "delay": req.Delay != "", "rate": req.Rate != 0, "id": req.ID != 0}
+	for field, on := range set {
+		if on && !slices.Contains(faultFields[kind], field) {
+			if field == "from" {
+				return fmt.Errorf("%v takes vm= (or to=), not from=", kind)
+			}
+			return fmt.Errorf("%v takes no %s", kind, field)
+		}
+	}
+	return nil
 }
 
 // resolveVM turns a name or a GID into the name of a configured VM or of

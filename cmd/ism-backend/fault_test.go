@@ -167,6 +167,10 @@ func TestControlFault(t *testing.T) {
 		{[]string{"gid-gone", "vm=c"}, "not connected"},
 		{[]string{"explode", "vm=a"}, "unknown fault kind"},
 		{[]string{"clear", "99"}, "no fault 99"},
+		{[]string{"drop-signals", "to=a", "every=2", "rate=5"}, "drop-signals takes no rate"},
+		{[]string{"throttle", "from=a", "rate=5"}, "throttle takes vm= (or to=), not from="},
+		{[]string{"gid-gone", "vm=a", "index=5"}, "gid-gone takes no index"},
+		{[]string{"revoke-dmb", "vm=a", "index=5", "status=busy"}, "revoke-dmb takes no status"},
 	} {
 		_, err := fault(t, dir, c.args...)
 		if err == nil || !strings.Contains(err.Error(), c.want) || strings.Contains(err.Error(), "\n") {
