@@ -369,7 +369,7 @@ func (s Status) Error() string {
 type EventType uint16
 
 const (
-	EventDMB EventType = 0 // a DMB the driver attached or wrote to is gone (and unmapped from its region): Token, GID = owner
+	EventDMB EventType = 0 // a DMB the driver attached or wrote to is gone (and unmapped from its region): Token, GID = owner; Code DMBRevoked: also to the owner
 	EventGID EventType = 1 // a peer device is gone: GID
 	EventSWR EventType = 2 // a software event from SIGNAL: GID (sender), Code, Info
 )

@@ -341,7 +341,8 @@ func (c *Conn) sendCDC() error {
 		if gone {
 			return nil
 		}
-		c.fail(c.peerDMBErr("CDC", err))
+		err = c.peerDMBErr("CDC", err)
+		c.fail(err)
 	}
 	return err
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -104,4 +105,41 @@ func TestRevokedDMB(t *testing.T) {
 		cli.Close()
 		srv.Close()
 	})
+}
+
+// revokeAfterData is a device without DMBWatcher whose first data MOVE
+// (unsignalled, with data) revokes the DMB it wrote, so that the CDC MOVE
+// after it finds no entry before any event could tell the stack.
+type revokeAfterData struct {
+	ISM
+	fabric *Fabric
+	armed  atomic.Bool
+}
+
+func (d *revokeAfterData) Move(token uint64, dmbe uint32, signal bool, offset uint32, src Buffer, srcOff, n int) error {
+	err := d.ISM.Move(token, dmbe, signal, offset, src, srcOff, n)
+	if !signal && n > 0 && d.armed.CompareAndSwap(true, false) {
+		d.fabric.Revoke(token)
+	}
+	return err
+}
+
+// TestRevokedDMBFoundByMove: a sender that learns of the revoke only from
+// its CDC MOVE's NOENTRY (the event not there yet) fails its Write with
+// an error wrapping ErrDMBGone too, and so does the next Write.
+func TestRevokedDMBFoundByMove(t *testing.T) {
+	f := NewFabric(0xFF00)
+	cliDev := &revokeAfterData{ISM: f.NewDevice(), fabric: f}
+	e := withTestTimeouts(env{srvDev: f.NewDevice(), cliDev: cliDev})
+	cli, srv := e.pair(t)
+	defer srv.Close()
+	defer cli.Close()
+	mustSMC(t, cli, srv)
+	cliDev.armed.Store(true)
+	for i := range 2 {
+		_, err := cli.Write(make([]byte, 1000))
+		if !errors.Is(err, ErrDMBGone) {
+			t.Fatalf("Write %d after the revoke: %v, want an error wrapping ErrDMBGone", i, err)
+		}
+	}
 }

@@ -125,8 +125,8 @@ func TestSMCDFaultRevokedDMB(t *testing.T) {
 	if !strings.Contains(out, "DMB "+dmb.TokenPrefix+" revoked") {
 		t.Errorf("revoke-dmb printed %q, want DMB %s revoked", out, dmb.TokenPrefix)
 	}
+	ob := b.RequireOK(0) // first: the server would wait for its second connection until its watchdog
 	oa := a.RequireOK(0)
-	ob := b.RequireOK(0)
 	for side, o := range map[string]vmharness.Outcome{"server": oa, "client": ob} {
 		if e := o.Results["revoked_error_0"]; !strings.Contains(e, "DMB") {
 			t.Errorf("%s's connection 0 ended with %q", side, e)
