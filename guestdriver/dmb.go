@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"slices"
 	"sync/atomic"
 	"time"
 
@@ -279,6 +280,24 @@ func (m *DMB) signalled(dmbes uint32) {
 	}
 }
 
+// maxRevoked bounds the revoked tokens Revoked remembers (revokes are an
+// operator's rare doing; the oldest are forgotten).
+const maxRevoked = 256
+
+// Revoked reports whether the device has revoked the DMB token (ours or a
+// peer's: EventDMB with code revoked), having reaped the event queue first,
+// so that an event already in the ring counts even if the poller has not
+// looked yet. The SMC-D stack asks when a peer's TCP connection ends
+// without its CDC close: the peer may have closed because of the revoke.
+func (d *Driver) Revoked(token uint64) bool {
+	d.evMu.Lock()
+	defer d.evMu.Unlock()
+	if !d.closed.Load() && d.broken.Load() == nil {
+		d.reapEvents() // an error is the poller's to report
+	}
+	return slices.Contains(d.revoked, token)
+}
+
 // revokedOwn marks this driver's DMB token as revoked by the device (an
 // EventDMB naming our own GID: docs/device-abi.md, "Events"). Rare: a scan
 // of the index table is fine.
@@ -321,8 +340,14 @@ func (d *Driver) reapEvents() (bool, error) {
 			if ev.Type == abi.EventDMB && d.shm != nil {
 				d.shm.revoke(ev.Token) // before anyone hears of it
 			}
-			if ev.Type == abi.EventDMB && ev.Code == abi.DMBRevoked && ev.GID == d.GID() {
-				d.revokedOwn(ev.Token)
+			if ev.Type == abi.EventDMB && ev.Code == abi.DMBRevoked {
+				if ev.GID == d.GID() {
+					d.revokedOwn(ev.Token)
+				}
+				d.revoked = append(d.revoked, ev.Token)
+				if len(d.revoked) > maxRevoked {
+					d.revoked = d.revoked[len(d.revoked)-maxRevoked/2:]
+				}
 			}
 			if !d.evq.push(ev) {
 				d.evDrops.Add(1)
@@ -396,7 +421,9 @@ func (d *Driver) poll() {
 func (d *Driver) look() bool {
 	active := d.scanSignals()
 	if d.broken.Load() == nil {
+		d.evMu.Lock()
 		got, err := d.reapEvents()
+		d.evMu.Unlock()
 		if err != nil {
 			d.reqMu.Lock()
 			d.failLocked(fmt.Errorf("event queue: %v", err))

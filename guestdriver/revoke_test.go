@@ -29,6 +29,9 @@ func TestRevokedDMBFreed(t *testing.T) {
 	if ev := <-d.Events(); ev.Type != abi.EventDMB || ev.Code != abi.DMBRevoked || ev.Token != m.Token() {
 		t.Fatalf("event %+v", ev)
 	}
+	if !d.Revoked(m.Token()) || d.Revoked(other.Token()) {
+		t.Errorf("Revoked: %v for the revoked DMB, %v for the other", d.Revoked(m.Token()), d.Revoked(other.Token()))
+	}
 	if err := d.UnregisterDMB(m); err != nil {
 		t.Fatalf("unregister of a revoked DMB: %v", err)
 	}

@@ -233,6 +233,15 @@ func (c *Conn) rxLoop() {
 // rx processes the CDC header in our DMB. tcpErr is non-nil when the TCP
 // connection has ended: then the peer must already have said closed.
 func (c *Conn) rx(tcpErr error) {
+	var revoked error // why the peer may have closed without a CDC close
+	if rc, ok := c.dev.(RevokeChecker); ok && tcpErr != nil {
+		switch {
+		case rc.Revoked(c.dmb.Token()):
+			revoked = errDMBGone
+		case rc.Revoked(c.peerToken):
+			revoked = errPeerDMB
+		}
+	}
 	m, err := LoadCDC(c.dmb.Bytes())
 	c.mu.Lock()
 	if c.err != nil || c.closed {
@@ -267,6 +276,8 @@ func (c *Conn) rx(tcpErr error) {
 		case errors.Is(tcpErr, errTCPData):
 			c.err = tcpErr
 			abortPeer = true
+		case tcpErr != nil && c.peerState&FlagClosed == 0 && revoked != nil:
+			c.err = revoked
 		case tcpErr != nil && c.peerState&FlagClosed == 0:
 			c.err = errVanished
 		}

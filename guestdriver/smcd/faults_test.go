@@ -143,3 +143,37 @@ func TestRevokedDMBFoundByMove(t *testing.T) {
 		}
 	}
 }
+
+// checkOnly is a device that reports revokes only when asked
+// (RevokeChecker), never by DMBWatcher: as when the device's event is still
+// on its way.
+type checkOnly struct {
+	ISM
+	l *Loopback
+}
+
+func (d checkOnly) Revoked(token uint64) bool { return d.l.Revoked(token) }
+
+// TestRevokeOvertakenByTCPClose: the client's Write fails on the revoked
+// server DMB and the client closes; its TCP close reaches the server before
+// any event does. The server's Read still names the revoke, not a peer that
+// vanished.
+func TestRevokeOvertakenByTCPClose(t *testing.T) {
+	f := NewFabric(0xFF00)
+	sl, cl := f.NewDevice(), f.NewDevice()
+	e := withTestTimeouts(env{srvDev: checkOnly{sl, sl}, cliDev: checkOnly{cl, cl}})
+	cli, srv := e.pair(t)
+	defer srv.Close()
+	mustSMC(t, cli, srv)
+	if err := f.Revoke(srv.(*Conn).Info().LocalToken); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cli.Write(make([]byte, 1000)); !errors.Is(err, ErrDMBGone) {
+		t.Fatalf("client Write: %v", err)
+	}
+	cli.Close()
+	var b [1]byte
+	if _, err := srv.Read(b[:]); !errors.Is(err, ErrDMBGone) {
+		t.Fatalf("server Read after the client's close: %v, want an error wrapping ErrDMBGone", err)
+	}
+}

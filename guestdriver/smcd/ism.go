@@ -63,6 +63,15 @@ type DMBWatcher interface {
 	WatchDMB(token uint64, gone func()) (cancel func())
 }
 
+// RevokeChecker is implemented by an ISM that can say whether the device
+// has revoked a DMB, ours or a peer's, counting events it has received but
+// not delivered yet. The stack asks when the peer's TCP connection ends
+// without a CDC close: a peer whose connection failed on the revoke closes
+// at once, and its TCP close can overtake the device's event.
+type RevokeChecker interface {
+	Revoked(token uint64) bool
+}
+
 // Attacher is implemented by an ISM that can map a peer's attach-mode DMB
 // into this guest (Linux's "nocopy" SMC-D, attach_dmb). A sender whose
 // device can attach the peer's DMB writes its data and CDC straight into

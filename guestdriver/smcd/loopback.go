@@ -26,11 +26,12 @@ type Fabric struct {
 	mu      sync.RWMutex
 	devices map[uint64]*Loopback
 	dmbs    map[uint64]*loopDMB // by token
+	revoked map[uint64]bool     // tokens Revoke killed
 }
 
 // NewFabric returns an empty fabric whose devices report chid.
 func NewFabric(chid uint16) *Fabric {
-	return &Fabric{chid: chid, devices: map[uint64]*Loopback{}, dmbs: map[uint64]*loopDMB{}}
+	return &Fabric{chid: chid, devices: map[uint64]*Loopback{}, dmbs: map[uint64]*loopDMB{}, revoked: map[uint64]bool{}}
 }
 
 // NewDevice adds a device with a random non-zero GID to the fabric.
@@ -238,6 +239,13 @@ func (d *Loopback) WatchDMB(token uint64, gone func()) (cancel func()) {
 	return d.dmbW.Watch(token, gone)
 }
 
+// Revoked implements RevokeChecker.
+func (d *Loopback) Revoked(token uint64) bool {
+	d.fabric.mu.RLock()
+	defer d.fabric.mu.RUnlock()
+	return d.fabric.revoked[token]
+}
+
 // Revoke kills the DMB token as the backend's revoke-dmb fault does: its
 // owner and its rgid hear that it is gone (DMBWatcher), MOVEs to it fail
 // with NOENTRY, and its owner's UnregisterDMB too.
@@ -252,6 +260,9 @@ func (f *Fabric) Revoke(token uint64) error {
 	o.mu.Lock()
 	o.unregisterLocked(m)
 	o.mu.Unlock()
+	f.mu.Lock()
+	f.revoked[token] = true
+	f.mu.Unlock()
 	o.dmbW.Gone(token)
 	f.mu.RLock()
 	r := f.devices[m.rgid]

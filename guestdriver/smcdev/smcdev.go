@@ -26,13 +26,14 @@ type Adapter struct {
 }
 
 var (
-	_ smcd.ISM         = Adapter{}
-	_ smcd.PeerWatcher = Adapter{}
-	_ smcd.DMBWatcher  = Adapter{}
-	_ smcd.MoveLimiter = Adapter{}
-	_ smcd.Attacher    = Adapter{}
-	_ smcd.SharedDMB   = (*guestdriver.DMB)(nil)
-	_ smcd.PeerDMB     = (*guestdriver.Attachment)(nil)
+	_ smcd.ISM           = Adapter{}
+	_ smcd.PeerWatcher   = Adapter{}
+	_ smcd.DMBWatcher    = Adapter{}
+	_ smcd.RevokeChecker = Adapter{}
+	_ smcd.MoveLimiter   = Adapter{}
+	_ smcd.Attacher      = Adapter{}
+	_ smcd.SharedDMB     = (*guestdriver.DMB)(nil)
+	_ smcd.PeerDMB       = (*guestdriver.Attachment)(nil)
 )
 
 // New wraps d.
@@ -54,6 +55,10 @@ func (v Adapter) WatchDMB(token uint64, gone func()) (cancel func()) {
 	v.once.Do(func() { go v.dispatch() })
 	return v.dmbs.Watch(token, gone)
 }
+
+// Revoked implements smcd.RevokeChecker through the driver, which reaps
+// the event queue first.
+func (v Adapter) Revoked(token uint64) bool { return v.d.Revoked(token) }
 
 // dispatch reads events until the driver closes its channel.
 func (v Adapter) dispatch() {
