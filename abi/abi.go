@@ -369,9 +369,20 @@ func (s Status) Error() string {
 type EventType uint16
 
 const (
-	EventDMB EventType = 0 // a DMB the driver attached or wrote to is gone (and unmapped from its region): Token, GID = owner
+	EventDMB EventType = 0 // a DMB the driver attached or wrote to is gone (and unmapped from its region): Token, GID = owner; Code DMBRevoked: also to the owner
 	EventGID EventType = 1 // a peer device is gone: GID
 	EventSWR EventType = 2 // a software event from SIGNAL: GID (sender), Code, Info
+)
+
+// Codes of an EventDMB.
+const (
+	// DMBGone: its owner unregistered it, reset or went away (attachers
+	// only).
+	DMBGone uint16 = 0
+	// DMBRevoked: the device itself unregistered it (an operator's fault
+	// injection). Sent to the owner (GID = its own GID) and to the rgid,
+	// in either mode.
+	DMBRevoked uint16 = 1
 )
 
 // EventSize is the size of an event the device writes into an event buffer.

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"slices"
 	"sync/atomic"
 	"time"
 
@@ -27,7 +28,8 @@ type DMB struct {
 	sig     chan struct{}
 	pending atomic.Uint32 // DMBE bits seen signalled, not yet taken
 	dead    atomic.Bool
-	seen    dmbSignals // the SBA counters as the poller last saw them; the poller's alone once published
+	revoked atomic.Bool // the device unregistered it (EventDMB to its owner)
+	seen    dmbSignals  // the SBA counters as the poller last saw them; the poller's alone once published
 }
 
 // Token is the DMB's token (what a peer MOVEs to).
@@ -165,7 +167,11 @@ func (d *Driver) UnregisterDMB(m *DMB) error {
 		d.unregisterShared(m)
 	}
 	if _, err := d.do(&abi.Request{Op: abi.OpUnregisterDMB, Token: m.Token()}, nil); err != nil {
-		return err
+		// A DMB the device revoked is unregistered already, and the
+		// device wrote it last before it said so: free it as usual.
+		if !m.revoked.Load() || !errors.Is(err, abi.StatusNoEntry) {
+			return err
+		}
 	}
 	if !m.dead.CompareAndSwap(false, true) {
 		return fmt.Errorf("guestdriver: DMB unregistered twice: %w", abi.StatusNoEntry)
@@ -274,6 +280,36 @@ func (m *DMB) signalled(dmbes uint32) {
 	}
 }
 
+// maxRevoked bounds the revoked tokens Revoked remembers (revokes are an
+// operator's rare doing; the oldest are forgotten).
+const maxRevoked = 256
+
+// Revoked reports whether the device has revoked the DMB token (ours or a
+// peer's: EventDMB with code revoked), having reaped the event queue first,
+// so that an event already in the ring counts even if the poller has not
+// looked yet. The SMC-D stack asks when a peer's TCP connection ends
+// without its CDC close: the peer may have closed because of the revoke.
+func (d *Driver) Revoked(token uint64) bool {
+	d.evMu.Lock()
+	defer d.evMu.Unlock()
+	if !d.closed.Load() && d.broken.Load() == nil {
+		d.reapEvents() // an error is the poller's to report
+	}
+	return slices.Contains(d.revoked, token)
+}
+
+// revokedOwn marks this driver's DMB token as revoked by the device (an
+// EventDMB naming our own GID: docs/device-abi.md, "Events"). Rare: a scan
+// of the index table is fine.
+func (d *Driver) revokedOwn(token uint64) {
+	for i := range d.dmbs {
+		if m := d.dmbs[i].Load(); m != nil && m.Token() == token {
+			m.revoked.Store(true)
+			return
+		}
+	}
+}
+
 // postEvent makes event buffer i available to the device.
 func (d *Driver) postEvent(i int) error {
 	head, err := d.evQ.Add(nil, []pci.Seg{pci.SegOf(d.evBufs, i*abi.EventSize, abi.EventSize)})
@@ -303,6 +339,15 @@ func (d *Driver) reapEvents() (bool, error) {
 			ev, _ := abi.DecodeEvent(d.evBufs.Bytes()[i*abi.EventSize : (i+1)*abi.EventSize])
 			if ev.Type == abi.EventDMB && d.shm != nil {
 				d.shm.revoke(ev.Token) // before anyone hears of it
+			}
+			if ev.Type == abi.EventDMB && ev.Code == abi.DMBRevoked {
+				if ev.GID == d.GID() {
+					d.revokedOwn(ev.Token)
+				}
+				d.revoked = append(d.revoked, ev.Token)
+				if len(d.revoked) > maxRevoked {
+					d.revoked = d.revoked[len(d.revoked)-maxRevoked/2:]
+				}
 			}
 			if !d.evq.push(ev) {
 				d.evDrops.Add(1)
@@ -376,7 +421,9 @@ func (d *Driver) poll() {
 func (d *Driver) look() bool {
 	active := d.scanSignals()
 	if d.broken.Load() == nil {
+		d.evMu.Lock()
 		got, err := d.reapEvents()
+		d.evMu.Unlock()
 		if err != nil {
 			d.reqMu.Lock()
 			d.failLocked(fmt.Errorf("event queue: %v", err))

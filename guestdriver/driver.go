@@ -132,12 +132,14 @@ type Driver struct {
 	freeSlots []int
 	pending   []*waiter // by head descriptor
 
+	evMu    sync.Mutex // reaping the event queue: the poller, or Revoked
 	evQ     *pci.Queue
 	evBufs  *pci.DMA
 	evByHd  []int // head -> event buffer
 	events  chan abi.Event
 	evq     *eventQueue // between the poller and events (events.go)
 	evDrops atomic.Uint64
+	revoked []uint64 // tokens of the latest DMBs the device revoked (EventDMB code revoked), under evMu
 
 	dmbMu     sync.Mutex
 	dmbs      []atomic.Pointer[DMB] // by DMB index; the poller reads it lock-free
@@ -650,6 +652,8 @@ func (d *Driver) Close() error {
 	if !d.closed.CompareAndSwap(false, true) {
 		return ErrClosed
 	}
+	d.evMu.Lock() // a Revoked reaping now finishes; later ones see closed
+	d.evMu.Unlock()
 	d.stopPoller()
 	if d.shm != nil {
 		// The reset removes every mapping: no write through an

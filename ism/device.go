@@ -368,13 +368,28 @@ func (d *Device) Move(token uint64, dmbe uint32, offset uint64, signal bool, dat
 	if dmb.CheckRange(offset, n, e.size) != nil {
 		return d.refuse(moveReq(token, dmbe, offset, n, signal), abi.StatusRange, "offset+len past the DMB")
 	}
+	var late *fault // a delay fault holding this MOVE's signal
+	asked := signal
+	if d.f.faultsOn.Load() {
+		if st := d.f.moveFault(d, e, token); st != abi.StatusOK {
+			return d.refuse(moveReq(token, dmbe, offset, n, signal), st, "fault injection: MOVE failed")
+		}
+		if signal {
+			var drop bool
+			drop, late = d.f.signalFault(d, e.owner)
+			signal = !drop && late == nil
+		}
+	}
 	st, raised := e.owner.moveShared(e, dmbe, offset, n, signal, data)
 	if st != abi.StatusOK {
 		return d.refuse(moveReq(token, dmbe, offset, n, signal), st, moveWhy(st))
 	}
+	if late != nil {
+		late.hold(heldSignal{owner: e.owner, e: e, dmbe: dmbe})
+	}
 	d.stats.moves.Add(1)
 	d.stats.moveBytes.Add(n)
-	if signal {
+	if asked {
 		d.stats.signals.Add(1)
 	}
 	if raised {

@@ -120,6 +120,9 @@ type Fabric struct {
 
 	dmbs dmb.Table[*dmbEntry] // every live DMB, by token
 
+	faultsOn atomic.Bool // any standing fault set (faults.go): the data path's one check
+	faults   faultSet
+
 	amu sync.Mutex // attach-mode bookkeeping of every device (see the package doc)
 
 	mu      sync.RWMutex
@@ -425,6 +428,9 @@ type Stats struct {
 	BadChains    uint64
 	QueuesBroken uint64
 
+	// Faults injected with this VM as the target (faults.go), by kind.
+	Faults [NumFaultKinds]uint64
+
 	// Attach-mode gauges, now: connected devices only.
 	AttachDMBs  uint64 // own live attach-mode DMBs
 	AttachBytes uint64 // host memory of those DMBs (page-rounded)
@@ -464,6 +470,9 @@ func (s *Stats) add(o Stats) {
 	for i := range s.Refused {
 		s.Refused[i] += o.Refused[i]
 	}
+	for i := range s.Faults {
+		s.Faults[i] += o.Faults[i]
+	}
 }
 
 // counters are a device's live counters; each is written by atomic adds so
@@ -490,6 +499,7 @@ type counters struct {
 	mappedLimitRefused  atomic.Uint64
 	badChains           atomic.Uint64
 	queuesBroken        atomic.Uint64
+	faults              [NumFaultKinds]atomic.Uint64
 }
 
 func (c *counters) snapshot() Stats {
@@ -518,6 +528,9 @@ func (c *counters) snapshot() Stats {
 	for i := range c.refused {
 		s.Refused[i] = c.refused[i].Load()
 	}
+	for i := range c.faults {
+		s.Faults[i] = c.faults[i].Load()
+	}
 	return s
 }
 
@@ -543,5 +556,8 @@ func (c *counters) addStats(s Stats) {
 	c.queuesBroken.Add(s.QueuesBroken)
 	for i := range c.refused {
 		c.refused[i].Add(s.Refused[i])
+	}
+	for i := range c.faults {
+		c.faults[i].Add(s.Faults[i])
 	}
 }

@@ -35,7 +35,17 @@ func (d *Device) Signal(rgid uint64, code uint16, info uint64) error {
 		d.stats.signalsRefusedRate.Add(1)
 		return d.refuse(req, abi.StatusBusy, whySignalRate)
 	}
-	switch t.post(abi.Event{Type: abi.EventSWR, Code: code, GID: d.gid, Info: info}) {
+	ev := abi.Event{Type: abi.EventSWR, Code: code, GID: d.gid, Info: info}
+	if f.faultsOn.Load() {
+		if drop, late := f.signalFault(d, t); drop || late != nil {
+			if late != nil {
+				late.hold(heldSignal{target: t, ev: ev})
+			}
+			d.stats.swEvents.Add(1) // the sender is told OK: a lossy device
+			return nil
+		}
+	}
+	switch t.post(ev) {
 	case postGone:
 		return d.refuse(req, abi.StatusNoEntry, "rgid not connected")
 	case postDropped:

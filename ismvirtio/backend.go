@@ -372,6 +372,9 @@ func (b *Backend) serveRequests(q *vhostuser.Queue) {
 			q.Yield()
 			return
 		}
+		if b.fabric.FaultsOn() && q.Pending() && b.throttled(q) {
+			return
+		}
 		ok, err := q.Next(c)
 		if err != nil {
 			// Malformed: vhostuser completed and logged it.
@@ -390,6 +393,20 @@ func (b *Backend) serveRequests(q *vhostuser.Queue) {
 		q.Push(c, b.serve(c))
 	}
 	q.Notify()
+}
+
+// throttled asks the throttle fault (ism.FaultThrottle) whether the queue
+// may take a chain now. If not, the chains stay on the ring and a timer
+// wakes the queue when the next one may be taken: the guest sees a slow
+// device, and this VM's control messages are not held up meanwhile.
+func (b *Backend) throttled(q *vhostuser.Queue) bool {
+	wait := b.dev.ThrottleChain(b.now())
+	if wait <= 0 {
+		return false
+	}
+	q.Notify()
+	time.AfterFunc(wait, q.Wake)
+	return true
 }
 
 // serve handles one request chain and returns the bytes written into it.

@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/ism-backend/ism-backend/abi"
+	"github.com/ism-backend/ism-backend/ism"
 	"github.com/ism-backend/ism-backend/vhostuser"
 	fe "github.com/ism-backend/ism-backend/vhostuser/vhostusertest"
 )
@@ -323,5 +324,42 @@ func TestIntraVM(t *testing.T) {
 	}
 	if string(dmb[4096:4100]) != "self" || sbaSeq(sba, 5) != 1 {
 		t.Fatal("intra-VM MOVE did not land or signal")
+	}
+}
+
+// TestThrottleFault: a VM whose queue is throttled to one chain a second
+// still gets every request served (the queue is woken when the next chain
+// may be taken), and the chains held back are counted; its peer is not
+// throttled.
+func TestThrottleFault(t *testing.T) {
+	s := newFabricServer(t, map[string]uint64{"a": gidA, "b": gidB})
+	a, b := s.connect("a"), s.connect("b")
+	if _, err := s.fabric.SetFault(ism.FaultSpec{Kind: ism.FaultThrottle, VM: "a", Rate: 1}, "test"); err != nil {
+		t.Fatal(err)
+	}
+	const n = 4
+	for range n {
+		if r := a.do(abi.Request{Op: abi.OpQueryRGID, GID: gidB}, nil); r.Status != abi.StatusOK {
+			t.Fatalf("QUERY_RGID under throttle: %v", r.Status)
+		}
+	}
+	for range 3 * n {
+		if r := b.do(abi.Request{Op: abi.OpQueryRGID, GID: gidA}, nil); r.Status != abi.StatusOK {
+			t.Fatalf("b's QUERY_RGID: %v", r.Status)
+		}
+	}
+	var held, heldB uint64
+	for _, d := range s.fabric.DeviceStats() {
+		switch d.Name {
+		case "a":
+			held = d.Stats.Faults[ism.FaultThrottle]
+		case "b":
+			heldB = d.Stats.Faults[ism.FaultThrottle]
+		}
+	}
+	// n requests one after another at one a second: a request that came
+	// within a second of the one before waited (at least one of the n-1).
+	if held == 0 || held > n-1 || heldB != 0 {
+		t.Errorf("chains held back: a %d (want 1..%d), b %d", held, n-1, heldB)
 	}
 }

@@ -51,6 +51,7 @@ type Collector struct {
 	signalsRefused      *prometheus.Desc
 	eventsDropped       *prometheus.Desc
 	limitRefused        *prometheus.Desc
+	faults              *prometheus.Desc
 	gauges              []gauge
 	vhost               []vhostCounter
 }
@@ -106,6 +107,8 @@ func NewCollector(f *ism.Fabric, vms []VM, conn func(vm string) vhostuser.Stats)
 		"Events for the VM's driver that were not queued, by kind: software (SIGNALs) or device (GID or DMB gone; 0 unless the design fails).", "kind")
 	c.limitRefused = vmDesc("limit_refused_total",
 		"Requests of the VM refused by a per-VM cap: DMBs (-max-dmbs), attach memory (-max-attach-memory), mapped bytes (-max-mapped).", "limit")
+	c.faults = vmDesc("faults_injected_total",
+		"Faults injected with the VM as the target (ism-backend fault), by kind: signals dropped or delayed, MOVEs failed, queue throttled, DMBs revoked, GID-gone events sent.", "kind")
 	c.gauges = []gauge{
 		{vmDesc("attach_dmbs", "Own live attach-mode DMBs of the connected device."), func(s *ism.Stats) uint64 { return s.AttachDMBs }},
 		{vmDesc("attach_bytes", "Host memory of those DMBs, page-rounded."), func(s *ism.Stats) uint64 { return s.AttachBytes }},
@@ -122,7 +125,7 @@ func NewCollector(f *ism.Fabric, vms []VM, conn func(vm string) vhostuser.Stats)
 
 // Describe implements prometheus.Collector.
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.info, c.devices, c.dmbs, c.connected, c.vmDMBs, c.refused, c.signalsRefused, c.eventsDropped, c.limitRefused} {
+	for _, d := range []*prometheus.Desc{c.info, c.devices, c.dmbs, c.connected, c.vmDMBs, c.refused, c.signalsRefused, c.eventsDropped, c.limitRefused, c.faults} {
 		ch <- d
 	}
 	for _, m := range c.counters {
@@ -199,6 +202,9 @@ func (c *Collector) collectVM(ch chan<- prometheus.Metric, d ism.DeviceStats) {
 		n     uint64
 	}{{"dmbs", s.DMBLimitRefused}, {"attach_memory", s.AttachLimitRefused}, {"mapped", s.MappedLimitRefused}} {
 		ch <- prometheus.MustNewConstMetric(c.limitRefused, prometheus.CounterValue, float64(r.n), with(r.limit)...)
+	}
+	for k, n := range s.Faults {
+		ch <- prometheus.MustNewConstMetric(c.faults, prometheus.CounterValue, float64(n), with(ism.FaultKind(k).String())...)
 	}
 	var vs vhostuser.Stats
 	if c.conn != nil {

@@ -2,6 +2,7 @@ package metrics
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"net/http"
 	"strings"
@@ -224,5 +225,41 @@ func TestListen(t *testing.T) {
 	cancel()
 	if _, err := Listen(context.Background(), "256.0.0.1:1", Registry(fabricAfterTraffic(t))); err == nil {
 		t.Fatal("Listen on a bad address did not fail")
+	}
+}
+
+// TestCollectorFaults: injected faults are counted per target VM and kind:
+// b's signals dropped (every one, from b), a's DMB revoked.
+func TestCollectorFaults(t *testing.T) {
+	log := logrus.New()
+	log.SetOutput(io.Discard)
+	f := ism.NewFabric(abi.DefaultCHID, logrus.NewEntry(log))
+	a := connect(t, f, "a", 0xA)
+	b := connect(t, f, "b", 0xB)
+	handle(t, a, abi.Request{Op: abi.OpSetSBA, Addr: 0x1000}, nil, abi.StatusOK)
+	tok := handle(t, a, abi.Request{Op: abi.OpRegisterDMB, Addr: 0x10000, Len: 4096, GID: 0xB, Index: 1}, nil, abi.StatusOK).Value
+	if _, err := f.SetFault(ism.FaultSpec{Kind: ism.FaultDropSignals, VM: "b", From: true, Every: 1}, "test"); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		handle(t, b, abi.Request{Op: abi.OpMove, Token: tok, Flags: abi.FlagSignal}, nil, abi.StatusOK)
+	}
+	if _, err := f.RevokeDMB("a", tok, 0, "test"); err != nil {
+		t.Fatal(err)
+	}
+	c := NewCollector(f, []VM{{"a", 0xA}, {"b", 0xB}}, nil)
+	var want strings.Builder
+	want.WriteString("# HELP ism_backend_vm_faults_injected_total Faults injected with the VM as the target (ism-backend fault), by kind: signals dropped or delayed, MOVEs failed, queue throttled, DMBs revoked, GID-gone events sent.\n# TYPE ism_backend_vm_faults_injected_total counter\n")
+	for _, vm := range []struct {
+		name, gid string
+		n         map[string]int
+	}{{"a", "0x000000000000000a", map[string]int{"revoke-dmb": 1}}, {"b", "0x000000000000000b", map[string]int{"drop-signals": 2}}} {
+		for k := range ism.NumFaultKinds {
+			kind := ism.FaultKind(k).String()
+			fmt.Fprintf(&want, "ism_backend_vm_faults_injected_total{gid=%q,kind=%q,vm=%q} %d\n", vm.gid, kind, vm.name, vm.n[kind])
+		}
+	}
+	if err := testutil.CollectAndCompare(c, strings.NewReader(want.String()), "ism_backend_vm_faults_injected_total"); err != nil {
+		t.Fatal(err)
 	}
 }

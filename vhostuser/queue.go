@@ -317,6 +317,13 @@ func (q *Queue) Next(c *Chain) (bool, error) {
 	return true, nil
 }
 
+// Pending reports whether the driver has made a chain available that Next
+// has not taken yet (a Backend that throttles the queue asks before it
+// takes one).
+func (q *Queue) Pending() bool {
+	return q.desc != nil && q.enabled && !q.broken && q.availIdx() != q.lastAvail
+}
+
 func (q *Queue) countBadChain() {
 	q.badChains++
 	if q.dev != nil {

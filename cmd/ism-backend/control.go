@@ -27,14 +27,16 @@ const controlName = "ism-backend.ctl"
 
 // controlRequest is what a client sends.
 type controlRequest struct {
-	Command string `json:"command"`
+	Command string        `json:"command"`
+	Fault   *faultRequest `json:"fault,omitempty"` // fault.go
 }
 
 // controlAnswer is what the backend sends back: Error, or the command's
 // result.
 type controlAnswer struct {
-	Error  string      `json:"error,omitempty"`
-	Status *statusJSON `json:"status,omitempty"`
+	Error  string       `json:"error,omitempty"`
+	Status *statusJSON  `json:"status,omitempty"`
+	Faults *faultAnswer `json:"faults,omitempty"` // fault.go
 }
 
 // statusJSON is `ism-backend status -json`: the fabric's devices, DMBs and
@@ -46,6 +48,7 @@ type statusJSON struct {
 	DMBs    []dmbJSON     `json:"dmbs"`
 	VMs     []vmStatsJSON `json:"vms"` // counters, as in the stats file
 	Total   statsJSON     `json:"total"`
+	Faults  []faultJSON   `json:"faults"` // standing faults (fault.go)
 }
 
 type deviceJSON struct {
@@ -80,7 +83,7 @@ func status(f *ism.Fabric, opts *options, now time.Time) *statusJSON {
 	w := statsWriter{opts: opts}
 	counters := w.snapshot(f, now)
 	out := &statusJSON{Time: counters.Time, CHID: counters.CHID, VMs: counters.VMs, Total: counters.Total,
-		Devices: []deviceJSON{}, DMBs: []dmbJSON{}}
+		Devices: []deviceJSON{}, DMBs: []dmbJSON{}, Faults: faultsJSON(f.Faults())}
 	byName := map[string]ism.DeviceStats{}
 	for _, d := range f.DeviceStats() {
 		byName[d.Name] = d
@@ -142,8 +145,10 @@ func handleControl(r io.Reader, f *ism.Fabric, opts *options) controlAnswer {
 	switch req.Command {
 	case "status":
 		return controlAnswer{Status: status(f, opts, time.Now())}
+	case "fault":
+		return handleFault(r, req.Fault, f, opts)
 	default:
-		return controlAnswer{Error: fmt.Sprintf("unknown command %q (known: status)", req.Command)}
+		return controlAnswer{Error: fmt.Sprintf("unknown command %q (known: status, fault)", req.Command)}
 	}
 }
 

@@ -90,6 +90,17 @@ func main() {
 		}
 		return
 	}
+	if len(os.Args) > 1 && os.Args[1] == "fault" {
+		err := runFault(os.Args[2:], os.Stdout, os.Stderr)
+		if errors.Is(err, flag.ErrHelp) {
+			os.Exit(0)
+		}
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "ism-backend fault: %v\n", err)
+			os.Exit(1)
+		}
+		return
+	}
 	opts, err := parseFlags(os.Args[1:], os.Stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		os.Exit(0)
@@ -181,7 +192,7 @@ func parseFlags(args []string, errOut io.Writer) (*options, error) {
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			fs.SetOutput(errOut)
-			fmt.Fprintln(errOut, "usage: ism-backend -socket-dir DIR -vm NAME[=GID] ... | -print-qemu NAME | status [-json]")
+			fmt.Fprintln(errOut, "usage: ism-backend -socket-dir DIR -vm NAME[=GID] ... | -print-qemu NAME | status [-json] | fault VERB ...")
 			fs.PrintDefaults()
 		}
 		return nil, err

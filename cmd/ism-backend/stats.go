@@ -85,6 +85,9 @@ type statsJSON struct {
 	MappedLimitRefused  uint64 `json:"mapped_limit_refused"`
 	BadChains           uint64 `json:"bad_chains"`
 	QueuesBroken        uint64 `json:"queues_broken"`
+	// Faults injected with this VM as the target, by kind; absent while
+	// none was.
+	Faults map[string]uint64 `json:"faults_injected,omitempty"`
 }
 
 // statusNames name the refusal statuses in the stats file (abi.StatusOK is
@@ -119,6 +122,14 @@ func toStatsJSON(s ism.Stats) statsJSON {
 	for st, name := range statusNames {
 		if st != int(abi.StatusOK) {
 			j.Refused[name] = s.Refused[st]
+		}
+	}
+	for k, n := range s.Faults {
+		if n != 0 {
+			if j.Faults == nil {
+				j.Faults = map[string]uint64{}
+			}
+			j.Faults[ism.FaultKind(k).String()] = n
 		}
 	}
 	return j

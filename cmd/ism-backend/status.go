@@ -79,7 +79,14 @@ func writeStatus(out io.Writer, s *statusJSON) error {
 		row(v.Name, v.Stats)
 	}
 	row("(total)", s.Total)
-	return w.Flush()
+	if err := w.Flush(); err != nil {
+		return err
+	}
+	if len(s.Faults) > 0 {
+		fmt.Fprintf(out, "\nFAULT INJECTION ON (%d)\n", len(s.Faults))
+		return writeFaults(out, s.Faults)
+	}
+	return nil
 }
 
 func yesNo(b bool) string {

@@ -54,8 +54,11 @@ func sampleStatus() *statusJSON {
 		},
 		VMs: []vmStatsJSON{
 			{Name: "vm1", GID: "0x000000000000000a", Modes: "copy,attach", Connected: true, Stats: statsJSON{DMBs: 2, Moves: 10, MoveBytes: 640, Signals: 4, Events: 2, Maps: 1, RefusedTotal: 1}},
-			{Name: "vm2", GID: "0x000000000000000b", Modes: "copy", Stats: statsJSON{Moves: 5, MoveBytes: 5000, SWEvents: 1, SWEventsDropped: 2}},
+			{Name: "vm2", GID: "0x000000000000000b", Modes: "copy", Stats: statsJSON{Moves: 5, MoveBytes: 5000, SWEvents: 1, SWEventsDropped: 2,
+				Faults: map[string]uint64{"drop-signals": 3}}},
 		},
+		Faults: []faultJSON{{ID: 1, Fault: "drop-signals to vm2 every 3", Kind: "drop-signals", VM: "vm2",
+			Since: "2026-12-02T05:59:30Z", By: "pid 4242 uid 0", Injected: 3}},
 		Total: statsJSON{DMBs: 2, Moves: 15, MoveBytes: 5640, Signals: 4, SWEvents: 1, Events: 2, Maps: 1, RefusedTotal: 1, SWEventsDropped: 2},
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/ism-backend/ism-backend/abi"
 	"github.com/ism-backend/ism-backend/guestdriver/smcd/synopt"
 )
 
@@ -69,6 +70,8 @@ type Conn struct {
 	closed     bool  // local Close
 
 	readDL, writeDL deadline
+	waiters         int           // Reads and Writes waiting for a state change (under mu)
+	waitStart       chan struct{} // nudges rxLoop when the first one starts waiting
 
 	synOpt *synopt.Record // the option program's record; nil in band
 
@@ -90,7 +93,25 @@ var (
 	errPeerClose = fmt.Errorf("peer closed the connection: %w", syscall.EPIPE)
 	errPeerGone  = fmt.Errorf("peer's ISM device went away: %w", syscall.ECONNRESET)
 	errShutdown  = fmt.Errorf("write after CloseWrite: %w", syscall.EPIPE)
+	errDMBGone   = fmt.Errorf("our DMB was revoked by the ISM device: %w (%w)", ErrDMBGone, syscall.ECONNRESET)
+	errPeerDMB   = fmt.Errorf("the peer's DMB was revoked by the ISM device: %w (%w)", ErrDMBGone, syscall.ECONNRESET)
 	errTCPData   = errors.New("smcd: unexpected data on the TCP connection after the CLC handshake")
+)
+
+// ErrDMBGone is wrapped by the error of a connection whose DMB, or whose
+// peer's DMB, the device revoked (DMBWatcher).
+var ErrDMBGone = errors.New("smcd: DMB gone")
+
+// Rescanning: a connection with a Read or Write waiting looks at the CDC
+// header in its DMB on a timer too, not only when signalled, so that a
+// signal the device loses (or a peer never sends) delays it and never
+// stalls it: the cursors are absolute, so one look finds everything a lost
+// signal announced. The period starts at rescanMin when a wait begins or
+// a signal arrives and doubles up to rescanMax while nothing comes, so an
+// idle connection with a blocked Read costs about one look a second.
+const (
+	rescanMin = 20 * time.Millisecond
+	rescanMax = time.Second
 )
 
 // newConn starts a connection whose DMB dmb is registered for the peer and
@@ -103,15 +124,28 @@ func newConn(dev ISM, tcp net.Conn, dmb DMB, peerGID, peerToken uint64, peerDMBE
 		peerGID: peerGID, peerToken: peerToken, peerDMBE: peerDMBE,
 		psize:  uint32(peerSize - CDCLen),
 		cdcBuf: cdcBuf, stage: stage,
-		changed: make(chan struct{}),
-		quit:    make(chan struct{}),
-		rxDone:  make(chan struct{}),
+		changed:   make(chan struct{}),
+		waitStart: make(chan struct{}, 1),
+		quit:      make(chan struct{}),
+		rxDone:    make(chan struct{}),
 	}
 	if ml, ok := dev.(MoveLimiter); ok {
 		c.maxMove = max(ml.MaxMoveLen(), 0)
 	}
 	if pw, ok := dev.(PeerWatcher); ok {
 		c.unwatch = pw.WatchPeer(peerGID, func() { c.fail(errPeerGone) })
+	}
+	if dw, ok := dev.(DMBWatcher); ok {
+		own := dw.WatchDMB(dmb.Token(), func() { c.fail(errDMBGone) })
+		peer := dw.WatchDMB(peerToken, c.peerDMBGone)
+		unwatchPeer := c.unwatch
+		c.unwatch = func() {
+			own()
+			peer()
+			if unwatchPeer != nil {
+				unwatchPeer()
+			}
+		}
 	}
 	c.attachPeer()
 	c.readDL.init()
@@ -160,10 +194,33 @@ func (c *Conn) rxLoop() {
 		}
 		tcpDead <- err
 	}()
+	rescanT := time.NewTimer(time.Hour)
+	rescanT.Stop()
+	defer rescanT.Stop()
+	var rescan <-chan time.Time // nil while nobody waits
+	period := rescanMin
 	for {
 		select {
 		case <-c.dmb.Signalled():
 			c.rx(nil)
+			period = rescanMin
+		case <-c.waitStart:
+			if rescan == nil {
+				period = rescanMin
+				rescanT.Reset(period)
+				rescan = rescanT.C
+			}
+		case <-rescan:
+			rescan = nil
+			c.mu.Lock()
+			waiting := c.waiters > 0
+			c.mu.Unlock()
+			if waiting {
+				c.rx(nil)
+				period = min(2*period, rescanMax)
+				rescanT.Reset(period)
+				rescan = rescanT.C
+			}
 		case err := <-tcpDead:
 			if err == nil {
 				err = io.EOF
@@ -179,6 +236,15 @@ func (c *Conn) rxLoop() {
 // rx processes the CDC header in our DMB. tcpErr is non-nil when the TCP
 // connection has ended: then the peer must already have said closed.
 func (c *Conn) rx(tcpErr error) {
+	var revoked error // why the peer may have closed without a CDC close
+	if rc, ok := c.dev.(RevokeChecker); ok && tcpErr != nil {
+		switch {
+		case rc.Revoked(c.dmb.Token()):
+			revoked = errDMBGone
+		case rc.Revoked(c.peerToken):
+			revoked = errPeerDMB
+		}
+	}
 	m, err := LoadCDC(c.dmb.Bytes())
 	c.mu.Lock()
 	if c.err != nil || c.closed {
@@ -195,10 +261,15 @@ func (c *Conn) rx(tcpErr error) {
 		cons, err = AdvanceCursor(c.psize, c.txPeerCons, m.Cons, c.txProd)
 	}
 	abortPeer := false
+	changed := true
 	if err != nil {
 		c.err = err
 		abortPeer = true
 	} else {
+		// A rescan (rxLoop) usually finds nothing new: then nobody
+		// needs waking.
+		changed = prod != c.rxProd || cons != c.txPeerCons || m.ProdFlags != c.peerFlags ||
+			c.peerState|m.ConnState != c.peerState || tcpErr != nil
 		c.rxProd, c.txPeerCons = prod, cons
 		c.peerFlags = m.ProdFlags
 		c.peerState |= m.ConnState
@@ -208,12 +279,16 @@ func (c *Conn) rx(tcpErr error) {
 		case errors.Is(tcpErr, errTCPData):
 			c.err = tcpErr
 			abortPeer = true
+		case tcpErr != nil && c.peerState&FlagClosed == 0 && revoked != nil:
+			c.err = revoked
 		case tcpErr != nil && c.peerState&FlagClosed == 0:
 			c.err = errVanished
 		}
 	}
 	ack := c.err == nil && c.ackNeededLocked()
-	c.broadcastLocked()
+	if changed {
+		c.broadcastLocked()
+	}
 	c.mu.Unlock()
 	switch {
 	case abortPeer:
@@ -280,7 +355,8 @@ func (c *Conn) sendCDC() error {
 		if gone {
 			return nil
 		}
-		c.fail(fmt.Errorf("smcd: CDC to peer DMB: %w (%w)", err, syscall.ECONNRESET))
+		err = c.peerDMBErr("CDC", err)
+		c.fail(err)
 	}
 	return err
 }
@@ -305,6 +381,31 @@ func (c *Conn) sendAbort() {
 	c.txState |= FlagAbort
 	c.mu.Unlock()
 	c.sendCDC()
+}
+
+// peerDMBGone fails the connection: the device revoked the peer's DMB,
+// which we write. A peer that said closed may unregister its DMB at once
+// (in attach mode we then hear of it): its CDC saying so is in our DMB's
+// header before that, so look there first, as sendCDC does.
+func (c *Conn) peerDMBGone() {
+	m, err := LoadCDC(c.dmb.Bytes())
+	c.mu.Lock()
+	closed := c.peerState&FlagClosed != 0 || (err == nil && m.ConnState&FlagClosed != 0)
+	c.mu.Unlock()
+	if !closed {
+		c.fail(errPeerDMB)
+	}
+}
+
+// peerDMBErr is the error of a failed write of what into the peer's DMB.
+// A MOVE's NOENTRY, or any error of an attached view, means that the DMB
+// is gone (revoked, or its owner gone without a close): the error says
+// so, also when it comes before the device's event does.
+func (c *Conn) peerDMBErr(what string, err error) error {
+	if c.view != nil || errors.Is(err, abi.StatusNoEntry) {
+		return fmt.Errorf("smcd: %s to peer DMB: %w (%w: %w)", what, err, ErrDMBGone, syscall.ECONNRESET)
+	}
+	return fmt.Errorf("smcd: %s to peer DMB: %w (%w)", what, err, syscall.ECONNRESET)
 }
 
 func (c *Conn) fail(err error) {
@@ -386,6 +487,13 @@ func (c *Conn) waitLocked(dl *deadline) error {
 		return os.ErrDeadlineExceeded
 	default:
 	}
+	if c.waiters++; c.waiters == 1 {
+		select {
+		case c.waitStart <- struct{}{}:
+		default:
+		}
+	}
+	defer func() { c.waiters-- }() // mu is held again by then
 	c.mu.Unlock()
 	var err error
 	select {
@@ -443,7 +551,7 @@ func (c *Conn) Write(p []byte) (int, error) {
 			}
 		}
 		if err != nil {
-			err = fmt.Errorf("smcd: data to peer DMB: %w (%w)", err, syscall.ECONNRESET)
+			err = c.peerDMBErr("data", err)
 			c.fail(err)
 			return n, c.opErr("write", err)
 		}

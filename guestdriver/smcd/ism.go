@@ -52,6 +52,26 @@ type PeerWatcher interface {
 	WatchPeer(gid uint64, gone func()) (cancel func())
 }
 
+// DMBWatcher is implemented by an ISM that learns when the device revokes
+// a DMB (the event queue's DMB-gone event with code "revoked", which an
+// operator's fault injection causes), ours or the peer's. The stack then
+// fails the connections using it with an error wrapping ErrDMBGone,
+// instead of waiting on a ring nobody writes any more.
+type DMBWatcher interface {
+	// WatchDMB arranges for gone to be called once, from any goroutine,
+	// if the DMB with that token goes away before cancel is called.
+	WatchDMB(token uint64, gone func()) (cancel func())
+}
+
+// RevokeChecker is implemented by an ISM that can say whether the device
+// has revoked a DMB, ours or a peer's, counting events it has received but
+// not delivered yet. The stack asks when the peer's TCP connection ends
+// without a CDC close: a peer whose connection failed on the revoke closes
+// at once, and its TCP close can overtake the device's event.
+type RevokeChecker interface {
+	Revoked(token uint64) bool
+}
+
 // Attacher is implemented by an ISM that can map a peer's attach-mode DMB
 // into this guest (Linux's "nocopy" SMC-D, attach_dmb). A sender whose
 // device can attach the peer's DMB writes its data and CDC straight into

@@ -26,11 +26,12 @@ type Fabric struct {
 	mu      sync.RWMutex
 	devices map[uint64]*Loopback
 	dmbs    map[uint64]*loopDMB // by token
+	revoked map[uint64]bool     // tokens Revoke killed
 }
 
 // NewFabric returns an empty fabric whose devices report chid.
 func NewFabric(chid uint16) *Fabric {
-	return &Fabric{chid: chid, devices: map[uint64]*Loopback{}, dmbs: map[uint64]*loopDMB{}}
+	return &Fabric{chid: chid, devices: map[uint64]*Loopback{}, dmbs: map[uint64]*loopDMB{}, revoked: map[uint64]bool{}}
 }
 
 // NewDevice adds a device with a random non-zero GID to the fabric.
@@ -73,11 +74,18 @@ type Loopback struct {
 	// AttachWritten counts the bytes written through attachments.
 	AttachWritten atomic.Uint64
 
+	// DropSignals, if positive, loses every DropSignals-th signal this
+	// device sends (the MOVE's data lands, the owner is not told), as the
+	// backend's drop-signals fault does. Set it before use.
+	DropSignals uint64
+	signals     atomic.Uint64
+
 	mu     sync.Mutex
 	own    map[uint64]*loopDMB
 	closed bool
 
 	peers PeerWatchers
+	dmbW  PeerWatchers // by token (DMBWatcher)
 }
 
 type loopDMB struct {
@@ -226,6 +234,45 @@ func (d *Loopback) WatchPeer(gid uint64, gone func()) (cancel func()) {
 	return d.peers.Watch(gid, gone)
 }
 
+// WatchDMB implements DMBWatcher.
+func (d *Loopback) WatchDMB(token uint64, gone func()) (cancel func()) {
+	return d.dmbW.Watch(token, gone)
+}
+
+// Revoked implements RevokeChecker.
+func (d *Loopback) Revoked(token uint64) bool {
+	d.fabric.mu.RLock()
+	defer d.fabric.mu.RUnlock()
+	return d.fabric.revoked[token]
+}
+
+// Revoke kills the DMB token as the backend's revoke-dmb fault does: its
+// owner and its rgid hear that it is gone (DMBWatcher), MOVEs to it fail
+// with NOENTRY, and its owner's UnregisterDMB too.
+func (f *Fabric) Revoke(token uint64) error {
+	f.mu.RLock()
+	m := f.dmbs[token]
+	f.mu.RUnlock()
+	if m == nil {
+		return abi.StatusNoEntry
+	}
+	o := m.owner
+	o.mu.Lock()
+	o.unregisterLocked(m)
+	o.mu.Unlock()
+	f.mu.Lock()
+	f.revoked[token] = true
+	f.mu.Unlock()
+	o.dmbW.Gone(token)
+	f.mu.RLock()
+	r := f.devices[m.rgid]
+	f.mu.RUnlock()
+	if r != nil && r != o {
+		r.dmbW.Gone(token)
+	}
+	return nil
+}
+
 // MaxMoveLen implements MoveLimiter.
 func (d *Loopback) MaxMoveLen() int { return d.MaxMove }
 
@@ -296,6 +343,9 @@ func (d *Loopback) Move(token uint64, dmbe uint32, signal bool, offset uint32, s
 		}
 	} else {
 		copy(to, from)
+	}
+	if signal && d.DropSignals > 0 && d.signals.Add(1)%d.DropSignals == 0 {
+		signal = false // lost
 	}
 	if signal {
 		m.mask.Or(1 << dmbe)

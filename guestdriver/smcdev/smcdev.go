@@ -20,22 +20,25 @@ import (
 type Adapter struct {
 	d        *guestdriver.Driver
 	peers    *smcd.PeerWatchers
+	dmbs     *smcd.PeerWatchers // by token
 	once     *sync.Once
 	copyOnly bool
 }
 
 var (
-	_ smcd.ISM         = Adapter{}
-	_ smcd.PeerWatcher = Adapter{}
-	_ smcd.MoveLimiter = Adapter{}
-	_ smcd.Attacher    = Adapter{}
-	_ smcd.SharedDMB   = (*guestdriver.DMB)(nil)
-	_ smcd.PeerDMB     = (*guestdriver.Attachment)(nil)
+	_ smcd.ISM           = Adapter{}
+	_ smcd.PeerWatcher   = Adapter{}
+	_ smcd.DMBWatcher    = Adapter{}
+	_ smcd.RevokeChecker = Adapter{}
+	_ smcd.MoveLimiter   = Adapter{}
+	_ smcd.Attacher      = Adapter{}
+	_ smcd.SharedDMB     = (*guestdriver.DMB)(nil)
+	_ smcd.PeerDMB       = (*guestdriver.Attachment)(nil)
 )
 
 // New wraps d.
 func New(d *guestdriver.Driver) Adapter {
-	return Adapter{d: d, peers: &smcd.PeerWatchers{}, once: &sync.Once{}}
+	return Adapter{d: d, peers: &smcd.PeerWatchers{}, dmbs: &smcd.PeerWatchers{}, once: &sync.Once{}}
 }
 
 // WatchPeer implements smcd.PeerWatcher from the device's GID events: the
@@ -45,11 +48,31 @@ func (v Adapter) WatchPeer(gid uint64, gone func()) (cancel func()) {
 	return v.peers.Watch(gid, gone)
 }
 
+// WatchDMB implements smcd.DMBWatcher from the device's DMB events with
+// code abi.DMBRevoked: the backend posts one to a DMB's owner and rgid when
+// it revokes the DMB.
+func (v Adapter) WatchDMB(token uint64, gone func()) (cancel func()) {
+	v.once.Do(func() { go v.dispatch() })
+	return v.dmbs.Watch(token, gone)
+}
+
+// Revoked implements smcd.RevokeChecker through the driver, which reaps
+// the event queue first.
+func (v Adapter) Revoked(token uint64) bool { return v.d.Revoked(token) }
+
 // dispatch reads events until the driver closes its channel.
 func (v Adapter) dispatch() {
 	for ev := range v.d.Events() {
-		if ev.Type == abi.EventGID {
+		switch ev.Type {
+		case abi.EventGID:
 			v.peers.Gone(ev.GID)
+		case abi.EventDMB:
+			// Only a revoke fails connections here: an attached peer
+			// DMB that its owner unregistered or lost comes with the
+			// peer's CDC close or its GID event, which say more.
+			if ev.Code == abi.DMBRevoked {
+				v.dmbs.Gone(ev.Token)
+			}
 		}
 	}
 }

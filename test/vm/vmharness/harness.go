@@ -476,6 +476,9 @@ type Counters struct {
 	// an avail idx jump.
 	BadChains    uint64 `json:"bad_chains"`
 	QueuesBroken uint64 `json:"queues_broken"`
+	// Faults injected with this VM as the target, by kind
+	// ("drop-signals", "revoke-dmb", ...).
+	Faults map[string]uint64 `json:"faults_injected"`
 }
 
 // VMStats is one -vm of the backend. Its counters add up over all its
