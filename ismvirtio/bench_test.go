@@ -114,9 +114,8 @@ func (m *moveBench) moves(n int) {
 			issued++
 		}
 		if k > 0 {
-			old := q.AvailIdx()
 			q.Publish(m.heads[:k]...)
-			kicked, err := q.KickIfNeeded(old)
+			kicked, err := q.KickIfNeeded()
 			if err != nil {
 				m.bm.Fatal(err)
 			}
@@ -125,7 +124,7 @@ func (m *moveBench) moves(n int) {
 			}
 		}
 		for {
-			u, ok := q.TakeUsed()
+			u, ok := q.Take()
 			if !ok {
 				break
 			}
