@@ -361,8 +361,11 @@ func TestUsedEventAndArm(t *testing.T) {
 		t.Fatalf("used_event %d, want 1 (notify when used idx passes 1)", d.usedEvent())
 	}
 	d.serve(func([]byte) []byte { return nil })
-	if !r.ArmUsedEvent(r.LastUsed() + 2) {
-		t.Fatal("ArmUsedEvent: 3 used, 2 asked, not reached")
+	if !r.ArmUsedEvent(r.LastUsed() + 3) {
+		t.Fatal("ArmUsedEvent: 3 used, 3 asked, not reached")
+	}
+	if r.ArmUsedEvent(r.LastUsed()+4) || d.usedEvent() != 3 {
+		t.Fatalf("ArmUsedEvent: 3 used, 4 asked, reached (used_event %d)", d.usedEvent())
 	}
 	if r.UsedIdx() != 3 || !r.Pending() {
 		t.Fatalf("used idx %d", r.UsedIdx())
