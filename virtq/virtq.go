@@ -83,6 +83,7 @@ type Ring struct {
 	chainLen    []uint16 // per head: descriptors in the chain, 0 if not in flight
 	inLen       []uint32 // per head: device-writable bytes in the chain
 	pos         []uint16 // AddDescs' scratch: ring index of each given descriptor
+	descs       []Desc   // Add's scratch
 
 	fence uint32 // target of the atomic add that orders a store before a load
 }
@@ -115,7 +116,7 @@ func New(size uint16, a Areas) (*Ring, error) {
 		size: size, a: a,
 		availWord: word(a.Avail, 0), usedEventWord: word(a.Avail, 4+2*n),
 		usedWord: word(a.Used, 0), availEventWord: word(a.Used, 4+8*n),
-		next: make([]uint16, n), chainLen: make([]uint16, n), inLen: make([]uint32, n), pos: make([]uint16, n),
+		next: make([]uint16, n), chainLen: make([]uint16, n), inLen: make([]uint32, n), pos: make([]uint16, n), descs: make([]Desc, n),
 	}
 	r.Reset()
 	return r, nil
@@ -157,37 +158,11 @@ func (r *Ring) LastUsed() uint16 { return r.lastUsed }
 // device-writable in segments into free descriptors and returns its head.
 // The chain is not yet available to the device: see Publish.
 func (r *Ring) Add(out, in []Seg) (uint16, error) {
-	total := len(out) + len(in)
-	if total == 0 {
-		return 0, errors.New("virtq: empty chain")
-	}
-	if err := r.take(total); err != nil {
+	descs, err := r.chain(out, in)
+	if err != nil {
 		return 0, err
 	}
-	head := r.freeHead
-	d := head
-	var inBytes uint64
-	for i := 0; i < total; i++ {
-		var s Seg
-		var flags uint16
-		if i < len(out) {
-			s = out[i]
-		} else {
-			s = in[i-len(out)]
-			flags = DescFWrite
-			inBytes += uint64(s.Len)
-		}
-		if i < total-1 {
-			flags |= DescFNext
-		}
-		// The free-list link doubles as the chain link.
-		PutDesc(r.a.Desc, d, s.Addr, s.Len, flags, r.next[d])
-		if i < total-1 {
-			d = r.next[d]
-		}
-	}
-	r.claim(head, d, total, inBytes)
-	return head, nil
+	return r.AddDescs(descs)
 }
 
 // AddIndirect writes out and in segments as Add does, but into table (an
@@ -196,53 +171,40 @@ func (r *Ring) Add(out, in []Seg) (uint16, error) {
 // (VIRTQ_DESC_F_INDIRECT). The caller keeps the table until the chain is
 // used.
 func (r *Ring) AddIndirect(table []byte, tableAddr uint64, out, in []Seg) (uint16, error) {
-	total := len(out) + len(in)
-	if total == 0 || len(table) < DescSize(total) || total > 1<<16 {
-		return 0, fmt.Errorf("virtq: indirect table of %d bytes for %d segments", len(table), total)
-	}
-	if err := r.take(1); err != nil {
+	descs, err := r.chain(out, in)
+	if err != nil {
 		return 0, err
 	}
-	var inBytes uint64
-	for i := 0; i < total; i++ {
-		var s Seg
-		var flags, next uint16
+	if err := EncodeDescs(table, descs); err != nil {
+		return 0, err
+	}
+	head, err := r.AddDescs([]Desc{{Addr: tableAddr, Len: uint32(DescSize(len(descs))), Indirect: true, Next: -1}})
+	if err == nil {
+		for _, s := range in {
+			r.inLen[head] = uint32(min(uint64(r.inLen[head])+uint64(s.Len), 1<<32-1))
+		}
+	}
+	return head, err
+}
+
+// chain lays out and in out as descriptors linked in order, in r's
+// scratch. A chain, indirect table included, is at most the ring size
+// (virtio 1.2 §2.7.5.3.1).
+func (r *Ring) chain(out, in []Seg) ([]Desc, error) {
+	n := len(out) + len(in)
+	if n == 0 || n > int(r.size) {
+		return nil, fmt.Errorf("virtq: chain of %d descriptors for a ring of %d", n, r.size)
+	}
+	descs := r.descs[:n]
+	for i := range descs {
 		if i < len(out) {
-			s = out[i]
+			descs[i] = Desc{Addr: out[i].Addr, Len: out[i].Len, Next: i + 1}
 		} else {
-			s = in[i-len(out)]
-			flags = DescFWrite
-			inBytes += uint64(s.Len)
+			descs[i] = Desc{Addr: in[i-len(out)].Addr, Len: in[i-len(out)].Len, Write: true, Next: i + 1}
 		}
-		if i < total-1 {
-			flags, next = flags|DescFNext, uint16(i+1)
-		}
-		PutDesc(table, uint16(i), s.Addr, s.Len, flags, next)
 	}
-	head := r.freeHead
-	PutDesc(r.a.Desc, head, tableAddr, uint32(DescSize(total)), DescFIndirect, 0)
-	r.claim(head, head, 1, inBytes)
-	return head, nil
-}
-
-// take checks that n descriptors can be taken from the free list.
-func (r *Ring) take(n int) error {
-	if n > int(r.size) {
-		return fmt.Errorf("virtq: chain of %d descriptors exceeds ring size %d", n, r.size)
-	}
-	if n > int(r.numFree) {
-		return ErrFull
-	}
-	return nil
-}
-
-// claim takes the n descriptors from head to last off the free list (they
-// are its first n, in order) as one chain in flight.
-func (r *Ring) claim(head, last uint16, n int, inBytes uint64) {
-	r.freeHead = r.next[last]
-	r.numFree -= uint16(n)
-	r.chainLen[head] = uint16(n)
-	r.inLen[head] = uint32(min(inBytes, 1<<32-1))
+	descs[n-1].Next = -1
+	return descs, nil
 }
 
 // Desc is one descriptor as AddDescs and EncodeDescs write it. They exist
@@ -315,35 +277,38 @@ func EncodeDescs(b []byte, descs []Desc) error {
 // refuses, and Poll still holds it to no more than the writable bytes the
 // chain claims.
 func (r *Ring) AddDescs(descs []Desc) (uint16, error) {
-	if len(descs) == 0 {
-		return 0, errors.New("virtq: empty chain")
+	if len(descs) == 0 || len(descs) > int(r.size) {
+		return 0, fmt.Errorf("virtq: chain of %d descriptors for a ring of %d", len(descs), r.size)
 	}
-	if err := r.take(len(descs)); err != nil {
-		return 0, err
+	if len(descs) > int(r.numFree) {
+		return 0, ErrFull
 	}
-	// The descriptors taken are the free list's first, in its order, as
-	// in Add, so release gives back the same ones.
+	// The descriptors taken are the free list's first, in its order, so
+	// that release gives back the same ones.
 	d := r.freeHead
-	for i := range descs {
-		if descs[i].Next >= len(descs) {
-			return 0, fmt.Errorf("virtq: descriptor %d links to %d of %d", i, descs[i].Next, len(descs))
+	var inBytes uint64
+	for i, ds := range descs {
+		if ds.Next >= len(descs) {
+			return 0, fmt.Errorf("virtq: descriptor %d links to %d of %d", i, ds.Next, len(descs))
+		}
+		if ds.Write {
+			inBytes += uint64(ds.Len)
 		}
 		r.pos[i] = d
 		d = r.next[d]
 	}
-	var inBytes uint64
 	for i, ds := range descs {
 		next := uint16(0)
 		if ds.Next >= 0 {
 			next = r.pos[ds.Next]
 		}
-		if ds.Write {
-			inBytes += uint64(ds.Len)
-		}
 		PutDesc(r.a.Desc, r.pos[i], ds.Addr, ds.Len, ds.flags(), next)
 	}
 	head := r.pos[0]
-	r.claim(head, r.pos[len(descs)-1], len(descs), inBytes)
+	r.freeHead = d
+	r.numFree -= uint16(len(descs))
+	r.chainLen[head] = uint16(len(descs))
+	r.inLen[head] = uint32(min(inBytes, 1<<32-1))
 	return head, nil
 }
 
