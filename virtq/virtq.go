@@ -180,9 +180,11 @@ func (r *Ring) AddIndirect(table []byte, tableAddr uint64, out, in []Seg) (uint1
 	}
 	head, err := r.AddDescs([]Desc{{Addr: tableAddr, Len: uint32(DescSize(len(descs))), Indirect: true, Next: -1}})
 	if err == nil {
+		var inBytes uint64
 		for _, s := range in {
-			r.inLen[head] = uint32(min(uint64(r.inLen[head])+uint64(s.Len), 1<<32-1))
+			inBytes += uint64(s.Len)
 		}
+		r.inLen[head] = uint32(min(inBytes, 1<<32-1)) // what Poll holds the device to
 	}
 	return head, err
 }
@@ -404,51 +406,43 @@ func (r *Ring) UsedIdx() uint16 { return uint16(atomic.LoadUint32(r.usedWord) >>
 // does not validate; Poll does.
 func (r *Ring) Pending() bool { return r.UsedIdx() != r.lastUsed }
 
-// elem reads the used element after the last one taken. The atomic load of
-// used idx (UsedIdx, before) orders the device's element stores before it.
-func (r *Ring) elem() (id, n uint32) {
-	e := r.a.Used[4+8*int(r.lastUsed&(r.size-1)):]
-	return binary.LittleEndian.Uint32(e), binary.LittleEndian.Uint32(e[4:])
-}
-
 // Poll takes the next used chain, ok false if there is none, and gives its
 // descriptors back. An error means the device broke the protocol (used idx
 // ran ahead of what is in flight, an id that is not an in-flight head, a
 // length over the chain's writable bytes); nothing is taken then.
-func (r *Ring) Poll() (Used, bool, error) {
-	idx := r.UsedIdx()
-	if idx == r.lastUsed {
-		return Used{}, false, nil
-	}
-	inFlight := r.size - r.numFree // descriptors, an upper bound on chains
-	if ahead := idx - r.lastUsed; ahead > inFlight || ahead > r.availIdx-r.lastUsed {
-		return Used{}, false, fmt.Errorf("%w: used idx %d jumps %d past %d with %d chains available", ErrDevice, idx, ahead, r.lastUsed, r.availIdx-r.lastUsed)
-	}
-	id, n := r.elem()
-	if id >= uint32(r.size) || r.chainLen[id] == 0 {
-		return Used{}, false, fmt.Errorf("%w: used id %d is not an in-flight chain", ErrDevice, id)
-	}
-	if n > r.inLen[id] {
-		return Used{}, false, fmt.Errorf("%w: used length %d exceeds the %d writable bytes of chain %d", ErrDevice, n, r.inLen[id], id)
-	}
-	r.lastUsed++
-	r.release(uint16(id))
-	return Used{ID: uint16(id), Len: n}, true, nil
-}
+func (r *Ring) Poll() (Used, bool, error) { return r.take(true) }
 
 // Take takes the next used element as the device wrote it, unchecked, for
 // drivers that test a device: an id that is an in-flight head gives its
 // descriptors back, any other is only reported (the low 16 bits of it).
 func (r *Ring) Take() (Used, bool) {
-	if r.UsedIdx() == r.lastUsed {
-		return Used{}, false
+	u, ok, _ := r.take(false)
+	return u, ok
+}
+
+func (r *Ring) take(check bool) (Used, bool, error) {
+	idx := r.UsedIdx() // the atomic load orders the device's element stores before it
+	if idx == r.lastUsed {
+		return Used{}, false, nil
 	}
-	id, n := r.elem()
+	// Take reads nothing Publish writes (availIdx): check first.
+	if ahead := idx - r.lastUsed; check && (ahead > r.size-r.numFree || ahead > r.availIdx-r.lastUsed) {
+		return Used{}, false, fmt.Errorf("%w: used idx %d jumps %d past %d with %d chains available", ErrDevice, idx, ahead, r.lastUsed, r.availIdx-r.lastUsed)
+	}
+	e := r.a.Used[4+8*int(r.lastUsed&(r.size-1)):]
+	id, n := binary.LittleEndian.Uint32(e), binary.LittleEndian.Uint32(e[4:])
+	inFlight := id < uint32(r.size) && r.chainLen[id] != 0
+	if check && !inFlight {
+		return Used{}, false, fmt.Errorf("%w: used id %d is not an in-flight chain", ErrDevice, id)
+	}
+	if check && n > r.inLen[id] {
+		return Used{}, false, fmt.Errorf("%w: used length %d exceeds the %d writable bytes of chain %d", ErrDevice, n, r.inLen[id], id)
+	}
 	r.lastUsed++
-	if id < uint32(r.size) && r.chainLen[id] != 0 {
+	if inFlight {
 		r.release(uint16(id))
 	}
-	return Used{ID: uint16(id), Len: n}, true
+	return Used{ID: uint16(id), Len: n}, true, nil
 }
 
 // release puts a chain's descriptors back on the free list, following the
