@@ -158,11 +158,38 @@ func (r *Ring) LastUsed() uint16 { return r.lastUsed }
 // device-writable in segments into free descriptors and returns its head.
 // The chain is not yet available to the device: see Publish.
 func (r *Ring) Add(out, in []Seg) (uint16, error) {
-	descs, err := r.chain(out, in)
-	if err != nil {
-		return 0, err
+	n := len(out) + len(in)
+	if n == 0 || n > int(r.size) {
+		return 0, fmt.Errorf("virtq: chain of %d descriptors for a ring of %d", n, r.size)
 	}
-	return r.AddDescs(descs)
+	if n > int(r.numFree) {
+		return 0, ErrFull
+	}
+	// One pass down the free list, whose links double as the chain's
+	// (AddDescs does the same in two: this is every request's path).
+	head, d := r.freeHead, r.freeHead
+	var inBytes uint64
+	for i := 0; i < n; i++ {
+		s, flags := Seg{}, uint16(0)
+		if i < len(out) {
+			s = out[i]
+		} else {
+			s, flags = in[i-len(out)], DescFWrite
+			inBytes += uint64(s.Len)
+		}
+		if i < n-1 {
+			flags |= DescFNext
+		}
+		PutDesc(r.a.Desc, d, s.Addr, s.Len, flags, r.next[d])
+		if i < n-1 {
+			d = r.next[d]
+		}
+	}
+	r.freeHead = r.next[d]
+	r.numFree -= uint16(n)
+	r.chainLen[head] = uint16(n)
+	r.inLen[head] = uint32(min(inBytes, 1<<32-1))
+	return head, nil
 }
 
 // AddIndirect writes out and in segments as Add does, but into table (an
