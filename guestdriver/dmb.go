@@ -10,6 +10,7 @@ import (
 
 	"github.com/ism-backend/ism-backend/abi"
 	"github.com/ism-backend/ism-backend/pci"
+	"github.com/ism-backend/ism-backend/virtq"
 )
 
 // DMB is a registered DMB: peers with its rgid MOVE into it by token. In
@@ -229,7 +230,7 @@ func (d *Driver) Move(token uint64, dmbe uint32, signal bool, offset uint32, src
 	if n < 0 || uint64(n) > uint64(d.cfg.MaxMoveLen) {
 		return fmt.Errorf("guestdriver: MOVE of %d bytes (max %d): %w", n, d.cfg.MaxMoveLen, abi.StatusRange)
 	}
-	var data []pci.Seg
+	var data []virtq.Seg
 	if n > 0 {
 		if src == nil || src.d != d || src.freed.Load() {
 			return fmt.Errorf("guestdriver: MOVE from a buffer that is not this driver's: %w", abi.StatusInvalid)
@@ -237,7 +238,7 @@ func (d *Driver) Move(token uint64, dmbe uint32, signal bool, offset uint32, src
 		if srcOff < 0 || srcOff > src.size || n > src.size-srcOff {
 			return fmt.Errorf("guestdriver: MOVE of %d bytes at %d from a %d-byte buffer: %w", n, srcOff, src.size, abi.StatusRange)
 		}
-		data = []pci.Seg{pci.SegOf(src.mem, srcOff, n)}
+		data = []virtq.Seg{pci.SegOf(src.mem, srcOff, n)}
 	}
 	req := &abi.Request{Op: abi.OpMove, Index: dmbe, Token: token, Offset: uint64(offset), Len: uint64(n)}
 	if signal {
@@ -312,7 +313,7 @@ func (d *Driver) revokedOwn(token uint64) {
 
 // postEvent makes event buffer i available to the device.
 func (d *Driver) postEvent(i int) error {
-	head, err := d.evQ.Add(nil, []pci.Seg{pci.SegOf(d.evBufs, i*abi.EventSize, abi.EventSize)})
+	head, err := d.evQ.Add(nil, []virtq.Seg{pci.SegOf(d.evBufs, i*abi.EventSize, abi.EventSize)})
 	if err != nil {
 		return err
 	}

@@ -31,6 +31,7 @@ import (
 
 	"github.com/ism-backend/ism-backend/abi"
 	"github.com/ism-backend/ism-backend/pci"
+	"github.com/ism-backend/ism-backend/virtq"
 )
 
 // Options configure Open. Zero values mean the defaults.
@@ -504,7 +505,7 @@ func (d *Driver) failLocked(err error) {
 // do sends one request and waits for its response. data are MOVE payload
 // segments. A non-OK status is returned as the abi.Status error along with
 // the response.
-func (d *Driver) do(req *abi.Request, data []pci.Seg) (abi.Response, error) {
+func (d *Driver) do(req *abi.Request, data []virtq.Seg) (abi.Response, error) {
 	w := &waiter{}
 	need := 2 + len(data)
 	spin := 0
@@ -538,8 +539,8 @@ func (d *Driver) do(req *abi.Request, data []pci.Seg) (abi.Response, error) {
 	for i := abi.RequestSize; i < slotSize; i++ {
 		b[i] = 0xff // a response the device "wrote" without writing reads as an unknown status
 	}
-	out := append([]pci.Seg{pci.SegOf(d.slots, so, abi.RequestSize)}, data...)
-	head, err := d.reqQ.Add(out, []pci.Seg{pci.SegOf(d.slots, so+abi.RequestSize, abi.ResponseSize)})
+	out := append([]virtq.Seg{pci.SegOf(d.slots, so, abi.RequestSize)}, data...)
+	head, err := d.reqQ.Add(out, []virtq.Seg{pci.SegOf(d.slots, so+abi.RequestSize, abi.ResponseSize)})
 	if err != nil {
 		d.freeSlots = append(d.freeSlots, w.slot)
 		d.reqMu.Unlock()

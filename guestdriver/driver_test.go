@@ -13,6 +13,7 @@ import (
 
 	"github.com/ism-backend/ism-backend/abi"
 	"github.com/ism-backend/ism-backend/pci"
+	"github.com/ism-backend/ism-backend/virtq/virtqtest"
 )
 
 // The tests run the driver against a fake ISM device that reads the rings
@@ -49,60 +50,6 @@ func (g *guestMem) at(gpa, n uint64) []byte {
 	return g.pages[i][o : o+n]
 }
 
-// devQueue is the device side of one split ring.
-type devQueue struct {
-	g              *guestMem
-	size           uint16
-	desc, avl, usd uint64
-	lastAvail      uint16
-	usedIdx        uint16
-}
-
-type chain struct {
-	head uint16
-	in   []byte   // readable bytes, concatenated
-	outs [][]byte // writable buffers
-}
-
-func (q *devQueue) word(gpa uint64) *uint32 {
-	return (*uint32)(unsafe.Pointer(&q.g.at(gpa, 4)[0]))
-}
-
-func (q *devQueue) next() (*chain, bool) {
-	if uint16(atomic.LoadUint32(q.word(q.avl))>>16) == q.lastAvail {
-		return nil, false
-	}
-	le := binary.LittleEndian
-	c := &chain{head: le.Uint16(q.g.at(q.avl+4+2*uint64(q.lastAvail%q.size), 2))}
-	q.lastAvail++
-	for i, n := c.head, 0; ; n++ {
-		e := q.g.at(q.desc+16*uint64(i), 16)
-		b := q.g.at(le.Uint64(e), uint64(le.Uint32(e[8:])))
-		if b == nil || n > int(q.size) {
-			panic("fake device: bad descriptor")
-		}
-		if le.Uint16(e[12:])&2 != 0 {
-			c.outs = append(c.outs, b)
-		} else {
-			c.in = append(c.in, b...)
-		}
-		if le.Uint16(e[12:])&1 == 0 {
-			break
-		}
-		i = le.Uint16(e[14:])
-	}
-	return c, true
-}
-
-func (q *devQueue) complete(head uint16, n uint32) {
-	u := q.g.at(q.usd+4+8*uint64(q.usedIdx%q.size), 8)
-	binary.LittleEndian.PutUint32(u, uint32(head))
-	binary.LittleEndian.PutUint32(u[4:], n)
-	q.usedIdx++
-	w := q.word(q.usd)
-	atomic.StoreUint32(w, uint32(q.usedIdx)<<16|atomic.LoadUint32(w)&0xffff)
-}
-
 type fakeDMB struct {
 	index uint32
 	mem   []byte
@@ -114,12 +61,12 @@ type fakeDMB struct {
 type fakeISM struct {
 	g         *guestMem
 	gid       uint64
-	req, ev   *devQueue
+	req, ev   *virtqtest.Device
 	sba       uint64
 	dmbs      map[uint64]*fakeDMB
 	nextTok   uint64
 	events    []abi.Event
-	evChains  []*chain
+	evChains  []*virtqtest.Chain
 	tamper    func(r abi.Request, resp []byte, n *uint32)  // hostile hooks
 	attach    func(r abi.Request, resp *abi.Response) bool // attach-mode requests (attach_test.go)
 	served    atomic.Int64
@@ -128,12 +75,12 @@ type fakeISM struct {
 	serveLock sync.Mutex
 }
 
-func (f *fakeISM) handle(c *chain) uint32 {
-	r, err := abi.DecodeRequest(c.in)
-	if err != nil || len(c.outs) == 0 || len(c.outs[len(c.outs)-1]) < abi.ResponseSize {
+func (f *fakeISM) handle(c *virtqtest.Chain) uint32 {
+	r, err := abi.DecodeRequest(c.In)
+	if err != nil || len(c.Outs) == 0 || len(c.Outs[len(c.Outs)-1]) < abi.ResponseSize {
 		return 0
 	}
-	data := c.in[abi.RequestSize:]
+	data := c.In[abi.RequestSize:]
 	resp := abi.Response{}
 	if f.attach != nil && f.attach(r, &resp) {
 		r.Op = 0 // handled
@@ -186,7 +133,7 @@ func (f *fakeISM) handle(c *chain) uint32 {
 	default:
 		resp.Status = abi.StatusUnsupported
 	}
-	out := c.outs[len(c.outs)-1]
+	out := c.Outs[len(c.Outs)-1]
 	resp.Encode(out)
 	n := uint32(abi.ResponseSize)
 	if f.tamper != nil {
@@ -206,16 +153,16 @@ func (f *fakeISM) run() {
 		busy := false
 		f.serveLock.Lock()
 		for {
-			c, ok := f.req.next()
+			c, ok := f.req.Next()
 			if !ok {
 				break
 			}
 			busy = true
-			f.req.complete(c.head, f.handle(c))
+			f.req.Push(uint32(c.Head), f.handle(c))
 			f.served.Add(1)
 		}
 		for {
-			c, ok := f.ev.next()
+			c, ok := f.ev.Next()
 			if !ok {
 				break
 			}
@@ -225,9 +172,9 @@ func (f *fakeISM) run() {
 			busy = true
 			c := f.evChains[0]
 			f.evChains = f.evChains[1:]
-			f.events[0].Encode(c.outs[0])
+			f.events[0].Encode(c.Outs[0])
 			f.events = f.events[1:]
-			f.ev.complete(c.head, abi.EventSize)
+			f.ev.Push(uint32(c.Head), abi.EventSize)
 		}
 		f.serveLock.Unlock()
 		if !busy {
@@ -246,7 +193,7 @@ func newFake(t *testing.T, qsize uint16, tamper func(abi.Request, []byte, *uint3
 	cfg := abi.Config{Magic: abi.Magic, Version: abi.Version, Modes: abi.ModeCopy, GID: f.gid, CHID: abi.DefaultCHID,
 		MaxDMBs: abi.MaxDMBs, MaxDMBSize: abi.MaxDMBSize, MaxMoveLen: 64 << 10, QueueSize: qsize}
 	d := &Driver{opts: Options{Timeout: 10 * time.Second, Logf: t.Logf}, cfg: cfg, alloc: alloc, maxDMBs: cfg.MaxDMBs}
-	mkq := func(idx uint16) (*pci.Queue, *devQueue) {
+	mkq := func(idx uint16) (*pci.Queue, *virtqtest.Device) {
 		mem, err := alloc.Alloc(pci.QueueMemSize(int(qsize)), 4096)
 		if err != nil {
 			t.Fatal(err)
@@ -255,7 +202,7 @@ func newFake(t *testing.T, qsize uint16, tamper func(abi.Request, []byte, *uint3
 		if err != nil {
 			t.Fatal(err)
 		}
-		return q, &devQueue{g: g, size: qsize, desc: q.DescAddr(), avl: q.DriverAddr(), usd: q.DeviceAddr()}
+		return q, virtqtest.New(q.Ring, func(a uint64, n uint32) []byte { return g.at(a, uint64(n)) })
 	}
 	d.reqQ, f.req = mkq(0)
 	d.evQ, f.ev = mkq(1)
@@ -468,8 +415,7 @@ func TestHostileResponses(t *testing.T) {
 func TestUsedIdxJump(t *testing.T) {
 	d, f := newFake(t, 8, nil)
 	f.serveLock.Lock()
-	f.req.usedIdx += 5
-	atomic.StoreUint32(f.req.word(f.req.usd), uint32(f.req.usedIdx)<<16)
+	f.req.SetUsed(f.req.UsedIdx + 5)
 	f.serveLock.Unlock()
 	if err := d.QueryRGID(d.GID()); !errors.Is(err, ErrBroken) {
 		t.Fatalf("got %v", err)

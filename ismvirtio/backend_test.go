@@ -10,6 +10,7 @@ import (
 	"github.com/ism-backend/ism-backend/ism"
 	"github.com/ism-backend/ism-backend/vhostuser"
 	fe "github.com/ism-backend/ism-backend/vhostuser/vhostusertest"
+	"github.com/ism-backend/ism-backend/virtq"
 )
 
 const (
@@ -178,20 +179,17 @@ func TestMalformedChains(t *testing.T) {
 			return b.req.AddChain([]fe.Buf{{GPA: math.MaxUint64 - 8, Len: abi.RequestSize}, {GPA: b.respGPA, Len: abi.ResponseSize, Write: true}})
 		}},
 		{"descriptor loop", func() uint16 {
-			d0, d1 := b.req.AllocDesc(), b.req.AllocDesc()
-			b.req.WriteDesc(d0, b.hdrGPA, abi.RequestSize, fe.DescNext, d1)
-			b.req.WriteDesc(d1, b.hdrGPA, abi.RequestSize, fe.DescNext, d0)
-			return d0
+			return b.req.AddRaw(virtq.Desc{Addr: b.hdrGPA, Len: abi.RequestSize, Next: 1}, virtq.Desc{Addr: b.hdrGPA, Len: abi.RequestSize, Next: 0})
 		}},
 		{"next index out of range", func() uint16 {
-			d0 := b.req.AllocDesc()
-			b.req.WriteDesc(d0, b.hdrGPA, abi.RequestSize, fe.DescNext, b.req.Size+5)
-			return d0
+			// Outside the free list: every chain before came back, so
+			// descriptor 0 is free.
+			b.req.PutDesc(0, b.hdrGPA, abi.RequestSize, virtq.DescFNext, b.req.Size()+5)
+			return 0
 		}},
 		{"oversized chain", func() uint16 {
-			d0 := b.req.AllocDesc()
-			b.req.WriteDesc(d0, 0, math.MaxUint32, 0, 0) // 4 GiB readable: more than RAM, more than any chain may be
-			return d0
+			// 4 GiB readable: more than RAM, more than any chain may be
+			return b.req.AddRaw(virtq.Desc{Addr: 0, Len: math.MaxUint32, Next: -1})
 		}},
 	}
 	for _, tc := range chains {

@@ -7,7 +7,7 @@ import (
 
 	"github.com/ism-backend/ism-backend/abi"
 	"github.com/ism-backend/ism-backend/vhostuser"
-	fe "github.com/ism-backend/ism-backend/vhostuser/vhostusertest"
+	"github.com/ism-backend/ism-backend/virtq"
 )
 
 // The MOVE benchmarks measure the host side of a MOVE through the whole
@@ -45,7 +45,8 @@ type moveBench struct {
 	size   int
 	window int
 
-	chains  [benchHeaders][]fe.Buf
+	out     [benchHeaders][2]virtq.Seg // header, data
+	in      [1]virtq.Seg               // response: shared, checked once at the end
 	offsets [benchHeaders]int
 	heads   []uint16
 	dst     []byte // A's DMB, mapped by the test: the pages the backend writes
@@ -87,12 +88,9 @@ func newMoveBench(bm *testing.B, size, window int, extra ...string) *moveBench {
 		m.offsets[i] = i % (benchDMBSize / size) * size
 		r := abi.Request{Op: abi.OpMove, Token: token, Offset: uint64(m.offsets[i]), Len: uint64(size), Flags: abi.FlagSignal}
 		r.Encode(hdrs[i*abi.RequestSize:])
-		m.chains[i] = []fe.Buf{
-			{GPA: hdrGPA + uint64(i*abi.RequestSize), Len: abi.RequestSize},
-			{GPA: b.dataGPA, Len: uint32(size)},
-			{GPA: b.respGPA, Len: abi.ResponseSize, Write: true}, // shared: checked once at the end
-		}
+		m.out[i] = [2]virtq.Seg{{Addr: hdrGPA + uint64(i*abi.RequestSize), Len: abi.RequestSize}, {Addr: b.dataGPA, Len: uint32(size)}}
 	}
+	m.in[0] = virtq.Seg{Addr: b.respGPA, Len: abi.ResponseSize}
 	if m.call, err = b.req.CallFile(); err != nil {
 		bm.Fatal(err)
 	}
@@ -108,15 +106,18 @@ func (m *moveBench) moves(n int) {
 	for done < n {
 		k := 0
 		for issued-done < m.window && issued < n {
-			m.heads[k] = q.AddChain(m.chains[m.nextMove%benchHeaders])
+			h, err := q.Add(m.out[m.nextMove%benchHeaders][:], m.in[:])
+			if err != nil {
+				m.bm.Fatal(err)
+			}
+			m.heads[k] = h
 			m.nextMove++
 			k++
 			issued++
 		}
 		if k > 0 {
-			old := q.AvailIdx()
 			q.Publish(m.heads[:k]...)
-			kicked, err := q.KickIfNeeded(old)
+			kicked, err := q.KickIfNeeded()
 			if err != nil {
 				m.bm.Fatal(err)
 			}
@@ -125,7 +126,7 @@ func (m *moveBench) moves(n int) {
 			}
 		}
 		for {
-			u, ok := q.TakeUsed()
+			u, ok := q.Take()
 			if !ok {
 				break
 			}

@@ -74,7 +74,7 @@ func TestRequestBatchBounded(t *testing.T) {
 	})
 	a := s.connect("a")
 	cb := <-backends
-	ring := a.req.Size
+	ring := a.req.Size()
 	sig := abi.Request{Op: abi.OpSignal, GID: gidP, Index: 1}
 	sig.Encode(a.hdr)
 	head := a.req.AddChain([]fe.Buf{
@@ -276,7 +276,7 @@ func TestBadChainsCounted(t *testing.T) {
 	if got := vmStats(t, s, "a"); got.BadChains != 2 || got.QueuesBroken != 0 {
 		t.Fatalf("after 2 malformed chains: %d bad chains, %d broken queues", got.BadChains, got.QueuesBroken)
 	}
-	a.req.SetAvailIdx(a.req.AvailIdx() + a.req.Size + 1)
+	a.req.CorruptAvailIdx(a.req.Size() + 1)
 	if err := a.req.Kick(); err != nil {
 		t.Fatal(err)
 	}

@@ -45,10 +45,6 @@ func (c *DMA) Addr(off int) uint64 {
 	return c.gpa + uint64(off)
 }
 
-// ptr returns a pointer to byte off for atomic access; off must leave room
-// for the access and be aligned by the caller.
-func (c *DMA) ptr(off int) unsafe.Pointer { return unsafe.Pointer(&c.buf[off]) }
-
 type page struct {
 	mem  []byte
 	gpa  uint64

@@ -1,9 +1,6 @@
 package vhostuser
 
-import (
-	"encoding/binary"
-	"testing"
-)
+import "testing"
 
 // benchRing drives one request per iteration the way the ISM request queue
 // sees it: the driver publishes a chain (64-byte request readable, 16-byte
@@ -19,17 +16,14 @@ func benchRing(b *testing.B, indirect bool) {
 	if indirect {
 		putDesc(b, mem, table, 0, req, 64, descFNext, 1)
 		putDesc(b, mem, table, 1, resp, 16, descFWrite, 0)
-		r.desc16(0, table, 32, descFIndirect, 0)
+		r.PutDesc(0, table, 32, descFIndirect, 0)
 	} else {
-		r.desc16(0, req, 64, descFNext, 1)
-		r.desc16(1, resp, 16, descFWrite, 0)
+		r.PutDesc(0, req, 64, descFNext, 1)
+		r.PutDesc(1, resp, 16, descFWrite, 0)
 	}
-	avail, _ := mem.Bytes(ringAvailGPA, 6+2*256)
-	used, _ := mem.Bytes(ringUsedGPA, 6+8*256)
 	var c Chain
 	var hdr [64]byte
 	var out [16]byte
-	var availIdx uint16
 	var rd Reader
 	var wr Writer
 	b.ReportAllocs()
@@ -37,9 +31,7 @@ func benchRing(b *testing.B, indirect bool) {
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		// driver: publish head 0 (same chain reused)
-		binary.LittleEndian.PutUint16(avail[4+2*int(availIdx&255):], 0)
-		availIdx++
-		binary.LittleEndian.PutUint16(avail[2:], availIdx)
+		r.Publish(0)
 		// device
 		ok, err := r.q.Next(&c)
 		if !ok || err != nil {
@@ -51,12 +43,12 @@ func benchRing(b *testing.B, indirect bool) {
 		out[0] = hdr[0]
 		wr.Write(out[:])
 		r.q.Push(&c, 16)
-		if availIdx&63 == 0 {
+		if r.AvailIdx()&63 == 0 {
 			r.q.Next(&c) // empty: sets avail_event, as at the end of a batch
 			r.q.Notify()
 		}
 		// driver: reap
-		if binary.LittleEndian.Uint16(used[2:]) != availIdx {
+		if r.UsedIdx() != r.AvailIdx() {
 			b.Fatal("not used")
 		}
 	}

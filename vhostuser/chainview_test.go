@@ -385,15 +385,15 @@ func TestChainViewsFromRing(t *testing.T) {
 	rg := newTestRing(t, mem, 8)
 	// 48 readable bytes (a header) then 64 that cross into region 1, then
 	// 16 writable.
-	rg.desc16(0, 0x4000, 48, descFNext, 1)
-	rg.desc16(1, sz-24, 64, descFNext, 2)
-	rg.desc16(2, 0x5000, 16, descFWrite, 0)
+	rg.PutDesc(0, 0x4000, 48, descFNext, 1)
+	rg.PutDesc(1, sz-24, 64, descFNext, 2)
+	rg.PutDesc(2, 0x5000, 16, descFWrite, 0)
 	data := make([]byte, 64)
 	for i := range data {
 		data[i] = byte(0x40 + i)
 	}
 	mem.testWrite(t, sz-24, data)
-	rg.publish(0)
+	rg.Publish(0)
 	var c Chain
 	if ok, err := rg.q.Next(&c); !ok || err != nil {
 		t.Fatal(ok, err)
@@ -432,8 +432,8 @@ func TestChainViewsFromRing(t *testing.T) {
 		t.Fatalf("response % x", out)
 	}
 	// A refused chain has no buffers and no table.
-	rg.desc16(3, 2*sz, 8, 0, 0) // outside guest RAM
-	rg.publish(3)
+	rg.PutDesc(3, 2*sz, 8, 0, 0) // outside guest RAM
+	rg.Publish(3)
 	if ok, err := rg.q.Next(&c); ok || err == nil {
 		t.Fatal("chain outside guest RAM taken")
 	}

@@ -97,7 +97,7 @@ func FuzzChainWalk(f *testing.F) {
 		mem.testWrite(t, ringDescGPA, table)
 		mem.testWrite(t, fuzzBlobGPA, blob)
 		for i := 0; i+1 < len(heads) && i < 2*fuzzQueueSize; i += 2 {
-			r.publish(le.Uint16(heads[i:]))
+			r.Publish(le.Uint16(heads[i:]))
 		}
 		var c Chain
 		for i := 0; i < 2*fuzzQueueSize; i++ {

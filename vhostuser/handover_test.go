@@ -124,7 +124,6 @@ func (s *stream) run(n uint64) error {
 	for s.done < n {
 		k := min(uint64(streamSlots), n-s.sent)
 		heads := make([]uint16, k)
-		old := s.q.AvailIdx()
 		for i := range heads {
 			seq := s.sent + uint64(i)
 			slot := seq % streamSlots
@@ -135,7 +134,7 @@ func (s *stream) run(n uint64) error {
 			heads[i] = s.q.AddChain(s.bufs[slot])
 		}
 		s.q.Publish(heads...)
-		if _, err := s.q.KickIfNeeded(old); err != nil {
+		if _, err := s.q.KickIfNeeded(); err != nil {
 			return err
 		}
 		for i := range heads {
@@ -158,7 +157,7 @@ func (s *stream) run(n uint64) error {
 		s.sent += k
 		s.done += k
 	}
-	if _, ok := s.q.TakeUsed(); ok {
+	if _, ok := s.q.Take(); ok {
 		return errors.New("a completion more than requests sent")
 	}
 	return nil

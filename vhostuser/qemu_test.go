@@ -17,6 +17,7 @@ import (
 
 	"github.com/ism-backend/ism-backend/vhostuser"
 	"github.com/ism-backend/ism-backend/vhostuser/vhostusertest"
+	"github.com/ism-backend/ism-backend/virtq"
 	"golang.org/x/sys/unix"
 )
 
@@ -201,8 +202,9 @@ func TestRealQEMU(t *testing.T) {
 		payload[i] = byte(0xa0 + i)
 	}
 	qt.mem(reqBuf, payload)
-	qt.mem(desc, descBytes(reqBuf, 64, vhostusertest.DescNext, 1))
-	qt.mem(desc+16, descBytes(respBuf, 64, vhostusertest.DescWrite, 0))
+	table := make([]byte, 32)
+	_ = virtq.EncodeDescs(table, []virtq.Desc{{Addr: reqBuf, Len: 64, Next: 1}, {Addr: respBuf, Len: 64, Write: true, Next: -1}})
+	qt.mem(desc, table)
 	qt.mem(avail, []byte{0, 0, 1, 0, 0, 0})
 	qt.write("writew", notify+notifyOff*uint64(caps[2].notifyMult), 0)
 	deadline := time.Now().Add(vhostusertest.Timeout)
@@ -270,18 +272,6 @@ func TestRealQEMU(t *testing.T) {
 	if err := dev.ShmemMap(0, memfd, 0, 0, 4096, true); err == nil {
 		t.Error("SHMEM_MAP after reset accepted")
 	}
-}
-
-func descBytes(addr uint64, length uint32, flags, next uint16) []byte {
-	b := make([]byte, 16)
-	vhostusertestPut(b, addr, length, flags, next)
-	return b
-}
-
-func vhostusertestPut(b []byte, addr uint64, length uint32, flags, next uint16) {
-	t := make([]byte, 32)
-	vhostusertest.WriteDesc(t, 0, addr, length, flags, next)
-	copy(b, t[:16])
 }
 
 // qtest speaks QEMU's qtest line protocol.

@@ -7,6 +7,7 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/ism-backend/ism-backend/virtq"
 	"github.com/sirupsen/logrus"
 	logtest "github.com/sirupsen/logrus/hooks/test"
 	"golang.org/x/sys/unix"
@@ -57,15 +58,11 @@ func userAddr(tb testing.TB, m *Memory, gpa uint64) uint64 {
 	return uint64(uintptr(unsafe.Pointer(&b[0])))
 }
 
-// testRing is a driver-side view of a ring laid out at fixed GPAs.
+// testRing is the driver side of a ring laid out at fixed GPAs, with the
+// device's Queue on it.
 type testRing struct {
-	tb                testing.TB
-	mem               *Memory
-	q                 *Queue
-	size              uint16
-	desc, avail, used uint64 // GPAs
-	availIdx          uint16
-	lastUsed          uint16
+	*virtq.Ring
+	q *Queue
 }
 
 const (
@@ -88,39 +85,30 @@ func newTestRing(tb testing.TB, mem *Memory, size uint16) *testRing {
 	if err := q.translate(mem); err != nil {
 		tb.Fatal(err)
 	}
-	return &testRing{tb: tb, mem: mem, q: q, size: size, desc: ringDescGPA, avail: ringAvailGPA, used: ringUsedGPA}
+	area := func(gpa uint64, n int) []byte {
+		b, err := mem.Bytes(gpa, uint64(n))
+		if err != nil {
+			tb.Fatal(err)
+		}
+		return b
+	}
+	n := int(size)
+	r, err := virtq.New(size, virtq.Areas{
+		Desc: area(ringDescGPA, virtq.DescSize(n)), Avail: area(ringAvailGPA, virtq.AvailSize(n)), Used: area(ringUsedGPA, virtq.UsedSize(n)),
+		DescAddr: ringDescGPA, AvailAddr: ringAvailGPA, UsedAddr: ringUsedGPA,
+	})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return &testRing{Ring: r, q: q}
 }
 
+// putDesc writes descriptor i of the table at GPA table (which may cross
+// a region boundary).
 func putDesc(tb testing.TB, mem *Memory, table uint64, i uint16, addr uint64, length uint32, flags, next uint16) {
 	var d [16]byte
-	binary.LittleEndian.PutUint64(d[0:], addr)
-	binary.LittleEndian.PutUint32(d[8:], length)
-	binary.LittleEndian.PutUint16(d[12:], flags)
-	binary.LittleEndian.PutUint16(d[14:], next)
+	virtq.PutDesc(d[:], 0, addr, length, flags, next)
 	mem.testWrite(tb, table+16*uint64(i), d[:])
-}
-
-func (r *testRing) desc16(i uint16, addr uint64, length uint32, flags, next uint16) {
-	putDesc(r.tb, r.mem, r.desc, i, addr, length, flags, next)
-}
-
-func (r *testRing) publish(head uint16) {
-	var b [2]byte
-	binary.LittleEndian.PutUint16(b[:], head)
-	r.mem.testWrite(r.tb, r.avail+4+2*uint64(r.availIdx%r.size), b[:])
-	r.availIdx++
-	binary.LittleEndian.PutUint16(b[:], r.availIdx)
-	r.mem.testWrite(r.tb, r.avail+2, b[:])
-}
-
-func (r *testRing) usedElem() (id, length uint32, ok bool) {
-	b, _ := r.mem.Bytes(r.used, 4+8*uint64(r.size))
-	if binary.LittleEndian.Uint16(b[2:]) == r.lastUsed {
-		return 0, 0, false
-	}
-	e := b[4+8*int(r.lastUsed%r.size):]
-	r.lastUsed++
-	return binary.LittleEndian.Uint32(e), binary.LittleEndian.Uint32(e[4:]), true
 }
 
 func TestMemoryTranslation(t *testing.T) {
@@ -222,9 +210,9 @@ func TestChainDirectIndirectAndCrossing(t *testing.T) {
 	r := newTestRing(t, mem, 8)
 	var c Chain
 	// direct: 64 readable that cross into region 1, then 16 writable
-	r.desc16(0, sz-24, 64, descFNext, 3)
-	r.desc16(3, 0x1000, 16, descFWrite, 0)
-	r.publish(0)
+	r.PutDesc(0, sz-24, 64, descFNext, 3)
+	r.PutDesc(3, 0x1000, 16, descFWrite, 0)
+	r.Publish(0)
 	ok, err := r.q.Next(&c)
 	if !ok || err != nil {
 		t.Fatal(ok, err)
@@ -252,16 +240,16 @@ func TestChainDirectIndirectAndCrossing(t *testing.T) {
 		t.Fatalf("Write wrote %d into 16 bytes", n)
 	}
 	r.q.Push(&c, 1000)
-	if id, l, ok := r.usedElem(); !ok || id != 0 || l != 16 {
-		t.Fatalf("used %d %d %v (length must be clamped)", id, l, ok)
+	if u, ok := r.Take(); !ok || u.ID != 0 || u.Len != 16 {
+		t.Fatalf("used %+v %v (length must be clamped)", u, ok)
 	}
 	// indirect
 	const table = 0x2000
 	putDesc(t, mem, table, 0, 0x3000, 48, descFNext, 1)
 	putDesc(t, mem, table, 1, 0x3100, 8, descFNext, 2)
 	putDesc(t, mem, table, 2, 0x3200, 16, descFWrite, 0)
-	r.desc16(5, table, 48, descFIndirect, 0)
-	r.publish(5)
+	r.PutDesc(5, table, 48, descFIndirect, 0)
+	r.Publish(5)
 	if ok, err := r.q.Next(&c); !ok || err != nil || c.ReadableLen() != 56 || c.WritableLen() != 16 || c.Head != 5 {
 		t.Fatalf("indirect: %v %v %+v", ok, err, c)
 	}
@@ -270,7 +258,7 @@ func TestChainDirectIndirectAndCrossing(t *testing.T) {
 	}
 	// without INDIRECT_DESC negotiated the same chain is refused
 	r.q.indirectOK = false
-	r.publish(5)
+	r.Publish(5)
 	if ok, err := r.q.Next(&c); ok || !errors.Is(err, ErrChainIndirect) {
 		t.Fatalf("indirect without the feature: %v %v", ok, err)
 	}
@@ -284,53 +272,53 @@ func TestChainErrors(t *testing.T) {
 		setup func(r *testRing)
 		want  error
 	}{
-		{"index", func(r *testRing) { r.desc16(0, 0x1000, 8, descFNext, 9) }, ErrChainIndex},
+		{"index", func(r *testRing) { r.PutDesc(0, 0x1000, 8, descFNext, 9) }, ErrChainIndex},
 		{"loop", func(r *testRing) {
-			r.desc16(0, 0x1000, 8, descFNext, 1)
-			r.desc16(1, 0x1000, 8, descFNext, 0)
+			r.PutDesc(0, 0x1000, 8, descFNext, 1)
+			r.PutDesc(1, 0x1000, 8, descFNext, 0)
 		}, ErrChainLoop},
-		{"self loop", func(r *testRing) { r.desc16(0, 0x1000, 8, descFNext, 0) }, ErrChainLoop},
+		{"self loop", func(r *testRing) { r.PutDesc(0, 0x1000, 8, descFNext, 0) }, ErrChainLoop},
 		{"too long", func(r *testRing) {
 			r.q.SetMaxChainLen(4096)
-			r.desc16(0, 0x1000, 4000, descFNext, 1)
-			r.desc16(1, 0x1000, 100, 0, 0)
+			r.PutDesc(0, 0x1000, 4000, descFNext, 1)
+			r.PutDesc(1, 0x1000, 100, 0, 0)
 		}, ErrChainTooLong},
 		{"order", func(r *testRing) {
-			r.desc16(0, 0x1000, 8, descFWrite|descFNext, 1)
-			r.desc16(1, 0x1000, 8, 0, 0)
+			r.PutDesc(0, 0x1000, 8, descFWrite|descFNext, 1)
+			r.PutDesc(1, 0x1000, 8, 0, 0)
 		}, ErrChainOrder},
-		{"outside", func(r *testRing) { r.desc16(0, 0x20000, 8, 0, 0) }, ErrBadAddress},
+		{"outside", func(r *testRing) { r.PutDesc(0, 0x20000, 8, 0, 0) }, ErrBadAddress},
 		{"nested indirect", func(r *testRing) {
 			putDesc(t, mem, table, 0, table, 16, descFIndirect, 0)
-			r.desc16(0, table, 16, descFIndirect, 0)
+			r.PutDesc(0, table, 16, descFIndirect, 0)
 		}, ErrChainIndirect},
-		{"indirect with next", func(r *testRing) { r.desc16(0, table, 16, descFIndirect|descFNext, 1) }, ErrChainIndirect},
+		{"indirect with next", func(r *testRing) { r.PutDesc(0, table, 16, descFIndirect|descFNext, 1) }, ErrChainIndirect},
 		{"indirect index", func(r *testRing) {
 			putDesc(t, mem, table, 0, 0x1000, 8, descFNext, 1)
-			r.desc16(0, table, 16, descFIndirect, 0)
+			r.PutDesc(0, table, 16, descFIndirect, 0)
 		}, ErrChainIndex},
-		{"indirect empty", func(r *testRing) { r.desc16(0, table, 0, descFIndirect, 0) }, ErrChainIndirect},
-		{"indirect table crosses the end", func(r *testRing) { r.desc16(0, 0x20000-16, 32, descFIndirect, 0) }, ErrChainIndirect},
+		{"indirect empty", func(r *testRing) { r.PutDesc(0, table, 0, descFIndirect, 0) }, ErrChainIndirect},
+		{"indirect table crosses the end", func(r *testRing) { r.PutDesc(0, 0x20000-16, 32, descFIndirect, 0) }, ErrChainIndirect},
 	}
 	for _, c := range cases {
 		r := newTestRing(t, mem, 8)
 		c.setup(r)
-		r.publish(0)
+		r.Publish(0)
 		var ch Chain
 		ok, err := r.q.Next(&ch)
 		if ok || !errors.Is(err, c.want) {
 			t.Errorf("%s: %v %v, want %v", c.name, ok, err, c.want)
 			continue
 		}
-		if id, l, ok := r.usedElem(); !ok || id != 0 || l != 0 {
-			t.Errorf("%s: not completed with length 0: %d %d %v", c.name, id, l, ok)
+		if u, ok := r.Take(); !ok || u.ID != 0 || u.Len != 0 {
+			t.Errorf("%s: not completed with length 0: %+v %v", c.name, u, ok)
 		}
 		if len(ch.readable)+len(ch.writable) != 0 {
 			t.Errorf("%s: chain not emptied", c.name)
 		}
 		// the queue goes on
-		r.desc16(1, 0x1000, 8, 0, 0)
-		r.publish(1)
+		r.PutDesc(1, 0x1000, 8, 0, 0)
+		r.Publish(1)
 		if ok, err := r.q.Next(&ch); !ok || err != nil {
 			t.Errorf("%s: queue did not go on: %v", c.name, err)
 		}
@@ -341,8 +329,8 @@ func TestChainErrors(t *testing.T) {
 func TestQueueBrokenOnAvailJump(t *testing.T) {
 	mem := testMemory(t, 0, 0x20000)
 	r := newTestRing(t, mem, 8)
-	r.availIdx = 9 // more than the queue size ahead
-	r.publish(0)
+	r.Publish(0)
+	r.CorruptAvailIdx(9) // more than the queue size ahead
 	var c Chain
 	if _, err := r.q.Next(&c); !errors.Is(err, ErrQueueBroken) {
 		t.Fatal(err)
@@ -379,14 +367,14 @@ func TestNotifySuppression(t *testing.T) {
 	r.q.setCall(dup)
 	defer r.q.setCall(-1)
 	var c Chain
-	r.desc16(0, 0x1000, 8, 0, 0)
+	r.PutDesc(0, 0x1000, 8, 0, 0)
 	roundTrip := func() {
-		r.publish(0)
+		r.Publish(0)
 		if ok, err := r.q.Next(&c); !ok || err != nil {
 			t.Fatal(ok, err)
 		}
 		r.q.Push(&c, 0)
-		r.usedElem()
+		r.Take()
 	}
 
 	// Without EVENT_IDX: notify unless NO_INTERRUPT.
@@ -399,7 +387,7 @@ func TestNotifySuppression(t *testing.T) {
 	if readCount(call) != 0 {
 		t.Error("interrupt with nothing pushed")
 	}
-	mem.testWrite(t, r.avail, []byte{availFNoInterrupt, 0})
+	r.SetNoInterrupt(true)
 	roundTrip()
 	r.q.Notify()
 	if readCount(call) != 0 {
@@ -409,28 +397,23 @@ func TestNotifySuppression(t *testing.T) {
 	if readCount(call) != 1 {
 		t.Error("Interrupt did not raise the call fd")
 	}
-	mem.testWrite(t, r.avail, []byte{0, 0})
+	r.SetNoInterrupt(false)
 
 	// With EVENT_IDX: used_event decides; NO_INTERRUPT is ignored.
 	r.q.eventIdx = true
-	var b [2]byte
-	setUsedEvent := func(v uint16) {
-		binary.LittleEndian.PutUint16(b[:], v)
-		mem.testWrite(t, r.avail+4+2*8, b[:])
-	}
 	roundTrip() // used idx 3
-	setUsedEvent(2)
+	r.SetUsedEvent(2)
 	r.q.Notify()
 	if readCount(call) != 1 {
 		t.Error("first notification with EVENT_IDX suppressed")
 	}
 	roundTrip() // used idx 4; driver asked for an interrupt after 10
-	setUsedEvent(10)
+	r.SetUsedEvent(10)
 	r.q.Notify()
 	if readCount(call) != 0 {
 		t.Error("interrupt before used_event")
 	}
-	setUsedEvent(4)
+	r.SetUsedEvent(4)
 	roundTrip() // used idx 5 crosses used_event 4
 	r.q.Notify()
 	if readCount(call) != 1 {
@@ -440,9 +423,8 @@ func TestNotifySuppression(t *testing.T) {
 	if ok, _ := r.q.Next(&c); ok {
 		t.Fatal("chain from an empty ring")
 	}
-	ue, _ := mem.Bytes(r.used+4+8*8, 2)
-	if got := binary.LittleEndian.Uint16(ue); got != r.availIdx {
-		t.Errorf("avail_event %d, want %d", got, r.availIdx)
+	if got := r.AvailEvent(); got != r.AvailIdx() {
+		t.Errorf("avail_event %d, want %d", got, r.AvailIdx())
 	}
 }
 
@@ -524,9 +506,9 @@ func TestBadChainLogRateLimited(t *testing.T) {
 			if err := r.q.translate(mem); err != nil {
 				t.Fatal(err)
 			}
-			r.q.lastAvail, r.q.usedIdx = r.availIdx, r.availIdx
+			r.q.lastAvail, r.q.usedIdx = r.AvailIdx(), r.AvailIdx()
 		}
-		r.publish(1000) // head out of range
+		r.Publish(1000) // head out of range
 		if ok, err := r.q.Next(&c); ok || !errors.Is(err, ErrChainIndex) {
 			t.Fatalf("chain %d: ok %v err %v", i, ok, err)
 		}

@@ -17,6 +17,7 @@ import (
 
 	"github.com/ism-backend/ism-backend/vhostuser"
 	"github.com/ism-backend/ism-backend/vhostuser/vhostusertest"
+	"github.com/ism-backend/ism-backend/virtq"
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 )
@@ -427,15 +428,13 @@ func TestHostileChains(t *testing.T) {
 			return q.AddChain([]vhostusertest.Buf{{GPA: fa.Mem.End() - 8, Len: 64}})
 		}},
 		{"loop", func() uint16 {
-			a, b := q.AllocDesc(), q.AllocDesc()
-			q.WriteDesc(a, buf, 8, vhostusertest.DescNext, b)
-			q.WriteDesc(b, buf, 8, vhostusertest.DescNext, a)
-			return a
+			return q.AddRaw(virtq.Desc{Addr: buf, Len: 8, Next: 1}, virtq.Desc{Addr: buf, Len: 8, Next: 0})
 		}},
 		{"next out of range", func() uint16 {
-			a := q.AllocDesc()
-			q.WriteDesc(a, buf, 8, vhostusertest.DescNext, 60000)
-			return a
+			// Outside the free list: every chain before came back, so
+			// descriptor 0 is free.
+			q.PutDesc(0, buf, 8, virtq.DescFNext, 60000)
+			return 0
 		}},
 		{"oversized", func() uint16 {
 			return q.AddChain([]vhostusertest.Buf{{GPA: buf, Len: 1 << 21}})
@@ -445,29 +444,19 @@ func TestHostileChains(t *testing.T) {
 		}},
 		{"indirect in indirect", func() uint16 {
 			tgpa, table, _ := fa.Mem.Alloc(32, 16)
-			vhostusertest.WriteDesc(table, 0, buf, 8, vhostusertest.DescNext, 1)
-			vhostusertest.WriteDesc(table, 1, tgpa, 32, vhostusertest.DescIndirect, 0)
-			a := q.AllocDesc()
-			q.WriteDesc(a, tgpa, 32, vhostusertest.DescIndirect, 0)
-			return a
+			_ = virtq.EncodeDescs(table, []virtq.Desc{{Addr: buf, Len: 8, Next: 1}, {Addr: tgpa, Len: 32, Indirect: true, Next: -1}})
+			return q.AddRaw(virtq.Desc{Addr: tgpa, Len: 32, Indirect: true, Next: -1})
 		}},
 		{"indirect loop", func() uint16 {
 			tgpa, table, _ := fa.Mem.Alloc(32, 16)
-			vhostusertest.WriteDesc(table, 0, buf, 8, vhostusertest.DescNext, 1)
-			vhostusertest.WriteDesc(table, 1, buf, 8, vhostusertest.DescNext, 0)
-			a := q.AllocDesc()
-			q.WriteDesc(a, tgpa, 32, vhostusertest.DescIndirect, 0)
-			return a
+			_ = virtq.EncodeDescs(table, []virtq.Desc{{Addr: buf, Len: 8, Next: 1}, {Addr: buf, Len: 8, Next: 0}})
+			return q.AddRaw(virtq.Desc{Addr: tgpa, Len: 32, Indirect: true, Next: -1})
 		}},
 		{"indirect table outside guest RAM", func() uint16 {
-			a := q.AllocDesc()
-			q.WriteDesc(a, fa.Mem.End(), 32, vhostusertest.DescIndirect, 0)
-			return a
+			return q.AddRaw(virtq.Desc{Addr: fa.Mem.End(), Len: 32, Indirect: true, Next: -1})
 		}},
 		{"indirect table length not a multiple of 16", func() uint16 {
-			a := q.AllocDesc()
-			q.WriteDesc(a, buf, 20, vhostusertest.DescIndirect, 0)
-			return a
+			return q.AddRaw(virtq.Desc{Addr: buf, Len: 20, Indirect: true, Next: -1})
 		}},
 	}
 	dev := e.srv.Guest("a")
@@ -490,7 +479,7 @@ func TestHostileChains(t *testing.T) {
 	}
 	// A head index out of range in the avail ring.
 	before := dev.Stats().BadChains
-	q.Publish(q.Size + 3)
+	q.Publish(q.Size() + 3)
 	q.Kick()
 	if u, err := q.WaitUsed(); err != nil || u.Len != 0 {
 		t.Fatalf("out-of-range head: %+v %v", u, err)
@@ -503,7 +492,7 @@ func TestHostileChains(t *testing.T) {
 	// An avail idx jump beyond the queue size breaks the queue until reset
 	// (counted as a bad chain); queue 1 and VM b go on.
 	before = dev.Stats().BadChains
-	q.SetAvailIdx(q.UsedIdx() + q.Size + 1)
+	q.CorruptAvailIdx(q.Size() + 1) // every chain published was used
 	q.Kick()
 	deadline := time.Now().Add(vhostusertest.Timeout)
 	for dev.Stats().BadChains == before && time.Now().Before(deadline) {

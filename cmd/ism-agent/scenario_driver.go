@@ -54,6 +54,7 @@ import (
 	"github.com/ism-backend/ism-backend/abi"
 	"github.com/ism-backend/ism-backend/guestdriver"
 	"github.com/ism-backend/ism-backend/pci"
+	"github.com/ism-backend/ism-backend/virtq"
 )
 
 const ackCode = 1 // SIGNAL code of the transfer's acknowledgements
@@ -614,7 +615,7 @@ func virtioRNG(e *Env) error {
 		// Several chains in flight at once, into distinct 64-byte pieces.
 		var heads []uint16
 		for k := 0; k < 4; k++ {
-			h, err := q.Add(nil, []pci.Seg{pci.SegOf(buf, 64*(4*(r%16)+k), 64)})
+			h, err := q.Add(nil, []virtq.Seg{pci.SegOf(buf, 64*(4*(r%16)+k), 64)})
 			if err != nil {
 				return err
 			}

@@ -3,8 +3,9 @@ package main
 // hostile: a guest that attacks the ISM device below the driver, beside
 // other guests' real traffic (test/vm TestHostileGuestBesideTransfer).
 //
-// It drives the device with package pci alone (pci.Virtio, pci.Queue and
-// its raw descriptors), because guestdriver refuses to send garbage. Each
+// It drives the device with packages pci and virtq alone (pci.Virtio,
+// pci.Queue and virtq's raw descriptors), because guestdriver refuses to
+// send garbage. Each
 // round it
 //
 //   - floods SIGNALs at every GID of ism.victims (comma-separated) with no
@@ -50,6 +51,7 @@ import (
 
 	"github.com/ism-backend/ism-backend/abi"
 	"github.com/ism-backend/ism-backend/pci"
+	"github.com/ism-backend/ism-backend/virtq"
 )
 
 func init() { register("hostile", hostile) }
@@ -151,7 +153,7 @@ func openRaw(dev *pci.Function, hugepages int) (r *rawISM, err error) {
 }
 
 func (r *rawISM) postEvent(i int) error {
-	h, err := r.ev.Add(nil, []pci.Seg{pci.SegOf(r.evBufs, i*abi.EventSize, abi.EventSize)})
+	h, err := r.ev.Add(nil, []virtq.Seg{pci.SegOf(r.evBufs, i*abi.EventSize, abi.EventSize)})
 	if err != nil {
 		return err
 	}
@@ -212,8 +214,8 @@ func (r *rawISM) close() {
 // whole response, the response.
 type call struct {
 	req   abi.Request
-	data  []pci.Seg
-	build func(hdr, resp uint64) []pci.Desc
+	data  []virtq.Seg
+	build func(hdr, resp uint64) []virtq.Desc
 
 	written uint32
 	resp    abi.Response
@@ -258,10 +260,10 @@ func (r *rawISM) run(e *Env, calls []*call) error {
 			if c.build != nil {
 				head, err = r.req.AddDescs(c.build(hdr, resp))
 			} else {
-				out := append([]pci.Seg{{Addr: hdr, Len: abi.RequestSize}}, c.data...)
-				head, err = r.req.Add(out, []pci.Seg{{Addr: resp, Len: abi.ResponseSize}})
+				out := append([]virtq.Seg{{Addr: hdr, Len: abi.RequestSize}}, c.data...)
+				head, err = r.req.Add(out, []virtq.Seg{{Addr: resp, Len: abi.ResponseSize}})
 			}
-			if errors.Is(err, pci.ErrQueueFull) {
+			if errors.Is(err, virtq.ErrFull) {
 				break
 			}
 			if err != nil {
@@ -411,7 +413,7 @@ func (s *hostileState) round() error {
 		}
 	}
 	copy(r.scratch.Bytes()[scratchData:], "forged data.....")
-	data := []pci.Seg{pci.SegOf(r.scratch, scratchData, 16)}
+	data := []virtq.Seg{pci.SegOf(r.scratch, scratchData, 16)}
 	var forged []*call
 	for _, t := range tokens {
 		forged = append(forged,
@@ -433,39 +435,39 @@ func (s *hostileState) round() error {
 		name string
 		c    *call
 	}{
-		{"header_outside_ram", &call{req: query, build: func(_, resp uint64) []pci.Desc {
-			return []pci.Desc{{Addr: outsideRAM, Len: abi.RequestSize, Next: 1}, {Addr: resp, Len: abi.ResponseSize, Write: true, Next: -1}}
+		{"header_outside_ram", &call{req: query, build: func(_, resp uint64) []virtq.Desc {
+			return []virtq.Desc{{Addr: outsideRAM, Len: abi.RequestSize, Next: 1}, {Addr: resp, Len: abi.ResponseSize, Write: true, Next: -1}}
 		}}},
-		{"data_outside_ram", &call{req: abi.Request{Op: abi.OpMove, Token: 1, Len: 64}, build: func(hdr, resp uint64) []pci.Desc {
-			return []pci.Desc{{Addr: hdr, Len: abi.RequestSize, Next: 1}, {Addr: outsideRAM, Len: 64, Next: 2},
+		{"data_outside_ram", &call{req: abi.Request{Op: abi.OpMove, Token: 1, Len: 64}, build: func(hdr, resp uint64) []virtq.Desc {
+			return []virtq.Desc{{Addr: hdr, Len: abi.RequestSize, Next: 1}, {Addr: outsideRAM, Len: 64, Next: 2},
 				{Addr: resp, Len: abi.ResponseSize, Write: true, Next: -1}}
 		}}},
-		{"loop", &call{req: query, build: func(hdr, _ uint64) []pci.Desc {
-			return []pci.Desc{{Addr: hdr, Len: abi.RequestSize, Next: 1}, {Addr: hdr, Len: abi.RequestSize, Next: 0}}
+		{"loop", &call{req: query, build: func(hdr, _ uint64) []virtq.Desc {
+			return []virtq.Desc{{Addr: hdr, Len: abi.RequestSize, Next: 1}, {Addr: hdr, Len: abi.RequestSize, Next: 0}}
 		}}},
-		{"indirect_too_long", &call{req: query, build: func(_, _ uint64) []pci.Desc {
-			return []pci.Desc{{Addr: tables, Len: 16 * (32768 + 1), Indirect: true, Next: -1}}
+		{"indirect_too_long", &call{req: query, build: func(_, _ uint64) []virtq.Desc {
+			return []virtq.Desc{{Addr: tables, Len: 16 * (32768 + 1), Indirect: true, Next: -1}}
 		}}},
-		{"indirect_nested", &call{req: query, build: func(hdr, resp uint64) []pci.Desc {
+		{"indirect_nested", &call{req: query, build: func(hdr, resp uint64) []virtq.Desc {
 			// Table 1 (at tables) holds only an indirect descriptor
 			// pointing at table 2 (at tables+64), a well-formed chain.
-			_ = pci.EncodeDescs(tb[64:], []pci.Desc{{Addr: hdr, Len: abi.RequestSize, Next: 1}, {Addr: resp, Len: abi.ResponseSize, Write: true, Next: -1}})
-			_ = pci.EncodeDescs(tb, []pci.Desc{{Addr: tables + 64, Len: 32, Indirect: true, Next: -1}})
-			return []pci.Desc{{Addr: tables, Len: 16, Indirect: true, Next: -1}}
+			_ = virtq.EncodeDescs(tb[64:], []virtq.Desc{{Addr: hdr, Len: abi.RequestSize, Next: 1}, {Addr: resp, Len: abi.ResponseSize, Write: true, Next: -1}})
+			_ = virtq.EncodeDescs(tb, []virtq.Desc{{Addr: tables + 64, Len: 32, Indirect: true, Next: -1}})
+			return []virtq.Desc{{Addr: tables, Len: 16, Indirect: true, Next: -1}}
 		}}},
-		{"no_response_room", &call{req: query, build: func(hdr, _ uint64) []pci.Desc {
-			return []pci.Desc{{Addr: hdr, Len: abi.RequestSize, Next: -1}}
+		{"no_response_room", &call{req: query, build: func(hdr, _ uint64) []virtq.Desc {
+			return []virtq.Desc{{Addr: hdr, Len: abi.RequestSize, Next: -1}}
 		}}},
-		{"readable_after_writable", &call{req: query, build: func(hdr, resp uint64) []pci.Desc {
-			return []pci.Desc{{Addr: hdr, Len: abi.RequestSize, Next: 1}, {Addr: resp, Len: abi.ResponseSize, Write: true, Next: 2},
+		{"readable_after_writable", &call{req: query, build: func(hdr, resp uint64) []virtq.Desc {
+			return []virtq.Desc{{Addr: hdr, Len: abi.RequestSize, Next: 1}, {Addr: resp, Len: abi.ResponseSize, Write: true, Next: 2},
 				{Addr: hdr, Len: abi.RequestSize, Next: -1}}
 		}}},
-		{"address_wraps", &call{req: query, build: func(_, resp uint64) []pci.Desc {
-			return []pci.Desc{{Addr: 0xffff_ffff_ffff_f000, Len: 0x2000, Next: 1}, {Addr: resp, Len: abi.ResponseSize, Write: true, Next: -1}}
+		{"address_wraps", &call{req: query, build: func(_, resp uint64) []virtq.Desc {
+			return []virtq.Desc{{Addr: 0xffff_ffff_ffff_f000, Len: 0x2000, Next: 1}, {Addr: resp, Len: abi.ResponseSize, Write: true, Next: -1}}
 		}}},
-		{"lengths_overflow", &call{req: abi.Request{Op: abi.OpMove, Token: 1, Len: 1 << 33}, build: func(hdr, resp uint64) []pci.Desc {
+		{"lengths_overflow", &call{req: abi.Request{Op: abi.OpMove, Token: 1, Len: 1 << 33}, build: func(hdr, resp uint64) []virtq.Desc {
 			d := r.scratch.Addr(scratchData)
-			return []pci.Desc{{Addr: hdr, Len: abi.RequestSize, Next: 1}, {Addr: d, Len: 0xffff_ffff, Next: 2},
+			return []virtq.Desc{{Addr: hdr, Len: abi.RequestSize, Next: 1}, {Addr: d, Len: 0xffff_ffff, Next: 2},
 				{Addr: d, Len: 0xffff_ffff, Next: 3}, {Addr: resp, Len: abi.ResponseSize, Write: true, Next: -1}}
 		}}},
 		// Well-formed as a chain, but the header's length is not the
@@ -530,7 +532,7 @@ func (s *hostileState) stillServed() error {
 	msg := "still served, after all that"
 	copy(r.scratch.Bytes()[scratchData:], msg)
 	mv := &call{req: abi.Request{Op: abi.OpMove, Token: reg.resp.Value, Offset: 100, Len: uint64(len(msg))},
-		data: []pci.Seg{pci.SegOf(r.scratch, scratchData, len(msg))}}
+		data: []virtq.Seg{pci.SegOf(r.scratch, scratchData, len(msg))}}
 	if err := r.must(s.e, mv); err != nil {
 		return fmt.Errorf("MOVE to self: %w", err)
 	}

@@ -402,7 +402,7 @@ func (f *Frontend) Stop() error {
 		}
 	}
 	for _, q := range f.Queues {
-		if q.desc != nil {
+		if q.Ring != nil {
 			if _, err := f.request(vhostuser.ReqGetVringBase, vringState(q.Index, 0), nil, false); err != nil {
 				return err
 			}
@@ -435,7 +435,7 @@ func vringState(i int, num uint32) []byte {
 
 func (f *Frontend) startQueue(q *VQ) error {
 	i := q.Index
-	if _, err := f.request(vhostuser.ReqSetVringNum, vringState(i, uint32(q.Size)), nil, false); err != nil {
+	if _, err := f.request(vhostuser.ReqSetVringNum, vringState(i, uint32(q.Size())), nil, false); err != nil {
 		return err
 	}
 	if _, err := f.request(vhostuser.ReqSetVringBase, vringState(i, 0), nil, false); err != nil {
@@ -443,9 +443,9 @@ func (f *Frontend) startQueue(q *VQ) error {
 	}
 	addr := make([]byte, 40)
 	binary.LittleEndian.PutUint32(addr, uint32(i))
-	binary.LittleEndian.PutUint64(addr[8:], q.UserAddr(q.DescGPA))
-	binary.LittleEndian.PutUint64(addr[16:], q.UserAddr(q.UsedGPA))
-	binary.LittleEndian.PutUint64(addr[24:], q.UserAddr(q.AvailGPA))
+	binary.LittleEndian.PutUint64(addr[8:], q.UserAddr(q.DescAddr()))
+	binary.LittleEndian.PutUint64(addr[16:], q.UserAddr(q.DeviceAddr()))
+	binary.LittleEndian.PutUint64(addr[24:], q.UserAddr(q.DriverAddr()))
 	if _, err := f.request(vhostuser.ReqSetVringAddr, addr, nil, false); err != nil {
 		return err
 	}

@@ -5,36 +5,22 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"sync/atomic"
 	"time"
-	"unsafe"
 
+	"github.com/ism-backend/ism-backend/virtq"
 	"golang.org/x/sys/unix"
 )
 
-// Descriptor flags.
-const (
-	DescNext     = 1
-	DescWrite    = 2
-	DescIndirect = 4
-)
-
-// VQ is the driver side of one split virtqueue in guest memory.
+// VQ is the driver side of one split virtqueue in guest memory: a
+// virtq.Ring (from Start on) and the queue's eventfds.
 type VQ struct {
+	*virtq.Ring
 	f     *Frontend
 	Index int
-	Size  uint16
-
-	DescGPA, AvailGPA, UsedGPA uint64
-	desc, avail, used          []byte
 
 	KickFD, CallFD, ErrFD int
 
-	nextDesc uint16 // next descriptor index handed out (wraps)
-	availIdx uint16
-	lastUsed uint16
-
-	fence uint32 // target of the atomic add that orders a store before a load
+	descs []virtq.Desc // AddChain's, reused
 }
 
 func newVQ(f *Frontend, i int) (*VQ, error) {
@@ -75,34 +61,24 @@ func (q *VQ) UserAddr(gpa uint64) uint64 {
 
 // setup allocates the rings in guest memory (unless done already).
 func (q *VQ) setup(size uint16) error {
-	if q.desc != nil {
+	if q.Ring != nil {
 		return nil
 	}
-	if size == 0 || size&(size-1) != 0 {
-		return fmt.Errorf("queue size %d", size)
-	}
-	q.Size = size
-	n := uint64(size)
-	var err error
-	if q.DescGPA, q.desc, err = q.f.Mem.Alloc(16*n, 16); err != nil {
+	n := int(size)
+	descGPA, desc, err := q.f.Mem.Alloc(uint64(virtq.DescSize(n)), 16)
+	if err != nil {
 		return err
 	}
-	if q.AvailGPA, q.avail, err = q.f.Mem.Alloc(6+2*n, 2); err != nil {
+	availGPA, avail, err := q.f.Mem.Alloc(uint64(virtq.AvailSize(n)), 4)
+	if err != nil {
 		return err
 	}
-	if q.UsedGPA, q.used, err = q.f.Mem.Alloc(6+8*n, 4); err != nil {
+	usedGPA, used, err := q.f.Mem.Alloc(uint64(virtq.UsedSize(n)), 4)
+	if err != nil {
 		return err
 	}
-	return nil
-}
-
-// Reset clears the rings and the driver-side indexes, as a guest driver
-// does when it sets the queue up again after a reset.
-func (q *VQ) Reset() {
-	clear(q.desc)
-	clear(q.avail)
-	clear(q.used)
-	q.nextDesc, q.availIdx, q.lastUsed = 0, 0, 0
+	q.Ring, err = virtq.New(size, virtq.Areas{Desc: desc, Avail: avail, Used: used, DescAddr: descGPA, AvailAddr: availGPA, UsedAddr: usedGPA})
+	return err
 }
 
 // Buf is one buffer of a chain.
@@ -112,127 +88,57 @@ type Buf struct {
 	Write bool // device-writable
 }
 
-// WriteDesc writes descriptor i of the ring's table as given (no checks:
-// hostile chains are built with it).
-func (q *VQ) WriteDesc(i uint16, addr uint64, length uint32, flags, next uint16) {
-	WriteDesc(q.desc, i, addr, length, flags, next)
-}
-
-// WriteDesc writes descriptor i of table.
-func WriteDesc(table []byte, i uint16, addr uint64, length uint32, flags, next uint16) {
-	d := table[16*int(i):]
-	binary.LittleEndian.PutUint64(d[0:], addr)
-	binary.LittleEndian.PutUint32(d[8:], length)
-	binary.LittleEndian.PutUint16(d[12:], flags)
-	binary.LittleEndian.PutUint16(d[14:], next)
-}
-
-func (q *VQ) allocDesc() uint16 {
-	i := q.nextDesc & (q.Size - 1)
-	q.nextDesc++
-	return i
-}
-
-// AddChain writes bufs as a direct chain and returns its head (not yet
-// published).
+// AddChain writes bufs as a direct chain, in the order given (a writable
+// buffer before a readable one too), and returns its head, not yet
+// published. It panics if the ring has no room: the test has not taken
+// back the chains the device used.
 func (q *VQ) AddChain(bufs []Buf) uint16 {
-	idx := make([]uint16, len(bufs))
-	for i := range bufs {
-		idx[i] = q.allocDesc()
-	}
+	q.descs = q.descs[:0]
 	for i, b := range bufs {
-		var flags, next uint16
-		if b.Write {
-			flags |= DescWrite
-		}
-		if i+1 < len(bufs) {
-			flags |= DescNext
-			next = idx[i+1]
-		}
-		q.WriteDesc(idx[i], b.GPA, b.Len, flags, next)
+		q.descs = append(q.descs, virtq.Desc{Addr: b.GPA, Len: b.Len, Write: b.Write, Next: i + 1})
 	}
-	return idx[0]
+	if len(q.descs) > 0 {
+		q.descs[len(q.descs)-1].Next = -1
+	}
+	return q.AddRaw(q.descs...)
 }
 
-// AddIndirect writes bufs into an indirect table in guest memory and a
-// ring descriptor pointing to it; it returns the head.
+// AddRaw is virtq.Ring.AddDescs for hand-built chains (loops, indirect
+// tables, anything), and panics as AddChain does.
+func (q *VQ) AddRaw(descs ...virtq.Desc) uint16 {
+	head, err := q.AddDescs(descs)
+	if err != nil {
+		panic(fmt.Sprintf("vhostusertest: queue %d: %v", q.Index, err))
+	}
+	return head
+}
+
+// AddIndirect writes bufs (readable ones first) into an indirect table in
+// guest memory and a ring descriptor pointing to it; it returns the head,
+// not yet published.
 func (q *VQ) AddIndirect(bufs []Buf) (uint16, error) {
-	gpa, table, err := q.f.Mem.Alloc(16*uint64(len(bufs)), 16)
+	var out, in []virtq.Seg
+	for _, b := range bufs {
+		if b.Write {
+			in = append(in, virtq.Seg{Addr: b.GPA, Len: b.Len})
+		} else if len(in) == 0 {
+			out = append(out, virtq.Seg{Addr: b.GPA, Len: b.Len})
+		} else {
+			return 0, errors.New("vhostusertest: readable after writable: write the table with virtq.EncodeDescs")
+		}
+	}
+	gpa, table, err := q.f.Mem.Alloc(uint64(virtq.DescSize(len(bufs))), 16)
 	if err != nil {
 		return 0, err
 	}
-	for i, b := range bufs {
-		var flags, next uint16
-		if b.Write {
-			flags |= DescWrite
-		}
-		if i+1 < len(bufs) {
-			flags |= DescNext
-			next = uint16(i + 1)
-		}
-		WriteDesc(table, uint16(i), b.GPA, b.Len, flags, next)
-	}
-	head := q.allocDesc()
-	q.WriteDesc(head, gpa, uint32(16*len(bufs)), DescIndirect, 0)
-	return head, nil
+	return q.Ring.AddIndirect(table, gpa, out, in)
 }
-
-// AllocDesc hands out a descriptor index for hand-built chains.
-func (q *VQ) AllocDesc() uint16 { return q.allocDesc() }
-
-// Publish puts head on the avail ring and publishes the new avail idx.
-func (q *VQ) Publish(heads ...uint16) {
-	for _, h := range heads {
-		binary.LittleEndian.PutUint16(q.avail[4+2*int(q.availIdx&(q.Size-1)):], h)
-		q.availIdx++
-	}
-	q.storeAvailIdx(q.availIdx)
-}
-
-// SetAvailIdx publishes an arbitrary avail idx (hostile jumps).
-func (q *VQ) SetAvailIdx(idx uint16) {
-	q.availIdx = idx
-	q.storeAvailIdx(idx)
-}
-
-func (q *VQ) storeAvailIdx(idx uint16) {
-	// The avail ring is 2-aligned; store the u16 through the aligned
-	// 32-bit word that holds it, keeping the other half.
-	p := uintptr(unsafe.Pointer(&q.avail[2]))
-	if p%4 == 0 {
-		w := (*uint32)(unsafe.Pointer(&q.avail[2]))
-		old := atomic.LoadUint32(w)
-		atomic.StoreUint32(w, old&^0xffff|uint32(idx))
-	} else {
-		w := (*uint32)(unsafe.Pointer(&q.avail[0]))
-		old := atomic.LoadUint32(w)
-		atomic.StoreUint32(w, old&0xffff|uint32(idx)<<16)
-	}
-}
-
-// SetAvailFlags writes the avail ring flags (VRING_AVAIL_F_NO_INTERRUPT).
-func (q *VQ) SetAvailFlags(flags uint16) { binary.LittleEndian.PutUint16(q.avail[0:], flags) }
-
-// SetUsedEvent writes used_event (EVENT_IDX).
-func (q *VQ) SetUsedEvent(v uint16) { binary.LittleEndian.PutUint16(q.avail[4+2*int(q.Size):], v) }
-
-// AvailEvent reads avail_event written by the device (EVENT_IDX).
-func (q *VQ) AvailEvent() uint16 { return binary.LittleEndian.Uint16(q.used[4+8*int(q.Size):]) }
-
-// UsedIdx reads the device's used idx.
-func (q *VQ) UsedIdx() uint16 {
-	return uint16(atomic.LoadUint32((*uint32)(unsafe.Pointer(&q.used[0]))) >> 16)
-}
-
-// AvailIdx is the driver's avail idx (what Publish published last).
-func (q *VQ) AvailIdx() uint16 { return q.availIdx }
 
 // KickIfNeeded kicks unless the device's avail_event (EVENT_IDX) says it
-// needs no kick for the chains published since avail idx old (virtio's
-// vring_need_event), and reports whether it kicked.
-func (q *VQ) KickIfNeeded(old uint16) (bool, error) {
-	atomic.AddUint32(&q.fence, 1) // a full barrier: store avail idx, then load avail_event
-	if q.availIdx-q.AvailEvent()-1 >= q.availIdx-old {
+// needs no kick for the chains published since the last decision, and
+// reports whether it kicked.
+func (q *VQ) KickIfNeeded() (bool, error) {
+	if !q.NeedNotifyEvent() {
 		return false, nil
 	}
 	return true, q.Kick()
@@ -246,52 +152,20 @@ func (q *VQ) Kick() error {
 	return err
 }
 
-// Used is one used-ring element.
-type Used struct {
-	ID  uint16
-	Len uint32
-}
-
 // ErrTimeout: nothing happened within Timeout.
 var ErrTimeout = errors.New("vhostusertest: timed out")
 
 // PollUsed returns the next used element if there is one, and asks for a
 // notification at the next one (used_event = the new last used index).
-func (q *VQ) PollUsed() (Used, bool) {
-	u, ok := q.TakeUsed()
+// Unlike it, Take leaves used_event alone, for a driver that chooses when
+// it wants to be notified (see ArmUsedEvent): a used_event that follows
+// every element asks the device for a notification per completion.
+func (q *VQ) PollUsed() (virtq.Used, bool) {
+	u, ok := q.Take()
 	if ok {
-		q.SetUsedEvent(q.lastUsed)
+		q.SetUsedEvent(q.LastUsed())
 	}
 	return u, ok
-}
-
-// TakeUsed returns the next used element if there is one. Unlike PollUsed
-// it leaves used_event alone, for a driver that chooses when it wants to be
-// notified (see ArmUsedEvent): a used_event that follows every element
-// asks the device for a notification per completion.
-func (q *VQ) TakeUsed() (Used, bool) {
-	if q.UsedIdx() == q.lastUsed {
-		return Used{}, false
-	}
-	e := q.used[4+8*int(q.lastUsed&(q.Size-1)):]
-	u := Used{ID: uint16(binary.LittleEndian.Uint32(e)), Len: binary.LittleEndian.Uint32(e[4:])}
-	q.lastUsed++
-	return u, true
-}
-
-// LastUsed is the driver's count of used elements taken (wraps).
-func (q *VQ) LastUsed() uint16 { return q.lastUsed }
-
-// ArmUsedEvent asks for a notification when the device's used idx reaches
-// idx (EVENT_IDX: used_event = idx-1; idx is ahead of LastUsed) and reports
-// whether it has reached it already. Only when it returns false may the
-// caller wait for the call eventfd: the used_event store is ordered before
-// the used idx load, so either the device sees the new used_event when it
-// publishes idx or this load sees idx.
-func (q *VQ) ArmUsedEvent(idx uint16) bool {
-	q.SetUsedEvent(idx - 1)
-	atomic.AddUint32(&q.fence, 1) // a full barrier: store used_event, then load used idx
-	return q.UsedIdx()-q.lastUsed >= idx-q.lastUsed
 }
 
 // CallFile returns a duplicate of the call eventfd as a pollable *os.File:
@@ -310,7 +184,7 @@ func (q *VQ) CallFile() (*os.File, error) {
 }
 
 // WaitUsed waits (on the call eventfd) for the next used element.
-func (q *VQ) WaitUsed() (Used, error) {
+func (q *VQ) WaitUsed() (virtq.Used, error) {
 	deadline := time.Now().Add(Timeout)
 	for {
 		if u, ok := q.PollUsed(); ok {
@@ -318,10 +192,10 @@ func (q *VQ) WaitUsed() (Used, error) {
 		}
 		left := time.Until(deadline)
 		if left <= 0 {
-			return Used{}, ErrTimeout
+			return virtq.Used{}, ErrTimeout
 		}
 		if _, err := q.WaitCall(left); err != nil && !errors.Is(err, ErrTimeout) {
-			return Used{}, err
+			return virtq.Used{}, err
 		}
 	}
 }
