@@ -28,6 +28,7 @@ const controlName = "ism-backend.ctl"
 // controlRequest is what a client sends.
 type controlRequest struct {
 	Command string `json:"command"`
+	VM      string `json:"vm,omitempty"` // add-vm: NAME[=GID]; remove-vm: NAME (vmctl.go)
 }
 
 // controlAnswer is what the backend sends back: Error, or the command's
@@ -35,6 +36,7 @@ type controlRequest struct {
 type controlAnswer struct {
 	Error  string      `json:"error,omitempty"`
 	Status *statusJSON `json:"status,omitempty"`
+	VM     *vmAnswer   `json:"vm,omitempty"` // add-vm, remove-vm
 }
 
 // statusJSON is `ism-backend status -json`: the fabric's devices, DMBs and
@@ -142,8 +144,10 @@ func handleControl(r io.Reader, f *ism.Fabric, opts *options) controlAnswer {
 	switch req.Command {
 	case "status":
 		return controlAnswer{Status: status(f, opts, time.Now())}
+	case "add-vm", "remove-vm":
+		return handleVMControl(opts.served, req)
 	default:
-		return controlAnswer{Error: fmt.Sprintf("unknown command %q (known: status)", req.Command)}
+		return controlAnswer{Error: fmt.Sprintf("unknown command %q (known: status, add-vm, remove-vm)", req.Command)}
 	}
 }
 
@@ -155,6 +159,12 @@ func listenControl(dir string) (*net.UnixListener, error) {
 // askControl sends command to the backend serving dir and returns its
 // answer.
 func askControl(dir, command string, timeout time.Duration) (controlAnswer, error) {
+	return askControlRequest(dir, controlRequest{Command: command}, timeout)
+}
+
+// askControlRequest sends req to the backend serving dir and returns its
+// answer.
+func askControlRequest(dir string, req controlRequest, timeout time.Duration) (controlAnswer, error) {
 	var a controlAnswer
 	path := filepath.Join(dir, controlName)
 	c, err := net.DialTimeout("unix", path, timeout)
@@ -163,7 +173,7 @@ func askControl(dir, command string, timeout time.Duration) (controlAnswer, erro
 	}
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(timeout))
-	if err := json.NewEncoder(c).Encode(controlRequest{Command: command}); err != nil {
+	if err := json.NewEncoder(c).Encode(req); err != nil {
 		return a, err
 	}
 	if err := json.NewDecoder(c).Decode(&a); err != nil {
