@@ -34,6 +34,8 @@ package main
 // attach; default: what the device offers).
 // ism.decline=<code> makes the server (or, in smcd-client, the client)
 // decline SMC-D: the connection falls back to TCP; smc_<i> tells which.
+// ism.debug_addr and ism.debug_list serve and report the smcss-like
+// listing of the connections (smcd_debug.go).
 // ism.clc_timeout bounds each CLC handshake (default: until the watchdog;
 // Linux's 6 s would let the speed of a TCG guest on a loaded host decide
 // between SMC-D and a TCP fallback, and the tests check which one ran).
@@ -143,8 +145,15 @@ func setupSMC(e *Env, defMode string) (a smcArgs, dev smcdev.Adapter, closeDev f
 	if a, err = smcdArgs(e, defMode); err != nil {
 		return a, dev, nil, err
 	}
-	dev, closeDev, err = openSMC(e)
-	return a, dev, closeDev, err
+	if dev, closeDev, err = openSMC(e); err != nil {
+		return a, dev, nil, err
+	}
+	stopDebug, err := startSMCDebug(e) // smcd_debug.go
+	if err != nil {
+		closeDev()
+		return a, dev, nil, err
+	}
+	return a, dev, func() { stopDebug(); closeDev() }, nil
 }
 
 // listenSMC listens on addr with the scenario's server options.
