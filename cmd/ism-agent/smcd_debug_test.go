@@ -35,9 +35,9 @@ func TestSMCDebugListing(t *testing.T) {
 	go func() {
 		c, err := ln.Accept()
 		if err == nil {
-			defer c.Close()
 			_, err = io.ReadFull(c, make([]byte, 5))
 			c.Write([]byte{1})
+			c.Close() // unlisted before the reading
 		}
 		accepted <- err
 	}()
