@@ -16,17 +16,24 @@ import (
 // during a transfer, and the guest stack's smcss-like listing
 // (cmd/ism-agent/smcd_debug.go) read from the running guest.
 
-// TestVMAddedAtRuntime: the backend starts with VMs a and b; c is added
+// TestVMAddedAtRuntime, in copy mode and with attach mode offered: the
+// backend starts with VMs a and b; c is added
 // while it runs, its guest boots on the new socket and sends 16 MiB over
 // SMC-D to a's guest (SHA-256 matched); then c is removed while its
 // connection is open, and a's stack gets the GID-gone event (its
 // connection fails with the device's error, not a timeout). The backend
 // is never restarted.
 func TestVMAddedAtRuntime(t *testing.T) {
+	for _, modes := range []string{"copy", "copy,attach"} {
+		t.Run(modes, func(t *testing.T) { testVMAddedAtRuntime(t, modes) })
+	}
+}
+
+func testVMAddedAtRuntime(t *testing.T, modes string) {
 	r := vmharness.New(t)
 	r.RequireBackend()
 	sa, sb := r.Path("a.sock"), r.Path("b.sock")
-	be := r.StartBackend([]string{"-socket-dir", r.Dir, "-vm", "a=" + gidA, "-vm", "b=" + gidB}, sa, sb)
+	be := r.StartBackend([]string{"-socket-dir", r.Dir, "-vm", "a=" + gidA, "-vm", "b=" + gidB, "-modes", modes}, sa, sb)
 	sc, err := be.AddVM("c=" + gidC)
 	if err != nil {
 		t.Fatal(err)
