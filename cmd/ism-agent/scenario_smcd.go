@@ -153,7 +153,10 @@ func setupSMC(e *Env, defMode string) (a smcArgs, dev smcdev.Adapter, closeDev f
 		closeDev()
 		return a, dev, nil, err
 	}
-	return a, dev, func() { stopDebug(); closeDev() }, nil
+	// Not closeDev in the closure: that is the result being assigned,
+	// and the closure would call itself.
+	closeSMC := closeDev
+	return a, dev, func() { stopDebug(); closeSMC() }, nil
 }
 
 // listenSMC listens on addr with the scenario's server options.
