@@ -41,7 +41,7 @@ type VM struct {
 // Collector is a prometheus.Collector over a fabric and its connections.
 type Collector struct {
 	fabric *ism.Fabric
-	vms    []VM
+	vms    func() []VM
 	conn   func(vm string) vhostuser.Stats
 
 	info, devices, dmbs *prometheus.Desc
@@ -78,6 +78,12 @@ func vmDesc(name, help string, labels ...string) *prometheus.Desc {
 // order, also before they connect) and any other VM that has connected.
 // conn returns a VM's current vhost-user connection counters (nil: none).
 func NewCollector(f *ism.Fabric, vms []VM, conn func(vm string) vhostuser.Stats) *Collector {
+	return NewLiveCollector(f, func() []VM { return vms }, conn)
+}
+
+// NewLiveCollector is NewCollector for a VM list that changes (VMs added
+// and removed while the backend runs): each scrape lists vms().
+func NewLiveCollector(f *ism.Fabric, vms func() []VM, conn func(vm string) vhostuser.Stats) *Collector {
 	c := &Collector{fabric: f, vms: vms, conn: conn}
 	c.info = prometheus.NewDesc(prometheus.BuildFQName(namespace, "", "fabric_info"),
 		"The fabric's channel id (CHID); always 1.", []string{"chid"}, nil)
@@ -149,7 +155,8 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	seen := map[string]ism.DeviceStats{}
 	var extra []ism.DeviceStats // connected under a name not configured
 	configured := map[string]bool{}
-	for _, v := range c.vms {
+	vms := c.vms()
+	for _, v := range vms {
 		configured[v.Name] = true
 	}
 	for _, d := range c.fabric.DeviceStats() {
@@ -158,7 +165,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 			extra = append(extra, d)
 		}
 	}
-	for _, v := range c.vms {
+	for _, v := range vms {
 		d, ok := seen[v.Name]
 		if !ok {
 			d = ism.DeviceStats{Name: v.Name, GID: v.GID}

@@ -34,6 +34,8 @@ package main
 // attach; default: what the device offers).
 // ism.decline=<code> makes the server (or, in smcd-client, the client)
 // decline SMC-D: the connection falls back to TCP; smc_<i> tells which.
+// ism.debug_addr and ism.debug_list serve and report the smcss-like
+// listing of the connections (smcd_debug.go).
 // ism.clc_timeout bounds each CLC handshake (default: until the watchdog;
 // Linux's 6 s would let the speed of a TCG guest on a loaded host decide
 // between SMC-D and a TCP fallback, and the tests check which one ran).
@@ -149,8 +151,18 @@ func setupSMC(e *Env, defMode string) (a smcArgs, dev smcdev.Adapter, closeDev f
 	if err := setupOption(e); err != nil {
 		return a, dev, nil, err
 	}
-	dev, closeDev, err = openSMC(e)
-	return a, dev, closeDev, err
+	if dev, closeDev, err = openSMC(e); err != nil {
+		return a, dev, nil, err
+	}
+	stopDebug, err := startSMCDebug(e) // smcd_debug.go
+	if err != nil {
+		closeDev()
+		return a, dev, nil, err
+	}
+	// Not closeDev in the closure: that is the result being assigned,
+	// and the closure would call itself.
+	closeSMC := closeDev
+	return a, dev, func() { stopDebug(); closeSMC() }, nil
 }
 
 // setupOption loads the SMC TCP option program unless ism.synopt=off.

@@ -29,6 +29,7 @@ const controlName = "ism-backend.ctl"
 type controlRequest struct {
 	Command string        `json:"command"`
 	Fault   *faultRequest `json:"fault,omitempty"` // fault.go
+	VM      string        `json:"vm,omitempty"`    // add-vm: NAME[=GID]; remove-vm: NAME (vmctl.go)
 }
 
 // controlAnswer is what the backend sends back: Error, or the command's
@@ -37,6 +38,7 @@ type controlAnswer struct {
 	Error  string       `json:"error,omitempty"`
 	Status *statusJSON  `json:"status,omitempty"`
 	Faults *faultAnswer `json:"faults,omitempty"` // fault.go
+	VM     *vmAnswer    `json:"vm,omitempty"`     // add-vm, remove-vm
 }
 
 // statusJSON is `ism-backend status -json`: the fabric's devices, DMBs and
@@ -147,8 +149,10 @@ func handleControl(r io.Reader, f *ism.Fabric, opts *options) controlAnswer {
 		return controlAnswer{Status: status(f, opts, time.Now())}
 	case "fault":
 		return handleFault(r, req.Fault, f, opts)
+	case "add-vm", "remove-vm":
+		return handleVMControl(opts.served, req)
 	default:
-		return controlAnswer{Error: fmt.Sprintf("unknown command %q (known: status, fault)", req.Command)}
+		return controlAnswer{Error: fmt.Sprintf("unknown command %q (known: status, fault, add-vm, remove-vm)", req.Command)}
 	}
 }
 
@@ -160,6 +164,12 @@ func listenControl(dir string) (*net.UnixListener, error) {
 // askControl sends command to the backend serving dir and returns its
 // answer.
 func askControl(dir, command string, timeout time.Duration) (controlAnswer, error) {
+	return askControlRequest(dir, controlRequest{Command: command}, timeout)
+}
+
+// askControlRequest sends req to the backend serving dir and returns its
+// answer.
+func askControlRequest(dir string, req controlRequest, timeout time.Duration) (controlAnswer, error) {
 	var a controlAnswer
 	path := filepath.Join(dir, controlName)
 	c, err := net.DialTimeout("unix", path, timeout)
@@ -168,7 +178,7 @@ func askControl(dir, command string, timeout time.Duration) (controlAnswer, erro
 	}
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(timeout))
-	if err := json.NewEncoder(c).Encode(controlRequest{Command: command}); err != nil {
+	if err := json.NewEncoder(c).Encode(req); err != nil {
 		return a, err
 	}
 	if err := json.NewDecoder(c).Decode(&a); err != nil {

@@ -42,6 +42,13 @@ type upgradeState struct {
 	StatsSeq uint64 // the stats file's last seq: the new process goes on from it
 	VMs      []vmState
 	Fabric   *ism.FabricState
+	// The VMs added and removed at runtime (vmctl.go), relative to the
+	// old process's -vm: the new process serves its own -vm less Removed,
+	// plus Added. Empty unless VMs were added or removed, so that a state
+	// without such changes is what version 1 always was; a binary that
+	// predates them refuses one with (an unknown field).
+	Added   []vmSpec `json:",omitempty"`
+	Removed []string `json:",omitempty"`
 }
 
 // vmState is one VM: its socket and connection, and the events waiting for
@@ -79,6 +86,21 @@ func decodeState(version uint32, b []byte) (*upgradeState, error) {
 			return nil, fmt.Errorf("state: VM %s: events without a started device, or none with one", vm.Name)
 		}
 	}
+	var added []vmSpec
+	for _, v := range st.Added {
+		if !vmName.MatchString(v.Name) || v.GID == 0 {
+			return nil, fmt.Errorf("state: added VM %q GID %#x", v.Name, v.GID)
+		}
+		if err := conflict(added, v); err != nil {
+			return nil, fmt.Errorf("state: added VMs: %w", err)
+		}
+		added = append(added, v)
+	}
+	for _, name := range st.Removed {
+		if !vmName.MatchString(name) {
+			return nil, fmt.Errorf("state: removed VM %q", name)
+		}
+	}
 	return &st, nil
 }
 
@@ -91,7 +113,7 @@ type listenersToHand struct {
 
 // exportState describes the frozen server, the fabric and the listeners;
 // the caller owns the fds.
-func exportState(fz *vhostuser.Frozen, srv *vhostuser.Server, fabric *ism.Fabric, lns listenersToHand, stats *statsWriter) ([]byte, []int, error) {
+func exportState(fz *vhostuser.Frozen, srv *vhostuser.Server, fabric *ism.Fabric, vt *vmTable, lns listenersToHand, stats *statsWriter) ([]byte, []int, error) {
 	vms, fds, err := fz.Export()
 	if err != nil {
 		return nil, nil, err
@@ -113,6 +135,7 @@ func exportState(fz *vhostuser.Frozen, srv *vhostuser.Server, fabric *ism.Fabric
 	}
 	fds = append(fds, ffds...)
 	st := upgradeState{Fabric: fst}
+	st.Added, st.Removed = vt.changes()
 	if stats != nil {
 		st.StatsSeq = stats.seq.Load()
 	}
@@ -170,6 +193,7 @@ func closeFDs(fds []int) {
 type oldSide struct {
 	log     *logrus.Logger
 	opts    *options
+	vt      *vmTable // no VM is added or removed during a handover
 	srv     *vhostuser.Server
 	fabric  *ism.Fabric
 	hoLn    *net.UnixListener
@@ -219,6 +243,15 @@ func (o *oldSide) handOver(ctx context.Context, c *handover.Conn) (paused time.D
 		c.Abort(err.Error())
 		return 0, err
 	}
+	// The VMs frozen are the VMs exported: none added or removed until
+	// the handover is done, and none after one that succeeded.
+	o.vt.opMu.Lock()
+	defer o.vt.opMu.Unlock()
+	if o.vt.closed != "" {
+		err := errors.New(o.vt.closed)
+		c.Abort(err.Error())
+		return 0, err
+	}
 	ctx, cancel := context.WithTimeout(ctx, o.timeout)
 	defer cancel()
 	frozen := time.Now()
@@ -228,7 +261,7 @@ func (o *oldSide) handOver(ctx context.Context, c *handover.Conn) (paused time.D
 		c.Abort(err.Error())
 		return 0, err
 	}
-	b, fds, err := exportState(fz, o.srv, o.fabric, o.lns, o.stats)
+	b, fds, err := exportState(fz, o.srv, o.fabric, o.vt, o.lns, o.stats)
 	if err == nil {
 		err = c.SendState(stateVersion, b, fds)
 		closeFDs(fds)
@@ -246,6 +279,7 @@ func (o *oldSide) handOver(ctx context.Context, c *handover.Conn) (paused time.D
 		return time.Since(frozen), err
 	}
 	fz.Release()
+	o.vt.closed = "the backend was handed over to a new process"
 	if err := c.Commit(); err != nil {
 		// The new process takes a closed connection after ready for
 		// a commit (this process let go either way).

@@ -76,16 +76,25 @@ type options struct {
 	handoverSocket  string
 	takeover        string
 	handoverTimeout time.Duration
+
+	// served is the VMs served now, -vm and those added at runtime
+	// (vmctl.go); run sets it.
+	served *vmTable
 }
 
 func main() {
-	if len(os.Args) > 1 && os.Args[1] == "status" {
-		err := runStatus(os.Args[2:], os.Stdout, os.Stderr)
+	if len(os.Args) > 1 && (os.Args[1] == "status" || os.Args[1] == "add-vm" || os.Args[1] == "remove-vm") {
+		var err error
+		if os.Args[1] == "status" {
+			err = runStatus(os.Args[2:], os.Stdout, os.Stderr)
+		} else {
+			err = runVMCommand(os.Args[1], os.Args[2:], os.Stdout, os.Stderr)
+		}
 		if errors.Is(err, flag.ErrHelp) {
 			os.Exit(0)
 		}
 		if err != nil {
-			fmt.Fprintf(os.Stderr, "ism-backend status: %v\n", err)
+			fmt.Fprintf(os.Stderr, "ism-backend %s: %v\n", os.Args[1], err)
 			os.Exit(1)
 		}
 		return
@@ -192,7 +201,7 @@ func parseFlags(args []string, errOut io.Writer) (*options, error) {
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			fs.SetOutput(errOut)
-			fmt.Fprintln(errOut, "usage: ism-backend -socket-dir DIR -vm NAME[=GID] ... | -print-qemu NAME | status [-json] | fault VERB ...")
+			fmt.Fprintln(errOut, "usage: ism-backend -socket-dir DIR -vm NAME[=GID] ... | -print-qemu NAME | status [-json] | fault VERB ... | add-vm NAME[=GID] | remove-vm NAME")
 			fs.PrintDefaults()
 		}
 		return nil, err
@@ -334,14 +343,19 @@ func run(ctx context.Context, opts *options) error {
 	server.MaxMemBytes, server.MaxMemRegions = opts.maxMemBytes, opts.maxMemRegions
 	server.AllowUIDs = opts.allowUIDs
 
-	// An upgrade: the running backend's state and fds first.
+	// An upgrade: the running backend's state and fds first. The VMs to serve: -vm, and after an upgrade as the old process
+	// had them (VMs added or removed at runtime, vmctl.go).
 	var tk *takeover
+	vms := opts.vms
 	if opts.takeover != "" {
 		var err error
 		if tk, err = startTakeover(opts.takeover, fabric, opts.handoverTimeout); err != nil {
 			return fmt.Errorf("takeover: %w", err)
 		}
-		if err := tk.checkVMs(opts.vms); err != nil {
+		if vms, err = servedAfterTakeover(opts.vms, tk.st.Added, tk.st.Removed); err != nil {
+			return fmt.Errorf("takeover: %w", tk.abort(err))
+		}
+		if err := tk.checkVMs(vms); err != nil {
 			return fmt.Errorf("takeover: %w", tk.abort(err))
 		}
 		if stats != nil {
@@ -369,21 +383,34 @@ func run(ctx context.Context, opts *options) error {
 	// The socket files this process made (owned) are removed at its
 	// exit, not when their listeners close: after a handover they are
 	// the new process's, and a listener closed by Serve must not unlink
-	// them. Those taken over become this process's at the commit.
-	listeners := make([]*net.UnixListener, 0, len(opts.vms))
-	var owned, takenOver []string
-	handedOver := false
+	// them. Those taken over become this process's at the commit; from
+	// then on (vmsOurs) the VMs' are those of the VMs served, vt's.
+	var wg sync.WaitGroup
+	errs := make(chan error, 1)
+	vt := &vmTable{ctx: ctx, srv: server, fabric: fabric, opts: opts, log: log, errs: errs, wg: &wg, tk: tk,
+		unitSockets: map[string]bool{}}
+	listeners := make([]*net.UnixListener, 0, len(vms))
+	paths := make([]string, 0, len(vms))
+	var owned, takenOver, vmOwned []string
+	handedOver, vmsOurs := false, false
 	defer func() {
 		for _, ln := range listeners {
 			ln.Close()
 		}
-		if !handedOver {
-			for _, p := range owned {
-				os.Remove(p)
-			}
+		if handedOver {
+			return
+		}
+		for _, p := range owned {
+			os.Remove(p)
+		}
+		if vmsOurs {
+			vmOwned = vt.paths()
+		}
+		for _, p := range vmOwned {
+			os.Remove(p)
 		}
 	}()
-	for _, v := range opts.vms {
+	for _, v := range vms {
 		path := filepath.Join(opts.socketDir, v.Name+".sock")
 		var ln *net.UnixListener
 		var err error
@@ -391,9 +418,9 @@ func run(ctx context.Context, opts *options) error {
 			ln, err = vhostuser.ListenerOf(tk.fds, vs.Listener)
 			takenOver = append(takenOver, path)
 		} else if ln = act.take(path); ln != nil {
-			// The socket unit's file: not ours to unlink.
+			vt.unitSockets[path] = true // the socket unit's file
 		} else if ln, err = listenUnix(path, opts.socket); err == nil {
-			owned = append(owned, path)
+			vmOwned = append(vmOwned, path)
 		}
 		if err != nil {
 			if tk != nil {
@@ -403,6 +430,7 @@ func run(ctx context.Context, opts *options) error {
 		}
 		ln.SetUnlinkOnClose(false)
 		listeners = append(listeners, ln)
+		paths = append(paths, path)
 	}
 	var hoLn *net.UnixListener
 	if tk != nil {
@@ -474,51 +502,18 @@ func run(ctx context.Context, opts *options) error {
 		metricsLn = ln.(*net.TCPListener)
 	}
 
-	var wg sync.WaitGroup
-	errs := make(chan error, len(opts.vms))
-	ready := make(chan error, len(opts.vms))
+	ready := make(chan error, len(vms))
 	imported := 0
-	for i, v := range opts.vms {
-		vmLog := log.WithFields(logrus.Fields{"vm": v.Name, "gid": fmt.Sprintf("%#016x", v.GID)})
+	for i, v := range vms {
 		vs := tk.vm(v.Name)
-		newBackend := func(name string) (vhostuser.Backend, error) {
-			bo, err := opts.backendOptions(name)
-			if err != nil {
-				return nil, err
-			}
-			b, err := ismvirtio.NewWithOptions(fabric, name, v.GID, vmLog, bo)
-			if err == nil && vs != nil && vs.Events != nil {
-				// The connection taken over (the first) resumes its
-				// device; later ones start afresh.
-				b.SetImported(tk.imp, *vs.Events)
-				vs = nil
-			}
-			return b, err
-		}
-		vmLog.WithField("socket", listeners[i].Addr().String()).Info("serving VM")
-		wg.Add(1)
 		if vs != nil {
 			imported++
-			go func(ln *net.UnixListener, conn *vhostuser.ConnState) {
-				defer wg.Done()
-				err := server.ServeImported(ctx, v.Name, ln, conn, tk.fds, newBackend, func(err error) {
-					if err != nil {
-						err = fmt.Errorf("vm %s: %w", v.Name, err)
-					}
-					ready <- err
-				})
-				if err != nil && ctx.Err() == nil && !errors.Is(err, vhostuser.ErrHandedOver) {
-					errs <- fmt.Errorf("vm %s: %w", v.Name, err)
-				}
-			}(listeners[i], vs.Conn)
-			continue
 		}
-		go func(ln *net.UnixListener) {
-			defer wg.Done()
-			if err := server.Serve(ctx, v.Name, ln, newBackend); err != nil && ctx.Err() == nil && !errors.Is(err, vhostuser.ErrHandedOver) {
-				errs <- fmt.Errorf("vm %s: %w", v.Name, err)
-			}
-		}(listeners[i])
+		vt.start(v, paths[i], listeners[i], vs, ready)
+	}
+	listeners = nil // each Serve closes its own
+	if tk == nil {
+		vmsOurs = true
 	}
 	if tk != nil {
 		// Every VM rebuilt and held: ready, and go on once the old
@@ -535,26 +530,31 @@ func run(ctx context.Context, opts *options) error {
 		}
 		server.Unhold()
 		owned = append(owned, takenOver...) // this process's now
+		vmsOurs = true
 		log.Info("took over from the old process")
 	}
+	opts.served = vt
 	go serveControl(ctx, ctl, fabric, opts, log)
 	if metricsLn != nil {
-		vms := make([]metrics.VM, len(opts.vms))
-		for i, v := range opts.vms {
-			vms[i] = metrics.VM{Name: v.Name, GID: v.GID}
+		vms := func() []metrics.VM {
+			var out []metrics.VM
+			for _, v := range vt.list() {
+				out = append(out, metrics.VM{Name: v.Name, GID: v.GID})
+			}
+			return out
 		}
-		metrics.Serve(ctx, metricsLn, metrics.Registry(metrics.NewCollector(fabric, vms, server.Stats)))
+		metrics.Serve(ctx, metricsLn, metrics.Registry(metrics.NewLiveCollector(fabric, vms, server.Stats)))
 		log.WithField("url", "http://"+metricsLn.Addr().String()+"/metrics").Info("serving metrics")
 	}
-	names := make([]string, len(opts.vms))
-	for i, v := range opts.vms {
+	names := make([]string, len(vms))
+	for i, v := range vms {
 		names[i] = v.Name
 	}
 	// A handover sees every VM: each Serve is under way first.
 	if err := server.WaitServing(ctx, names...); err != nil {
 		return err
 	}
-	old := &oldSide{log: log, opts: opts, srv: server, fabric: fabric, hoLn: hoLn, stats: stats, done: make(chan struct{}), timeout: opts.handoverTimeout,
+	old := &oldSide{log: log, opts: opts, vt: vt, srv: server, fabric: fabric, hoLn: hoLn, stats: stats, done: make(chan struct{}), timeout: opts.handoverTimeout,
 		lns: listenersToHand{handover: hoLn, control: ctl, metrics: metricsLn}}
 	go old.serve(ctx)
 
@@ -596,10 +596,8 @@ loop:
 			report()
 		}
 	}
-	for _, ln := range listeners {
-		ln.Close()
-	}
-	listeners = nil
+	vt.close("the backend is shutting down")
+	stop() // every VM's Serve ends
 	wg.Wait()
 	report()
 	return runErr

@@ -20,7 +20,8 @@ import (
 //	 "vms": [{"name", "gid": "0x%016x", "modes": "copy,attach",
 //	          "connected", "stats": counters}, ...]}
 //
-// vms lists every -vm in flag order. A VM's counters are those of every
+// vms lists every VM served: each -vm in flag order, then those added at
+// runtime (less those removed, vmctl.go). A VM's counters are those of every
 // connection it has had (they survive a device stop, a guest reset or
 // power-off, and a reconnect); "dmbs" and the attach-mode gauges
 // ("attach_dmbs", "attach_bytes", "attached", "mapped_bytes") are those of
@@ -151,14 +152,15 @@ func (w *statsWriter) snapshot(f *ism.Fabric, now time.Time) statsFile {
 		Seq:   seq,
 		CHID:  fmt.Sprintf("%#04x", f.CHID()),
 		Total: toStatsJSON(total),
-		VMs:   make([]vmStatsJSON, 0, len(w.opts.vms)),
 	}
+	vms := w.opts.vmList()
+	out.VMs = make([]vmStatsJSON, 0, len(vms))
 	out.Total.Devices = &total.Devices
 	seen := map[string]ism.DeviceStats{}
 	for _, d := range f.DeviceStats() {
 		seen[d.Name] = d
 	}
-	for _, v := range w.opts.vms {
+	for _, v := range vms {
 		vm := vmStatsJSON{Name: v.Name, GID: fmt.Sprintf("0x%016x", v.GID)}
 		if d, ok := seen[v.Name]; ok {
 			vm.GID = fmt.Sprintf("0x%016x", d.GID)

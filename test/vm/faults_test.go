@@ -67,7 +67,7 @@ func TestSMCDFaultDroppedSignals(t *testing.T) {
 			if got := ob.Results["send_mode_0"]; got != mode {
 				t.Errorf("the client sent in %s mode, want %s", got, mode)
 			}
-			st, err := be.StatusJSON()
+			st, err := be.Status()
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -105,7 +105,7 @@ func TestSMCDFaultRevokedDMB(t *testing.T) {
 	if _, err := a.WaitResult("reading_0", 4*time.Minute); err != nil {
 		t.Fatal(err)
 	}
-	st, err := be.StatusJSON()
+	st, err := be.Status()
 	if err != nil {
 		t.Fatal(err)
 	}
