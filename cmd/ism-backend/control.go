@@ -117,7 +117,8 @@ func serveControl(ctx context.Context, ln *net.UnixListener, f *ism.Fabric, opts
 	for {
 		c, err := ln.AcceptUnix()
 		if err != nil {
-			if ctx.Err() == nil {
+			// Closed: the run ends, or a handover gave the socket away.
+			if ctx.Err() == nil && !errors.Is(err, net.ErrClosed) {
 				log.WithError(err).Error("control socket: accept")
 			}
 			return
