@@ -2,7 +2,7 @@ package main
 
 // The kernel's own view of its AF_SMC sockets, from smc_diag (sock_diag
 // netlink, what smcss uses): whether a connection fell back to TCP, why,
-// and the peer's decline code.
+// and the peer's decline code; for SMC-D, the GIDs and DMB tokens.
 
 import (
 	"encoding/binary"
@@ -14,8 +14,11 @@ import (
 
 // include/uapi/linux/smc_diag.h
 const (
-	smcDiagModeFallback = 1 // SMC_DIAG_MODE_FALLBACK_TCP
-	smcDiagFallbackAttr = 5 // SMC_DIAG_FALLBACK: {u32 reason, u32 peer_diagnosis}
+	smcDiagModeFallback = 1  // SMC_DIAG_MODE_FALLBACK_TCP
+	smcDiagModeSMCD     = 2  // SMC_DIAG_MODE_SMCD
+	smcDiagDMBInfoAttr  = 4  // SMC_DIAG_DMBINFO: struct smcd_diag_dmbinfo
+	smcDiagFallbackAttr = 5  // SMC_DIAG_FALLBACK: {u32 reason, u32 peer_diagnosis}
+	smcDiagDMBInfoLen   = 56 // u32 linkid (padded to 8), then peer_gid, my_gid, token, peer_token, peer_gid_ext, my_gid_ext
 	smcDiagReqLen       = 4 + 48
 	smcDiagMsgLen       = 4 + 48 + 4 + 8 // family..shutdown, id, uid, inode (8-aligned at 56)
 )
@@ -25,6 +28,11 @@ type smcDiag struct {
 	SPort, DPort          uint16
 	Reason, PeerDiagnosis uint32
 	HasFallback           bool
+	// SMC-D only (SMC_DIAG_DMBINFO): the link group's GIDs and the
+	// connection's DMB tokens.
+	HasDMB           bool
+	MyGID, PeerGID   uint64
+	Token, PeerToken uint64
 }
 
 func (d smcDiag) String() string {
@@ -46,7 +54,7 @@ func smcDiagDump() ([]smcDiag, error) {
 	binary.NativeEndian.PutUint32(req[8:], 1)
 	r := req[unix.NLMSG_HDRLEN:]
 	r[0] = unix.AF_SMC
-	r[3] = 1 << (smcDiagFallbackAttr - 1)
+	r[3] = 1<<(smcDiagFallbackAttr-1) | 1<<(smcDiagDMBInfoAttr-1)
 	// id: all zero, cookie "none"
 	binary.NativeEndian.PutUint32(r[4+40:], ^uint32(0))
 	binary.NativeEndian.PutUint32(r[4+44:], ^uint32(0))
@@ -100,6 +108,14 @@ func parseSMCDiag(b []byte) (smcDiag, error) {
 			d.Reason = binary.NativeEndian.Uint32(a[4:])
 			d.PeerDiagnosis = binary.NativeEndian.Uint32(a[8:])
 			d.HasFallback = true
+		}
+		if typ == smcDiagDMBInfoAttr && l >= 4+smcDiagDMBInfoLen {
+			v := a[4:]
+			d.PeerGID = binary.NativeEndian.Uint64(v[8:])
+			d.MyGID = binary.NativeEndian.Uint64(v[16:])
+			d.Token = binary.NativeEndian.Uint64(v[24:])
+			d.PeerToken = binary.NativeEndian.Uint64(v[32:])
+			d.HasDMB = true
 		}
 		a = a[min(len(a), (l+3)&^3):]
 	}

@@ -35,3 +35,32 @@ func TestParseSMCDiag(t *testing.T) {
 		t.Fatal("attribute longer than the message parsed")
 	}
 }
+
+func TestParseSMCDiagDMBInfo(t *testing.T) {
+	msg := make([]byte, smcDiagMsgLen)
+	msg[0], msg[1], msg[2] = 43, 1, smcDiagModeSMCD
+	a := make([]byte, 4+smcDiagDMBInfoLen)
+	binary.NativeEndian.PutUint16(a, uint16(len(a)))
+	binary.NativeEndian.PutUint16(a[2:], smcDiagDMBInfoAttr)
+	v := a[4:]
+	binary.NativeEndian.PutUint32(v[0:], 7)       // linkid
+	binary.NativeEndian.PutUint64(v[8:], 0x1111)  // peer_gid
+	binary.NativeEndian.PutUint64(v[16:], 0x2222) // my_gid
+	binary.NativeEndian.PutUint64(v[24:], 0x3333) // token
+	binary.NativeEndian.PutUint64(v[32:], 0x4444) // peer_token
+	binary.NativeEndian.PutUint64(v[40:], 0xeeee) // peer_gid_ext
+	binary.NativeEndian.PutUint64(v[48:], 0xffff) // my_gid_ext
+	d, err := parseSMCDiag(append(msg, a...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !d.HasDMB || d.PeerGID != 0x1111 || d.MyGID != 0x2222 || d.Token != 0x3333 || d.PeerToken != 0x4444 {
+		t.Fatalf("parsed %+v", d)
+	}
+	// A DMB attribute too short for the struct is not taken.
+	short := append([]byte{}, a[:4+40]...)
+	binary.NativeEndian.PutUint16(short, uint16(len(short)))
+	if d, err := parseSMCDiag(append(msg, short...)); err != nil || d.HasDMB {
+		t.Fatalf("short DMB info: %+v, %v", d, err)
+	}
+}

@@ -293,6 +293,8 @@ static int ism_data_sg(struct ism_vdev *iv, void *data, unsigned int len)
 
 		if (n == ISM_MAX_DATA_SG)
 			return -EINVAL;
+		if (iv->shm && data >= iv->shm && data < iv->shm + iv->shm_len)
+			return -EFAULT;	/* BAR memory has no struct page */
 		if (is_vmalloc_addr(data))
 			page = vmalloc_to_page(data);
 		else if (virt_addr_valid(data))
@@ -484,7 +486,9 @@ static bool ism_scan_sba(struct ism_vdev *iv)
 			if (!dibs)
 				continue;
 			spin_lock(&dibs->lock);
-			cid = dibs->dmb_clientid_arr[i];
+			/* NULL until dibs_dev_add has run */
+			cid = dibs->dmb_clientid_arr ?
+				dibs->dmb_clientid_arr[i] : NO_DIBS_CLIENT;
 			if (cid != NO_DIBS_CLIENT && cid < MAX_DIBS_CLIENTS &&
 			    dibs->subs[cid])
 				dibs->subs[cid]->ops->handle_irq(dibs, i, mask);
