@@ -13,7 +13,8 @@ package main
 //	                 the digest the server answers
 //
 // Before that each guest loads the module (ism.kmod, default
-// /lib/modules/ism_dibs.ko; ism.kmod_params are its parameters), adds a
+// /lib/modules/<release>/extra/ism_dibs.ko, where images/build.sh puts
+// scripts/build-kmod.sh's build; ism.kmod_params are its parameters), adds a
 // UEID (ism.ueid; SMC-Dv2 needs one and x86 has no system EID) and waits
 // for the dibs device the module registers. Results: dibs (its name),
 // dibs_gid, dibs_fabric_id; sha_0, bytes_0; and, from smc_diag while the
@@ -44,7 +45,12 @@ import (
 func init() { register("kernel-smcd", kernelSMCD) }
 
 func kernelSMCD(e *Env) error {
-	if err := loadKmod(e.Arg("kmod", "/lib/modules/ism_dibs.ko"), e.Arg("kmod_params", "")); err != nil {
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		return err
+	}
+	def := "/lib/modules/" + unix.ByteSliceToString(u.Release[:]) + "/extra/ism_dibs.ko"
+	if err := loadKmod(e.Arg("kmod", def), e.Arg("kmod_params", "")); err != nil {
 		return err
 	}
 	if err := addUEID(e.Arg("ueid", "ISM-BACKEND-KERNEL-SMCD")); err != nil {
