@@ -767,8 +767,13 @@ static int ism_register_copy(struct ism_vdev *iv, struct dibs_dmb *dmb,
 		return rc;
 	}
 	token = le64_to_cpu(resp.value);
-	if (!token) {
-		dev_err_ratelimited(&iv->vdev->dev, "REGISTER_DMB answered token 0\n");
+	if (!token || le32_to_cpu(resp.index) != idx) {
+		dev_err_ratelimited(&iv->vdev->dev,
+				    "REGISTER_DMB index %u answered token %#llx, index %u\n",
+				    idx, token, le32_to_cpu(resp.index));
+		/* Unregister before the memory goes back: the device may write it. */
+		if (token && ism_simple(iv, ISM_OP_UNREGISTER_DMB, 0, 0, token, 0, 0, 0, 0, NULL))
+			return -EPROTO;	/* leaked rather than written after free */
 		free_pages_exact(mem, size);
 		return -EPROTO;
 	}
