@@ -498,6 +498,8 @@ static bool ism_scan_sba(struct ism_vdev *iv)
 	return any;
 }
 
+static void ism_drain_events(struct ism_vdev *iv);
+
 static void ism_look(struct ism_vdev *iv)
 {
 	unsigned long flags;
@@ -513,6 +515,7 @@ static void ism_look(struct ism_vdev *iv)
  * used buffer, so the device's signal interrupts (SET_SBA flag) would never
  * reach us (and would count as spurious). Signals are polled instead: every
  * ISM_POLL_MIN_NS while they come, doubling up to poll_max_us while idle.
+ * The timer runs from probe (after the queues are set up) to remove.
  */
 static enum hrtimer_restart ism_poll(struct hrtimer *t)
 {
@@ -521,6 +524,12 @@ static enum hrtimer_restart ism_poll(struct hrtimer *t)
 	unsigned long flags;
 	bool any;
 
+	/*
+	 * Events too: the event queue's interrupt depends on a used_event
+	 * handshake that TCG does not fence (device-abi.md), so one may be
+	 * missed; a look at the used ring is one load.
+	 */
+	ism_drain_events(iv);
 	spin_lock_irqsave(&iv->sig_lock, flags);
 	any = ism_scan_sba(iv);
 	if (any)
