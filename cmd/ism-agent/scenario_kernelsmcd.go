@@ -21,7 +21,8 @@ package main
 // connection is open, kernel_mode (smcd, smcr or fallback), kernel_view
 // (mode, fallback reason), kernel_my_gid and kernel_peer_gid (SMC-D
 // only). The scenario fails unless the kernel says SMC-D and the GID it
-// uses is the device's.
+// uses is the device's. At the end the client unloads the module
+// (ism.unload=0: not) and reports unloaded=1 once its dibs device is gone.
 
 import (
 	"bytes"
@@ -75,7 +76,13 @@ func kernelSMCD(e *Env) error {
 	case "server":
 		return kernelSMCDServer(e, dev, e.Arg("listen", ":7100"))
 	case "client":
-		return kernelSMCDClient(e, dev, e.Arg("connect", "169.254.7.1:7100"), seed, n)
+		if err := kernelSMCDClient(e, dev, e.Arg("connect", "169.254.7.1:7100"), seed, n); err != nil {
+			return err
+		}
+		if e.Arg("unload", "1") == "0" {
+			return nil
+		}
+		return unloadKmod(e, dev)
 	default:
 		return fmt.Errorf("ism.role=%q: want server or client", role)
 	}
@@ -93,6 +100,26 @@ func loadKmod(path, params string) error {
 		return fmt.Errorf("load %s: %w", path, err)
 	}
 	return nil
+}
+
+// unloadKmod removes the module (its remove path: the kernel's SMC ends its
+// link groups, the driver unregisters what is left and resets the device)
+// and waits until the dibs device is gone from sysfs.
+func unloadKmod(e *Env, dev dibsDev) error {
+	if err := unix.DeleteModule("ism_dibs", 0); err != nil {
+		return fmt.Errorf("unload ism_dibs: %w", err)
+	}
+	for {
+		if _, err := os.Stat("/sys/class/dibs/" + dev.name); errors.Is(err, os.ErrNotExist) {
+			e.Result("unloaded", 1)
+			return nil
+		}
+		select {
+		case <-e.Ctx.Done():
+			return fmt.Errorf("ism_dibs unloaded, and %s is still there: %w", dev.name, e.Ctx.Err())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 }
 
 type dibsDev struct {

@@ -2,6 +2,7 @@ package vm
 
 import (
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -48,6 +49,18 @@ func TestKernelSMCD(t *testing.T) {
 			}
 			if n := oa.Results["bytes_0"]; n != strconv.Itoa(smcBytes) {
 				t.Errorf("server read %s bytes, want %d", n, smcBytes)
+			}
+			if ob.Results["unloaded"] != "1" {
+				t.Errorf("client: the module's unload did not remove its dibs device")
+			}
+			for _, vm := range []*vmharness.VM{a, b} {
+				// The driver's complaints (dev_err, dev_warn: "ism_dibs
+				// virtioN: ...") reach the console; its dev_info does not.
+				for _, l := range strings.Split(vm.Serial(), "\n") {
+					if strings.Contains(l, "ism_dibs virtio") {
+						t.Errorf("%s: driver says: %s", vm.Cfg.Name, strings.TrimSpace(l))
+					}
+				}
 			}
 			for _, o := range []struct {
 				name      string
