@@ -21,7 +21,8 @@ package main
 // connection is open, kernel_mode (smcd, smcr or fallback), kernel_view
 // (mode, fallback reason), kernel_my_gid and kernel_peer_gid (SMC-D
 // only). The scenario fails unless the kernel says SMC-D and the GID it
-// uses is the device's. At the end the client unloads the module
+// uses is the device's. ism.mode=stream makes the client send until a
+// write fails (kernelSMCDStream). At the end the client unloads the module
 // (ism.unload=0: not) and reports unloaded=1 once its dibs device is gone.
 
 import (
@@ -76,6 +77,9 @@ func kernelSMCD(e *Env) error {
 	case "server":
 		return kernelSMCDServer(e, dev, e.Arg("listen", ":7100"))
 	case "client":
+		if e.Arg("mode", "send") == "stream" {
+			return kernelSMCDStream(e, dev, e.Arg("connect", "169.254.7.1:7100"), seed)
+		}
 		if err := kernelSMCDClient(e, dev, e.Arg("connect", "169.254.7.1:7100"), seed, n); err != nil {
 			return err
 		}
@@ -294,6 +298,38 @@ func kernelSMCDClient(e *Env, dev dibsDev, addr string, seed uint64, n int) erro
 		return fmt.Errorf("server read sha256 %x, sent %x", got, sum)
 	}
 	return nil
+}
+
+// kernelSMCDStream (ism.mode=stream) sends the seeded stream until a write
+// fails: the host kills the backend meanwhile, the driver declares it gone
+// and SMC's writes fail. It reports streaming=1 after 1 MiB and write_error.
+// The module stays loaded: its device is left alone once the backend is gone.
+func kernelSMCDStream(e *Env, dev dibsDev, addr string, seed uint64) error {
+	ta, err := net.ResolveTCPAddr("tcp4", addr)
+	if err != nil {
+		return err
+	}
+	c, err := smcDialPeer(e, ta)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if err := reportKernelSMCD(e, dev, c); err != nil {
+		return err
+	}
+	x := xfer{seed: seed}
+	buf := make([]byte, 64<<10)
+	for off := 0; ; off += len(buf) {
+		x.fill(buf, off)
+		if _, err := c.Write(buf); err != nil {
+			e.Result("write_error", err.Error())
+			e.Result("bytes_written", off)
+			return nil
+		}
+		if off == 1<<20 {
+			e.Result("streaming", 1)
+		}
+	}
 }
 
 // smcDialPeer connects with AF_SMC, retrying while the peer guest is still

@@ -155,6 +155,7 @@ MODULE_PARM_DESC(use_attach, "use attach mode when the device offers it (default
 /* One of our own DMBs, by DMB index. */
 struct ism_own_dmb {
 	u64 token;		/* 0: index free */
+	u64 rgid;
 	void *cpu_addr;
 	u32 len;
 	bool attached;		/* attach mode: lives in the shm region */
@@ -268,13 +269,48 @@ static u64 ism_uuid_to_gid(const uuid_t *u)
 	return be64_to_cpu(gid);
 }
 
-static void ism_mark_dead(struct ism_vdev *iv, const char *why)
+/* Call with req_lock held. Returns true the first time. */
+static bool ism_mark_dead(struct ism_vdev *iv, const char *why)
 {
-	if (!iv->dead)
-		dev_err_ratelimited(&iv->vdev->dev,
-				    "device unusable (%s): every request fails with -EIO from now on\n",
-				    why);
+	if (iv->dead)
+		return false;
+	dev_err_ratelimited(&iv->vdev->dev,
+			    "device unusable (%s): every request fails with -EIO from now on\n",
+			    why);
 	iv->dead = true;
+	return true;
+}
+
+static void ism_deliver_event(struct ism_vdev *iv, const struct dibs_event *ev);
+
+/*
+ * A dead device reaches no peer: tell the clients each peer we hold a DMB
+ * for is gone (DIBS_DEV_EVENT, as for an EventGID), so SMC ends those link
+ * groups and its writers fail instead of waiting for cursor updates that
+ * can no longer come.
+ */
+static void ism_peers_gone(struct ism_vdev *iv)
+{
+	struct dibs_event ev = {
+		.type = DIBS_DEV_EVENT,
+		.subtype = DIBS_DEV_ERR_STATE,
+	};
+	unsigned long flags;
+	u64 last = 0;
+	unsigned int i;
+
+	ev.time = ktime_get_real_ns();
+	spin_lock_irqsave(&iv->dmb_lock, flags);
+	for (i = 0; i < iv->max_dmbs; i++) {
+		u64 rgid = iv->own[i].rgid;
+
+		if (!iv->own[i].token || !rgid || rgid == last)
+			continue;
+		last = rgid;
+		ism_gid_to_uuid(&ev.gid, rgid);
+		ism_deliver_event(iv, &ev);
+	}
+	spin_unlock_irqrestore(&iv->dmb_lock, flags);
 }
 
 /*
@@ -325,6 +361,7 @@ static int ism_do(struct ism_vdev *iv, const struct ism_req_hdr *req,
 	unsigned int out = 0, used = 0;
 	u64 start, beat_ns;
 	unsigned long flags;
+	bool newly_dead = false;
 	u32 beat = 0, st;
 	void *done;
 	int n, rc;
@@ -373,19 +410,19 @@ static int ism_do(struct ism_vdev *iv, const struct ism_req_hdr *req,
 				beat = b;
 				beat_ns = now;
 			} else if (now - beat_ns >= iv->dead_after_ns) {
-				ism_mark_dead(iv, "heartbeat stopped: the backend is gone");
+				newly_dead = ism_mark_dead(iv, "heartbeat stopped: the backend is gone");
 				rc = -EIO;
 				goto out;
 			}
 		} else if (now - start >= ISM_NO_BEAT_TIMEOUT_NS) {
-			ism_mark_dead(iv, "request not completed in 10 s");
+			newly_dead = ism_mark_dead(iv, "request not completed in 10 s");
 			rc = -EIO;
 			goto out;
 		}
 		cpu_relax();
 	}
 	if (done != iv) {
-		ism_mark_dead(iv, "request queue completed a chain never sent");
+		newly_dead = ism_mark_dead(iv, "request queue completed a chain never sent");
 		rc = -EIO;
 		goto out;
 	}
@@ -395,20 +432,22 @@ static int ism_do(struct ism_vdev *iv, const struct ism_req_hdr *req,
 		goto out;
 	}
 	if (used != sizeof(*iv->resp)) {
-		ism_mark_dead(iv, "response of a wrong length");
+		newly_dead = ism_mark_dead(iv, "response of a wrong length");
 		rc = -EIO;
 		goto out;
 	}
 	*resp = *iv->resp;
 	st = le32_to_cpu(resp->status);
 	if (st > ISM_ST_INTERNAL) {
-		ism_mark_dead(iv, "unknown response status");
+		newly_dead = ism_mark_dead(iv, "unknown response status");
 		rc = -EIO;
 		goto out;
 	}
 	rc = ism_status_errno(st);
 out:
 	spin_unlock_irqrestore(&iv->req_lock, flags);
+	if (newly_dead)
+		ism_peers_gone(iv);
 	return rc;
 }
 
@@ -548,13 +587,15 @@ static void ism_deliver_event(struct ism_vdev *iv, const struct dibs_event *ev)
 	struct dibs_dev *dibs = iv->dibs;
 	int i;
 
+	unsigned long flags;
+
 	if (!dibs)
 		return;
-	spin_lock(&dibs->lock);
+	spin_lock_irqsave(&dibs->lock, flags);
 	for (i = 0; i < MAX_DIBS_CLIENTS; i++)
 		if (dibs->subs[i])
 			dibs->subs[i]->ops->handle_event(dibs, ev);
-	spin_unlock(&dibs->lock);
+	spin_unlock_irqrestore(&dibs->lock, flags);
 }
 
 static void ism_handle_event(struct ism_vdev *iv, const struct ism_event *raw)
@@ -825,6 +866,7 @@ static int ism_register_dmb(struct dibs_dev *dibs, struct dibs_dmb *dmb,
 
 	spin_lock_irqsave(&iv->dmb_lock, flags);
 	iv->own[idx].token = dmb->dmb_tok;
+	iv->own[idx].rgid = rgid;
 	iv->own[idx].cpu_addr = dmb->cpu_addr;
 	iv->own[idx].len = dmb->dmb_len;
 	iv->own[idx].attached = attached;
@@ -1278,6 +1320,26 @@ static void ism_remove(struct virtio_device *vdev)
 	ism_free(iv);
 }
 
+/*
+ * Power-off: the virtio core would reset the device. One whose backend is
+ * gone is left alone (QEMU 11.1.3 cannot stop such a vhost-user device
+ * safely); either way no request follows.
+ */
+static void ism_shutdown(struct virtio_device *vdev)
+{
+	struct ism_vdev *iv = vdev->priv;
+	unsigned long flags;
+	bool dead;
+
+	hrtimer_cancel(&iv->poll_timer);
+	spin_lock_irqsave(&iv->req_lock, flags);
+	dead = iv->dead;
+	iv->dead = true;
+	spin_unlock_irqrestore(&iv->req_lock, flags);
+	if (!dead)
+		virtio_device_shutdown(vdev);
+}
+
 static struct virtio_device_id ism_id_table[] = {
 	{ 38, VIRTIO_DEV_ANY_ID },
 	{ 0 },
@@ -1289,6 +1351,7 @@ static struct virtio_driver ism_virtio_driver = {
 	.validate = ism_validate,
 	.probe = ism_probe,
 	.remove = ism_remove,
+	.shutdown = ism_shutdown,
 };
 
 static int __init ism_dibs_init(void)

@@ -115,3 +115,40 @@ func TestKernelSMCD(t *testing.T) {
 		})
 	}
 }
+
+// TestKernelSMCDBackendGone: the backend dies under a kernel SMC-D stream.
+// The client's driver, spinning in a MOVE, sees the SBA heartbeat stand
+// still, declares the device unusable (one console line) and fails the MOVE
+// and every later request with -EIO, so SMC's writes fail instead of
+// hanging the guest.
+func TestKernelSMCDBackendGone(t *testing.T) {
+	r := vmharness.New(t)
+	r.RequireBackend()
+	vmharness.NeedSMCKernel(t, r.Cfg)
+	sa, sb := r.Path("a.sock"), r.Path("b.sock")
+	be := r.StartBackend([]string{"-socket-dir", r.Dir, "-vm", "a", "-vm", "b", "-modes", "copy"}, sa, sb)
+	srv, cli := r.NetPair()
+	a := r.StartVM(vmharness.VMConfig{Name: "a", Scenario: "kernel-smcd", SMCKernel: true, Net: &srv,
+		Timeout: 5 * time.Minute, Args: map[string]string{"role": "server", "ip": "169.254.7.1/24"},
+		ISM: []vmharness.ISMDevice{{Socket: sa}}})
+	b := r.StartVM(vmharness.VMConfig{Name: "b", Scenario: "kernel-smcd", SMCKernel: true, Net: &cli,
+		Timeout: 5 * time.Minute, Args: map[string]string{"role": "client", "ip": "169.254.7.2/24",
+			"connect": "169.254.7.1:7100", "mode": "stream"},
+		ISM: []vmharness.ISMDevice{{Socket: sb}}})
+	defer a.Kill()
+	if _, err := b.WaitResult("streaming", 3*time.Minute); err != nil {
+		t.Fatalf("client never streamed: %v", err)
+	}
+	be.Kill()
+	killed := time.Now()
+	const line = "heartbeat stopped: the backend is gone"
+	if err := b.WaitSerial(line, time.Minute); err != nil {
+		t.Fatalf("the client's driver did not declare the backend gone: %v", err)
+	}
+	t.Logf("driver declared the backend gone %v after the kill", time.Since(killed).Round(time.Millisecond))
+	o := b.RequireOK(0)
+	if o.Results["write_error"] == "" {
+		t.Errorf("client: no write error reported")
+	}
+	t.Logf("client's write failed after %s bytes: %s", o.Results["bytes_written"], o.Results["write_error"])
+}
