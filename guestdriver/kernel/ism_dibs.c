@@ -201,6 +201,8 @@ struct ism_vdev {
 	u16 *dmbe_seen;			/* [ISM_MAX_DMBS][ISM_MAX_DMBES] */
 	struct hrtimer poll_timer;
 	u64 poll_ns;
+	u32 timer_beat;			/* the heartbeat as the timer last saw it */
+	u64 timer_beat_ns;		/* ... and since when */
 
 	/* event queue (ev_lock) */
 	spinlock_t ev_lock;
@@ -539,6 +541,34 @@ static bool ism_scan_sba(struct ism_vdev *iv)
 
 static void ism_drain_events(struct ism_vdev *iv);
 
+/*
+ * The poll timer watches the heartbeat too: a driver that only waits for
+ * its peer (an SMC writer whose peer's cursor does not move) sends no
+ * request that would notice the backend gone. A busy req_lock means a
+ * request is spinning and watches the heartbeat itself.
+ */
+static void ism_watch_beat(struct ism_vdev *iv)
+{
+	u64 now = ktime_get_ns();
+	bool newly_dead = false;
+	u32 b;
+
+	if (!iv->dead_after_ns || READ_ONCE(iv->dead))
+		return;
+	b = ism_sba32(iv, ISM_SBA_HEARTBEAT);
+	if (b != iv->timer_beat) {
+		iv->timer_beat = b;
+		iv->timer_beat_ns = now;
+		return;
+	}
+	if (now - iv->timer_beat_ns < iv->dead_after_ns || !spin_trylock(&iv->req_lock))
+		return;
+	newly_dead = ism_mark_dead(iv, "heartbeat stopped: the backend is gone");
+	spin_unlock(&iv->req_lock);
+	if (newly_dead)
+		ism_peers_gone(iv);
+}
+
 static void ism_look(struct ism_vdev *iv)
 {
 	unsigned long flags;
@@ -563,6 +593,7 @@ static enum hrtimer_restart ism_poll(struct hrtimer *t)
 	unsigned long flags;
 	bool any;
 
+	ism_watch_beat(iv);
 	/*
 	 * Events too: the event queue's interrupt depends on a used_event
 	 * handshake that TCG does not fence (device-abi.md), so one may be
@@ -1252,6 +1283,8 @@ static int ism_probe(struct virtio_device *vdev)
 	dev_set_name(&dibs->dev, "ism-%s", dev_name(vdev->dev.parent));
 
 	iv->poll_ns = ISM_POLL_MIN_NS;
+	iv->timer_beat = ism_sba32(iv, ISM_SBA_HEARTBEAT);
+	iv->timer_beat_ns = ktime_get_ns();
 	hrtimer_setup(&iv->poll_timer, ism_poll, CLOCK_MONOTONIC, HRTIMER_MODE_REL);
 	/* Set before the clients see the device: signals find it. */
 	iv->dibs = dibs;
