@@ -209,10 +209,10 @@ func reportKernelView(e *Env, name string, kernel, ours net.Addr) error {
 	if err != nil {
 		return err
 	}
-	if !d.HasFallback {
+	if d.Fallback == nil {
 		return fmt.Errorf("smc_diag gave no fallback attribute for %v", kernel)
 	}
-	e.Result(name+"_kernel", d.String())
+	e.Result(name+"_kernel", kernelView(d))
 	return nil
 }
 
