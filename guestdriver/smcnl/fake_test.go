@@ -212,7 +212,7 @@ func TestUEIDTableFake(t *testing.T) {
 			t.Fatalf("AddUEID(%s): %v", n, err)
 		}
 	}
-	if err := AddUEID("B"); !errors.Is(err, unix.EEXIST) || !strings.Contains(err.Error(), "already set") {
+	if err := AddUEID("B"); !errors.Is(err, unix.EEXIST) || err.Error() != `smcnl: UEID "B" is already set: file exists` {
 		t.Errorf("second AddUEID(B): %v", err)
 	}
 	if err := AddUEID("E"); !errors.Is(err, unix.ERANGE) || !strings.Contains(err.Error(), "full") {

@@ -285,13 +285,23 @@ func AddUEID(name string) error {
 		return err
 	}
 	err = do("add UEID", cmdAddUEID, encodeUEID(p))
-	switch {
-	case errors.Is(err, unix.EEXIST):
-		return fmt.Errorf("smcnl: UEID %q is already set: %w", strings.TrimRight(p, " "), err)
-	case errors.Is(err, unix.ERANGE):
-		return fmt.Errorf("smcnl: UEID table is full (%d entries): %w", MaxUEIDs, err)
+	switch ke := kernelError(err); {
+	case ke == nil:
+	case ke.Errno == unix.EEXIST:
+		return fmt.Errorf("smcnl: UEID %q is already set: %w", strings.TrimRight(p, " "), ke)
+	case ke.Errno == unix.ERANGE:
+		return fmt.Errorf("smcnl: UEID table is full (%d entries): %w", MaxUEIDs, ke)
 	}
 	return err
+}
+
+// kernelError is the kernel's own answer inside err, or nil.
+func kernelError(err error) *Error {
+	var ke *Error
+	if errors.As(err, &ke) {
+		return ke
+	}
+	return nil
 }
 
 // RemoveUEID removes a user EID; unix.ENOENT if it was not there.
@@ -301,11 +311,12 @@ func RemoveUEID(name string) error {
 		return err
 	}
 	err = do("remove UEID", cmdRemoveUEID, encodeUEID(p))
-	switch {
-	case errors.Is(err, unix.EAGAIN):
+	switch ke := kernelError(err); {
+	case ke == nil:
+	case ke.Errno == unix.EAGAIN:
 		return nil // s390: removed, and the system EID enabled again
-	case errors.Is(err, unix.ENOENT):
-		return fmt.Errorf("smcnl: UEID %q is not set: %w", strings.TrimRight(p, " "), err)
+	case ke.Errno == unix.ENOENT:
+		return fmt.Errorf("smcnl: UEID %q is not set: %w", strings.TrimRight(p, " "), ke)
 	}
 	return err
 }
