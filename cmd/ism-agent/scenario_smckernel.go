@@ -209,10 +209,10 @@ func reportKernelView(e *Env, name string, kernel, ours net.Addr) error {
 	if err != nil {
 		return err
 	}
-	if d.Fallback == nil {
+	if !d.HasFallback {
 		return fmt.Errorf("smc_diag gave no fallback attribute for %v", kernel)
 	}
-	e.Result(name+"_kernel", kernelView(d))
+	e.Result(name+"_kernel", d.String())
 	return nil
 }
 

@@ -73,7 +73,7 @@ func smcNetlink(e *Env) error {
 
 	// An AF_SMC listener and a kernel-to-kernel connection to it, open
 	// while smcctl ss and Sockets look.
-	lfd, port, err := smcListen()
+	lfd, port, err := smcListenLoopback()
 	if err != nil {
 		return errors.Join(append(errs, err)...)
 	}
@@ -157,4 +157,29 @@ func smcNetlink(e *Env) error {
 	}
 	e.Result("api_linkgroups", len(lgs))
 	return errors.Join(errs...)
+}
+
+// smcListenLoopback is an AF_SMC listener on 127.0.0.1 (port picked by the
+// kernel); its fd and port.
+func smcListenLoopback() (int, int, error) {
+	fd, err := unix.Socket(unix.AF_SMC, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, smcProtoIPv4)
+	if err != nil {
+		return -1, 0, fmt.Errorf("socket(AF_SMC): %w", err)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err == nil {
+		err = unix.Listen(fd, 8)
+	} else {
+		err = fmt.Errorf("AF_SMC bind: %w", err)
+	}
+	if err != nil {
+		unix.Close(fd)
+		return -1, 0, err
+	}
+	sa, err := unix.Getsockname(fd)
+	in, ok := sa.(*unix.SockaddrInet4)
+	if err != nil || !ok {
+		unix.Close(fd)
+		return -1, 0, fmt.Errorf("AF_SMC getsockname: %v %T", err, sa)
+	}
+	return fd, in.Port, nil
 }
