@@ -75,6 +75,7 @@ func golden(t testing.TB, s string) []byte { return unhex(t, stripComments(s)) }
 
 func sampleProposal() *Proposal {
 	return &Proposal{
+		Version:   1,
 		TypeV1:    SMCTypeD,
 		SMCDArea:  true,
 		GID:       0x0102030405060708,
@@ -85,7 +86,7 @@ func sampleProposal() *Proposal {
 }
 
 func sampleAccept() *AcceptConfirm {
-	return &AcceptConfirm{Type: CLCAccept, FirstContact: true, GID: 0x1122334455667788,
+	return &AcceptConfirm{Type: CLCAccept, Version: 1, FirstContact: true, GID: 0x1122334455667788,
 		Token: 0xA1A2A3A4A5A6A7A8, DMBESize: 2, LinkID: 0xDEADBEEF}
 }
 
@@ -200,16 +201,21 @@ func TestProposalIPv6RoundTrip(t *testing.T) {
 }
 
 // TestProposalLinuxV2Header: Linux >= 5.10 offering only v1 sends version 2
-// with typev2 N; that is still a v1 proposal to us. A real v2 offer is not.
+// with typev2 N; that is still a v1 offer to us. A v2 offer without the v2
+// extension is malformed (Linux's smc_clc_msg_prop_valid rejects it too).
 func TestProposalLinuxV2Header(t *testing.T) {
 	b := golden(t, goldenProposal)
 	b[7] = 0x20 | SMCTypeN<<2 | SMCTypeD
-	if _, err := DecodeProposal(b); err != nil {
+	p, err := DecodeProposal(b)
+	if err != nil {
 		t.Fatal(err)
 	}
+	if p.Version != 2 || p.TypeV2 != SMCTypeN || p.V2 != nil || p.GID != 0x0102030405060708 {
+		t.Fatalf("decoded %+v", p)
+	}
 	b[7] = 0x20 | SMCTypeD<<2 | SMCTypeD
-	if _, err := DecodeProposal(b); !errors.Is(err, ErrCLCVersion) {
-		t.Fatalf("v2 offer: %v", err)
+	if _, err := DecodeProposal(b); !errors.Is(err, ErrCLC) {
+		t.Fatalf("v2 offer without the extension: %v", err)
 	}
 }
 
