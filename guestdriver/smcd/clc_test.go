@@ -338,6 +338,8 @@ func TestDMBESizeCode(t *testing.T) {
 
 func FuzzDecodeProposal(f *testing.F) {
 	f.Add(golden(f, goldenProposal))
+	f.Add(golden(f, goldenKernelProposalV2))
+	f.Add(golden(f, goldenProposalV1V2))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		p, err := DecodeProposal(b)
 		if err != nil {
@@ -359,6 +361,8 @@ func FuzzDecodeProposal(f *testing.F) {
 
 func FuzzDecodeAcceptConfirm(f *testing.F) {
 	f.Add(golden(f, goldenAccept))
+	f.Add(golden(f, goldenKernelAcceptV2))
+	f.Add(golden(f, goldenKernelConfirmV2))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		for _, typ := range []uint8{CLCAccept, CLCConfirm} {
 			a, err := DecodeAcceptConfirm(b, typ)
@@ -380,9 +384,10 @@ func FuzzDecodeAcceptConfirm(f *testing.F) {
 
 func FuzzDecodeDecline(f *testing.F) {
 	f.Add(golden(f, goldenDecline))
+	f.Add(golden(f, goldenKernelDeclineV2))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		d, err := DecodeDecline(b)
-		if err != nil || d.Version != 1 {
+		if err != nil {
 			return
 		}
 		e, err := d.Encode()
@@ -398,6 +403,7 @@ func FuzzDecodeDecline(f *testing.F) {
 
 func FuzzReadCLC(f *testing.F) {
 	f.Add(golden(f, goldenProposal))
+	f.Add(golden(f, goldenKernelProposalV2))
 	f.Add(golden(f, goldenDecline))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		r := bytes.NewReader(b)
