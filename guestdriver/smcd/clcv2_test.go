@@ -143,7 +143,7 @@ func TestProposalV2Golden(t *testing.T) {
 		{"kernel v2 only", goldenKernelProposalV2, func() *Proposal { return kernelProposalV2(t) }},
 		{"ours v1 and v2", goldenProposalV1V2, func() *Proposal {
 			dev := fixedGID{NewFabric(0xFF00).NewDevice(), 0xa0002}
-			p := proposalFor(dev, &net.TCPAddr{IP: net.IPv4(192, 0, 2, 1)}, []EID{testUEID(t)})
+			p := proposalFor(dev, &net.TCPAddr{IP: net.IPv4(192, 0, 2, 1)}, []EID{testUEID(t)}, false)
 			return &p
 		}},
 	} {

@@ -66,6 +66,9 @@ type Dialer struct {
 	// does; without, v1 only. Linux on x86 has no system EID, so SMC-Dv2
 	// with a kernel peer needs a UEID both ends have.
 	UEIDs []string
+
+	// v2Only proposes SMC-Dv2 only, as Linux on x86 does (tests).
+	v2Only bool
 }
 
 // Server holds options for Listen.
@@ -288,7 +291,7 @@ func (d *Dialer) handshake(ctx context.Context, dev ISM, tcp net.Conn, size int,
 	stop := context.AfterFunc(ctx, func() { tcp.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
 
-	prop := proposalFor(dev, tcp.LocalAddr(), ueids)
+	prop := proposalFor(dev, tcp.LocalAddr(), ueids, d.v2Only)
 	declVer := max(prop.Version, 1) // Linux declines in the version it proposed
 	pb, err := prop.Encode()
 	if err != nil {
@@ -325,6 +328,9 @@ func (d *Dialer) handshake(ctx context.Context, dev ISM, tcp net.Conn, size int,
 	}
 	declVer = min(acc.Version, 2)
 	var v2 *v2Choice
+	if acc.Version == 1 && !smcdIndicated(prop.TypeV1) {
+		return decline(DeclineModeUnsupp, errors.New("v1 accept to a v2-only proposal")) // smc_connect_check_aclc
+	}
 	if acc.Version >= 2 {
 		if v2, err = checkAcceptV2(dev, &prop, acc, ueids); err != nil {
 			var de *DeclineError

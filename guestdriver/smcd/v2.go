@@ -49,7 +49,11 @@ func ourGIDCHIDs(dev ISM) []GIDCHID {
 // also v2. Linux lists a device offered in the v1 area only there, not
 // again among the v2 entries (smc_find_ism_v2_device_clnt skips
 // ism_dev[0]); servers look at both.
-func proposalFor(dev ISM, local net.Addr, ueids []EID) Proposal {
+//
+// v2Only (with UEIDs) proposes as Linux on x86 does, where no device has
+// the PNETID v1 needs: typev1 N, no prefix area, the device among the v2
+// entries.
+func proposalFor(dev ISM, local net.Addr, ueids []EID, v2Only bool) Proposal {
 	p := Proposal{TypeV1: SMCTypeD, SMCDArea: true, GID: dev.GID(), CHID: dev.CHID()}
 	setPrefix(&p, local)
 	if len(ueids) == 0 {
@@ -57,6 +61,10 @@ func proposalFor(dev ISM, local net.Addr, ueids []EID) Proposal {
 	}
 	p.Version, p.TypeV2 = 2, SMCTypeD
 	p.V2 = &ProposalV2{EIDs: ueids, Release: SMCRelease, FeatureMask: SMCFeatureMask}
+	if v2Only {
+		p = Proposal{Version: 2, TypeV1: SMCTypeN, TypeV2: SMCTypeD, SMCDArea: true, V2: p.V2}
+		p.V2.GIDCHIDs = ourGIDCHIDs(dev)
+	}
 	return p
 }
 
