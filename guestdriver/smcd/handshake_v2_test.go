@@ -258,10 +258,9 @@ func TestClientChecksV2Accept(t *testing.T) {
 	} {
 		acc := kernelAcceptV2(t)
 		c.edit(acc)
-		_, err := checkAcceptV2(dev, c.prop, acc, ueids)
-		var de *DeclineError
-		if !errors.As(err, &de) || de.Code != c.code {
-			t.Errorf("%s: %v, want code %#x", c.name, err, c.code)
+		_, de := checkAcceptV2(dev, c.prop, acc, ueids)
+		if de == nil || de.Code != c.code {
+			t.Errorf("%s: %v, want code %#x", c.name, de, c.code)
 		}
 	}
 	// A Linux server that has a link group with our GID already accepts
@@ -271,9 +270,9 @@ func TestClientChecksV2Accept(t *testing.T) {
 		if !first {
 			acc.FirstContact, acc.FCE = false, nil
 		}
-		ch, err := checkAcceptV2(dev, &prop, acc, ueids)
-		if err != nil {
-			t.Fatal(err)
+		ch, de := checkAcceptV2(dev, &prop, acc, ueids)
+		if de != nil {
+			t.Fatal(de)
 		}
 		conf := AcceptConfirm{Type: CLCConfirm, FirstContact: true, GID: dev.GID(), Token: 1, LinkID: 2}
 		ch.fillConfirm(dev, &conf, acc)

@@ -332,10 +332,9 @@ func (d *Dialer) handshake(ctx context.Context, dev ISM, tcp net.Conn, size int,
 		return decline(DeclineModeUnsupp, errors.New("v1 accept to a v2-only proposal")) // smc_connect_check_aclc
 	}
 	if acc.Version >= 2 {
-		if v2, err = checkAcceptV2(dev, &prop, acc, ueids); err != nil {
-			var de *DeclineError
-			errors.As(err, &de)
-			return decline(de.Code, de.Err)
+		var bad *DeclineError
+		if v2, bad = checkAcceptV2(dev, &prop, acc, ueids); bad != nil {
+			return decline(bad.Code, bad.Err)
 		}
 	}
 	peerSize, err := DMBESize(acc.DMBESize)

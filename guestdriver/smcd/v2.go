@@ -181,10 +181,10 @@ func (ch *v2Choice) checkConfirm(dev ISM, conf *AcceptConfirm) error {
 	return nil
 }
 
-// checkAcceptV2 is the client's check of a v2 Accept; the error is a
-// *DeclineError with the code to decline with.
-func checkAcceptV2(dev ISM, prop *Proposal, acc *AcceptConfirm, ueids []EID) (*v2Choice, error) {
-	bad := func(code uint32, err error) (*v2Choice, error) {
+// checkAcceptV2 is the client's check of a v2 Accept; the error has the
+// code to decline with.
+func checkAcceptV2(dev ISM, prop *Proposal, acc *AcceptConfirm, ueids []EID) (*v2Choice, *DeclineError) {
+	bad := func(code uint32, err error) (*v2Choice, *DeclineError) {
 		return nil, &DeclineError{Code: code, Err: err}
 	}
 	switch {
