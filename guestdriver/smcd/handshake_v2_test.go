@@ -1,7 +1,9 @@
 package smcd
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"testing"
@@ -325,5 +327,178 @@ func TestChooseV2(t *testing.T) {
 		case c.code == 0 && (ch == nil || ch.peerGID != c.gid || ch.eid != ueids[0] || ch.release != 1):
 			t.Errorf("%s: %+v, %v", c.name, ch, err)
 		}
+	}
+}
+
+// kernelPropValid is Linux's smc_clc_msg_prop_valid with the offset bounds
+// of smc_get_clc_v2_ext and smc_get_clc_smcd_v2_ext, written out on the
+// bytes: what a kernel server checks before it looks at a Proposal.
+func kernelPropValid(b []byte) bool {
+	be16 := func(o int) int { return int(b[o])<<8 | int(b[o+1]) }
+	version, typev2, typev1 := b[7]>>4, b[7]>>2&3, b[7]&3
+	ipOff := be16(38)
+	if ipOff > 40 {
+		return false
+	}
+	n6 := int(b[40+ipOff+7])
+	if n6 > 8 {
+		return false
+	}
+	length := be16(5)
+	if version == 1 {
+		return typev1 != SMCTypeN && length == 40+ipOff+8+n6*17+4
+	}
+	const maxV2Off, maxDOff = 172, 288
+	v2Off := be16(50)
+	if typev1 == SMCTypeD || typev1 == SMCTypeB {
+		if ipOff != 40 {
+			return false
+		}
+	}
+	if typev2 == SMCTypeN {
+		return length == 80+map[bool]int{true: 8 + n6*17}[typev1 != SMCTypeN]+4
+	}
+	if v2Off == 0 || v2Off > maxV2Off {
+		return false
+	}
+	v2 := 52 + v2Off
+	eids, gids := int(b[v2]), int(b[v2+1])
+	if eids > 8 || smcdIndicated(typev2) && gids > 8 {
+		return false
+	}
+	want := 80 + 40 + eids*32 + 4
+	if typev1 != SMCTypeN {
+		want += 8 + n6*17
+	}
+	if smcdIndicated(typev2) {
+		if d := be16(v2 + 6); d == 0 || d > maxDOff {
+			return false
+		}
+		want += 48 + gids*10
+	}
+	return length == want
+}
+
+// TestClientAgainstKernelShapedServer: our client against a server that
+// answers as Linux's does, byte for byte: it checks our Proposal as
+// smc_clc_msg_prop_valid does, accepts in v2 with or without first
+// contact (without: it has a link group with our GID already), and gets a
+// Confirm it takes; then data flows.
+func TestClientAgainstKernelShapedServer(t *testing.T) {
+	for _, first := range []bool{true, false} {
+		t.Run(map[bool]string{true: "first contact", false: "existing link group"}[first], func(t *testing.T) {
+			e := twoHosts()
+			e.dial.UEIDs = []string{ueidA}
+			tl, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer tl.Close()
+			type result struct {
+				c   net.Conn
+				err error
+			}
+			done := make(chan result, 1)
+			go func() {
+				c, err := kernelShapedServer(e.srvDev, tl, first)
+				done <- result{c, err}
+			}()
+			cc, err := e.dial.DialContext(context.Background(), e.cliDev, "tcp", tl.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer cc.Close()
+			r := <-done
+			if r.err != nil {
+				t.Fatal(r.err)
+			}
+			defer r.c.Close()
+			mustSMC(t, cc, r.c)
+			if in := cc.(*Conn).Info(); in.CLCVersion != 2 || in.EID.String() != ueidA {
+				t.Fatalf("client info %+v", in)
+			}
+			copyBothWays(t, cc, r.c, 300<<10)
+		})
+	}
+}
+
+func kernelShapedServer(dev ISM, tl net.Listener, first bool) (net.Conn, error) {
+	tcp, err := tl.Accept()
+	if err != nil {
+		return nil, err
+	}
+	tcp.SetDeadline(time.Now().Add(hangGuard))
+	typ, msg, err := ReadCLC(tcp)
+	if err != nil || typ != CLCProposal {
+		return nil, fmt.Errorf("proposal: type %d, %v", typ, err)
+	}
+	if !kernelPropValid(msg) {
+		return nil, fmt.Errorf("Linux would not take our proposal % x", msg)
+	}
+	prop, err := DecodeProposal(msg)
+	if err != nil {
+		return nil, err
+	}
+	dmb, err := dev.RegisterDMB(64<<10, prop.GID)
+	if err != nil {
+		return nil, err
+	}
+	clear(dmb.Bytes()[:CDCLen])
+	acc := AcceptConfirm{Type: CLCAccept, Version: 2, FirstContact: first, GID: dev.GID(), Token: dmb.Token(),
+		DMBESize: 2, LinkID: 0x101, CHID: dev.CHID(), EID: prop.V2.EIDs[0]}
+	if first {
+		acc.FCE = &FirstContactExt{OSType: OSTypeLinux, Release: 1, Hostname: hostnameField("kernel"), FeatureMask: 1}
+	}
+	b, err := acc.Encode()
+	if err != nil {
+		return nil, err
+	}
+	if _, err := tcp.Write(b); err != nil {
+		return nil, err
+	}
+	typ, msg, err = ReadCLC(tcp)
+	if err != nil || typ != CLCConfirm {
+		return nil, fmt.Errorf("confirm: type %d, %v", typ, err)
+	}
+	conf, err := DecodeAcceptConfirm(msg, CLCConfirm)
+	if err != nil {
+		return nil, err
+	}
+	wantLen := AcceptConfirmLenV2
+	if first {
+		wantLen += fceV2xLen
+	}
+	switch {
+	case conf.Version != 2 || conf.FirstContact != first || len(msg) != wantLen:
+		return nil, fmt.Errorf("confirm %+v of %d bytes", conf, len(msg))
+	case conf.EID != acc.EID || conf.CHID != dev.CHID() || conf.GIDExt != 0 || conf.GID != prop.GID:
+		return nil, fmt.Errorf("confirm %+v", conf)
+	case first && (conf.FCE.Release != 1 || conf.FCE.FeatureMask != 1 || conf.FCE.OSType != OSTypeLinux):
+		return nil, fmt.Errorf("confirm extension %+v", conf.FCE)
+	}
+	peerSize, err := DMBESize(conf.DMBESize)
+	if err != nil {
+		return nil, err
+	}
+	cdcBuf, stage, err := connBuffers(dev, stageSize(peerSize-CDCLen))
+	if err != nil {
+		return nil, err
+	}
+	tcp.SetDeadline(time.Time{})
+	return newConn(dev, tcp, dmb, conf.GID, conf.Token, uint32(conf.DMBEIndex), peerSize, cdcBuf, stage), nil
+}
+
+// TestKernelPropValid: the test's rendering of Linux's check takes the
+// kernel's own Proposal and ours, and refuses a broken one.
+func TestKernelPropValid(t *testing.T) {
+	for _, g := range []string{goldenKernelProposalV2, goldenProposalV1V2, goldenProposal} {
+		if !kernelPropValid(golden(t, g)) {
+			t.Fatalf("rejects % x", golden(t, g))
+		}
+	}
+	b := golden(t, goldenKernelProposalV2)
+	b[81] = 1
+	if kernelPropValid(b) {
+		t.Fatal("takes a wrong ism_gid_cnt")
 	}
 }
