@@ -35,18 +35,16 @@ const (
 // SMC release (SMC_RELEASE) and supplemental features (SMC_FEATURE_MASK)
 // this stack offers, and Linux's OS type in the first-contact extension.
 const (
-	SMCRelease             uint8  = 1
-	FeatureEmulatedISM     uint16 = 1 << 0 // SMC_SPF_EMULATED_ISM_DEV
-	SMCFeatureMask                = FeatureEmulatedISM
-	OSTypeLinux            uint8  = 2 // SMC_CLC_OS_LINUX
-	emulatedCHIDMask       uint16 = 0xFF00
-	emulatedCHIDMaskResult uint16 = 0xFF00
+	SMCRelease         uint8  = 1
+	FeatureEmulatedISM uint16 = 1 << 0 // SMC_SPF_EMULATED_ISM_DEV
+	SMCFeatureMask            = FeatureEmulatedISM
+	OSTypeLinux        uint8  = 2 // SMC_CLC_OS_LINUX
 )
 
 // IsEmulatedCHID reports whether chid is in Linux's range for emulated ISM
 // devices (0xFF00..0xFFFF, __smc_ism_is_emulated), whose GID is 128 bits:
 // the second 64 bits travel as gid_ext.
-func IsEmulatedCHID(chid uint16) bool { return chid&emulatedCHIDMask == emulatedCHIDMaskResult }
+func IsEmulatedCHID(chid uint16) bool { return chid&0xFF00 == 0xFF00 }
 
 // EID is an SMC Enterprise ID: 32 bytes, a user EID padded with blanks.
 type EID [clcEIDLen]byte
@@ -202,7 +200,10 @@ func decodeProposalV2(b []byte, smcd bool) (*ProposalV2, int, error) {
 	case smcd && dOff != clcV2ExtLen-8+neid*clcEIDLen:
 		return nil, 0, clcErr("SMC-Dv2 extension offset %d with %d EIDs", dOff, neid)
 	}
-	n := x.lenFor(neid, ngid, smcd)
+	n := clcV2ExtLen + neid*clcEIDLen
+	if smcd {
+		n += clcSMCDv2ExtLen + ngid*clcGIDCHIDLen
+	}
 	if n > len(b) {
 		return nil, 0, clcErr("%d bytes left for a %d-byte v2 extension", len(b), n)
 	}
@@ -224,14 +225,6 @@ func decodeProposalV2(b []byte, smcd bool) (*ProposalV2, int, error) {
 		}
 	}
 	return x, n, nil
-}
-
-func (*ProposalV2) lenFor(neid, ngid int, smcd bool) int {
-	n := clcV2ExtLen + neid*clcEIDLen
-	if smcd {
-		n += clcSMCDv2ExtLen + ngid*clcGIDCHIDLen
-	}
-	return n
 }
 
 // FirstContactExt is struct smc_clc_first_contact_ext, and from release 1
