@@ -80,8 +80,10 @@ func mountHugetlbfs() error {
 }
 
 // loadModule loads a module and its dependencies from /lib/modules/<release>
-// (modules.dep, written by scripts/provision-kernel.sh); one already loaded
-// is fine. Only uncompressed .ko files: that is what Debian 6.1 ships.
+// (modules.dep, written by scripts/provision-kernel.sh and, for the SMC
+// kernel, scripts/build-kmod.sh); one already loaded or built into the
+// kernel (modules.builtin: the SMC kernel has its drivers built in) is fine.
+// Only uncompressed .ko files: that is what Debian 6.1 ships.
 func loadModule(name string) error {
 	name = strings.ReplaceAll(strings.TrimSpace(name), "-", "_")
 	if name == "" || moduleLoaded(name) {
@@ -92,6 +94,9 @@ func loadModule(name string) error {
 		return err
 	}
 	dir := "/lib/modules/" + unix.ByteSliceToString(u.Release[:])
+	if moduleBuiltin(dir, name) {
+		return nil
+	}
 	dep, err := os.ReadFile(dir + "/modules.dep")
 	if err != nil {
 		return fmt.Errorf("load module %s: %w", name, err)
@@ -131,6 +136,20 @@ func modName(path string) string {
 		b = b[:i]
 	}
 	return strings.ReplaceAll(b, "-", "_")
+}
+
+// moduleBuiltin: name is in dir's modules.builtin (paths, one per line).
+func moduleBuiltin(dir, name string) bool {
+	b, err := os.ReadFile(dir + "/modules.builtin")
+	if err != nil {
+		return false
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if l != "" && modName(l) == name {
+			return true
+		}
+	}
+	return false
 }
 
 func moduleLoaded(name string) bool {

@@ -12,6 +12,7 @@
 //	ISM_VMTEST=1         run VM tests at all (otherwise they skip)
 //	ISM_QEMU             qemu-system-x86_64 (>= 11.0, vhost-user-test-device-pci)
 //	ISM_KERNEL           guest kernel (bzImage)
+//	ISM_SMC_KERNEL       guest kernel with DIBS and the kernel's SMC (VMConfig.SMCKernel)
 //	ISM_INITRD           guest initramfs (images/build.sh)
 //	ISM_BACKEND          ism-backend binary; empty: tests that need it skip
 //	ISM_ACCEL            force "tcg" or "kvm" (default: detected)
@@ -70,9 +71,13 @@ import (
 // Config says which binaries the harness runs.
 type Config struct {
 	QEMU, Kernel, Initrd string
-	Backend              string // empty when no backend binary was given
-	Accel                string // "tcg" or "kvm"
-	Keep                 bool   // keep the run directory
+	// SMCKernel is Linux 7.x with DIBS and SMC built in
+	// (scripts/provision-smc-kernel.sh), for VMs with VMConfig.SMCKernel;
+	// empty when not provisioned.
+	SMCKernel string
+	Backend   string // empty when no backend binary was given
+	Accel     string // "tcg" or "kvm"
+	Keep      bool   // keep the run directory
 	// TimeoutScale multiplies every timeout (see the package doc).
 	TimeoutScale float64
 	// ScaleSource says where TimeoutScale came from (for the test log).
@@ -129,12 +134,13 @@ func ConfigFromEnv(t testing.TB) Config {
 		t.Skip("VM test: set ISM_VMTEST=1 and ISM_QEMU, ISM_KERNEL, ISM_INITRD (ISM_BACKEND) or run `make vmtest`")
 	}
 	c := Config{
-		QEMU:    os.Getenv("ISM_QEMU"),
-		Kernel:  os.Getenv("ISM_KERNEL"),
-		Initrd:  os.Getenv("ISM_INITRD"),
-		Backend: os.Getenv("ISM_BACKEND"),
-		Accel:   DetectAccel(),
-		Keep:    os.Getenv("ISM_VMTEST_KEEP") == "1",
+		QEMU:      os.Getenv("ISM_QEMU"),
+		Kernel:    os.Getenv("ISM_KERNEL"),
+		SMCKernel: os.Getenv("ISM_SMC_KERNEL"),
+		Initrd:    os.Getenv("ISM_INITRD"),
+		Backend:   os.Getenv("ISM_BACKEND"),
+		Accel:     DetectAccel(),
+		Keep:      os.Getenv("ISM_VMTEST_KEEP") == "1",
 	}
 	var err error
 	if c.TimeoutScale, c.ScaleSource, err = timeoutScale(); err != nil {
@@ -148,12 +154,24 @@ func ConfigFromEnv(t testing.TB) Config {
 			t.Fatalf("%s: %v", name, err)
 		}
 	}
-	if c.Backend != "" {
-		if _, err := os.Stat(c.Backend); err != nil {
-			t.Fatalf("ISM_BACKEND: %v", err)
+	for name, p := range map[string]string{"ISM_BACKEND": c.Backend, "ISM_SMC_KERNEL": c.SMCKernel} {
+		if p == "" {
+			continue
+		}
+		if _, err := os.Stat(p); err != nil {
+			t.Fatalf("%s: %v", name, err)
 		}
 	}
 	return c
+}
+
+// NeedSMCKernel skips a test that boots the SMC kernel when it was not
+// provisioned (`make vmtest` always provides it).
+func NeedSMCKernel(t testing.TB, c Config) {
+	t.Helper()
+	if c.SMCKernel == "" {
+		t.Skip("needs ISM_SMC_KERNEL (scripts/provision-smc-kernel.sh; `make vmtest` sets it)")
+	}
 }
 
 // DetectAccel returns ISM_ACCEL if set, else "kvm" only when the CPU has
@@ -694,6 +712,10 @@ type VMConfig struct {
 	Timeout time.Duration
 	ISM     []ISMDevice
 	Net     *NetEnd
+	// SMCKernel boots Config.SMCKernel (Linux 7.x with DIBS and the
+	// kernel's SMC; the image carries our DIBS driver for it) instead of
+	// Config.Kernel. Tests call NeedSMCKernel first.
+	SMCKernel bool
 	// Control adds the host-to-guest line channel (ttyS1; VM.Send).
 	Control   bool
 	ExtraArgs []string // appended to QEMU's command line
@@ -745,6 +767,13 @@ func kernelArgs(c VMConfig) string {
 	return strings.Join(append(a, c.Append...), " ")
 }
 
+func (r *Run) kernel(c VMConfig) string {
+	if c.SMCKernel {
+		return r.Cfg.SMCKernel
+	}
+	return r.Cfg.Kernel
+}
+
 func (r *Run) qemuArgs(c VMConfig, serial, qmpSock, control string) []string {
 	a := []string{
 		"-accel", r.Cfg.Accel, "-m", fmt.Sprint(c.MemMB), "-smp", fmt.Sprint(max(c.CPUs, 1)),
@@ -754,7 +783,7 @@ func (r *Run) qemuArgs(c VMConfig, serial, qmpSock, control string) []string {
 		"-machine", "q35,memory-backend=mem",
 		"-chardev", "file,id=ser0,path=" + serial, "-serial", "chardev:ser0",
 		"-qmp", "unix:" + qmpSock + ",server=on,wait=off",
-		"-kernel", r.Cfg.Kernel, "-initrd", r.Cfg.Initrd,
+		"-kernel", r.kernel(c), "-initrd", r.Cfg.Initrd,
 		"-append", kernelArgs(c),
 	}
 	if c.Control {
@@ -795,6 +824,9 @@ func (r *Run) StartVM(c VMConfig) *VM {
 		c.Name = fmt.Sprintf("vm%d", len(r.vms))
 	}
 	r.mu.Unlock()
+	if c.SMCKernel && r.Cfg.SMCKernel == "" {
+		t.Fatalf("VM %s wants the SMC kernel and ISM_SMC_KERNEL is not set (call NeedSMCKernel first)", c.Name)
+	}
 	if c.MemMB == 0 {
 		c.MemMB = 512
 	}
