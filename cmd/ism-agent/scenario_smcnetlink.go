@@ -9,9 +9,12 @@ package main
 //	" | ") and <key>_exit, its exit status;
 //	api_ueids, api_flushed: smcnl.UEIDs after AddUEID, after FlushUEID;
 //	api_system: smcnl.SystemInfo; api_devices: len(smcnl.SMCDDevices());
+//	linkgroups (smcctl), api_linkgroups and api_linkgroup_<i>:
+//	smcnl.SMCDLinkGroups while the connection is open;
 //	api_listen, api_client, api_server: smcnl.Sockets' view of an AF_SMC
 //	listener and of a kernel-to-kernel AF_SMC connection over 127.0.0.1
-//	(both ends fall back: there is no SMC device).
+//	(on Debian's 6.1 both ends fall back: there is no SMC device; on the
+//	SMC kernel they use loopback-ism).
 
 import (
 	"bytes"
@@ -114,6 +117,20 @@ func smcNetlink(e *Env) error {
 		e.Result(key, v)
 	}
 
+	tool("linkgroups", 0, "linkgroups")
+	lgs, err := smcnl.SMCDLinkGroups()
+	if err != nil {
+		errs = append(errs, err)
+	}
+	e.Result("api_linkgroups", len(lgs))
+	for i, l := range lgs {
+		v := fmt.Sprintf("chid=%#04x gid=%#x peer_gid=%#x conns=%d", l.CHID, l.GID, l.PeerGID, l.Conns)
+		if l.V2 != nil {
+			v += fmt.Sprintf(" v2 eid=%q", l.V2.NegotiatedEID)
+		}
+		e.Result(fmt.Sprintf("api_linkgroup_%d", i), v)
+	}
+
 	tool("ueid_del", 0, "ueid", "del", name)
 	if got := tool("ueid_list_after", 0, "ueid", "list"); got != "" {
 		errs = append(errs, fmt.Errorf("ueid list after del: %q", got))
@@ -151,11 +168,6 @@ func smcNetlink(e *Env) error {
 		errs = append(errs, err)
 	}
 	e.Result("api_devices", len(devs))
-	lgs, err := smcnl.SMCDLinkGroups()
-	if err != nil {
-		errs = append(errs, err)
-	}
-	e.Result("api_linkgroups", len(lgs))
 	return errors.Join(errs...)
 }
 

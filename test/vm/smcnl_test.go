@@ -1,6 +1,8 @@
 package vm
 
 import (
+	"fmt"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -61,5 +63,53 @@ func TestSMCNetlink(t *testing.T) {
 	}
 	if strings.Count(res["ss"], " | ") < 3 || !strings.Contains(res["ss"], "TCP 0x") {
 		t.Errorf("ss: %q, want a header, the listener and both ends, fallen back", res["ss"])
+	}
+}
+
+// TestSMCNetlinkSMCKernel: the same on the SMC kernel (Linux 7.3, DIBS with
+// loopback-ism built in), whose netlink smcnl was written from: SMC-Dv2 is
+// possible (loopback-ism), the SEID is disabled (x86), and the AF_SMC
+// connection over 127.0.0.1 is SMC-D through loopback-ism (CHID 0xffff),
+// with its DMB tokens in smc_diag and its link groups in
+// SMC_NETLINK_GET_LGR_SMCD. SMC_NETLINK_GET_DEV_SMCD leaves loopback-ism
+// out, so there are no devices.
+func TestSMCNetlinkSMCKernel(t *testing.T) {
+	r := vmharness.New(t)
+	vmharness.NeedSMCKernel(t, r.Cfg)
+	a := r.StartVM(vmharness.VMConfig{Name: "a", Scenario: "smc-netlink", SMCKernel: true, Timeout: 3 * time.Minute})
+	o := a.RequireOK(0)
+	res := o.Results
+	for _, k := range []string{"info", "ss", "linkgroups", "api_system", "api_client", "api_server", "api_linkgroups", "api_linkgroup_0", "api_linkgroup_1"} {
+		t.Logf("%s: %q", k, res[k])
+	}
+	want := map[string]string{
+		"ueid_add_exit": "0", "ueid_add_again_exit": "1", "ueid_add_bad_exit": "1",
+		"ueid_list": "ISM-SMCNL.TEST", "ueid_list_after": "",
+		"api_ueids": "ISM-A,ISM-B", "api_flushed": "0 <nil>", "api_devices": "0",
+	}
+	for k, v := range want {
+		if res[k] != v {
+			t.Errorf("%s = %q, want %q", k, res[k], v)
+		}
+	}
+	if !strings.HasPrefix(res["api_system"], "version=2.1 ismv2=true ") || !strings.Contains(res["info"], "SEID:          - (disabled)") {
+		t.Errorf("system: %q; info %q", res["api_system"], res["info"])
+	}
+	for _, k := range []string{"api_client", "api_server"} {
+		if !strings.Contains(res[k], "mode=SMCD ") {
+			t.Errorf("%s: %q, want SMC-D over loopback-ism", k, res[k])
+		}
+	}
+	if strings.Count(res["ss"], "SMCD token=0x") != 2 {
+		t.Errorf("ss: %q, want both ends SMC-D with their tokens", res["ss"])
+	}
+	n, _ := strconv.Atoi(res["api_linkgroups"])
+	if n == 0 {
+		t.Fatalf("no SMC-D link group while a connection is open")
+	}
+	for i := range n {
+		if lg := res[fmt.Sprintf("api_linkgroup_%d", i)]; !strings.HasPrefix(lg, "chid=0xffff ") || !strings.Contains(lg, " conns=1") {
+			t.Errorf("link group %d: %q, want loopback-ism's CHID and the one connection", i, lg)
+		}
 	}
 }
