@@ -15,7 +15,12 @@ package main
 // Transports: smcd-attach (the sender writes the receiver's DMB through its
 // attachment; the connection fails the measurement unless both directions
 // attach), smcd-copy (DMBs in guest RAM, every byte MOVEd; the same device,
-// through smcdev.Adapter.CopyOnly), tcp, unix (bench-local only).
+// through smcdev.Adapter.CopyOnly), tcp, unix (bench-local only), and on the
+// SMC kernel (VMConfig.SMCKernel) the kernel's own SMC-D with AF_SMC
+// sockets: kernel-smcd (inter-VM: our DIBS driver on the guest's second ISM
+// device; the Go driver takes the first) and kernel-lo (bench-local: the
+// kernel's loopback-ism). A kernel connection that the kernel's smc_diag
+// does not show as SMC-D fails the measurement.
 //
 // Measurements (ism.tests, default all, in this order):
 //
@@ -54,7 +59,7 @@ package main
 // on; the third failure ends it.
 //
 // Ports (ism.port, default 7100): per transport i (smcd-attach, smcd-copy,
-// tcp) a raw port port+3i, an HTTP port port+3i+1 and a raw port for the
+// tcp, kernel-smcd) a raw port port+3i, an HTTP port port+3i+1 and a raw port for the
 // 32-connection tests port+3i+2. A raw connection starts with one op byte:
 // 'S' sink (count until EOF, answer the count as 8 bytes), 'E' echo (4-byte
 // message size, then echo messages until EOF), 'Q' quit the server.
@@ -70,8 +75,10 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"os"
 	"runtime/pprof"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -103,7 +110,57 @@ const (
 	tSMCCopy   = "smcd-copy"
 	tTCP       = "tcp"
 	tUnix      = "unix"
+	// The kernel's SMC-D (AF_SMC): through our device, and its loopback.
+	tKernelSMCD = "kernel-smcd"
+	tKernelLo   = "kernel-lo"
 )
+
+// kernelTransport: name is the kernel's SMC-D (AF_SMC sockets).
+func kernelTransport(name string) bool { return name == tKernelSMCD || name == tKernelLo }
+
+// kernelListen listens with an AF_SMC socket on addr, as a net.Listener:
+// its connections are the kernel's (net.FileListener takes the socket,
+// whose getsockname answers with the TCP address), with dmb-byte DMBs as
+// the Go stack's transports get.
+func kernelListen(addr string, dmb int) (net.Listener, error) {
+	a, err := net.ResolveTCPAddr("tcp4", addr)
+	if err != nil {
+		return nil, err
+	}
+	fd, _, err := smcListen(a, dmb)
+	if err != nil {
+		return nil, err
+	}
+	f := os.NewFile(uintptr(fd), "af_smc_listener")
+	defer f.Close() // FileListener dups it
+	return net.FileListener(f)
+}
+
+// kernelDial connects an AF_SMC socket (dmb-byte DMBs) to addr and fails
+// unless the kernel's smc_diag shows the connection as SMC-D (not a TCP
+// fallback).
+func kernelDial(addr string, dmb int) dialFunc {
+	return func(ctx context.Context) (net.Conn, error) {
+		a, err := net.ResolveTCPAddr("tcp4", addr)
+		if err != nil {
+			return nil, err
+		}
+		c, err := smcDialBuf(a, dmb)
+		if err != nil {
+			return nil, err
+		}
+		l, r := c.LocalAddr().(*net.TCPAddr), c.RemoteAddr().(*net.TCPAddr)
+		d, err := smcDiagOf(l.Port, r.Port)
+		if err == nil && d.Mode != smcDiagModeSMCD {
+			err = fmt.Errorf("the kernel's connection is not SMC-D: %v", d)
+		}
+		if err != nil {
+			c.Close()
+			return nil, err
+		}
+		return c, nil
+	}
+}
 
 // benchConfig holds the client's parameters.
 type benchConfig struct {
@@ -754,18 +811,60 @@ func reportBenchConfig(e *Env, c benchConfig) {
 		c.dur, c.rounds, c.tputMsg, c.latMsg, c.msg, c.conns, c.httpBody, c.dmb, c.dmbMany, strings.Join(c.transports, ",")))
 }
 
-// serverTransports are the transports a bench server offers, in port order.
-var serverTransports = []string{tSMCAttach, tSMCCopy, tTCP}
+// serverTransports are the transports a bench server can offer, in port
+// order; defServerTransports those it offers unless ism.transports says.
+var (
+	serverTransports    = []string{tSMCAttach, tSMCCopy, tTCP, tKernelSMCD}
+	defServerTransports = []string{tSMCAttach, tSMCCopy, tTCP}
+)
+
+// benchDevices opens what c's transports need: the Go driver's device
+// for smcd-*, then (kernel-smcd) our DIBS driver, which binds the ISM
+// devices the Go driver left: the driver's takeover has set the first one's
+// driver_override.
+func benchDevices(e *Env, c benchConfig) (smcd.ISM, func(), error) {
+	var dev smcd.ISM
+	closeDev := func() {}
+	if contains(c.transports, tSMCAttach) || contains(c.transports, tSMCCopy) {
+		d, cl, err := openSMC(e)
+		if err != nil {
+			return nil, nil, err
+		}
+		dev, closeDev = d, cl
+	}
+	if contains(c.transports, tKernelSMCD) || contains(c.transports, tKernelLo) {
+		// Let SO_SNDBUF/SO_RCVBUF ask for the Go stack's DMB sizes.
+		for _, f := range []string{"/proc/sys/net/core/rmem_max", "/proc/sys/net/core/wmem_max"} {
+			if err := os.WriteFile(f, []byte(strconv.Itoa(4*max(c.dmb, c.dmbMany))), 0); err != nil {
+				closeDev()
+				return nil, nil, err
+			}
+		}
+	}
+	switch {
+	case contains(c.transports, tKernelSMCD):
+		if err := kernelSMCSetup(e, "ism_dibs"); err != nil {
+			closeDev()
+			return nil, nil, err
+		}
+	case contains(c.transports, tKernelLo):
+		if err := kernelSMCSetup(e, "none"); err != nil {
+			closeDev()
+			return nil, nil, err
+		}
+	}
+	return dev, closeDev, nil
+}
 
 // ports are a transport's raw, HTTP and 32-connection ports.
 func ports(base, i int) (raw, http, many int) { return base + 3*i, base + 3*i + 1, base + 3*i + 2 }
 
 func benchServerScenario(e *Env) error {
-	c, err := benchConfigOf(e, strings.Join(serverTransports, ","))
+	c, err := benchConfigOf(e, strings.Join(defServerTransports, ","))
 	if err != nil {
 		return err
 	}
-	dev, closeDev, err := openSMC(e)
+	dev, closeDev, err := benchDevices(e, c)
 	if err != nil {
 		return err
 	}
@@ -778,7 +877,13 @@ func benchServerScenario(e *Env) error {
 		}
 	}()
 	for i, name := range serverTransports {
+		if !contains(c.transports, name) && name != tTCP { // tcp: the control port
+			continue
+		}
 		listen := func(p, dmb int) (net.Listener, error) {
+			if kernelTransport(name) {
+				return kernelListen(fmt.Sprintf(":%d", p), dmb)
+			}
 			if _, ok := smcTransport(name); ok {
 				srv := &smcd.Server{DMBSize: dmb, Logf: e.Logf}
 				return srv.Listen(smcDevice(dev, name), "tcp", fmt.Sprintf(":%d", p))
@@ -802,11 +907,11 @@ func benchServerScenario(e *Env) error {
 }
 
 func benchClientScenario(e *Env) error {
-	c, err := benchConfigOf(e, strings.Join(serverTransports, ","))
+	c, err := benchConfigOf(e, strings.Join(defServerTransports, ","))
 	if err != nil {
 		return err
 	}
-	dev, closeDev, err := openSMC(e)
+	dev, closeDev, err := benchDevices(e, c)
 	if err != nil {
 		return err
 	}
@@ -827,6 +932,9 @@ func benchClientScenario(e *Env) error {
 		t := benchTransport{name: name}
 		dialer := func(p, dmb int) dialFunc {
 			a := addr(p)
+			if kernelTransport(name) {
+				return kernelDial(a, dmb)
+			}
 			if mode, ok := smcTransport(name); ok {
 				sd := &smcd.Dialer{DMBSize: dmb}
 				d := smcDevice(dev, name)
@@ -909,6 +1017,9 @@ func localTransports(dev smcd.ISM, c benchConfig) ([]benchListeners, []benchTran
 			dial = func(ctx context.Context, dmb int, addr string) (net.Conn, error) {
 				return (&smcd.Dialer{DMBSize: dmb}).DialContext(ctx, d, "tcp", addr)
 			}
+		case kernelTransport(name):
+			listen = func(dmb int) (net.Listener, error) { return kernelListen("127.0.0.1:0", dmb) }
+			dial = func(ctx context.Context, dmb int, addr string) (net.Conn, error) { return kernelDial(addr, dmb)(ctx) }
 		case name == tTCP:
 			listen = func(int) (net.Listener, error) { return net.Listen("tcp", "127.0.0.1:0") }
 			dial = func(ctx context.Context, _ int, addr string) (net.Conn, error) {
@@ -925,7 +1036,7 @@ func localTransports(dev smcd.ISM, c benchConfig) ([]benchListeners, []benchTran
 				return nd.DialContext(ctx, "unix", addr)
 			}
 		default:
-			return fail(fmt.Errorf("unknown transport %q (have %s, %s, %s, %s)", name, tSMCAttach, tSMCCopy, tTCP, tUnix))
+			return fail(fmt.Errorf("unknown transport %q (have %s, %s, %s, %s, %s)", name, tSMCAttach, tSMCCopy, tTCP, tUnix, tKernelLo))
 		}
 		l := benchListeners{name: name}
 		var err error
@@ -982,15 +1093,11 @@ func benchLocalScenario(e *Env) error {
 	if err != nil {
 		return err
 	}
-	var dev smcd.ISM
-	if contains(c.transports, tSMCAttach) || contains(c.transports, tSMCCopy) {
-		d, closeDev, err := openSMC(e)
-		if err != nil {
-			return err
-		}
-		defer closeDev()
-		dev = d
+	dev, closeDev, err := benchDevices(e, c)
+	if err != nil {
+		return err
 	}
+	defer closeDev()
 	reportBenchConfig(e, c)
 	e.Logf("bench: %d tests x %d rounds x %d transports x %v", len(c.tests), c.rounds, len(c.transports), c.dur)
 	return benchLocal(e.Ctx, e, dev, c, reportTo(e), failTo(e))

@@ -15,7 +15,8 @@ package main
 // Before that each guest loads the module (ism.kmod, default
 // /lib/modules/<release>/extra/ism_dibs.ko, where images/build.sh puts
 // scripts/build-kmod.sh's build; ism.kmod_params are its parameters), adds a
-// UEID (ism.ueid; SMC-Dv2 needs one and x86 has no system EID) and waits
+// UEID (ism.ueid, through guestdriver/smcnl; SMC-Dv2 needs one and x86 has
+// no system EID) and waits
 // for the dibs device the module registers. Results: dibs (its name),
 // dibs_gid, dibs_fabric_id; sha_0, bytes_0; and, from smc_diag while the
 // connection is open, kernel_mode (smcd, smcr or fallback), kernel_view
@@ -42,6 +43,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/ism-backend/ism-backend/guestdriver/smcnl"
 )
 
 func init() { register("kernel-smcd", kernelSMCD) }
@@ -55,7 +58,8 @@ func kernelSMCD(e *Env) error {
 	if err := loadKmod(e.Arg("kmod", def), e.Arg("kmod_params", "")); err != nil {
 		return err
 	}
-	if err := addUEID(e.Arg("ueid", "ISM-BACKEND-KERNEL-SMCD")); err != nil {
+	// SMC-Dv2 proposes only with an EID, and x86 has no system EID.
+	if err := smcnl.AddUEID(e.Arg("ueid", kernelSMCDefaultUEID)); err != nil && !errors.Is(err, unix.EEXIST) {
 		return err
 	}
 	dev, err := waitDibs(e)
@@ -361,122 +365,18 @@ func reportKernelSMCD(e *Env, dev dibsDev, c net.Conn) error {
 	mode := map[uint8]string{0: "smcr", smcDiagModeFallback: "fallback", smcDiagModeSMCD: "smcd"}[d.Mode]
 	e.Result("kernel_mode", mode)
 	e.Result("kernel_view", d.String())
-	if d.HasDMB {
-		e.Result("kernel_my_gid", fmt.Sprintf("%#x", d.MyGID))
-		e.Result("kernel_peer_gid", fmt.Sprintf("%#x", d.PeerGID))
+	dmb := d.Socket.DMB
+	if dmb != nil {
+		e.Result("kernel_my_gid", fmt.Sprintf("%#x", dmb.GID))
+		e.Result("kernel_peer_gid", fmt.Sprintf("%#x", dmb.PeerGID))
 	}
 	switch {
 	case d.Mode != smcDiagModeSMCD:
 		return fmt.Errorf("the kernel's connection is %s, not SMC-D (%s)", mode, d)
-	case !d.HasDMB:
+	case dmb == nil:
 		return errors.New("smc_diag gave no DMB info for an SMC-D connection")
-	case d.MyGID != dev.gid:
-		return fmt.Errorf("the kernel's SMC-D connection uses GID %#x, the device's is %#x", d.MyGID, dev.gid)
-	}
-	return nil
-}
-
-// addUEID adds a user-defined EID to the kernel's SMC (generic netlink
-// SMC_GEN_NETLINK, SMC_NETLINK_ADD_UEID): SMC-Dv2 proposes only with an
-// EID, and x86 has no system EID. An EID already there is fine. (A
-// minimal client of our own: guestdriver/smcnl, the full one, is not on
-// main yet.)
-func addUEID(ueid string) error {
-	const (
-		smcFamily      = "SMC_GEN_NETLINK"
-		smcVersion     = 1
-		smcAddUEID     = 10 // SMC_NETLINK_ADD_UEID
-		smcEIDEntry    = 1  // SMC_NLA_EID_TABLE_ENTRY
-		smcMaxEIDLen   = 32
-		genlHdrLen     = 4
-		ctrlGetFamily  = 3 // CTRL_CMD_GETFAMILY
-		ctrlFamilyID   = 1 // CTRL_ATTR_FAMILY_ID
-		ctrlFamilyName = 2 // CTRL_ATTR_FAMILY_NAME
-	)
-	if len(ueid) == 0 || len(ueid) > smcMaxEIDLen {
-		return fmt.Errorf("UEID %q: 1 to %d characters", ueid, smcMaxEIDLen)
-	}
-	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_GENERIC)
-	if err != nil {
-		return fmt.Errorf("genetlink: %w", err)
-	}
-	defer unix.Close(fd)
-	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-		return fmt.Errorf("genetlink: %w", err)
-	}
-	seq := uint32(0)
-	// roundTrip sends one request and returns the reply's messages.
-	roundTrip := func(typ uint16, flags uint16, cmd uint8, version uint8, attrs []byte) ([]syscall.NetlinkMessage, error) {
-		seq++
-		msg := make([]byte, unix.NLMSG_HDRLEN+genlHdrLen, unix.NLMSG_HDRLEN+genlHdrLen+len(attrs))
-		msg = append(msg, attrs...)
-		binary.NativeEndian.PutUint32(msg[0:], uint32(len(msg)))
-		binary.NativeEndian.PutUint16(msg[4:], typ)
-		binary.NativeEndian.PutUint16(msg[6:], flags)
-		binary.NativeEndian.PutUint32(msg[8:], seq)
-		msg[unix.NLMSG_HDRLEN] = cmd
-		msg[unix.NLMSG_HDRLEN+1] = version
-		if err := unix.Sendto(fd, msg, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-			return nil, err
-		}
-		buf := make([]byte, 16<<10)
-		n, _, err := unix.Recvfrom(fd, buf, 0)
-		if err != nil {
-			return nil, err
-		}
-		msgs, err := syscall.ParseNetlinkMessage(buf[:n])
-		if err != nil {
-			return nil, err
-		}
-		for _, m := range msgs {
-			if m.Header.Type == unix.NLMSG_ERROR && len(m.Data) >= 4 {
-				if e := int32(binary.NativeEndian.Uint32(m.Data)); e != 0 {
-					return msgs, unix.Errno(-e)
-				}
-			}
-		}
-		return msgs, nil
-	}
-	attr := func(typ uint16, v []byte) []byte {
-		a := make([]byte, 4, 4+len(v)+3)
-		binary.NativeEndian.PutUint16(a, uint16(4+len(v)))
-		binary.NativeEndian.PutUint16(a[2:], typ)
-		a = append(a, v...)
-		for len(a)%4 != 0 {
-			a = append(a, 0)
-		}
-		return a
-	}
-
-	msgs, err := roundTrip(unix.GENL_ID_CTRL, unix.NLM_F_REQUEST, ctrlGetFamily, 1,
-		attr(ctrlFamilyName, append([]byte(smcFamily), 0)))
-	if err != nil {
-		return fmt.Errorf("genetlink family %s: %w", smcFamily, err)
-	}
-	var family uint16
-	for _, m := range msgs {
-		if m.Header.Type != unix.GENL_ID_CTRL || len(m.Data) < genlHdrLen {
-			continue
-		}
-		for a := m.Data[genlHdrLen:]; len(a) >= 4; {
-			l, typ := int(binary.NativeEndian.Uint16(a)), binary.NativeEndian.Uint16(a[2:])
-			if l < 4 || l > len(a) {
-				break
-			}
-			if typ == ctrlFamilyID && l >= 6 {
-				family = binary.NativeEndian.Uint16(a[4:])
-			}
-			a = a[min(len(a), (l+3)&^3):]
-		}
-	}
-	if family == 0 {
-		return fmt.Errorf("genetlink family %s: no id in the answer", smcFamily)
-	}
-	// The kernel wants exactly 32 characters, blank-padded, and a NUL.
-	entry := []byte(ueid + strings.Repeat(" ", smcMaxEIDLen-len(ueid)) + "\x00")
-	_, err = roundTrip(family, unix.NLM_F_REQUEST|unix.NLM_F_ACK, smcAddUEID, smcVersion, attr(smcEIDEntry, entry))
-	if err != nil && !errors.Is(err, unix.EEXIST) {
-		return fmt.Errorf("add UEID %q: %w", ueid, err)
+	case dmb.GID != dev.gid:
+		return fmt.Errorf("the kernel's SMC-D connection uses GID %#x, the device's is %#x", dmb.GID, dev.gid)
 	}
 	return nil
 }

@@ -36,6 +36,8 @@ package main
 // decline SMC-D: the connection falls back to TCP; smc_<i> tells which.
 // ism.debug_addr and ism.debug_list serve and report the smcss-like
 // listing of the connections (smcd_debug.go).
+// ism.ueid=A[,B] offers SMC-Dv2 with these UEIDs (as the kernel's SMC does;
+// default none: v1 only); each connection reports clc_version_<i>.
 // ism.clc_timeout bounds each CLC handshake (default: until the watchdog;
 // Linux's 6 s would let the speed of a TCG guest on a loaded host decide
 // between SMC-D and a TCP fallback, and the tests check which one ran).
@@ -78,6 +80,7 @@ type smcArgs struct {
 	decline uint32
 	dmbSize int
 	clc     time.Duration // CLC handshake bound (smcd's HandshakeTimeout)
+	ueids   []string      // SMC-Dv2 UEIDs offered (none: v1 only)
 }
 
 func smcdArgs(e *Env, defMode string) (smcArgs, error) {
@@ -103,6 +106,7 @@ func smcdArgs(e *Env, defMode string) (smcArgs, error) {
 		left = time.Until(dl)
 	}
 	a.clc = e.ArgDuration("clc_timeout", left)
+	a.ueids = splitList(e.Arg("ueid", ""))
 	if a.conns <= 0 || a.bytes < 0 || a.pairs <= 0 || a.msg <= 0 {
 		return a, fmt.Errorf("bad smcd arguments %+v", a)
 	}
@@ -137,6 +141,7 @@ func reportMode(e *Env, c net.Conn, i int) {
 	in := sc.Info()
 	e.Result(fmt.Sprintf("send_mode_%d", i), in.SendMode)
 	e.Result(fmt.Sprintf("recv_mode_%d", i), in.RecvMode)
+	e.Result(fmt.Sprintf("clc_version_%d", i), in.CLCVersion)
 	if in.SendNote != "" {
 		e.Logf("connection %d MOVEs: %s", i, in.SendNote)
 	}
@@ -184,7 +189,7 @@ func setupOption(e *Env) error {
 
 // listenSMC listens on addr with the scenario's server options.
 func listenSMC(e *Env, a smcArgs, dev smcd.ISM, addr string) (net.Listener, error) {
-	srv := &smcd.Server{DMBSize: a.dmbSize, ForceDecline: a.decline, HandshakeTimeout: a.clc, Logf: e.Logf}
+	srv := &smcd.Server{DMBSize: a.dmbSize, ForceDecline: a.decline, HandshakeTimeout: a.clc, UEIDs: a.ueids, Logf: e.Logf}
 	return srv.Listen(dev, "tcp", addr)
 }
 
@@ -209,7 +214,7 @@ func smcdClient(e *Env) error {
 		return err
 	}
 	defer closeDev()
-	d := &smcd.Dialer{DMBSize: a.dmbSize, ForceDecline: a.decline, HandshakeTimeout: a.clc}
+	d := &smcd.Dialer{DMBSize: a.dmbSize, ForceDecline: a.decline, HandshakeTimeout: a.clc, UEIDs: a.ueids}
 	return runClients(e, dev, d, e.Arg("connect", "169.254.7.1:7000"), a)
 }
 

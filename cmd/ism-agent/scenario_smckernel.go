@@ -44,10 +44,33 @@ func smcConn(fd int) (net.Conn, error) {
 }
 
 // smcDial connects an AF_SMC socket to addr.
-func smcDial(addr *net.TCPAddr) (net.Conn, error) {
+func smcDial(addr *net.TCPAddr) (net.Conn, error) { return smcDialBuf(addr, 0) }
+
+// smcSocket makes an AF_SMC socket. buf > 0 sets SO_SNDBUF and SO_RCVBUF:
+// the kernel's SMC sizes a connection's send buffer and RMB (its DMB) as
+// half of sk_sndbuf and sk_rcvbuf, which the kernel sets to twice what is
+// asked (capped by net.core.wmem_max/rmem_max), so the DMB is buf bytes.
+func smcSocket(buf int) (int, error) {
 	fd, err := unix.Socket(unix.AF_SMC, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, smcProtoIPv4)
 	if err != nil {
-		return nil, fmt.Errorf("socket(AF_SMC): %w", err)
+		return -1, fmt.Errorf("socket(AF_SMC): %w", err)
+	}
+	if buf > 0 {
+		for _, opt := range []int{unix.SO_SNDBUF, unix.SO_RCVBUF} {
+			if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, opt, buf); err != nil {
+				unix.Close(fd)
+				return -1, fmt.Errorf("AF_SMC buffer size %d: %w", buf, err)
+			}
+		}
+	}
+	return fd, nil
+}
+
+// smcDialBuf is smcDial with smcSocket's buffer size.
+func smcDialBuf(addr *net.TCPAddr, buf int) (net.Conn, error) {
+	fd, err := smcSocket(buf)
+	if err != nil {
+		return nil, err
 	}
 	sa := &unix.SockaddrInet4{Port: addr.Port}
 	copy(sa.Addr[:], addr.IP.To4())
@@ -58,18 +81,23 @@ func smcDial(addr *net.TCPAddr) (net.Conn, error) {
 	return smcConn(fd)
 }
 
-// smcListen listens with an AF_SMC socket on 127.0.0.1 and returns its fd
-// and port.
-func smcListen() (int, int, error) {
-	fd, err := unix.Socket(unix.AF_SMC, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, smcProtoIPv4)
+// smcListen listens with an AF_SMC socket on addr (IPv4; port 0 picks
+// one) and returns its fd and port. buf: as smcSocket (accepted
+// connections inherit it).
+func smcListen(addr *net.TCPAddr, buf int) (int, int, error) {
+	fd, err := smcSocket(buf)
 	if err != nil {
-		return -1, 0, fmt.Errorf("socket(AF_SMC): %w", err)
+		return -1, 0, err
 	}
-	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+	bind := &unix.SockaddrInet4{Port: addr.Port}
+	if ip := addr.IP.To4(); ip != nil {
+		copy(bind.Addr[:], ip)
+	}
+	if err := unix.Bind(fd, bind); err != nil {
 		unix.Close(fd)
-		return -1, 0, fmt.Errorf("AF_SMC bind: %w", err)
+		return -1, 0, fmt.Errorf("AF_SMC bind %v: %w", addr, err)
 	}
-	if err := unix.Listen(fd, 8); err != nil {
+	if err := unix.Listen(fd, 64); err != nil {
 		unix.Close(fd)
 		return -1, 0, fmt.Errorf("AF_SMC listen: %w", err)
 	}
@@ -144,7 +172,7 @@ func smcKernel(e *Env) error {
 
 	// Our Dial to the kernel's server.
 	kernelServer := func() error {
-		lfd, port, err := smcListen()
+		lfd, port, err := smcListen(&net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)}, 0)
 		if err != nil {
 			return err
 		}

@@ -75,6 +75,7 @@ func golden(t testing.TB, s string) []byte { return unhex(t, stripComments(s)) }
 
 func sampleProposal() *Proposal {
 	return &Proposal{
+		Version:   1,
 		TypeV1:    SMCTypeD,
 		SMCDArea:  true,
 		GID:       0x0102030405060708,
@@ -85,7 +86,7 @@ func sampleProposal() *Proposal {
 }
 
 func sampleAccept() *AcceptConfirm {
-	return &AcceptConfirm{Type: CLCAccept, FirstContact: true, GID: 0x1122334455667788,
+	return &AcceptConfirm{Type: CLCAccept, Version: 1, FirstContact: true, GID: 0x1122334455667788,
 		Token: 0xA1A2A3A4A5A6A7A8, DMBESize: 2, LinkID: 0xDEADBEEF}
 }
 
@@ -200,16 +201,21 @@ func TestProposalIPv6RoundTrip(t *testing.T) {
 }
 
 // TestProposalLinuxV2Header: Linux >= 5.10 offering only v1 sends version 2
-// with typev2 N; that is still a v1 proposal to us. A real v2 offer is not.
+// with typev2 N; that is still a v1 offer to us. A v2 offer without the v2
+// extension is malformed (Linux's smc_clc_msg_prop_valid rejects it too).
 func TestProposalLinuxV2Header(t *testing.T) {
 	b := golden(t, goldenProposal)
 	b[7] = 0x20 | SMCTypeN<<2 | SMCTypeD
-	if _, err := DecodeProposal(b); err != nil {
+	p, err := DecodeProposal(b)
+	if err != nil {
 		t.Fatal(err)
 	}
+	if p.Version != 2 || p.TypeV2 != SMCTypeN || p.V2 != nil || p.GID != 0x0102030405060708 {
+		t.Fatalf("decoded %+v", p)
+	}
 	b[7] = 0x20 | SMCTypeD<<2 | SMCTypeD
-	if _, err := DecodeProposal(b); !errors.Is(err, ErrCLCVersion) {
-		t.Fatalf("v2 offer: %v", err)
+	if _, err := DecodeProposal(b); !errors.Is(err, ErrCLC) {
+		t.Fatalf("v2 offer without the extension: %v", err)
 	}
 }
 
@@ -332,6 +338,8 @@ func TestDMBESizeCode(t *testing.T) {
 
 func FuzzDecodeProposal(f *testing.F) {
 	f.Add(golden(f, goldenProposal))
+	f.Add(golden(f, goldenKernelProposalV2))
+	f.Add(golden(f, goldenProposalV1V2))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		p, err := DecodeProposal(b)
 		if err != nil {
@@ -353,6 +361,8 @@ func FuzzDecodeProposal(f *testing.F) {
 
 func FuzzDecodeAcceptConfirm(f *testing.F) {
 	f.Add(golden(f, goldenAccept))
+	f.Add(golden(f, goldenKernelAcceptV2))
+	f.Add(golden(f, goldenKernelConfirmV2))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		for _, typ := range []uint8{CLCAccept, CLCConfirm} {
 			a, err := DecodeAcceptConfirm(b, typ)
@@ -374,9 +384,10 @@ func FuzzDecodeAcceptConfirm(f *testing.F) {
 
 func FuzzDecodeDecline(f *testing.F) {
 	f.Add(golden(f, goldenDecline))
+	f.Add(golden(f, goldenKernelDeclineV2))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		d, err := DecodeDecline(b)
-		if err != nil || d.Version != 1 {
+		if err != nil {
 			return
 		}
 		e, err := d.Encode()
@@ -392,6 +403,7 @@ func FuzzDecodeDecline(f *testing.F) {
 
 func FuzzReadCLC(f *testing.F) {
 	f.Add(golden(f, goldenProposal))
+	f.Add(golden(f, goldenKernelProposalV2))
 	f.Add(golden(f, goldenDecline))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		r := bytes.NewReader(b)

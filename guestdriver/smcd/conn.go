@@ -34,12 +34,15 @@ type Conn struct {
 	ring  []byte // dmb.Bytes()[CDCLen:]
 	rsize uint32 // our ring size
 
-	peerGID   uint64
-	peerToken uint64
-	peerDMBE  uint32
-	psize     uint32 // peer ring size
-	maxMove   int    // largest data MOVE the device takes; 0: any
-	unwatch   func() // stops the PeerWatcher, if the device has one
+	peerGID    uint64
+	peerGIDExt uint64 // the second half of a v2 peer's 128-bit GID
+	clcVersion uint8  // CLC version the handshake used
+	eid        EID    // negotiated EID (v2)
+	peerToken  uint64
+	peerDMBE   uint32
+	psize      uint32 // peer ring size
+	maxMove    int    // largest data MOVE the device takes; 0: any
+	unwatch    func() // stops the PeerWatcher, if the device has one
 
 	cdcBuf Buffer // the CDC header we MOVE
 	stage  Buffer // data staging for MOVE
@@ -711,7 +714,14 @@ func (m Mode) String() string {
 
 // Info describes a connection, as smcss lists one.
 type Info struct {
-	LocalGID, PeerGID     uint64
+	LocalGID, PeerGID uint64
+	// PeerGIDExt is the second half of the peer's 128-bit GID (SMC-Dv2
+	// with an emulated CHID; 0 for our devices).
+	PeerGIDExt uint64
+	// CLCVersion is the SMC-D version negotiated (1 or 2), EID the
+	// UEID both ends share in v2.
+	CLCVersion            uint8
+	EID                   EID
 	LocalToken, PeerToken uint64 // our DMB's and the peer's
 	DMBSize, PeerDMBSize  int    // bytes, the CDC header included
 	// SendMode is how we write the peer's DMB; SendNote says why it is
@@ -730,7 +740,8 @@ type Info struct {
 // Info returns the connection's description and byte counts.
 func (c *Conn) Info() Info {
 	in := Info{
-		LocalGID: c.dev.GID(), PeerGID: c.peerGID,
+		LocalGID: c.dev.GID(), PeerGID: c.peerGID, PeerGIDExt: c.peerGIDExt,
+		CLCVersion: c.clcVersion, EID: c.eid,
 		LocalToken: c.dmb.Token(), PeerToken: c.peerToken,
 		DMBSize: int(c.rsize) + CDCLen, PeerDMBSize: int(c.psize) + CDCLen,
 		SendNote:  c.sendNote,

@@ -178,13 +178,16 @@ func TestClientDeclinesFirst(t *testing.T) {
 	}
 }
 
-func TestServerDeclinesV2Proposal(t *testing.T) {
+// TestServerDeclinesV2ProposalWithoutExtension: a v2 offer whose v2
+// extension is missing is malformed: Decline CNFERR (v1: the header was
+// not usable).
+func TestServerDeclinesV2ProposalWithoutExtension(t *testing.T) {
 	raw, srv := rawClient(t, Server{})
 	b, _ := sampleProposal().Encode()
 	b[7] = 0x20 | SMCTypeD<<2 | SMCTypeD
 	raw.Write(b)
-	if d := readDecline(t, raw); d.Diagnosis != DeclineVersMismat {
-		t.Fatalf("diagnosis %#x", d.Diagnosis)
+	if d := readDecline(t, raw); d.Diagnosis != DeclineCnfErr || d.Version != 1 {
+		t.Fatalf("decline %+v", d)
 	}
 	echoCheck(t, raw, srv)
 }

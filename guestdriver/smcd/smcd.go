@@ -61,6 +61,14 @@ type Dialer struct {
 	// means the default set by EnableSYNOption, and without one
 	// negotiation is in band.
 	SYNOption *synopt.Program
+	// UEIDs are the user EIDs (ParseUEID; at most 8) this end offers for
+	// SMC-Dv2. With any, the Proposal offers v2 as well as v1, as Linux's
+	// does; without, v1 only. Linux on x86 has no system EID, so SMC-Dv2
+	// with a kernel peer needs a UEID both ends have.
+	UEIDs []string
+
+	// v2Only proposes SMC-Dv2 only, as Linux on x86 does (tests).
+	v2Only bool
 }
 
 // Server holds options for Listen.
@@ -77,6 +85,11 @@ type Server struct {
 	// listeners Listen creates; nil means the default set by
 	// EnableSYNOption, and without one negotiation is in band.
 	SYNOption *synopt.Program
+	// UEIDs are the user EIDs (ParseUEID; at most 8) this end shares for
+	// SMC-Dv2: a v2 Proposal is answered in v2 when it offers one of them
+	// and a GID on our device's CHID that our device reaches. Without,
+	// v2 offers get v1 if they offer it too.
+	UEIDs []string
 }
 
 // Dial connects to addr ("tcp", "tcp4", "tcp6") and negotiates SMC-D over
@@ -171,11 +184,15 @@ func (f *FallbackConn) CloseWrite() error {
 // IsSMC reports whether c is an SMC-D connection (not a TCP fallback).
 func IsSMC(c net.Conn) bool { _, ok := c.(*Conn); return ok }
 
-// sendDecline writes a v1 Decline; errors are ignored since we fall back
-// (or fail) anyway. The write gets its own deadline: the handshake deadline
-// may be what just expired.
-func sendDecline(tcp net.Conn, code uint32, timeout time.Duration) {
+// sendDecline writes a Decline of version 1 or 2 (with Linux's OS type, as
+// smc_clc_send_decline does); errors are ignored since we fall back (or
+// fail) anyway. The write gets its own deadline: the handshake deadline may
+// be what just expired.
+func sendDecline(tcp net.Conn, code uint32, timeout time.Duration, version uint8) {
 	d := Decline{Version: 1, Diagnosis: code}
+	if version >= 2 {
+		d.Version, d.OSType = 2, OSTypeLinux
+	}
 	b, _ := d.Encode()
 	tcp.SetWriteDeadline(time.Now().Add(timeout))
 	tcp.Write(b)
@@ -228,6 +245,10 @@ func (d *Dialer) DialContext(ctx context.Context, dev ISM, network, addr string)
 	if err != nil {
 		return nil, err
 	}
+	ueids, err := parseUEIDs(d.UEIDs)
+	if err != nil {
+		return nil, err
+	}
 	nd := d.Net
 	opt := optionOr(d.SYNOption)
 	var m *marker
@@ -254,7 +275,7 @@ func (d *Dialer) DialContext(ctx context.Context, dev ISM, network, addr string)
 			return fallback(tcp, why, nil, rec)
 		}
 	}
-	c, err := d.handshake(ctx, dev, tcp, size, code, rec)
+	c, err := d.handshake(ctx, dev, tcp, size, code, rec, ueids)
 	if err != nil {
 		tcp.Close()
 		if ctx.Err() != nil {
@@ -265,13 +286,13 @@ func (d *Dialer) DialContext(ctx context.Context, dev ISM, network, addr string)
 	return c, nil
 }
 
-func (d *Dialer) handshake(ctx context.Context, dev ISM, tcp net.Conn, size int, code uint8, rec *synopt.Record) (net.Conn, error) {
+func (d *Dialer) handshake(ctx context.Context, dev ISM, tcp net.Conn, size int, code uint8, rec *synopt.Record, ueids []EID) (net.Conn, error) {
 	tcp.SetDeadline(time.Now().Add(timeoutOr(d.HandshakeTimeout)))
 	stop := context.AfterFunc(ctx, func() { tcp.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
 
-	prop := Proposal{TypeV1: SMCTypeD, SMCDArea: true, GID: dev.GID(), CHID: dev.CHID()}
-	setPrefix(&prop, tcp.LocalAddr())
+	prop := proposalFor(dev, tcp.LocalAddr(), ueids, d.v2Only)
+	declVer := max(prop.Version, 1) // Linux declines in the version it proposed
 	pb, err := prop.Encode()
 	if err != nil {
 		return nil, err
@@ -283,7 +304,7 @@ func (d *Dialer) handshake(ctx context.Context, dev ISM, tcp net.Conn, size int,
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
 		}
-		sendDecline(tcp, code, timeoutOr(d.HandshakeTimeout))
+		sendDecline(tcp, code, timeoutOr(d.HandshakeTimeout), declVer)
 		return fallback(tcp, &DeclineError{Code: code, Err: err}, nil, rec)
 	}
 	typ, msg, err := ReadCLC(tcp)
@@ -304,6 +325,17 @@ func (d *Dialer) handshake(ctx context.Context, dev ISM, tcp net.Conn, size int,
 	acc, err := DecodeAcceptConfirm(msg, CLCAccept)
 	if err != nil {
 		return decline(DeclineCnfErr, err)
+	}
+	declVer = min(acc.Version, 2)
+	var v2 *v2Choice
+	if acc.Version == 1 && !smcdIndicated(prop.TypeV1) {
+		return decline(DeclineModeUnsupp, errors.New("v1 accept to a v2-only proposal")) // smc_connect_check_aclc
+	}
+	if acc.Version >= 2 {
+		var bad *DeclineError
+		if v2, bad = checkAcceptV2(dev, &prop, acc, ueids); bad != nil {
+			return decline(bad.Code, bad.Err)
+		}
 	}
 	peerSize, err := DMBESize(acc.DMBESize)
 	if err != nil || acc.GID == 0 || acc.Token == 0 || uint32(acc.DMBEIndex) >= abi.MaxDMBEs {
@@ -327,7 +359,16 @@ func (d *Dialer) handshake(ctx context.Context, dev ISM, tcp net.Conn, size int,
 	}
 	conf := AcceptConfirm{Type: CLCConfirm, FirstContact: true, GID: dev.GID(), Token: dmb.Token(),
 		DMBESize: code, LinkID: uint32(random64())}
-	cb, _ := conf.Encode()
+	if v2 != nil {
+		v2.fillConfirm(dev, &conf, acc)
+	}
+	cb, err := conf.Encode()
+	if err != nil {
+		dev.UnregisterDMB(dmb)
+		cdcBuf.Free()
+		stage.Free()
+		return decline(DeclineIntErr, err)
+	}
 	_, err = tcp.Write(cb)
 	if err == nil {
 		err = tcp.SetDeadline(time.Time{})
@@ -343,6 +384,7 @@ func (d *Dialer) handshake(ctx context.Context, dev ISM, tcp net.Conn, size int,
 	}
 	c := newConn(dev, tcp, dmb, acc.GID, acc.Token, uint32(acc.DMBEIndex), peerSize, cdcBuf, stage)
 	c.synOpt = rec
+	c.setCLC(v2)
 	return c, nil
 }
 
@@ -416,6 +458,10 @@ func (s *Server) Listen(dev ISM, network, addr string) (net.Listener, error) {
 	if _, _, err := dmbSize(s.DMBSize); err != nil {
 		return nil, err
 	}
+	ueids, err := parseUEIDs(s.UEIDs)
+	if err != nil {
+		return nil, err
+	}
 	var lc net.ListenConfig
 	opt := optionOr(s.SYNOption)
 	var m *marker
@@ -430,20 +476,26 @@ func (s *Server) Listen(dev ISM, network, addr string) (net.Listener, error) {
 	if err != nil {
 		return nil, err
 	}
-	return s.newListener(dev, tl, opt), nil
+	return s.newListener(dev, tl, opt, ueids), nil
 }
 
 // NewListener negotiates SMC-D over dev on connections accepted from tl.
 // Each handshake runs in its own goroutine, so a slow client does not hold
 // up others. Negotiation is in band whatever SYNOption says: the option
 // program only acts on listeners marked before listen(), as Listen does.
+//
+// Invalid UEIDs are logged and not used (v1 only).
 func (s *Server) NewListener(dev ISM, tl net.Listener) net.Listener {
-	return s.newListener(dev, tl, nil)
+	ueids, err := parseUEIDs(s.UEIDs)
+	if err != nil {
+		s.logf("%v: SMC-Dv2 off", err)
+	}
+	return s.newListener(dev, tl, nil, ueids)
 }
 
-func (s *Server) newListener(dev ISM, tl net.Listener, opt *synopt.Program) net.Listener {
+func (s *Server) newListener(dev ISM, tl net.Listener, opt *synopt.Program, ueids []EID) net.Listener {
 	ctx, cancel := context.WithCancel(context.Background())
-	l := &listener{srv: s, dev: dev, tl: tl, opt: opt, conns: make(chan net.Conn), ctx: ctx, cancel: cancel, acceptErr: make(chan struct{})}
+	l := &listener{srv: s, dev: dev, tl: tl, opt: opt, ueids: ueids, conns: make(chan net.Conn), ctx: ctx, cancel: cancel, acceptErr: make(chan struct{})}
 	go l.acceptLoop()
 	return l
 }
@@ -453,6 +505,7 @@ type listener struct {
 	dev    ISM
 	tl     net.Listener
 	opt    *synopt.Program // nil: in band
+	ueids  []EID
 	conns  chan net.Conn
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -471,7 +524,7 @@ func (l *listener) acceptLoop() {
 			return
 		}
 		go func() {
-			c, err := l.srv.handshake(l.ctx, l.dev, tcp, l.opt)
+			c, err := l.srv.handshake(l.ctx, l.dev, tcp, l.opt, l.ueids)
 			if err != nil {
 				tcp.Close()
 				return
@@ -513,7 +566,7 @@ func (s *Server) logf(format string, args ...any) {
 	}
 }
 
-func (s *Server) handshake(ctx context.Context, dev ISM, tcp net.Conn, opt *synopt.Program) (net.Conn, error) {
+func (s *Server) handshake(ctx context.Context, dev ISM, tcp net.Conn, opt *synopt.Program, ueids []EID) (net.Conn, error) {
 	size, code, err := dmbSize(s.DMBSize)
 	if err != nil {
 		return nil, err
@@ -534,12 +587,13 @@ func (s *Server) handshake(ctx context.Context, dev ISM, tcp net.Conn, opt *syno
 	stop := context.AfterFunc(ctx, func() { tcp.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
 
+	declVer := uint8(1) // the Proposal's version once we have one (smc_listen_decline)
 	decline := func(code uint32, err error) (net.Conn, error) {
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
 		}
 		s.logf("smcd: %v: declining with %#08x: %v", tcp.RemoteAddr(), code, err)
-		sendDecline(tcp, code, timeoutOr(s.HandshakeTimeout))
+		sendDecline(tcp, code, timeoutOr(s.HandshakeTimeout), declVer)
 		return fallback(tcp, &DeclineError{Code: code, Err: err}, nil, rec)
 	}
 	typ, msg, err := ReadCLC(tcp)
@@ -568,29 +622,62 @@ func (s *Server) handshake(ctx context.Context, dev ISM, tcp net.Conn, opt *syno
 		return decline(DeclineCnfErr, clcErr("type %d instead of proposal", typ))
 	}
 	prop, err := DecodeProposal(msg)
+	if err == nil && prop.Version >= 2 {
+		declVer = 2
+	}
+	offersV1 := err == nil && prop.SMCDArea && smcdIndicated(prop.TypeV1) && prop.GID != 0
+	offersV2 := err == nil && prop.V2 != nil && smcdIndicated(prop.TypeV2)
 	switch {
-	case errors.Is(err, ErrCLCVersion):
-		return decline(DeclineVersMismat, err)
 	case err != nil:
 		return decline(DeclineCnfErr, err)
-	case !prop.SMCDArea || (prop.TypeV1 != SMCTypeD && prop.TypeV1 != SMCTypeB) || prop.GID == 0:
+	case !offersV1 && !offersV2:
 		return decline(DeclineModeUnsupp, errors.New("client offers no SMC-D"))
 	case s.ForceDecline != 0:
 		return decline(s.ForceDecline, errors.New("forced"))
+	}
+	// SMC-Dv2 first, as Linux's smc_listen_find_device tries it before
+	// v1; a code from the v2 attempt wins over a later v1 one
+	// (smc_init_info_store_rc keeps the first).
+	var v2 *v2Choice
+	var v2Code uint32
+	var v2Err error
+	if offersV2 {
+		v2, v2Code, v2Err = chooseV2(dev, prop, ueids)
+		if v2Code == DeclineNoUEID && offersV1 {
+			v2Code = 0 // smc_listen_v2_check drops it when v1 is left
+		}
+	}
+	firstCode := func(code uint32, err error) (net.Conn, error) {
+		if v2Code != 0 {
+			return decline(v2Code, fmt.Errorf("%w (v1: %v)", v2Err, err))
+		}
+		return decline(code, err)
+	}
+	switch {
+	case v2 != nil:
+	case !offersV1 && v2Code != 0:
+		return decline(v2Code, v2Err)
+	case !offersV1:
+		return decline(DeclineNoSMCDDev, fmt.Errorf("no SMC-Dv2 in common: %v", v2Err))
 	case prop.CHID != dev.CHID():
-		return decline(DeclineNoSMCDDev, fmt.Errorf("client CHID %#04x, ours %#04x", prop.CHID, dev.CHID()))
+		return firstCode(DeclineNoSMCDDev, fmt.Errorf("client CHID %#04x, ours %#04x", prop.CHID, dev.CHID()))
 	}
-	if err := dev.QueryRGID(prop.GID); err != nil {
-		return decline(DeclineNoSMCDDev, fmt.Errorf("client GID %#x: %w", prop.GID, err))
-	}
-	if !prefixMatch(prop, tcp.LocalAddr()) {
-		return decline(DeclineDiffPrefix, fmt.Errorf("client prefix %v/%d", net.IP(prop.Subnet[:]), prop.PrefixLen))
+	peerGID := prop.GID
+	if v2 != nil {
+		peerGID = v2.peerGID
+	} else {
+		if err := dev.QueryRGID(prop.GID); err != nil {
+			return firstCode(DeclineNoSMCDDev, fmt.Errorf("client GID %#x: %w", prop.GID, err))
+		}
+		if !prefixMatch(prop, tcp.LocalAddr()) {
+			return firstCode(DeclineDiffPrefix, fmt.Errorf("client prefix %v/%d", net.IP(prop.Subnet[:]), prop.PrefixLen))
+		}
 	}
 	// Everything the connection needs on our side exists before the Accept
 	// goes out, as Linux's smc_listen_work runs smc_buf_create before
 	// smc_clc_send_accept: a client that has our Accept may Confirm and be
 	// using SMC-D at once, so nothing may fail here after it.
-	dmb, err := dev.RegisterDMB(size, prop.GID)
+	dmb, err := dev.RegisterDMB(size, peerGID)
 	if err != nil {
 		return decline(declineCode(err), err)
 	}
@@ -610,7 +697,14 @@ func (s *Server) handshake(ctx context.Context, dev ISM, tcp net.Conn, opt *syno
 	}
 	acc := AcceptConfirm{Type: CLCAccept, FirstContact: true, GID: dev.GID(), Token: dmb.Token(),
 		DMBESize: code, LinkID: uint32(random64())}
-	ab, _ := acc.Encode()
+	if v2 != nil {
+		v2.fillAccept(dev, &acc)
+	}
+	ab, err := acc.Encode()
+	if err != nil {
+		release()
+		return decline(DeclineIntErr, err)
+	}
 	if _, err := tcp.Write(ab); err != nil {
 		release()
 		return nil, err
@@ -651,14 +745,18 @@ func (s *Server) handshake(ctx context.Context, dev ISM, tcp net.Conn, opt *syno
 		return fail(err)
 	}
 	peerSize, err := DMBESize(conf.DMBESize)
-	if err != nil || conf.GID != prop.GID || conf.Token == 0 || uint32(conf.DMBEIndex) >= abi.MaxDMBEs {
+	if err != nil || conf.GID != peerGID || conf.Token == 0 || uint32(conf.DMBEIndex) >= abi.MaxDMBEs {
 		return fail(clcErr("unusable confirm %+v", conf))
+	}
+	if err := v2.checkConfirm(dev, conf); err != nil {
+		return fail(err)
 	}
 	if err := tcp.SetDeadline(time.Time{}); err != nil {
 		return fail(err)
 	}
 	c := newConn(dev, tcp, dmb, conf.GID, conf.Token, uint32(conf.DMBEIndex), peerSize, cdcBuf, stage)
 	c.synOpt = rec
+	c.setCLC(v2)
 	return c, nil
 }
 

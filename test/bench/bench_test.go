@@ -21,10 +21,17 @@ import (
 // the VM harness reads), since it takes minutes:
 //
 //	inter-VM  guests a (bench-server) and b (bench-client) on one backend,
-//	          CLC over a network link between them: smcd-attach, smcd-copy
-//	          and tcp
-//	intra-VM  one guest (bench-local): smcd-attach, smcd-copy, tcp over
-//	          127.0.0.1, unix
+//	          CLC over a network link between them: smcd-attach, smcd-copy,
+//	          kernel-smcd and tcp
+//	intra-VM  one guest (bench-local): smcd-attach, smcd-copy, kernel-lo,
+//	          tcp over 127.0.0.1, unix
+//
+// With the SMC kernel provisioned (ISM_SMC_KERNEL, as make bench does) every
+// bench guest boots it, so that the kernel's own SMC-D runs beside our Go
+// stack in the same guests: kernel-smcd is the kernel's AF_SMC through our
+// DIBS driver on each guest's second ISM device (the Go driver has the
+// first), kernel-lo the kernel's loopback-ism. Without it the guests boot
+// Debian's 6.1 kernel and the kernel transports are left out.
 //
 // Knobs: ISM_BENCH_DUR (per measurement, default 3s; lat takes twice
 // that), ISM_BENCH_ROUNDS
@@ -94,12 +101,17 @@ func TestBench(t *testing.T) {
 	est := func(transports int) time.Duration {
 		return time.Duration(nTests*rounds*transports)*(d+d/4) + 45*time.Second
 	}
+	// The SMC kernel adds the kernel's SMC-D to each scope.
+	nInter, nIntra := interTransports, intraTransports
+	if os.Getenv("ISM_SMC_KERNEL") != "" {
+		nInter, nIntra = nInter+1, nIntra+1
+	}
 	var total time.Duration
 	if strings.Contains(scopes, "inter") {
-		total += est(interTransports)
+		total += est(nInter)
 	}
 	if strings.Contains(scopes, "intra") {
-		total += est(intraTransports)
+		total += est(nIntra)
 	}
 	if strings.Contains(scopes, "idle") {
 		total += 2*idleDur + 45*time.Second
@@ -116,7 +128,7 @@ func TestBench(t *testing.T) {
 	// Per phase the guest's own watchdog: the estimate with a wide margin.
 	if strings.Contains(scopes, "inter") {
 		t.Run("inter", func(t *testing.T) {
-			s, f, cfg := runInter(t, args, 3*est(interTransports)+2*time.Minute)
+			s, f, cfg := runInter(t, args, 3*est(nInter)+2*time.Minute)
 			samples = append(samples, s...)
 			failures = append(failures, f...)
 			config["inter-VM"] = cfg
@@ -124,7 +136,7 @@ func TestBench(t *testing.T) {
 	}
 	if strings.Contains(scopes, "intra") {
 		t.Run("intra", func(t *testing.T) {
-			s, f, cfg := runIntra(t, args, 3*est(intraTransports)+2*time.Minute)
+			s, f, cfg := runIntra(t, args, 3*est(nIntra)+2*time.Minute)
 			samples = append(samples, s...)
 			failures = append(failures, f...)
 			config["intra-VM"] = cfg
@@ -187,8 +199,26 @@ func TestBench(t *testing.T) {
 const benchVCPUs = 1
 
 // Transports per scope, for the time estimate: smcd-attach, smcd-copy, tcp
-// (and unix inside one guest).
+// (and unix inside one guest), and with the SMC kernel one more each
+// (kernelTransports).
 const interTransports, intraTransports = 3, 4
+
+// kernelTransports are the scopes' transports of the kernel's own SMC-D.
+var kernelTransports = map[string]string{"inter-VM": "kernel-smcd", "intra-VM": "kernel-lo"}
+
+// withKernel returns args with the scope's kernel transport added to the
+// guests' transports, if the SMC kernel is there.
+func withKernel(c vmharness.Config, scope string, args map[string]string, def []string) map[string]string {
+	if c.SMCKernel == "" {
+		return args
+	}
+	out := map[string]string{}
+	for k, v := range args {
+		out[k] = v
+	}
+	out["transports"] = strings.Join(append(def, kernelTransports[scope]), ",")
+	return out
+}
 
 func envOr(k, def string) string {
 	if v := os.Getenv(k); v != "" {
@@ -283,11 +313,24 @@ func follow(v *vmharness.VM, label string) (stop func()) {
 func runInter(t *testing.T, args map[string]string, timeout time.Duration) ([]Sample, []Failure, string) {
 	r := vmharness.New(t)
 	r.RequireBackend()
+	smcKernel := r.Cfg.SMCKernel != ""
+	args = withKernel(r.Cfg, "inter-VM", args, []string{"smcd-attach", "smcd-copy", "tcp"})
 	sa, sb := r.Path("a.sock"), r.Path("b.sock")
-	r.StartBackend([]string{"-socket-dir", r.Dir, "-vm", "a", "-vm", "b"}, sa, sb)
+	devA, devB := []vmharness.ISMDevice{{Socket: sa}}, []vmharness.ISMDevice{{Socket: sb}}
+	vms := []string{"-vm", "a", "-vm", "b"}
+	socks := []string{sa, sb}
+	if smcKernel {
+		// A second device per guest for the kernel's SMC-D (our DIBS
+		// driver), its own VM on the backend: the Go driver keeps the first.
+		ka, kb := r.Path("a-kernel.sock"), r.Path("b-kernel.sock")
+		vms = append(vms, "-vm", "a-kernel", "-vm", "b-kernel")
+		socks = append(socks, ka, kb)
+		devA, devB = append(devA, vmharness.ISMDevice{Socket: ka}), append(devB, vmharness.ISMDevice{Socket: kb})
+	}
+	r.StartBackend(append([]string{"-socket-dir", r.Dir}, vms...), socks...)
 	srv, cli := r.NetPair()
 	serverArgs := map[string]string{"ip": "169.254.7.1/24", "hugepages": args["hugepages"], "wait": args["wait"]}
-	for _, k := range []string{"dmb_size", "dmb_many"} {
+	for _, k := range []string{"dmb_size", "dmb_many", "transports"} {
 		if v, ok := args[k]; ok {
 			serverArgs[k] = v
 		}
@@ -296,11 +339,11 @@ func runInter(t *testing.T, args map[string]string, timeout time.Duration) ([]Sa
 	for k, v := range args {
 		clientArgs[k] = v
 	}
-	say("inter-VM: booting guests a (bench-server) and b (bench-client), CLC over virtio-net")
-	a := r.StartVM(vmharness.VMConfig{Name: "a", Scenario: "bench-server", Net: &srv, Timeout: timeout,
-		HugePages: 32, CPUs: benchVCPUs, Args: serverArgs, ISM: []vmharness.ISMDevice{{Socket: sa}}})
-	b := r.StartVM(vmharness.VMConfig{Name: "b", Scenario: "bench-client", Net: &cli, Timeout: timeout,
-		HugePages: 32, CPUs: benchVCPUs, Args: clientArgs, ISM: []vmharness.ISMDevice{{Socket: sb}}})
+	say("inter-VM: booting guests a (bench-server) and b (bench-client), CLC over virtio-net, %s", kernelName(smcKernel))
+	a := r.StartVM(vmharness.VMConfig{Name: "a", Scenario: "bench-server", Net: &srv, Timeout: timeout, SMCKernel: smcKernel,
+		HugePages: 32, CPUs: benchVCPUs, Args: serverArgs, ISM: devA})
+	b := r.StartVM(vmharness.VMConfig{Name: "b", Scenario: "bench-client", Net: &cli, Timeout: timeout, SMCKernel: smcKernel,
+		HugePages: 32, CPUs: benchVCPUs, Args: clientArgs, ISM: devB})
 	stop := follow(b, "inter-VM")
 	ob := waitAgent(t, b)
 	stop()
@@ -316,6 +359,13 @@ func runInter(t *testing.T, args map[string]string, timeout time.Duration) ([]Sa
 		t.Errorf("%d inter-VM measurements failed", len(f))
 	}
 	return s, f, ob.Results["bench.config"]
+}
+
+func kernelName(smc bool) string {
+	if smc {
+		return "on the SMC kernel (Linux 7.x with DIBS; the kernel's SMC-D beside ours)"
+	}
+	return "on Debian's 6.1 kernel (no SMC kernel provisioned: no kernel SMC-D rows)"
 }
 
 // waitAgent waits for the guest to finish and fails the test (keeping what it
@@ -337,8 +387,10 @@ func runIntra(t *testing.T, args map[string]string, timeout time.Duration) ([]Sa
 	r.RequireBackend()
 	sock := r.Path("a.sock")
 	r.StartBackend([]string{"-socket-dir", r.Dir, "-vm", "a"}, sock)
-	say("intra-VM: booting one guest (bench-local)")
-	a := r.StartVM(vmharness.VMConfig{Name: "a", Scenario: "bench-local", Timeout: timeout, HugePages: 32,
+	smcKernel := r.Cfg.SMCKernel != ""
+	args = withKernel(r.Cfg, "intra-VM", args, []string{"smcd-attach", "smcd-copy", "tcp", "unix"})
+	say("intra-VM: booting one guest (bench-local), %s", kernelName(smcKernel))
+	a := r.StartVM(vmharness.VMConfig{Name: "a", Scenario: "bench-local", Timeout: timeout, HugePages: 32, SMCKernel: smcKernel,
 		CPUs: benchVCPUs, Args: args, ISM: []vmharness.ISMDevice{{Socket: sock}}})
 	stop := follow(a, "intra-VM")
 	o := waitAgent(t, a)

@@ -32,6 +32,8 @@ var chartColors = map[string]string{
 	"smcd-attach": "#1f77b4",
 	"smcd-copy":   "#ff7f0e",
 	legacySMCD:    "#2ca02c",
+	"kernel-smcd": "#9467bd",
+	"kernel-lo":   "#8c564b",
 }
 
 var scopeTitles = map[string]string{

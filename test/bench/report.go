@@ -59,26 +59,35 @@ var Tests = []Test{
 var Scopes = []string{"inter-VM", "intra-VM"}
 
 // Transports in table order: SMC-D with the sender writing straight into an
-// attached peer DMB, SMC-D copying through the device, TCP (inter-VM over the
-// guests' NICs, intra-VM over 127.0.0.1), UNIX sockets (intra-VM only).
-var Transports = []string{"smcd-attach", "smcd-copy", "tcp", "unix"}
+// attached peer DMB, SMC-D copying through the device (both our Go stack),
+// the Linux kernel's own SMC-D (AF_SMC) through our device with our DIBS
+// driver (inter-VM) and through its loopback-ism (intra-VM), TCP (inter-VM
+// over the guests' NICs, intra-VM over 127.0.0.1), UNIX sockets (intra-VM
+// only).
+var Transports = []string{"smcd-attach", "smcd-copy", "kernel-smcd", "kernel-lo", "tcp", "unix"}
 
 // legacySMCD is the one SMC-D transport of result files from before the
 // attach/copy split: such files still aggregate, with their own ratios.
 const legacySMCD = "smcd"
 
 // SMCDTransports are the transports the chart draws against TCP.
-var SMCDTransports = []string{"smcd-attach", "smcd-copy", legacySMCD}
+var SMCDTransports = []string{"smcd-attach", "smcd-copy", "kernel-smcd", "kernel-lo", legacySMCD}
 
 // transportOrder sorts transports: Transports with the legacy one after the
 // new SMC-D ones; unknown names sort last, by name.
-var transportOrder = []string{"smcd-attach", "smcd-copy", legacySMCD, "tcp", "unix"}
+var transportOrder = []string{"smcd-attach", "smcd-copy", legacySMCD, "kernel-smcd", "kernel-lo", "tcp", "unix"}
 
 // RatioPairs are the ratios computed: numerator / denominator.
 var RatioPairs = [][2]string{
 	{"smcd-attach", "tcp"}, {"smcd-copy", "tcp"},
 	{"smcd-attach", "unix"}, {"smcd-copy", "unix"},
 	{"smcd-attach", "smcd-copy"},
+	// The kernel's SMC-D against TCP in the same guests, and our Go stack
+	// against the kernel's (through our device inter-VM; intra-VM against
+	// the kernel's loopback-ism, the anchor for intra-VM SMC-D).
+	{"kernel-smcd", "tcp"}, {"kernel-lo", "tcp"}, {"kernel-lo", "unix"},
+	{"smcd-attach", "kernel-smcd"}, {"smcd-copy", "kernel-smcd"},
+	{"smcd-attach", "kernel-lo"}, {"smcd-copy", "kernel-lo"},
 	{legacySMCD, "tcp"}, {legacySMCD, "unix"},
 }
 
