@@ -27,14 +27,16 @@ trap 'rm -rf "$work"' EXIT
 cp "$SRC"/Kbuild "$SRC"/*.c "$work"/
 cp "$SRC"/*.h "$work"/ 2>/dev/null || true
 inroot="/tmp/$(basename "$work")"
-# modpost needs the kernel's exported symbols: Module.symvers after a
-# `make modules`, vmlinux.symvers after `make bzImage modules_prepare`.
-symvers=()
-if [ ! -f "$ROOT/usr/src/$source/Module.symvers" ] && [ -f "$ROOT/usr/src/$source/vmlinux.symvers" ]; then
-	symvers=(KBUILD_EXTRA_SYMBOLS="/usr/src/$source/vmlinux.symvers")
+# modpost needs the kernel's exported symbols in the tree's Module.symvers,
+# which `make modules` writes and `make bzImage modules_prepare` does not:
+# with every driver built in, it is vmlinux.symvers. Written once into the
+# cached tree (kbuild warns, and fails on every symbol, without it).
+tree=$ROOT/usr/src/$source
+if [ ! -f "$tree/Module.symvers" ] && [ -f "$tree/vmlinux.symvers" ]; then
+	cp "$tree/vmlinux.symvers" "$tree/Module.symvers.tmp" && mv "$tree/Module.symvers.tmp" "$tree/Module.symvers"
 fi
 if ! unshare -m sh -c 'mount -t proc proc "$1/proc" && shift && exec chroot "$@"' sh "$ROOT" "$ROOT" \
-	make -s -C "/usr/src/$source" M="$inroot" W=1 "${symvers[@]}" modules >"$work/log" 2>&1; then
+	make -s -C "/usr/src/$source" M="$inroot" W=1 modules >"$work/log" 2>&1; then
 	cat "$work/log" >&2
 	echo "kmod: build failed" >&2
 	exit 1

@@ -147,7 +147,7 @@ func kernelSMCDial(e *Env, addr *net.TCPAddr, a smcArgs, allowFallback bool) err
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			c, err := smcDialRetry(e, addr)
+			c, err := smcDialPeer(e, addr)
 			if err != nil {
 				errs[i] = err
 				return
@@ -213,22 +213,6 @@ func kernelSMCClient(e *Env) error {
 		return err
 	}
 	return kernelSMCDial(e, addr, a, allowFallback)
-}
-
-// smcDialRetry dials until the listener is there: the server guest may
-// still be booting.
-func smcDialRetry(e *Env, addr *net.TCPAddr) (net.Conn, error) {
-	for {
-		c, err := smcDial(addr)
-		if err == nil || !errors.Is(err, unix.ECONNREFUSED) {
-			return c, err
-		}
-		select {
-		case <-e.Ctx.Done():
-			return nil, err
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
 }
 
 // sinkStream is sink for a connection that is not our stack's: the index,

@@ -187,37 +187,12 @@ func readDibs(dir string) (dibsDev, error) {
 	return d, nil
 }
 
-// smcListenOn listens with an AF_SMC socket on addr (":7100").
-func smcListenOn(addr string) (int, error) {
+func kernelSMCDServer(e *Env, dev dibsDev, addr string) error {
 	ta, err := net.ResolveTCPAddr("tcp4", addr)
 	if err != nil {
-		return -1, err
+		return err
 	}
-	fd, err := unix.Socket(unix.AF_SMC, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, smcProtoIPv4)
-	if err != nil {
-		return -1, fmt.Errorf("socket(AF_SMC): %w", err)
-	}
-	sa := &unix.SockaddrInet4{Port: ta.Port}
-	if ip := ta.IP.To4(); ip != nil {
-		copy(sa.Addr[:], ip)
-	}
-	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
-		unix.Close(fd)
-		return -1, err
-	}
-	if err := unix.Bind(fd, sa); err != nil {
-		unix.Close(fd)
-		return -1, fmt.Errorf("AF_SMC bind %s: %w", addr, err)
-	}
-	if err := unix.Listen(fd, 8); err != nil {
-		unix.Close(fd)
-		return -1, fmt.Errorf("AF_SMC listen: %w", err)
-	}
-	return fd, nil
-}
-
-func kernelSMCDServer(e *Env, dev dibsDev, addr string) error {
-	lfd, err := smcListenOn(addr)
+	lfd, _, err := smcListen(ta, 0)
 	if err != nil {
 		return err
 	}

@@ -89,6 +89,11 @@ func smcListen(addr *net.TCPAddr, buf int) (int, int, error) {
 	if err != nil {
 		return -1, 0, err
 	}
+	// A server guest restarted on its port must not wait out TIME_WAIT.
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+		unix.Close(fd)
+		return -1, 0, err
+	}
 	bind := &unix.SockaddrInet4{Port: addr.Port}
 	if ip := addr.IP.To4(); ip != nil {
 		copy(bind.Addr[:], ip)
