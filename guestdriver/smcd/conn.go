@@ -71,6 +71,10 @@ type Conn struct {
 	txState    uint8
 	err        error // fatal: abort, vanished peer, protocol violation, device error
 	closed     bool  // local Close
+	// tcpHalfClosed: the peer's TCP FIN came after its done-writing CDC,
+	// as Linux's SMC sends it: smc_shutdown(SHUT_WR) shuts the CLC socket
+	// down the same way. Not a vanished peer; the connection goes on.
+	tcpHalfClosed bool
 
 	readDL, writeDL deadline
 	waiters         int           // Reads and Writes waiting for a state change (under mu)
@@ -185,7 +189,8 @@ func stageSize(ring int) int { return min(ring, maxStage) }
 // rxLoop handles the peer's CDCs as Linux's CDC tasklet does, independent of
 // whether the application is reading: it wakes readers and writers and
 // acknowledges consumption to a blocked sender. It also watches the TCP
-// connection: if that closes before the peer sent "closed", the peer is gone.
+// connection: if that closes before the peer sent "closed", the peer is gone
+// (unless it is the FIN that follows a Linux peer's done-writing: rx).
 func (c *Conn) rxLoop() {
 	defer close(c.rxDone)
 	tcpDead := make(chan error, 1)
@@ -229,7 +234,13 @@ func (c *Conn) rxLoop() {
 				err = io.EOF
 			}
 			c.rx(err)
-			return
+			c.mu.Lock()
+			goOn := c.tcpHalfClosed && c.err == nil
+			c.mu.Unlock()
+			if !goOn {
+				return
+			}
+			tcpDead = nil // nothing more to learn from the TCP connection
 		case <-c.quit:
 			return
 		}
@@ -284,6 +295,8 @@ func (c *Conn) rx(tcpErr error) {
 			abortPeer = true
 		case tcpErr != nil && c.peerState&FlagClosed == 0 && revoked != nil:
 			c.err = revoked
+		case errors.Is(tcpErr, io.EOF) && c.peerState&FlagDoneWriting != 0:
+			c.tcpHalfClosed = true
 		case tcpErr != nil && c.peerState&FlagClosed == 0:
 			c.err = errVanished
 		}

@@ -422,6 +422,53 @@ func TestPeerVanishes(t *testing.T) {
 	}
 }
 
+// TestPeerHalfClosesTCP: a peer that, as Linux's SMC does on
+// shutdown(SHUT_WR), sends its done-writing CDC and then a TCP FIN on the
+// CLC connection has not vanished: the other end reads to EOF and still
+// answers, and the peer reads the answer.
+func TestPeerHalfClosesTCP(t *testing.T) {
+	cli, srv := twoHosts().pair(t)
+	mustSMC(t, cli, srv)
+	if _, err := srv.Write([]byte("request")); err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.(*Conn).CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.(*Conn).tcp.(*net.TCPConn).CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(cli)
+	if err != nil || string(got) != "request" {
+		t.Fatalf("read %q, %v", got, err)
+	}
+	c := cli.(*Conn)
+	deadline := time.Now().Add(hangGuard)
+	for {
+		c.mu.Lock()
+		half, cerr := c.tcpHalfClosed, c.err
+		c.mu.Unlock()
+		if cerr != nil {
+			t.Fatalf("the FIN after done-writing failed the connection: %v", cerr)
+		}
+		if half {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the peer's FIN was not seen")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if _, err := cli.Write([]byte("answer")); err != nil {
+		t.Fatalf("answering after the peer's FIN: %v", err)
+	}
+	cli.Close()
+	got, err = io.ReadAll(srv)
+	if err != nil || string(got) != "answer" {
+		t.Fatalf("peer read %q, %v", got, err)
+	}
+}
+
 // TestPeerAbort: closing with unread data aborts; the peer's Read fails.
 func TestPeerAbort(t *testing.T) {
 	cli, srv := twoHosts().pair(t)
