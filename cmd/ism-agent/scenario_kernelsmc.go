@@ -1,17 +1,19 @@
 package main
 
-// Scenarios for the Linux kernel's own SMC-D on the SMC kernel
+// The Linux kernel's own SMC-D on the SMC kernel
 // (scripts/provision-smc-kernel.sh: Linux 7.x with DIBS, DIBS_LO and SMC
-// built in; VMConfig.SMCKernel), with AF_SMC sockets from x/sys/unix.
+// built in; VMConfig.SMCKernel), with AF_SMC sockets from x/sys/unix: what
+// kernel-lo, kernel-smcd (scenario_kernelsmcd.go) and the bench's kernel
+// transports share.
 //
-//	kernel-lo          server and client in this one guest over 127.0.0.1:
-//	                   SMC-D through the kernel's loopback-ism (DIBS_LO)
-//	kernel-smc-server  an AF_SMC listener on ism.listen (default :7000) for
-//	                   ism.conns connections (default 1)
-//	kernel-smc-client  ism.conns AF_SMC connections to ism.connect
+//	kernel-lo  server and client in this one guest over 127.0.0.1: SMC-D
+//	           through the kernel's loopback-ism (DIBS_LO), ism.conns
+//	           connections of ism.bytes in all
 //
-// Every one first loads our DIBS driver (ism.kmod, default ism_dibs; "none"
-// skips it: kernel-lo needs none) and sets the UEID ism.ueid (default
+// kernelSMCSetup loads our DIBS driver (ism.kmod, default ism_dibs, from
+// /lib/modules/<release>/extra, where images/build.sh puts
+// scripts/build-kmod.sh's build, with ism.kmod_params; "none" skips it:
+// kernel-lo needs none) and sets the UEID ism.ueid (default
 // ISM-BACKEND-GUESTS): SMC-Dv2, the only SMC-D a non-s390 kernel does,
 // proposes only with a UEID both ends share (or a system EID, which only
 // s390 has). Then it waits until the kernel is SMC-Dv2 capable and, with
@@ -19,10 +21,10 @@ package main
 //
 // Data: as smcd-server/-client's send and sink (connection index, the
 // seeded stream, half-close, the SHA-256 echoed back, which the sender
-// checks): the sender reports sha_<i>, the receiver recv_sha_<i>. Each end reports the kernel's own view of its socket from
-// smc_diag as kernel_mode_<i> (smcd, smcr or fallback; a fallback also
-// fails the connection unless ism.allow_fallback=1) and the SMC-D devices
-// the kernel has as devices.
+// checks): the sender reports sha_<i>, the receiver recv_sha_<i>. Each end
+// reports the kernel's view of its socket from smc_diag as kernel_mode_<i>
+// (smcd, smcr or fallback; a fallback also fails the connection unless
+// ism.allow_fallback=1).
 
 import (
 	"crypto/sha256"
@@ -41,11 +43,7 @@ import (
 	"github.com/ism-backend/ism-backend/guestdriver/smcnl"
 )
 
-func init() {
-	register("kernel-lo", kernelLoopback)
-	register("kernel-smc-server", kernelSMCServer)
-	register("kernel-smc-client", kernelSMCClient)
-}
+func init() { register("kernel-lo", kernelLoopback) }
 
 // kernelSMCDefaultUEID is what the VM tests and the bench give every guest.
 const kernelSMCDefaultUEID = "ISM-BACKEND-GUESTS"
@@ -58,7 +56,12 @@ const kernelSMCDefaultUEID = "ISM-BACKEND-GUESTS"
 func kernelSMCSetup(e *Env, defKmod string) error {
 	kmod := e.Arg("kmod", defKmod)
 	if kmod != "none" {
-		if err := loadModule(kmod); err != nil {
+		var u unix.Utsname
+		if err := unix.Uname(&u); err != nil {
+			return err
+		}
+		path := "/lib/modules/" + unix.ByteSliceToString(u.Release[:]) + "/extra/" + kmod + ".ko"
+		if err := loadKmod(path, e.Arg("kmod_params", "")); err != nil {
 			return err
 		}
 	}
@@ -177,42 +180,6 @@ func kernelLoopback(e *Env) error {
 	go func() { done <- kernelSMCServe(e, lfd, a, allowFallback) }()
 	err = kernelSMCDial(e, &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: port}, a, allowFallback)
 	return errors.Join(err, <-done)
-}
-
-func kernelSMCServer(e *Env) error {
-	if err := kernelSMCSetup(e, "ism_dibs"); err != nil {
-		return err
-	}
-	a, allowFallback, err := kernelSMCArgs(e)
-	if err != nil {
-		return err
-	}
-	addr, err := net.ResolveTCPAddr("tcp4", e.Arg("listen", ":7000"))
-	if err != nil {
-		return err
-	}
-	lfd, _, err := smcListen(addr, 0)
-	if err != nil {
-		return err
-	}
-	defer unix.Close(lfd)
-	e.Result("listening", addr.String())
-	return kernelSMCServe(e, lfd, a, allowFallback)
-}
-
-func kernelSMCClient(e *Env) error {
-	if err := kernelSMCSetup(e, "ism_dibs"); err != nil {
-		return err
-	}
-	a, allowFallback, err := kernelSMCArgs(e)
-	if err != nil {
-		return err
-	}
-	addr, err := net.ResolveTCPAddr("tcp4", e.Arg("connect", "169.254.7.1:7000"))
-	if err != nil {
-		return err
-	}
-	return kernelSMCDial(e, addr, a, allowFallback)
 }
 
 // sinkStream is sink for a connection that is not our stack's: the index,

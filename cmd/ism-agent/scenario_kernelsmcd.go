@@ -2,38 +2,35 @@ package main
 
 // kernel-smcd: the Linux kernel's own SMC (AF_SMC sockets) over the ISM
 // device, driven by our kernel module ism_dibs.ko (guestdriver/kernel): no
-// userspace driver, no SMC-D stack of ours. Two guests, one per role:
+// userspace driver, no SMC-D stack of ours. One guest per role; the peer
+// may also be our Go stack (smcd-server, smcd-client with ism.ueid): the
+// stream is the same as theirs.
 //
 //	ism.role=server  listen with AF_SMC on ism.listen (default :7100), accept
-//	                 one connection, hash its stream until EOF, answer the
-//	                 SHA-256
+//	                 one connection and sink it (sinkStream: the index, the
+//	                 stream hashed until EOF, the SHA-256 answered;
+//	                 recv_sha_<i>, bytes_<i>)
 //	ism.role=client  connect with AF_SMC to ism.connect (default
-//	                 169.254.7.1:7100), send ism.bytes (default 64 MiB) of
-//	                 the seeded stream (ism.seed), half-close and compare
-//	                 the digest the server answers
+//	                 169.254.7.1:7100) and send ism.bytes of the seeded
+//	                 stream as smcd-client does (send: sha_0, the digest
+//	                 checked)
 //
-// Before that each guest loads the module (ism.kmod, default
-// /lib/modules/<release>/extra/ism_dibs.ko, where images/build.sh puts
-// scripts/build-kmod.sh's build; ism.kmod_params are its parameters), adds a
-// UEID (ism.ueid, through guestdriver/smcnl; SMC-Dv2 needs one and x86 has
-// no system EID) and waits
-// for the dibs device the module registers. Results: dibs (its name),
-// dibs_gid, dibs_fabric_id; sha_0, bytes_0; and, from smc_diag while the
-// connection is open, kernel_mode (smcd, smcr or fallback), kernel_view
-// (mode, fallback reason), kernel_my_gid and kernel_peer_gid (SMC-D
-// only). The scenario fails unless the kernel says SMC-D and the GID it
-// uses is the device's. ism.mode=stream makes the client send until a
-// write fails (kernelSMCDStream). At the end the client unloads the module
+// Before that each guest readies the kernel's SMC-D (kernelSMCSetup: the
+// module, ism.kmod_params its parameters; the UEID ism.ueid) and waits for
+// the dibs device the module registers. Results: dibs (its name), dibs_gid,
+// dibs_fabric_id; and, from smc_diag while the connection is open,
+// kernel_mode (smcd, smcr or fallback), kernel_view (mode, fallback
+// reason), kernel_my_gid and kernel_peer_gid (SMC-D only). The scenario
+// fails unless the kernel says SMC-D and the GID it uses is the device's.
+// ism.mode=stream makes the client send until a write fails
+// (kernelSMCDStream). At the end the client unloads the module
 // (ism.unload=0: not) and reports unloaded=1 once its dibs device is gone.
 
 import (
-	"bytes"
-	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -43,23 +40,12 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/ism-backend/ism-backend/guestdriver/smcnl"
 )
 
 func init() { register("kernel-smcd", kernelSMCD) }
 
 func kernelSMCD(e *Env) error {
-	var u unix.Utsname
-	if err := unix.Uname(&u); err != nil {
-		return err
-	}
-	def := "/lib/modules/" + unix.ByteSliceToString(u.Release[:]) + "/extra/ism_dibs.ko"
-	if err := loadKmod(e.Arg("kmod", def), e.Arg("kmod_params", "")); err != nil {
-		return err
-	}
-	// SMC-Dv2 proposes only with an EID, and x86 has no system EID.
-	if err := smcnl.AddUEID(e.Arg("ueid", kernelSMCDefaultUEID)); err != nil && !errors.Is(err, unix.EEXIST) {
+	if err := kernelSMCSetup(e, "ism_dibs"); err != nil {
 		return err
 	}
 	dev, err := waitDibs(e)
@@ -69,22 +55,18 @@ func kernelSMCD(e *Env) error {
 	e.Result("dibs", dev.name)
 	e.Result("dibs_gid", fmt.Sprintf("%#x", dev.gid))
 	e.Result("dibs_fabric_id", fmt.Sprintf("%#x", dev.fabricID))
-	seed, err := argU64(e, "seed", 1)
+	a, _, err := kernelSMCArgs(e)
 	if err != nil {
 		return err
-	}
-	n := e.ArgInt("bytes", 64<<20)
-	if n < 0 {
-		return fmt.Errorf("ism.bytes=%d", n)
 	}
 	switch role := e.Arg("role", ""); role {
 	case "server":
 		return kernelSMCDServer(e, dev, e.Arg("listen", ":7100"))
 	case "client":
-		if e.Arg("mode", "send") == "stream" {
-			return kernelSMCDStream(e, dev, e.Arg("connect", "169.254.7.1:7100"), seed)
+		if a.mode == "stream" {
+			return kernelSMCDStream(e, dev, e.Arg("connect", "169.254.7.1:7100"), a.seed)
 		}
-		if err := kernelSMCDClient(e, dev, e.Arg("connect", "169.254.7.1:7100"), seed, n); err != nil {
+		if err := kernelSMCDClient(e, dev, e.Arg("connect", "169.254.7.1:7100"), a); err != nil {
 			return err
 		}
 		if e.Arg("unload", "1") == "0" {
@@ -212,23 +194,14 @@ func kernelSMCDServer(e *Env, dev dibsDev, addr string) error {
 		return err
 	}
 	start := time.Now()
-	h := sha256.New()
-	n, err := io.Copy(h, c)
-	if err != nil {
-		return fmt.Errorf("after %d bytes: %w", n, err)
+	if err := sinkStream(e, c); err != nil {
+		return err
 	}
-	secs := time.Since(start).Seconds()
-	sum := h.Sum(nil)
-	e.Result("bytes_0", n)
-	e.Result("sha_0", hex.EncodeToString(sum))
-	e.Result("server_seconds", fmt.Sprintf("%.3f", secs))
-	if _, err := c.Write(sum); err != nil {
-		return fmt.Errorf("writing digest: %w", err)
-	}
+	e.Result("server_seconds", fmt.Sprintf("%.3f", time.Since(start).Seconds()))
 	return nil
 }
 
-func kernelSMCDClient(e *Env, dev dibsDev, addr string, seed uint64, n int) error {
+func kernelSMCDClient(e *Env, dev dibsDev, addr string, a smcArgs) error {
 	ta, err := net.ResolveTCPAddr("tcp4", addr)
 	if err != nil {
 		return err
@@ -242,39 +215,13 @@ func kernelSMCDClient(e *Env, dev dibsDev, addr string, seed uint64, n int) erro
 		return err
 	}
 	start := time.Now()
-	x := xfer{seed: seed}
-	h := sha256.New()
-	buf := make([]byte, 256<<10)
-	for off := 0; off < n; {
-		m := min(len(buf), n-off)
-		x.fill(buf[:m], off)
-		h.Write(buf[:m])
-		if _, err := c.Write(buf[:m]); err != nil {
-			return fmt.Errorf("after %d bytes: %w", off, err)
-		}
-		off += m
-	}
-	sum := h.Sum(nil)
-	e.Result("bytes_0", n)
-	e.Result("sha_0", hex.EncodeToString(sum))
-	cw, ok := c.(interface{ CloseWrite() error })
-	if !ok {
-		return fmt.Errorf("%T cannot half-close", c)
-	}
-	if err := cw.CloseWrite(); err != nil {
-		return fmt.Errorf("half-close: %w", err)
-	}
-	got := make([]byte, sha256.Size)
-	if _, err := io.ReadFull(c, got); err != nil {
-		return fmt.Errorf("reading digest: %w", err)
+	if err := send(e, c, 0, a.bytes, a); err != nil {
+		return err
 	}
 	secs := time.Since(start).Seconds()
 	e.Result("client_seconds", fmt.Sprintf("%.3f", secs))
 	if secs > 0 {
-		e.Result("client_mbytes_per_s", fmt.Sprintf("%.2f", float64(n)/secs/1e6))
-	}
-	if !bytes.Equal(got, sum) {
-		return fmt.Errorf("server read sha256 %x, sent %x", got, sum)
+		e.Result("client_mbytes_per_s", fmt.Sprintf("%.2f", float64(a.bytes)/secs/1e6))
 	}
 	return nil
 }

@@ -79,7 +79,7 @@ func TestSMCDGoKernel(t *testing.T) {
 		vmharness.NeedSMCKernel(t, r.Cfg)
 		a, b := kernelPairOn(r, nil,
 			kernelPeer{scenario: "smcd-server", args: goArgs(map[string]string{})},
-			kernelPeer{scenario: "kernel-smc-client", smcKernel: true, args: map[string]string{"bytes": strconv.Itoa(smcBytes), "ueid": ueid}},
+			kernelPeer{scenario: "kernel-smcd", smcKernel: true, args: map[string]string{"role": "client", "bytes": strconv.Itoa(smcBytes), "ueid": ueid}},
 			5*time.Minute)
 		ob, oa := b.RequireOK(0), a.RequireOK(0)
 		checkGoKernel(t, oa, ob, oa.Results["sha_0"], ob.Results["sha_0"])
@@ -89,7 +89,7 @@ func TestSMCDGoKernel(t *testing.T) {
 		r.RequireBackend()
 		vmharness.NeedSMCKernel(t, r.Cfg)
 		a, b := kernelPairOn(r, nil,
-			kernelPeer{scenario: "kernel-smc-server", smcKernel: true, args: map[string]string{"ueid": ueid}},
+			kernelPeer{scenario: "kernel-smcd", smcKernel: true, args: map[string]string{"role": "server", "listen": ":7000", "ueid": ueid}},
 			kernelPeer{scenario: "smcd-client", args: goArgs(map[string]string{"bytes": strconv.Itoa(smcBytes)})},
 			5*time.Minute)
 		ob, oa := b.RequireOK(0), a.RequireOK(0)
@@ -98,7 +98,7 @@ func TestSMCDGoKernel(t *testing.T) {
 }
 
 // checkGoKernel: the digests match, the Go end ran SMC-D v2 (clc_version
-// 2) and the kernel's end says SMC-D.
+// 2) and the kernel's end says SMC-D with the Go end's GID as its peer.
 func checkGoKernel(t *testing.T, goEnd, kernelEnd vmharness.Outcome, read, sent string) {
 	t.Helper()
 	if sent == "" || sent != read {
@@ -111,9 +111,13 @@ func checkGoKernel(t *testing.T, goEnd, kernelEnd vmharness.Outcome, read, sent 
 	if smc != "true" {
 		t.Errorf("Go end: SMC-D %q, want true", smc)
 	}
-	if m := kernelEnd.Results["kernel_mode_0"]; !strings.HasPrefix(m, "mode=smcd ") {
-		t.Errorf("kernel end: smc_diag says %q, want mode=smcd", m)
+	if m := kernelEnd.Results["kernel_mode"]; m != "smcd" {
+		t.Errorf("kernel end: smc_diag says %q (%s), want smcd", m, kernelEnd.Results["kernel_view"])
 	}
-	t.Logf("Go end: send %s, recv %s, CLC v%s; kernel end: %s",
-		goEnd.Results["send_mode_0"], goEnd.Results["recv_mode_0"], goEnd.Results["clc_version_0"], kernelEnd.Results["kernel_mode_0"])
+	if g, p := goEnd.Results["gid"], kernelEnd.Results["kernel_peer_gid"]; g == "" || g != p {
+		t.Errorf("the kernel's peer GID %q, the Go end's device GID %q", p, g)
+	}
+	t.Logf("Go end: send %s, recv %s, CLC v%s; kernel end: %s, its GID %s, the peer's %s",
+		goEnd.Results["send_mode_0"], goEnd.Results["recv_mode_0"], goEnd.Results["clc_version_0"],
+		kernelEnd.Results["kernel_view"], kernelEnd.Results["kernel_my_gid"], kernelEnd.Results["kernel_peer_gid"])
 }

@@ -44,7 +44,7 @@ func TestKernelSMCD(t *testing.T) {
 			ob := b.RequireOK(0)
 			oa := a.RequireOK(0)
 
-			if sent, got := ob.Results["sha_0"], oa.Results["sha_0"]; sent == "" || sent != got {
+			if sent, got := ob.Results["sha_0"], oa.Results["recv_sha_0"]; sent == "" || sent != got {
 				t.Errorf("client sent sha256 %q, server read %q", sent, got)
 			}
 			if n := oa.Results["bytes_0"]; n != strconv.Itoa(smcBytes) {
