@@ -201,19 +201,30 @@ func kernelSMCDServer(e *Env, dev dibsDev, addr string) error {
 	return nil
 }
 
-func kernelSMCDClient(e *Env, dev dibsDev, addr string, a smcArgs) error {
+// dialKernelSMCD connects with AF_SMC to addr (waiting for a booting peer)
+// and fails unless the kernel's view of the connection is SMC-D over dev.
+func dialKernelSMCD(e *Env, dev dibsDev, addr string) (net.Conn, error) {
 	ta, err := net.ResolveTCPAddr("tcp4", addr)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	c, err := smcDialPeer(e, ta)
+	if err != nil {
+		return nil, err
+	}
+	if err := reportKernelSMCD(e, dev, c); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+func kernelSMCDClient(e *Env, dev dibsDev, addr string, a smcArgs) error {
+	c, err := dialKernelSMCD(e, dev, addr)
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	if err := reportKernelSMCD(e, dev, c); err != nil {
-		return err
-	}
 	start := time.Now()
 	if err := send(e, c, 0, a.bytes, a); err != nil {
 		return err
@@ -231,18 +242,11 @@ func kernelSMCDClient(e *Env, dev dibsDev, addr string, a smcArgs) error {
 // and SMC's writes fail. It reports streaming=1 after 1 MiB and write_error.
 // The module stays loaded: its device is left alone once the backend is gone.
 func kernelSMCDStream(e *Env, dev dibsDev, addr string, seed uint64) error {
-	ta, err := net.ResolveTCPAddr("tcp4", addr)
-	if err != nil {
-		return err
-	}
-	c, err := smcDialPeer(e, ta)
+	c, err := dialKernelSMCD(e, dev, addr)
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	if err := reportKernelSMCD(e, dev, c); err != nil {
-		return err
-	}
 	x := xfer{seed: seed}
 	buf := make([]byte, 64<<10)
 	for off := 0; ; off += len(buf) {
